@@ -1,0 +1,134 @@
+"""Baseline: a plain aiormq loop, no framework.
+
+consume: basic_consume with a callback that orjson-decodes the body, awaits a
+no-op handler and then ``await channel.basic_ack(tag)`` for every message.
+
+The ``aiormq_batched`` contender (see aiormq_batched.py) reuses this file with
+``BATCHED = True``: it acks every 64th delivery tag with ``multiple=True`` (and
+the remainder at the end).  That is not something a framework that acks each
+message after its handler can do; it is reported as the client ceiling.
+
+publish: ``basic_publish`` on a confirm channel, windows of ``--window``
+publishes in flight awaited together with asyncio.gather.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import benchlib  # noqa: E402
+
+ACK_EVERY = 64
+
+
+async def handler(body: Any) -> None:
+    """The user's handler: does no work."""
+
+
+async def _consume(args: argparse.Namespace, batched: bool, rss: bool) -> dict[str, Any]:
+    import aiormq
+    import orjson
+
+    sampler = benchlib.RssSampler() if rss else None
+    counter = benchlib.Counter(args.n, on_warm=sampler.mark_warm if sampler else None)
+    loads = orjson.loads
+    n = args.n
+    if sampler:
+        sampler.start()
+
+    t0 = time.perf_counter()
+    conn = await aiormq.connect(args.url)
+    ch = await conn.channel()
+    await ch.basic_qos(prefetch_count=args.prefetch)
+
+    if batched:
+
+        handled = 0
+
+        async def on_message(msg: aiormq.abc.DeliveredMessage) -> None:
+            nonlocal handled
+            await handler(loads(msg.body))
+            handled += 1  # no await between the handler and this line
+            c = handled
+            if c % ACK_EVERY == 0 or c == n:
+                await ch.basic_ack(msg.delivery_tag, multiple=True)
+            counter.hit()
+
+    else:
+
+        async def on_message(msg: aiormq.abc.DeliveredMessage) -> None:
+            await handler(loads(msg.body))
+            await ch.basic_ack(msg.delivery_tag)
+            counter.hit()
+
+    ok = await ch.basic_consume(args.queue, on_message)
+    t_end = await counter.done
+    result = benchlib.timing_result(n, t0, t_end, counter)
+
+    await ch.basic_cancel(ok.consumer_tag)
+    await conn.close()
+    if sampler:
+        result.update(await sampler.stop())
+    return result
+
+
+async def _publish(args: argparse.Namespace) -> dict[str, Any]:
+    import aiormq
+    import orjson
+
+    docs = benchlib.make_messages(args.n)
+    props = aiormq.spec.Basic.Properties(content_type=benchlib.CONTENT_TYPE, delivery_mode=2)
+    conn = await aiormq.connect(args.url)
+    ch = await conn.channel(publisher_confirms=True)
+    dumps = orjson.dumps
+    q = args.queue
+    w = args.window
+
+    t0 = time.perf_counter()
+    for start in range(0, len(docs), w):
+        confirms = await asyncio.gather(
+            *(ch.basic_publish(dumps(d), routing_key=q, properties=props) for d in docs[start : start + w])
+        )
+        for c in confirms:
+            if not isinstance(c, aiormq.spec.Basic.Ack):
+                raise RuntimeError(f"publish not acked: {c!r}")
+    t_end = time.perf_counter()
+
+    await conn.close()
+    return benchlib.timing_result(args.n, t0, t_end)
+
+
+def main(name: str, batched: bool) -> None:
+    async def consume(args: argparse.Namespace) -> dict[str, Any]:
+        return await _consume(args, batched=batched, rss=False)
+
+    async def rss(args: argparse.Namespace) -> dict[str, Any]:
+        return await _consume(args, batched=batched, rss=True)
+
+    scenarios: dict[str, benchlib.ScenarioFn] = {"consume": consume, "rss": rss}
+    if not batched:
+        scenarios["publish"] = _publish
+    benchlib.contender_main(
+        name,
+        scenarios,
+        import_module=None if batched else "aiormq",
+        notes=(
+            f"ack every {ACK_EVERY}th tag with multiple=True (client ceiling)"
+            if batched
+            else "basic_ack per message after the handler"
+        ),
+    )
+
+
+if __name__ == "__main__":
+    main("aiormq_raw", batched=False)

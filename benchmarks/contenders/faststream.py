@@ -1,0 +1,121 @@
+"""Idiomatic FastStream (RabbitBroker).
+
+consume: ``@broker.subscriber(RabbitQueue(q, queue_type=...))`` on
+``async def handle(body: dict) -> None`` (FastStream decodes JSON with orjson
+when it is installed, and validates the ``dict`` annotation through
+fast-depends/pydantic).  Default ack policy (``AckPolicy.REJECT_ON_ERROR``: ack
+after the handler returns, reject on an unhandled exception).  Prefetch via
+``default_channel=Channel(prefetch_count=...)``.  The count is taken inside the
+handler (there is no hook after FastStream's ack); ``broker.stop()`` waits for
+in-flight handlers (graceful_timeout) so the runner's "queue is empty" check
+covers the acks.
+
+Per-message logging: FastStream's default logger writes two INFO lines per
+message ("Received"/"Processed").  By default this contender passes
+``logger=None`` (what a throughput-minded deployment does, and what rabbitflow
+is compared against); set ``BENCH_FASTSTREAM_LOGGING=1`` to keep FastStream's
+default logger (the runner sends contender stderr to a pipe it discards).
+
+publish: ``await broker.publish(doc, queue=q, persist=True)`` with the
+default channel's publisher confirms, windows awaited with gather.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import benchlib  # noqa: E402
+
+KEEP_LOGGING = os.environ.get("BENCH_FASTSTREAM_LOGGING") == "1"
+
+
+def _broker(args: argparse.Namespace) -> Any:
+    from faststream.rabbit import Channel, RabbitBroker
+
+    kwargs: dict[str, Any] = {
+        "default_channel": Channel(prefetch_count=args.prefetch),
+        "graceful_timeout": 60.0,  # stop() waits for running handlers (+ their acks)
+    }
+    if not KEEP_LOGGING:
+        kwargs["logger"] = None
+    return RabbitBroker(args.url, **kwargs)
+
+
+async def _consume(args: argparse.Namespace, rss: bool) -> dict[str, Any]:
+    from faststream.rabbit import QueueType, RabbitQueue
+
+    sampler = benchlib.RssSampler() if rss else None
+    counter = benchlib.Counter(args.n, on_warm=sampler.mark_warm if sampler else None)
+    broker = _broker(args)
+    qtype = QueueType.QUORUM if args.queue_type == "quorum" else QueueType.CLASSIC
+
+    @broker.subscriber(RabbitQueue(args.queue, queue_type=qtype, durable=True))
+    async def handle(body: dict) -> None:  # type: ignore[type-arg]
+        counter.hit()
+
+    if sampler:
+        sampler.start()
+    t0 = time.perf_counter()
+    await broker.start()  # connects, declares, starts consuming
+    t_end = await counter.done
+    result = benchlib.timing_result(args.n, t0, t_end, counter)
+
+    await broker.stop()
+    if sampler:
+        result.update(await sampler.stop())
+    return result
+
+
+async def consume(args: argparse.Namespace) -> dict[str, Any]:
+    return await _consume(args, rss=False)
+
+
+async def rss(args: argparse.Namespace) -> dict[str, Any]:
+    return await _consume(args, rss=True)
+
+
+async def publish(args: argparse.Namespace) -> dict[str, Any]:
+    docs = benchlib.make_messages(args.n)
+    broker = _broker(args)
+    await broker.connect()
+    q = args.queue
+    w = args.window
+
+    t0 = time.perf_counter()
+    for start in range(0, len(docs), w):
+        await asyncio.gather(*(broker.publish(d, queue=q, persist=True) for d in docs[start : start + w]))
+    t_end = time.perf_counter()
+
+    await broker.stop()
+    return benchlib.timing_result(args.n, t0, t_end)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("faststream")
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+if __name__ == "__main__":
+    benchlib.contender_main(
+        "faststream",
+        {"consume": consume, "publish": publish, "rss": rss},
+        import_module="faststream.rabbit",
+        notes=(
+            "RabbitBroker subscriber, default ack policy (REJECT_ON_ERROR: ack after handler); "
+            + ("FastStream default per-message logging ON" if KEEP_LOGGING else "logger=None")
+        ),
+    )

@@ -1,0 +1,36 @@
+"""rabbitflow: asyncio microservices on RabbitMQ, with broker-side delayed retries, parking
+queues and cluster failover."""
+
+from .app import App as App
+from .errors import ConfigError as ConfigError
+from .errors import ConnectionFailed as ConnectionFailed
+from .errors import PublishNacked as PublishNacked
+from .errors import PublishTimeout as PublishTimeout
+from .errors import RabbitflowError as RabbitflowError
+from .errors import Reject as Reject
+from .errors import Retry as Retry
+from .errors import StateError as StateError
+from .errors import TopologyConflict as TopologyConflict
+from .errors import Unroutable as Unroutable
+from .message import Message as Message
+from .retry import RetryPolicy as RetryPolicy
+from .topology.compiler import Plan as Plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "ConfigError",
+    "ConnectionFailed",
+    "Message",
+    "Plan",
+    "PublishNacked",
+    "PublishTimeout",
+    "RabbitflowError",
+    "Reject",
+    "Retry",
+    "RetryPolicy",
+    "StateError",
+    "TopologyConflict",
+    "Unroutable",
+]

@@ -1,0 +1,79 @@
+"""Coalesced acks: one `basic.ack(multiple=True)` for a run of consecutive settled deliveries."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+from .transport.base import Channel, TransportError
+
+__all__ = ["Acker"]
+
+log = logging.getLogger("rabbitflow.acks")
+
+
+class Acker:
+    """Tracks a channel's delivery tags and acks every settled prefix once per loop iteration.
+
+    A tag is settled when its handler returned (or its retry / parked copy was confirmed), or
+    when it was rejected on its own. `multiple=True` only acks tags still outstanding, so a
+    rejected tag inside the prefix is not touched again. The ack is never sent before the
+    delivery was settled: at-least-once holds.
+    """
+
+    __slots__ = ("_channel", "_done", "_loop", "_pending", "_scheduled", "_sending", "_top")
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._pending: deque[int] = deque()
+        self._done: dict[int, bool] = {}
+        self._top = 0  # the highest tag of the settled prefix, not acked yet
+        self._scheduled = False
+        self._sending: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.get_running_loop()
+
+    def track(self, tag: int) -> None:
+        self._pending.append(tag)
+
+    def settle(self, tag: int, *, ack: bool = True) -> None:
+        """`tag` is done; `ack=False` when it was already rejected on its own."""
+        pending = self._pending
+        if not pending or pending[0] != tag:
+            self._done[tag] = ack
+            return
+        pending.popleft()
+        top = tag if ack else 0
+        done = self._done
+        while pending and pending[0] in done:
+            later = pending.popleft()
+            if done.pop(later):
+                top = later
+        if top:
+            # Never end a multiple-ack on a rejected tag: RabbitMQ would call it unknown.
+            self._top = top
+            if not self._scheduled:
+                self._scheduled = True
+                self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        top, self._top = self._top, 0
+        if top and self._channel.is_open:
+            task = self._loop.create_task(self._send(top))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, top: int) -> None:
+        try:
+            await self._channel.ack(top, multiple=True)
+        except TransportError as exc:
+            # The channel is gone; the broker redelivers whatever was not acked.
+            log.debug("ack of delivery tags <= %d not sent: %s", top, exc)
+
+    async def flush(self) -> None:
+        """Send what is settled now and wait until it is written."""
+        if self._scheduled:
+            self._flush()
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)

@@ -1,0 +1,130 @@
+"""The connection manager: rotates through the cluster's nodes until one accepts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Literal
+
+from .errors import ConfigError, ConnectionFailed
+from .transport.base import Transport
+from .urls import Endpoint, mask
+
+__all__ = ["ConnectionManager", "Connector", "Failover"]
+
+log = logging.getLogger("rabbitflow.connection")
+
+Strategy = Callable[[Sequence[Endpoint]], Iterator[Endpoint]]
+Failover = Literal["round-robin", "shuffle"] | Strategy
+Connector = Callable[[Endpoint, float], Awaitable[Transport]]
+
+
+def round_robin(endpoints: Sequence[Endpoint]) -> Iterator[Endpoint]:
+    while True:
+        yield from endpoints
+
+
+def shuffle(endpoints: Sequence[Endpoint]) -> Iterator[Endpoint]:
+    while True:
+        order = list(endpoints)
+        random.shuffle(order)
+        yield from order
+
+
+def _strategy(failover: object) -> Strategy:
+    if failover == "round-robin":
+        return round_robin
+    if failover == "shuffle":
+        return shuffle
+    if callable(failover):
+        return failover  # type: ignore[no-any-return]
+    raise ConfigError(
+        f"failover={failover!r}: expected 'round-robin', 'shuffle' or a function that takes "
+        "the list of nodes and yields them in the order to try"
+    )
+
+
+class ConnectionManager:
+    """Connects to the next node of the cluster; sleeps with jittered exponential backoff only
+    after a whole cycle of nodes failed (as kombu does)."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[Endpoint],
+        *,
+        failover: Failover = "round-robin",
+        connect_timeout: float = 5.0,
+        heartbeat: int = 5,
+        name: str = "rabbitflow",
+        backoff: tuple[float, float] = (0.2, 10.0),
+        ssl_context: ssl.SSLContext | None = None,
+        connector: Connector | None = None,
+    ) -> None:
+        self.endpoints = tuple(endpoints)
+        self._order = _strategy(failover)(self.endpoints)
+        self._connect_timeout = connect_timeout
+        self._heartbeat = heartbeat
+        self._name = name
+        self._backoff = backoff
+        self._ssl_context = ssl_context
+        self._connector = connector or self._connect_amqp
+        self.connects = 0  # successful connections so far
+
+    async def _connect_amqp(self, endpoint: Endpoint, timeout: float) -> Transport:
+        from .transport.amqp import connect
+
+        return await connect(
+            endpoint, timeout=timeout, heartbeat=self._heartbeat, name=self._name,
+            ssl_context=self._ssl_context,
+        )
+
+    async def connect(self, budget: float | None) -> Transport:
+        """A transport to the first node that accepts; `ConnectionFailed` once `budget` seconds
+        are spent (None: keep trying)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if budget is None else loop.time() + budget
+        failures: dict[str, str] = {}
+        cycle = 0
+        while True:
+            for _ in self.endpoints:
+                endpoint = next(self._order)
+                timeout = self._connect_timeout
+                if deadline is not None:
+                    timeout = min(timeout, deadline - loop.time())
+                    if timeout <= 0:
+                        raise self._failed(failures, budget)
+                try:
+                    transport = await self._connector(endpoint, timeout)
+                except (OSError, TimeoutError, ConnectionError, Exception) as exc:  # noqa: BLE001
+                    reason = _describe(exc)
+                    failures[str(endpoint)] = reason
+                    log.warning("cannot connect to %s: %s", endpoint, reason)
+                    continue
+                self.connects += 1
+                log.info("connected to %s", endpoint)
+                return transport
+            cycle += 1
+            low, high = self._backoff
+            pause = min(high, low * 2 ** (cycle - 1)) * random.uniform(0.5, 1.0)
+            if deadline is not None:
+                if loop.time() + pause >= deadline:
+                    raise self._failed(failures, budget)
+            log.info("no node accepted a connection; trying again in %.1fs", pause)
+            await asyncio.sleep(pause)
+
+    def _failed(self, failures: dict[str, str], budget: float | None) -> ConnectionFailed:
+        tried = "; ".join(f"{node}: {reason}" for node, reason in failures.items()) or "none"
+        return ConnectionFailed(
+            f"no RabbitMQ node accepted a connection within {budget}s (tried {tried}); "
+            "check that the broker runs and the URL list (url= or RABBITFLOW_URL) is right"
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, TimeoutError):
+        text = "timed out"
+    return mask(f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text)

@@ -1,0 +1,94 @@
+"""rabbitflow's errors and control-flow signals.
+
+    RabbitflowError
+    ├── ConfigError           bad options, found when the decorator or App() runs
+    ├── TopologyConflict      the broker refused a declaration (406 PRECONDITION_FAILED)
+    ├── ConnectionFailed      no node of the cluster could be reached within the budget
+    ├── PublishTimeout        a publish was not confirmed within its timeout
+    ├── Unroutable            the broker returned a mandatory publish: no queue is bound
+    ├── PublishNacked         the broker refused a publish (basic.nack)
+    └── StateError            a lifecycle call in the wrong state (start twice, publish before start)
+
+    Retry, Reject             raised by handlers to steer a delivery; not errors
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "ConnectionFailed",
+    "PublishNacked",
+    "PublishTimeout",
+    "RabbitflowError",
+    "Reject",
+    "Retry",
+    "StateError",
+    "TopologyConflict",
+    "Unroutable",
+]
+
+
+class RabbitflowError(Exception):
+    """Base class of every error rabbitflow raises."""
+
+
+class ConfigError(RabbitflowError, ValueError):
+    """An option of App or @app.consumer is invalid."""
+
+
+class TopologyConflict(RabbitflowError):
+    """The broker refused to declare an object because it exists with other arguments."""
+
+    def __init__(self, message: str, *, kind: str = "", name: str = "", argument: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.name = name
+        self.argument = argument
+
+
+class ConnectionFailed(RabbitflowError):
+    """No node of the cluster accepted a connection within the budget."""
+
+
+class PublishTimeout(RabbitflowError, TimeoutError):
+    """A publish was not confirmed by the broker within its timeout."""
+
+
+class Unroutable(RabbitflowError):
+    """The broker returned a mandatory publish because no queue is bound for it."""
+
+    def __init__(self, exchange: str, routing_key: str, reply_text: str = "NO_ROUTE") -> None:
+        where = f"exchange {exchange!r}" if exchange else "the default exchange"
+        super().__init__(
+            f"message to {where} with routing key {routing_key!r} was returned ({reply_text}): "
+            "no queue is bound for it; declare the queue/binding or check the routing key"
+        )
+        self.exchange = exchange
+        self.routing_key = routing_key
+
+
+class PublishNacked(RabbitflowError):
+    """The broker answered a publish with basic.nack (it could not take responsibility)."""
+
+
+class StateError(RabbitflowError, RuntimeError):
+    """A lifecycle method was called in a state that does not allow it."""
+
+
+class Retry(Exception):  # noqa: N818 - a signal, named for what the handler asks for
+    """Raised by a handler: retry this delivery after `delay` seconds (counts as an attempt)."""
+
+    def __init__(self, delay: float | None = None, reason: str = "") -> None:
+        if delay is not None and not delay >= 0:
+            raise ConfigError(f"Retry(delay={delay!r}): delay must be a number of seconds >= 0")
+        super().__init__(reason or (f"retry requested (delay={delay}s)" if delay else "retry requested"))
+        self.delay = delay
+        self.reason = reason
+
+
+class Reject(Exception):  # noqa: N818 - a signal
+    """Raised by a handler: park this delivery at once with `reason`."""
+
+    def __init__(self, reason: str = "rejected by handler") -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -1,0 +1,73 @@
+"""The names rabbitflow gives to broker objects and headers, in one place."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ATTEMPT",
+    "BROKER_DEATH_HEADERS",
+    "PARK_HEADERS",
+    "dead_letter_exchange",
+    "delay_label",
+    "parked_queue",
+    "retry_queue",
+]
+
+# rabbitflow's own attempt counter, carried on retried copies. x-death is no safe counter:
+# 3.13+/4.x never interpret a client-set x-death on republished copies.
+ATTEMPT = "x-rf-attempt"
+
+REASON = "x-rf-reason"
+ATTEMPTS = "x-rf-attempts"
+EXCEPTION = "x-rf-exception"
+ERROR = "x-rf-error"
+TRACEBACK = "x-rf-traceback"
+QUEUE = "x-rf-queue"
+ORIGINAL_EXCHANGE = "x-rf-original-exchange"
+ORIGINAL_ROUTING_KEY = "x-rf-original-routing-key"
+FIRST_FAILURE = "x-rf-first-failure"
+LAST_FAILURE = "x-rf-last-failure"
+
+PARK_HEADERS = (
+    REASON,
+    ATTEMPTS,
+    EXCEPTION,
+    ERROR,
+    TRACEBACK,
+    QUEUE,
+    ORIGINAL_EXCHANGE,
+    ORIGINAL_ROUTING_KEY,
+    FIRST_FAILURE,
+    LAST_FAILURE,
+)
+
+# Stripped from every copy rabbitflow republishes, so the broker starts a fresh death history.
+BROKER_DEATH_HEADERS = (
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+)
+
+
+def dead_letter_exchange(service: str) -> str:
+    """The service's dead-letter / retry exchange."""
+    return f"{service}.dlx"
+
+
+def delay_label(seconds: float) -> str:
+    """A delay as it appears in a queue name: whole seconds as `60s`, else milliseconds `500ms`."""
+    ms = round(seconds * 1000)
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def retry_queue(queue: str, seconds: float) -> str:
+    """The TTL queue holding `queue`'s messages for `seconds` before they return to it."""
+    return f"{queue}.retry.{delay_label(seconds)}"
+
+
+def parked_queue(queue: str) -> str:
+    """Where `queue`'s messages go after their last attempt."""
+    return f"{queue}.parked"

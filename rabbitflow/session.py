@@ -1,0 +1,110 @@
+"""A session: what the app holds on one connection — the publisher channel and the workers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from . import names
+from .consumer import ConsumerSpec
+from .topology.applier import apply_plan
+from .topology.compiler import Plan, compile_plan
+from .transport.base import Channel, ChannelClosed, Properties, Transport
+from .worker import ConsumerWorker
+
+__all__ = ["Session"]
+
+log = logging.getLogger("rabbitflow.session")
+
+
+class Session:
+    """Everything bound to one connection. A lost connection ends the session; the app opens
+    a new one on the next node, and nothing of the old one (channels, delivery tags) is reused."""
+
+    def __init__(self, transport: Transport, service: str) -> None:
+        self.transport = transport
+        self.service = service
+        self.workers: list[ConsumerWorker] = []
+        self._publisher: Channel | None = None
+        self._publisher_lock = asyncio.Lock()
+        self._retry_queues: set[str] = set()
+
+    async def open(
+        self, plan: Plan, specs: Sequence[ConsumerSpec], *, prefetch: int, concurrency: int,
+    ) -> None:
+        """Declare the whole plan before any consumer starts, then subscribe every consumer."""
+        await apply_plan(plan, self.transport)
+        await self.publisher()
+        for spec in specs:
+            channel = await self.transport.channel()
+            worker = ConsumerWorker(
+                spec,
+                service=self.service,
+                channel=channel,
+                publish=self.publish,
+                ensure_retry_queue=self.ensure_retry_queue,
+                prefetch=spec.prefetch or prefetch,
+                concurrency=spec.concurrency or concurrency,
+            )
+            await worker.start()
+            self.workers.append(worker)
+
+    async def publisher(self) -> Channel:
+        channel = self._publisher
+        if channel is not None and channel.is_open:
+            return channel
+        async with self._publisher_lock:
+            if self._publisher is None or not self._publisher.is_open:
+                self._publisher = await self.transport.channel()
+            return self._publisher
+
+    async def publish(
+        self, body: bytes, exchange: str, routing_key: str, properties: Properties,
+    ) -> None:
+        channel = self._publisher
+        if channel is None or not channel.is_open:
+            channel = await self.publisher()
+        await channel.publish(
+            body, exchange=exchange, routing_key=routing_key, properties=properties,
+        )
+
+    async def ensure_retry_queue(self, queue: str, delay: float) -> None:
+        """Declare a retry queue for a `Retry(delay=...)` the policy did not plan for."""
+        name = names.retry_queue(queue, delay)
+        if name in self._retry_queues:
+            return
+        spec = next(w.spec for w in self.workers if w.spec.queue == queue)
+        extra = compile_plan(self.service, [_with_delay(spec, delay)])
+        retry = extra.queue(name)
+        channel = await self.transport.channel()
+        try:
+            await channel.declare_queue(name, durable=True, arguments=retry.arguments)
+            await channel.bind_queue(name, names.dead_letter_exchange(self.service), name)
+        except ChannelClosed as exc:
+            log.error("cannot declare retry queue %s: %s", name, exc)
+            raise
+        finally:
+            await channel.close()
+        self._retry_queues.add(name)
+
+    @property
+    def live_consumers(self) -> int:
+        return sum(worker.live for worker in self.workers)
+
+    async def stop(self, graceful_timeout: float) -> None:
+        await asyncio.gather(*(w.stop(graceful_timeout) for w in self.workers))
+        if self._publisher is not None:
+            await self._publisher.close()
+
+    async def abandon(self) -> None:
+        await asyncio.gather(*(w.abandon() for w in self.workers))
+
+
+def _with_delay(spec: ConsumerSpec, delay: float) -> ConsumerSpec:
+    from dataclasses import replace
+
+    from .retry import RetryPolicy
+
+    policy = RetryPolicy(1, (delay,), spec.policy.retry_on, spec.policy.dont_retry)
+    return replace(spec, policy=policy)

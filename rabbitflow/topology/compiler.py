@@ -1,0 +1,207 @@
+"""The topology compiler: consumer specs in, a frozen and deterministic plan out. No I/O.
+
+For service S and a consumer of queue Q with delays d1..dn:
+
+    exchange S.dlx (direct)          the service's dead-letter / retry exchange
+    queue Q            consume       dead-letters (reject, delivery limit) to S.dlx → Q.parked
+    queue Q.retry.<d>  retry         x-message-ttl=d, dead-letters to "" → Q (to Q only)
+    queue Q.parked     parked        no TTL, no expiry
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .. import names
+from ..consumer import ConsumerSpec
+from ..errors import ConfigError
+
+__all__ = [
+    "DELIVERY_LIMIT",
+    "Binding",
+    "ConsumerPlan",
+    "ExchangePlan",
+    "Plan",
+    "QueuePlan",
+    "compile_plan",
+]
+
+# Quorum backstop: a message delivered this many times without being settled (a handler that
+# kills its worker, say) is dead-lettered by the broker to the parking queue.
+DELIVERY_LIMIT = 20
+
+Args = tuple[tuple[str, Any], ...]
+
+
+def _args(mapping: Mapping[str, Any]) -> Args:
+    return tuple(sorted(mapping.items()))
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangePlan:
+    name: str
+    type: str = "direct"
+    durable: bool = True
+    args: Args = ()
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        return dict(self.args)
+
+
+@dataclass(frozen=True, slots=True)
+class QueuePlan:
+    name: str
+    role: str  # consume | retry | parked
+    durable: bool = True
+    args: Args = ()
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        return dict(self.args)
+
+    @property
+    def dead_letter_route(self) -> tuple[str, str] | None:
+        args = self.arguments
+        if "x-dead-letter-exchange" not in args:
+            return None
+        return args["x-dead-letter-exchange"], args.get("x-dead-letter-routing-key", "")
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    exchange: str
+    queue: str
+    routing_key: str
+    args: Args = ()
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        return dict(self.args)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerPlan:
+    queue: str
+    handler: str
+    retries: int
+    delays: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    service: str
+    exchanges: tuple[ExchangePlan, ...]
+    queues: tuple[QueuePlan, ...]
+    bindings: tuple[Binding, ...]
+    consumers: tuple[ConsumerPlan, ...]
+
+    def queue(self, name: str) -> QueuePlan:
+        for queue in self.queues:
+            if queue.name == name:
+                return queue
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stable JSON form of SPEC §3."""
+        return {
+            "service": self.service,
+            "exchanges": [
+                {"name": e.name, "type": e.type, "durable": e.durable, "arguments": e.arguments}
+                for e in self.exchanges
+            ],
+            "queues": [
+                {"name": q.name, "role": q.role, "durable": q.durable, "arguments": q.arguments}
+                for q in self.queues
+            ],
+            "bindings": [
+                {"exchange": b.exchange, "queue": b.queue, "routing_key": b.routing_key,
+                 "arguments": b.arguments}
+                for b in self.bindings
+            ],
+            "consumers": [
+                {"queue": c.queue, "handler": c.handler, "retries": c.retries,
+                 "delays": list(c.delays)}
+                for c in self.consumers
+            ],
+        }
+
+
+def _queue_type_args(queue_type: str) -> dict[str, Any]:
+    if queue_type == "quorum":
+        # Without reject-publish, at-least-once dead-lettering silently falls back to at-most-once.
+        return {
+            "x-queue-type": "quorum",
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+    return {}
+
+
+def compile_plan(service: str, consumers: Iterable[ConsumerSpec]) -> Plan:
+    """The topology the service needs, in a deterministic order."""
+    dlx = names.dead_letter_exchange(service)
+    exchanges: dict[str, ExchangePlan] = {dlx: ExchangePlan(dlx, "direct")}
+    queues: list[QueuePlan] = []
+    bindings: list[Binding] = []
+    plans: list[ConsumerPlan] = []
+    for spec in sorted(consumers, key=lambda s: s.queue):
+        queue, parked = spec.queue, names.parked_queue(spec.queue)
+        typed = _queue_type_args(spec.queue_type)
+        consume_args = {
+            **typed,
+            "x-dead-letter-exchange": dlx,
+            "x-dead-letter-routing-key": parked,
+        }
+        if spec.queue_type == "quorum":
+            consume_args["x-delivery-limit"] = DELIVERY_LIMIT
+        queues.append(QueuePlan(queue, "consume", True, _args(consume_args)))
+        for delay in spec.policy.distinct_delays:
+            retry = names.retry_queue(queue, delay)
+            # Queue-level TTL, one queue per delay: RabbitMQ only expires the head of a queue.
+            # The dead-letter target is the default exchange and Q's name: Q alone gets it back.
+            retry_args = {
+                **typed,
+                "x-message-ttl": round(delay * 1000),
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": queue,
+            }
+            queues.append(QueuePlan(retry, "retry", True, _args(retry_args)))
+            bindings.append(Binding(dlx, retry, retry))
+        parked_args = {"x-queue-type": "quorum"} if spec.queue_type == "quorum" else {}
+        queues.append(QueuePlan(parked, "parked", True, _args(parked_args)))
+        bindings.append(Binding(dlx, parked, parked))
+        if spec.exchange is not None:
+            _add_exchange(exchanges, ExchangePlan(spec.exchange, spec.exchange_type))
+            bindings.append(Binding(spec.exchange, queue, spec.binding_key))
+        plans.append(ConsumerPlan(
+            queue, spec.handler_name, spec.policy.retries,
+            tuple(spec.policy.delay_for(k) for k in range(1, spec.policy.retries + 1)),
+        ))
+    plan = Plan(service, tuple(exchanges.values()), tuple(queues), tuple(bindings), tuple(plans))
+    _check_routes(plan)
+    return plan
+
+
+def _add_exchange(exchanges: dict[str, ExchangePlan], exchange: ExchangePlan) -> None:
+    known = exchanges.setdefault(exchange.name, exchange)
+    if known != exchange:
+        raise ConfigError(
+            f"exchange {exchange.name!r} is used as {known.type!r} and as {exchange.type!r}; "
+            "give every consumer of one exchange the same exchange_type"
+        )
+
+
+def _check_routes(plan: Plan) -> None:
+    """Every dead-letter route must reach a queue: RabbitMQ silently drops what has nowhere to go."""
+    queue_names = {q.name for q in plan.queues}
+    routes = {(b.exchange, b.routing_key) for b in plan.bindings}
+    for queue in plan.queues:
+        route = queue.dead_letter_route
+        if route is None:
+            continue
+        exchange, key = route
+        if (exchange == "" and key not in queue_names) or (exchange and route not in routes):
+            raise ConfigError(f"queue {queue.name!r} dead-letters to {route!r}, which routes nowhere")

@@ -1,0 +1,269 @@
+"""The transport on a real broker: aio-pika for the connection, aiormq channels for the work."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Mapping
+from typing import Any
+
+import aio_pika
+import aiormq
+import aiormq.exceptions as amqp_errors
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
+
+from ..errors import PublishNacked, Unroutable
+from ..urls import Endpoint
+from .base import (
+    Arguments,
+    Channel,
+    ChannelClosed,
+    ConnectionLost,
+    Delivery,
+    OnDelivery,
+    Properties,
+    QueueInfo,
+    Transport,
+)
+
+__all__ = ["AmqpChannel", "AmqpTransport", "connect"]
+
+_CODES: Mapping[type[BaseException], int] = {
+    amqp_errors.ChannelAccessRefused: 403,
+    amqp_errors.ChannelNotFoundEntity: 404,
+    amqp_errors.ChannelLockedResource: 405,
+    amqp_errors.ChannelPreconditionFailed: 406,
+}
+
+
+def _translate(exc: BaseException) -> BaseException:
+    """aiormq's exception as one of the transport's; the caller raises it `from exc`."""
+    if isinstance(exc, amqp_errors.PublishError):
+        delivery = exc.message.delivery
+        return Unroutable(
+            getattr(delivery, "exchange", "") or "",
+            getattr(delivery, "routing_key", "") or "",
+            getattr(delivery, "reply_text", "") or "NO_ROUTE",
+        )
+    if isinstance(exc, amqp_errors.DeliveryError):
+        return PublishNacked(f"the broker refused the publish: {exc}")
+    if isinstance(exc, amqp_errors.ChannelClosed):
+        code = _CODES.get(type(exc))
+        if code is not None:
+            return ChannelClosed(code, str(exc.args[0]) if exc.args else "")
+        if len(exc.args) >= 2 and isinstance(exc.args[0], int):
+            return ChannelClosed(exc.args[0], str(exc.args[1]))
+        return ChannelClosed(0, str(exc))
+    if isinstance(
+        exc,
+        amqp_errors.AMQPConnectionError
+        | amqp_errors.ChannelInvalidStateError
+        | ConnectionError
+        | asyncio.CancelledError,
+    ):
+        return ConnectionLost(f"connection lost: {type(exc).__name__}")
+    return exc
+
+
+class _Translated:
+    """Async context: aiormq errors leave as the transport's own."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        if exc is None or isinstance(exc, asyncio.CancelledError):
+            return False
+        translated = _translate(exc)
+        if translated is exc:
+            return False
+        raise translated from exc
+
+
+_translated = _Translated()
+
+
+class AmqpChannel(Channel):
+    __slots__ = ("_channel",)
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        self._channel = channel
+
+    @property
+    def is_open(self) -> bool:
+        return not self._channel.is_closed
+
+    async def declare_exchange(
+        self, name: str, type: str = "direct", *, durable: bool = True,
+        arguments: Arguments | None = None, passive: bool = False,
+    ) -> None:
+        async with _translated:
+            await self._channel.exchange_declare(
+                name, exchange_type=type, durable=durable, passive=passive,
+                arguments=dict(arguments or {}),
+            )
+
+    async def declare_queue(
+        self, name: str, *, durable: bool = True, exclusive: bool = False,
+        arguments: Arguments | None = None, passive: bool = False,
+    ) -> QueueInfo:
+        async with _translated:
+            ok = await self._channel.queue_declare(
+                name, durable=durable, exclusive=exclusive, passive=passive,
+                arguments=dict(arguments or {}),
+            )
+        return QueueInfo(ok.queue or name, ok.message_count or 0, ok.consumer_count or 0)
+
+    async def bind_queue(
+        self, queue: str, exchange: str, routing_key: str, arguments: Arguments | None = None,
+    ) -> None:
+        async with _translated:
+            await self._channel.queue_bind(
+                queue, exchange, routing_key=routing_key, arguments=dict(arguments or {})
+            )
+
+    async def delete_queue(self, name: str) -> None:
+        async with _translated:
+            await self._channel.queue_delete(name)
+
+    async def delete_exchange(self, name: str) -> None:
+        async with _translated:
+            await self._channel.exchange_delete(name)
+
+    async def publish(
+        self, body: bytes, *, exchange: str, routing_key: str, properties: Properties,
+        mandatory: bool = True,
+    ) -> None:
+        async with _translated:
+            confirm = await self._channel.basic_publish(
+                body, exchange=exchange, routing_key=routing_key,
+                properties=properties, mandatory=mandatory,
+            )
+        if confirm is not None and not isinstance(confirm, Basic.Ack):
+            raise PublishNacked(
+                f"the broker refused the publish to exchange {exchange!r} "
+                f"with routing key {routing_key!r}: {type(confirm).__name__}"
+            )
+
+    async def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int) -> str:
+        async def on_message(message: DeliveredMessage) -> None:
+            delivery = message.delivery
+            await on_delivery(
+                Delivery(
+                    message.body,
+                    message.header.properties,
+                    delivery.delivery_tag,  # type: ignore[union-attr]
+                    delivery.redelivered,  # type: ignore[union-attr]
+                    delivery.exchange,  # type: ignore[union-attr]
+                    delivery.routing_key,  # type: ignore[union-attr]
+                )
+            )
+
+        async with _translated:
+            await self._channel.basic_qos(prefetch_count=prefetch)
+            ok = await self._channel.basic_consume(queue, on_message)
+        return str(ok.consumer_tag)
+
+    async def cancel(self, consumer_tag: str) -> None:
+        async with _translated:
+            await self._channel.basic_cancel(consumer_tag)
+
+    async def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
+        async with _translated:
+            await self._channel.basic_ack(delivery_tag, multiple=multiple, wait=False)
+
+    async def reject(self, delivery_tag: int, *, requeue: bool) -> None:
+        # basic.reject, not nack: from 4.3 only reject counts towards a quorum delivery limit.
+        async with _translated:
+            await self._channel.basic_reject(delivery_tag, requeue=requeue, wait=False)
+
+    async def get(self, queue: str) -> Delivery | None:
+        async with _translated:
+            message = await self._channel.basic_get(queue, no_ack=False)
+        delivery = message.delivery
+        if not isinstance(delivery, Basic.GetOk):
+            return None
+        return Delivery(
+            message.body, message.header.properties, delivery.delivery_tag or 0,
+            bool(delivery.redelivered), delivery.exchange or "", delivery.routing_key or "",
+        )
+
+    async def close(self) -> None:
+        if not self._channel.is_closed:
+            try:
+                await self._channel.close()
+            except (amqp_errors.AMQPError, ConnectionError, asyncio.TimeoutError):
+                pass
+
+
+class AmqpTransport(Transport):
+    def __init__(self, endpoint: Endpoint, connection: aio_pika.abc.AbstractConnection) -> None:
+        self.node = str(endpoint)
+        self.endpoint = endpoint
+        self._connection = connection
+        transport = connection.transport
+        assert transport is not None
+        self._amqp: aiormq.abc.AbstractConnection = transport.connection
+
+    @property
+    def is_open(self) -> bool:
+        return not self._amqp.is_closed
+
+    @property
+    def blocked(self) -> bool:
+        # aiormq keeps the connection.blocked state private; ready() waits on the same event.
+        unblocked = getattr(self._amqp, "_Connection__connection_unblocked", None)
+        return isinstance(unblocked, asyncio.Event) and not unblocked.is_set()
+
+    async def wait_unblocked(self) -> None:
+        async with _translated:
+            await self._amqp.ready()
+
+    async def channel(self) -> Channel:
+        async with _translated:
+            channel = await self._amqp.channel(publisher_confirms=True, on_return_raises=True)
+        return AmqpChannel(channel)
+
+    async def native_channel(self) -> aio_pika.abc.AbstractChannel:
+        return await self._connection.channel()
+
+    async def wait_closed(self) -> BaseException | None:
+        try:
+            await asyncio.shield(self._amqp.closing)
+        except asyncio.CancelledError:
+            if self._amqp.closing.done() and not self._amqp.closing.cancelled():
+                return ConnectionLost("connection closed")
+            raise
+        except BaseException as exc:  # the reason the connection went away
+            return exc
+        return None
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self._connection.close(), 5)
+        except (amqp_errors.AMQPError, ConnectionError, asyncio.TimeoutError):
+            pass
+
+
+def _ssl_context(endpoint: Endpoint) -> ssl.SSLContext | None:
+    return ssl.create_default_context() if endpoint.scheme == "amqps" else None
+
+
+async def connect(
+    endpoint: Endpoint, *, timeout: float, heartbeat: int, name: str,
+    ssl_context: ssl.SSLContext | None = None,
+) -> AmqpTransport:
+    """Open a connection to one node, or fail within `timeout` seconds."""
+    kwargs: dict[str, Any] = {
+        "timeout": timeout,
+        "heartbeat": heartbeat,
+        "client_properties": {"connection_name": name},
+    }
+    context = ssl_context or _ssl_context(endpoint)
+    if context is not None:
+        kwargs["ssl_context"] = context
+    connection = await asyncio.wait_for(aio_pika.connect(endpoint.url, **kwargs), timeout)
+    return AmqpTransport(endpoint, connection)

@@ -1,0 +1,161 @@
+"""The transport interface: the few broker operations rabbitflow needs.
+
+Two implementations: `amqp.AmqpTransport` (aiormq, a real broker) and
+`rabbitflow.testing.memory.MemoryTransport` (the in-memory broker). Message properties
+are pamqp's `Basic.Properties` in both, so nothing is converted on the hot path.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pamqp.commands import Basic
+
+from ..errors import RabbitflowError
+
+__all__ = [
+    "Channel",
+    "ChannelClosed",
+    "ConnectionLost",
+    "Delivery",
+    "OnDelivery",
+    "Properties",
+    "QueueInfo",
+    "Transport",
+    "TransportError",
+]
+
+Properties = Basic.Properties
+Arguments = Mapping[str, Any]
+
+
+class TransportError(RabbitflowError):
+    """A broker operation failed because its channel or connection went away."""
+
+
+class ConnectionLost(TransportError):
+    """The connection to the broker node is gone; outcomes of unconfirmed work are unknown."""
+
+
+class ChannelClosed(TransportError):
+    """The broker closed the channel (for example 404 NOT_FOUND or 406 PRECONDITION_FAILED)."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One message as the broker delivered it."""
+
+    body: bytes
+    properties: Properties
+    delivery_tag: int
+    redelivered: bool
+    exchange: str
+    routing_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueueInfo:
+    name: str
+    message_count: int
+    consumer_count: int
+
+
+OnDelivery = Callable[[Delivery], Awaitable[None]]
+
+
+class Channel(abc.ABC):
+    """An AMQP channel in confirm mode."""
+
+    @property
+    @abc.abstractmethod
+    def is_open(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def declare_exchange(
+        self, name: str, type: str = "direct", *, durable: bool = True,
+        arguments: Arguments | None = None, passive: bool = False,
+    ) -> None: ...
+
+    @abc.abstractmethod
+    async def declare_queue(
+        self, name: str, *, durable: bool = True, exclusive: bool = False,
+        arguments: Arguments | None = None, passive: bool = False,
+    ) -> QueueInfo: ...
+
+    @abc.abstractmethod
+    async def bind_queue(
+        self, queue: str, exchange: str, routing_key: str, arguments: Arguments | None = None,
+    ) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_queue(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_exchange(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    async def publish(
+        self, body: bytes, *, exchange: str, routing_key: str, properties: Properties,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish and wait for the broker's confirm; `Unroutable` if a mandatory publish returns."""
+
+    @abc.abstractmethod
+    async def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int) -> str:
+        """Start consuming with manual acks and this prefetch; returns the consumer tag."""
+
+    @abc.abstractmethod
+    async def cancel(self, consumer_tag: str) -> None: ...
+
+    @abc.abstractmethod
+    async def ack(self, delivery_tag: int, *, multiple: bool = False) -> None: ...
+
+    @abc.abstractmethod
+    async def reject(self, delivery_tag: int, *, requeue: bool) -> None: ...
+
+    @abc.abstractmethod
+    async def get(self, queue: str) -> Delivery | None:
+        """basic.get with manual ack; None when the queue is empty."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+class Transport(abc.ABC):
+    """One connection to one broker node."""
+
+    node: str  # the node's URL with the password masked
+
+    @property
+    @abc.abstractmethod
+    def is_open(self) -> bool: ...
+
+    @property
+    @abc.abstractmethod
+    def blocked(self) -> bool:
+        """True while the broker blocks publishing on this connection (resource alarm)."""
+
+    @abc.abstractmethod
+    async def wait_unblocked(self) -> None: ...
+
+    @abc.abstractmethod
+    async def channel(self) -> Channel: ...
+
+    @abc.abstractmethod
+    async def wait_closed(self) -> BaseException | None:
+        """Wait until the connection is gone; returns why (None for a clean close)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def native_channel(self) -> Any:
+        """A channel of the underlying client library (aio-pika), for `App.ensure`."""
+        raise NotImplementedError(f"{type(self).__name__} has no native channel")

@@ -1,0 +1,86 @@
+"""Broker URLs: parsing the cluster list and masking passwords."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+from .errors import ConfigError
+
+__all__ = ["DEFAULT_URL", "Endpoint", "mask", "parse_urls"]
+
+DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
+_SCHEMES = {"amqp": 5672, "amqps": 5671, "memory": 0}
+_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@;\s]*:)(?P<password>[^@;\s]*)(?=@)", re.I)
+
+
+def mask(text: str) -> str:
+    """`text` with the password of every URL in it replaced by `**`."""
+    return _PASSWORD.sub(r"\g<head>**", text)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One node of the cluster. `url` holds the password; `str()` and `repr()` never show it."""
+
+    url: str = field(repr=False)
+    scheme: str
+    host: str
+    port: int
+    vhost: str
+
+    def __str__(self) -> str:
+        return mask(self.url)
+
+    def __repr__(self) -> str:
+        return f"Endpoint({mask(self.url)!r})"
+
+    @property
+    def is_memory(self) -> bool:
+        return self.scheme == "memory"
+
+
+def parse_urls(url: str | Sequence[str] | None) -> tuple[Endpoint, ...]:
+    """Parse one URL, a `;`-separated list (kombu style) or a list; None reads RABBITFLOW_URL."""
+    if url is None:
+        url = os.environ.get("RABBITFLOW_URL") or DEFAULT_URL
+    if isinstance(url, str):
+        entries = [part.strip() for part in url.split(";")]
+    elif isinstance(url, Sequence):
+        entries = [str(part).strip() for part in url]
+    else:
+        raise ConfigError(f"url: expected a string or a list of strings, got {type(url).__name__}")
+    entries = [entry for entry in entries if entry]
+    if not entries:
+        raise ConfigError("url: no broker URL given; pass url='amqp://user:pass@host:5672/'")
+    endpoints = tuple(_parse_one(entry, index) for index, entry in enumerate(entries, 1))
+    if any(e.is_memory for e in endpoints) and len(endpoints) > 1:
+        raise ConfigError("url: memory:// selects the in-memory broker and cannot be mixed with others")
+    return endpoints
+
+
+def _parse_one(entry: str, index: int) -> Endpoint:
+    shown = mask(entry)
+    try:
+        parts = urlsplit(entry)
+        port = parts.port
+    except ValueError as exc:
+        # urlsplit's own message may quote the password; say it in our words.
+        raise ConfigError(f"url entry {index} ({shown!r}) is malformed: bad host or port") from None
+        del exc
+    scheme = parts.scheme.lower()
+    if scheme not in _SCHEMES:
+        raise ConfigError(
+            f"url entry {index} ({shown!r}): unknown scheme {parts.scheme!r}; "
+            "use amqp://, amqps:// or memory://"
+        )
+    if scheme == "memory":
+        return Endpoint(entry, scheme, "", 0, "/")
+    if not parts.hostname:
+        raise ConfigError(f"url entry {index} ({shown!r}) has no host; write amqp://user:pass@host:5672/")
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    vhost = unquote(path) if path else "/"
+    return Endpoint(entry, scheme, parts.hostname, port or _SCHEMES[scheme], vhost)

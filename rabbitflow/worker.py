@@ -1,0 +1,329 @@
+"""The consumer runtime: one consumer of one queue on one channel, carrying out decisions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from . import names
+from .acks import Acker
+from .codec import DecodeError, decode
+from .consumer import ConsumerSpec
+from .message import Message
+from .retry import Decision, Outcome, decide
+from .topology.compiler import DELIVERY_LIMIT
+from .transport.base import Channel, Delivery, Properties, TransportError
+
+__all__ = ["ConsumerWorker", "Publish"]
+
+log = logging.getLogger("rabbitflow.worker")
+
+# (body, exchange, routing_key, properties) -> confirmed publish
+Publish = Callable[[bytes, str, str, Properties], Awaitable[None]]
+EnsureRetryQueue = Callable[[str, float], Awaitable[None]]
+
+# Park a message ourselves, with full headers, before the quorum queue's own backstop would.
+PARK_AFTER_DELIVERIES = DELIVERY_LIMIT // 2
+_MAX_ERROR = 1000
+_MAX_TRACEBACK = 4000
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class ConsumerWorker:
+    """Consumes `spec.queue` on `channel`; acks after the handler, retries and parks through copies."""
+
+    def __init__(
+        self,
+        spec: ConsumerSpec,
+        *,
+        service: str,
+        channel: Channel,
+        publish: Publish,
+        ensure_retry_queue: EnsureRetryQueue,
+        prefetch: int,
+        concurrency: int,
+    ) -> None:
+        self.spec = spec
+        self._dlx = names.dead_letter_exchange(service)
+        self._parked = names.parked_queue(spec.queue)
+        self._retry_prefix = f"{spec.queue}.retry."
+        self._planned_delays = frozenset(spec.policy.distinct_delays)
+        self._channel = channel
+        self._publish = publish
+        self._ensure_retry_queue = ensure_retry_queue
+        self._prefetch = prefetch
+        # Prefetch already bounds how many deliveries run at once; a semaphore only when tighter.
+        self._limit = asyncio.Semaphore(concurrency) if concurrency < prefetch else None
+        self._acker = Acker(channel)
+        self._tag: str | None = None
+        self._stopping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.running = 0  # handlers running right now
+        self.handled = 0  # deliveries settled by this worker
+
+    @property
+    def live(self) -> bool:
+        return self._tag is not None and self._channel.is_open and not self._stopping
+
+    async def start(self) -> None:
+        self._tag = await self._channel.consume(
+            self.spec.queue, self._on_delivery, prefetch=self._prefetch
+        )
+
+    async def stop(self, timeout: float) -> None:
+        """Take no new deliveries, let running handlers finish within `timeout`, then close."""
+        self._stopping = True
+        if self._tag is not None and self._channel.is_open:
+            try:
+                await self._channel.cancel(self._tag)
+            except TransportError:
+                pass
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            log.warning(
+                "queue %s: %d handler(s) still running after %.1fs; cancelling them, the broker "
+                "redelivers their messages", self.spec.queue, len(self._tasks), timeout,
+            )
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._acker.flush()
+        await self._channel.close()
+
+    async def abandon(self) -> None:
+        """The connection is gone: cancel running handlers; their messages come back anyway."""
+        self._stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- the hot path --------------------------------------------------------------------------
+
+    async def _on_delivery(self, delivery: Delivery) -> None:
+        if self._stopping:
+            return  # not acked: requeued when the channel closes
+        tag = delivery.delivery_tag
+        self._acker.track(tag)
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        if self.running == 0:
+            self._idle.clear()
+        self.running += 1
+        try:
+            if self._limit is None:
+                await self._handle(delivery)
+            else:
+                async with self._limit:
+                    await self._handle(delivery)
+        finally:
+            self.running -= 1
+            self._tasks.discard(task)
+            if self.running == 0:
+                self._idle.set()
+
+    async def _handle(self, delivery: Delivery) -> None:
+        spec = self.spec
+        properties = delivery.properties
+        headers = properties.headers or {}
+        attempt = self._attempt(delivery, headers) if headers else 1
+        try:
+            body = decode(delivery.body, properties.content_type)
+            convert = spec.signature.convert
+            if convert is not None:
+                body = convert(body, delivery.body)
+        except DecodeError as exc:
+            await self._park(delivery, "decode-error", attempt, exc)
+            return
+        if delivery.redelivered and _delivery_count(headers) >= PARK_AFTER_DELIVERIES:
+            await self._park(delivery, "delivery-limit", attempt, None)
+            return
+        try:
+            signature = spec.signature
+            if signature.message_param is None:
+                await spec.handler(body)
+            else:
+                message = self._message(delivery, headers, attempt)
+                if signature.message_positional:
+                    await spec.handler(body, message)
+                else:
+                    await spec.handler(body, **{signature.message_param: message})
+        except Exception as exc:
+            await self._fail(delivery, attempt, exc)
+            return
+        self.handled += 1
+        self._acker.settle(delivery.delivery_tag)
+
+    # -- the failure path ----------------------------------------------------------------------
+
+    def _attempt(self, delivery: Delivery, headers: Mapping[str, Any]) -> int:
+        """Which attempt this is. rabbitflow's header counts only on a copy that came back through
+        one of this queue's retry queues; a forged header on any other message is ignored."""
+        if not self._came_back(delivery, headers):
+            return 1
+        value = headers.get(names.ATTEMPT)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            return min(value, self.spec.policy.retries + 1)
+        return 1
+
+    def _came_back(self, delivery: Delivery, headers: Mapping[str, Any]) -> bool:
+        if delivery.exchange != "" or delivery.routing_key != self.spec.queue:
+            return False
+        # The broker's own newest death record: 3.13+ writes x-last-death-*, older ones only x-death.
+        last_queue = headers.get("x-last-death-queue")
+        if last_queue is None:
+            deaths = headers.get("x-death")
+            if not isinstance(deaths, list) or not deaths or not isinstance(deaths[0], dict):
+                return False
+            last_queue, reason = deaths[0].get("queue"), deaths[0].get("reason")
+        else:
+            reason = headers.get("x-last-death-reason")
+        return (
+            reason == "expired"
+            and isinstance(last_queue, str)
+            and last_queue.startswith(self._retry_prefix)
+        )
+
+    def _message(self, delivery: Delivery, headers: Mapping[str, Any], attempt: int) -> Message:
+        p = delivery.properties
+        return Message(
+            body=delivery.body,
+            headers=headers,
+            attempt=attempt,
+            message_id=p.message_id,
+            routing_key=delivery.routing_key,
+            exchange=delivery.exchange,
+            redelivered=delivery.redelivered,
+            content_type=p.content_type,
+            correlation_id=p.correlation_id,
+            reply_to=p.reply_to,
+            queue=self.spec.queue,
+        )
+
+    async def _fail(self, delivery: Delivery, attempt: int, exc: Exception) -> None:
+        decision: Decision = decide(self.spec.policy, attempt, exc)
+        if decision.outcome is Outcome.RETRY:
+            log.info(
+                "queue %s: attempt %d failed with %s; retrying in %ss",
+                self.spec.queue, attempt, type(exc).__name__, decision.delay,
+            )
+            await self._retry(delivery, attempt, decision.delay)
+        else:
+            log.warning(
+                "queue %s: attempt %d failed with %s: %s; parking the message (%s)",
+                self.spec.queue, attempt, type(exc).__name__, exc, decision.reason,
+            )
+            await self._park(delivery, decision.reason, attempt, exc)
+
+    def _origin(self, delivery: Delivery, headers: Mapping[str, Any]) -> tuple[str, str, str | None]:
+        """(exchange, routing key, first failure) of the message as first published."""
+        if self._came_back(delivery, headers):
+            return (
+                str(headers.get(names.ORIGINAL_EXCHANGE, "")),
+                str(headers.get(names.ORIGINAL_ROUTING_KEY, delivery.routing_key)),
+                headers.get(names.FIRST_FAILURE),
+            )
+        return delivery.exchange, delivery.routing_key, None
+
+    async def _retry(self, delivery: Delivery, attempt: int, delay: float) -> None:
+        headers = delivery.properties.headers or {}
+        exchange, routing_key, first_failure = self._origin(delivery, headers)
+        copy = _strip(headers)
+        copy[names.ATTEMPT] = attempt + 1
+        copy[names.ORIGINAL_EXCHANGE] = exchange
+        copy[names.ORIGINAL_ROUTING_KEY] = routing_key
+        copy[names.FIRST_FAILURE] = first_failure or _now()
+        queue = names.retry_queue(self.spec.queue, delay)
+        if delay not in self._planned_delays:
+            await self._ensure_retry_queue(self.spec.queue, delay)
+        await self._send_copy(delivery, queue, copy)
+
+    async def _park(
+        self, delivery: Delivery, reason: str, attempt: int, exc: BaseException | None
+    ) -> None:
+        headers = delivery.properties.headers or {}
+        exchange, routing_key, first_failure = self._origin(delivery, headers)
+        now = _now()
+        copy = _strip(headers)
+        for transit in (names.ATTEMPT, *names.PARK_HEADERS):
+            copy.pop(transit, None)
+        copy[names.REASON] = reason
+        copy[names.ATTEMPTS] = attempt
+        copy[names.QUEUE] = self.spec.queue
+        copy[names.ORIGINAL_EXCHANGE] = exchange
+        copy[names.ORIGINAL_ROUTING_KEY] = routing_key
+        copy[names.FIRST_FAILURE] = first_failure or now
+        copy[names.LAST_FAILURE] = now
+        if exc is not None:
+            copy[names.EXCEPTION] = f"{type(exc).__module__}.{type(exc).__qualname__}"
+            copy[names.ERROR] = str(exc)[:_MAX_ERROR]
+            tb = "".join(traceback.format_exception(exc))
+            copy[names.TRACEBACK] = tb[-_MAX_TRACEBACK:]
+        elif reason == "delivery-limit":
+            copy[names.ERROR] = (
+                f"delivered {_delivery_count(headers) + 1} times without being settled "
+                "(a handler that crashes its worker?)"
+            )
+        await self._send_copy(delivery, self._parked, copy)
+
+    async def _send_copy(self, delivery: Delivery, queue: str, headers: dict[str, Any]) -> None:
+        """Publish the copy with confirm, then settle the original. Nothing is lost on failure:
+        unconfirmed → the original stays unacked and comes back; unroutable → rejected, which the
+        queue dead-letters to its parking queue."""
+        p = delivery.properties
+        properties = Properties(
+            content_type=p.content_type,
+            content_encoding=p.content_encoding,
+            headers=headers,
+            delivery_mode=2,
+            priority=p.priority,
+            correlation_id=p.correlation_id,
+            reply_to=p.reply_to,
+            message_id=p.message_id,
+            timestamp=p.timestamp,
+            message_type=p.message_type,
+            user_id=p.user_id,
+            app_id=p.app_id,
+        )
+        tag = delivery.delivery_tag
+        try:
+            await self._publish(delivery.body, self._dlx, queue, properties)
+        except TransportError as exc:
+            log.warning("queue %s: copy to %s not confirmed (%s); the broker will redeliver",
+                        self.spec.queue, queue, exc)
+            return
+        except Exception as exc:
+            log.error("queue %s: copy to %s refused (%s); rejecting the message to %s",
+                      self.spec.queue, queue, exc, self._parked)
+            try:
+                await self._channel.reject(tag, requeue=False)
+            except TransportError:
+                return
+            self._acker.settle(tag, ack=False)
+            return
+        self.handled += 1
+        self._acker.settle(tag)
+
+
+def _strip(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """The headers minus the broker's death history (3.13+/4.x ignore a client-set x-death)."""
+    copy = dict(headers)
+    for key in names.BROKER_DEATH_HEADERS:
+        copy.pop(key, None)
+    copy.pop("x-delivery-count", None)
+    return copy
+
+
+def _delivery_count(headers: Mapping[str, Any]) -> int:
+    value = headers.get("x-delivery-count", 0)
+    return value if isinstance(value, int) else 0
