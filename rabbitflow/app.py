@@ -19,6 +19,7 @@ from .connection import ConnectionManager, Connector, Failover
 from .consumer import ConsumerSpec, Handler, build_spec, check_name, check_positive
 from .errors import ConfigError, PublishTimeout, StateError
 from .session import Session
+from .topology.applier import Difference, apply_plan, check_plan
 from .topology.compiler import Plan, compile_plan
 from .transport.base import ChannelClosed, Properties, Transport, TransportError
 from .urls import Endpoint, parse_urls
@@ -90,8 +91,10 @@ class App:
             self.concurrency = check_positive("concurrency", concurrency, optional=False) or 1
             self.heartbeat = check_positive("heartbeat", heartbeat, optional=False) or 1
             for what, value in (
-                ("graceful_timeout", graceful_timeout), ("connect_timeout", connect_timeout),
-                ("connect_budget", connect_budget), ("publish_timeout", publish_timeout),
+                ("graceful_timeout", graceful_timeout),
+                ("connect_timeout", connect_timeout),
+                ("connect_budget", connect_budget),
+                ("publish_timeout", publish_timeout),
             ):
                 if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                     raise ConfigError(f"{what}={value!r}: expected a number of seconds > 0")
@@ -118,6 +121,16 @@ class App:
         self._supervisor: asyncio.Task[None] | None = None
         self._lifespan_stack: contextlib.AsyncExitStack | None = None
         self.reconnects = 0
+
+    def use_url(self, url: str | Sequence[str]) -> None:
+        """Point the app at other nodes before it starts (the CLI's `--url`)."""
+        if self._state is not State.UNOPENED:
+            raise StateError("the URL can only change before the app starts")
+        self.endpoints = parse_urls(url)
+        self._manager = self._manager.with_endpoints(
+            self.endpoints,
+            connector=self._memory_connector() if self.endpoints[0].is_memory else None,
+        )
 
     def __repr__(self) -> str:
         nodes = ";".join(str(e) for e in self.endpoints)
@@ -163,10 +176,19 @@ class App:
 
         def register(handler: H) -> H:
             spec = build_spec(
-                handler, queue, exchange=exchange, exchange_type=exchange_type,
-                routing_key=routing_key, retries=retries, delay=delay, retry_on=retry_on,
-                dont_retry=dont_retry, queue_type=queue_type, prefetch=prefetch,
-                concurrency=concurrency, unknown=unknown,
+                handler,
+                queue,
+                exchange=exchange,
+                exchange_type=exchange_type,
+                routing_key=routing_key,
+                retries=retries,
+                delay=delay,
+                retry_on=retry_on,
+                dont_retry=dont_retry,
+                queue_type=queue_type,
+                prefetch=prefetch,
+                concurrency=concurrency,
+                unknown=unknown,
             )
             if spec.queue in self._consumers:
                 raise ConfigError(
@@ -202,7 +224,9 @@ class App:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
@@ -271,8 +295,9 @@ class App:
             loop.add_signal_handler(sig, stop.set)
         try:
             async with self:
-                log.info("%s: consuming %d queue(s); stop with SIGTERM or Ctrl-C",
-                         self.name, len(self._consumers))
+                log.info(
+                    "%s: consuming %d queue(s); stop with SIGTERM or Ctrl-C", self.name, len(self._consumers)
+                )
                 await stop.wait()
                 log.info("%s: stopping", self.name)
         finally:
@@ -281,9 +306,7 @@ class App:
 
     async def _open_session(self, transport: Transport) -> Session:
         session = Session(transport, self.name)
-        await session.open(
-            self._plan, self.consumers, prefetch=self.prefetch, concurrency=self.concurrency
-        )
+        await session.open(self._plan, self.consumers, prefetch=self.prefetch, concurrency=self.concurrency)
         return session
 
     async def _supervise(self) -> None:
@@ -293,8 +316,12 @@ class App:
             assert session is not None
             reason = await session.transport.wait_closed()
             self._connected.clear()
-            log.warning("%s: connection to %s lost (%s); failing over", self.name,
-                        session.transport.node, reason or "closed")
+            log.warning(
+                "%s: connection to %s lost (%s); failing over",
+                self.name,
+                session.transport.node,
+                reason or "closed",
+            )
             await session.abandon()
             while True:
                 transport = await self._manager.connect(None)
@@ -302,13 +329,18 @@ class App:
                     self._session = await self._open_session(transport)
                     break
                 except (TransportError, ConnectionError, TimeoutError) as exc:
-                    log.warning("%s: session on %s failed (%s); trying the next node",
-                                self.name, transport.node, exc)
+                    log.warning(
+                        "%s: session on %s failed (%s); trying the next node", self.name, transport.node, exc
+                    )
                     await transport.close()
             self.reconnects += 1
             self._connected.set()
-            log.info("%s: resumed on %s with %d consumer(s)", self.name,
-                     self._session.transport.node, self._session.live_consumers)
+            log.info(
+                "%s: resumed on %s with %d consumer(s)",
+                self.name,
+                self._session.transport.node,
+                self._session.live_consumers,
+            )
 
     async def _current(self, deadline: float) -> Session:
         """The live session, waiting for a reconnect until `deadline` (loop time)."""
@@ -371,8 +403,7 @@ class App:
                 except ChannelClosed:
                     raise
                 except TransportError as exc:
-                    log.info("publish to %r/%r interrupted (%s); sending again",
-                             exchange, routing_key, exc)
+                    log.info("publish to %r/%r interrupted (%s); sending again", exchange, routing_key, exc)
                     await asyncio.sleep(0)
         except TimeoutError:
             raise PublishTimeout(
@@ -411,13 +442,34 @@ class App:
                     raise
                 if errback is not None:
                     errback(exc, retries)
-                log.info("%s: operation interrupted by %s; retry %d on the next node",
-                         self.name, type(exc).__name__, retries)
+                log.info(
+                    "%s: operation interrupted by %s; retry %d on the next node",
+                    self.name,
+                    type(exc).__name__,
+                    retries,
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wait_lost(session), limit)
 
     async def _wait_lost(self, session: Session) -> None:
         await session.transport.wait_closed()
+
+    async def declare(self) -> str:
+        """Declare the plan on the first node that accepts, without consuming; returns the node."""
+        transport = await self._manager.connect(self.connect_budget)
+        try:
+            await apply_plan(self._plan, transport)
+            return transport.node
+        finally:
+            await transport.close()
+
+    async def check(self) -> tuple[str, list[Difference]]:
+        """Compare the plan with a live node, changing nothing; returns the node and the differences."""
+        transport = await self._manager.connect(self.connect_budget)
+        try:
+            return transport.node, await check_plan(self._plan, transport)
+        finally:
+            await transport.close()
 
     def health(self) -> dict[str, Any]:
         """The connected node, the blocked state and the live consumers."""

@@ -27,9 +27,7 @@ def encode(body: object, content_type: str | None = None) -> tuple[bytes, str]:
     if isinstance(body, str):
         return body.encode(), content_type or f"{TEXT}; charset=utf-8"
     if content_type is not None and not content_type.startswith(JSON):
-        raise TypeError(
-            f"cannot encode {type(body).__name__} as {content_type!r}; pass bytes or str for it"
-        )
+        raise TypeError(f"cannot encode {type(body).__name__} as {content_type!r}; pass bytes or str for it")
     try:
         return orjson.dumps(body, default=_to_json), JSON
     except TypeError as exc:

@@ -40,7 +40,7 @@ def _strategy(failover: object) -> Strategy:
     if failover == "shuffle":
         return shuffle
     if callable(failover):
-        return failover  # type: ignore[no-any-return]
+        return failover
     raise ConfigError(
         f"failover={failover!r}: expected 'round-robin', 'shuffle' or a function that takes "
         "the list of nodes and yields them in the order to try"
@@ -64,6 +64,7 @@ class ConnectionManager:
         connector: Connector | None = None,
     ) -> None:
         self.endpoints = tuple(endpoints)
+        self._failover = failover
         self._order = _strategy(failover)(self.endpoints)
         self._connect_timeout = connect_timeout
         self._heartbeat = heartbeat
@@ -73,11 +74,26 @@ class ConnectionManager:
         self._connector = connector or self._connect_amqp
         self.connects = 0  # successful connections so far
 
+    def with_endpoints(self, endpoints: Sequence[Endpoint], connector: Connector | None) -> ConnectionManager:
+        return ConnectionManager(
+            endpoints,
+            failover=self._failover,
+            connect_timeout=self._connect_timeout,
+            heartbeat=self._heartbeat,
+            name=self._name,
+            backoff=self._backoff,
+            ssl_context=self._ssl_context,
+            connector=connector,
+        )
+
     async def _connect_amqp(self, endpoint: Endpoint, timeout: float) -> Transport:
         from .transport.amqp import connect
 
         return await connect(
-            endpoint, timeout=timeout, heartbeat=self._heartbeat, name=self._name,
+            endpoint,
+            timeout=timeout,
+            heartbeat=self._heartbeat,
+            name=self._name,
             ssl_context=self._ssl_context,
         )
 
@@ -98,7 +114,7 @@ class ConnectionManager:
                         raise self._failed(failures, budget)
                 try:
                     transport = await self._connector(endpoint, timeout)
-                except (OSError, TimeoutError, ConnectionError, Exception) as exc:  # noqa: BLE001
+                except (OSError, TimeoutError, ConnectionError, Exception) as exc:
                     reason = _describe(exc)
                     failures[str(endpoint)] = reason
                     log.warning("cannot connect to %s: %s", endpoint, reason)
@@ -109,9 +125,8 @@ class ConnectionManager:
             cycle += 1
             low, high = self._backoff
             pause = min(high, low * 2 ** (cycle - 1)) * random.uniform(0.5, 1.0)
-            if deadline is not None:
-                if loop.time() + pause >= deadline:
-                    raise self._failed(failures, budget)
+            if deadline is not None and loop.time() + pause >= deadline:
+                raise self._failed(failures, budget)
             log.info("no node accepted a connection; trying again in %.1fs", pause)
             await asyncio.sleep(pause)
 

@@ -38,10 +38,7 @@ class HandlerSignature:
         except Exception as exc:
             raise ConfigError(f"consumer {name}: cannot resolve its type hints: {exc}") from None
         params = list(inspect.signature(handler).parameters.values())
-        positional = [
-            p for p in params
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         if not positional or hints.get(positional[0].name) is Message:
             raise ConfigError(
                 f"consumer {name}: the first parameter receives the message body; "
@@ -134,9 +131,7 @@ def build_spec(
         if exchange is not None:
             exchange = check_name("exchange", exchange)
         if exchange_type not in EXCHANGE_TYPES:
-            raise ConfigError(
-                f"exchange_type={exchange_type!r}: expected one of {', '.join(EXCHANGE_TYPES)}"
-            )
+            raise ConfigError(f"exchange_type={exchange_type!r}: expected one of {', '.join(EXCHANGE_TYPES)}")
         if routing_key is not None:
             routing_key = check_name("routing_key", routing_key, allow_empty=True)
             if exchange is None:

@@ -1,15 +1,15 @@
 """rabbitflow's errors and control-flow signals.
 
-    RabbitflowError
-    ├── ConfigError           bad options, found when the decorator or App() runs
-    ├── TopologyConflict      the broker refused a declaration (406 PRECONDITION_FAILED)
-    ├── ConnectionFailed      no node of the cluster could be reached within the budget
-    ├── PublishTimeout        a publish was not confirmed within its timeout
-    ├── Unroutable            the broker returned a mandatory publish: no queue is bound
-    ├── PublishNacked         the broker refused a publish (basic.nack)
-    └── StateError            a lifecycle call in the wrong state (start twice, publish before start)
+RabbitflowError
+├── ConfigError           bad options, found when the decorator or App() runs
+├── TopologyConflict      the broker refused a declaration (406 PRECONDITION_FAILED)
+├── ConnectionFailed      no node of the cluster could be reached within the budget
+├── PublishTimeout        a publish was not confirmed within its timeout
+├── Unroutable            the broker returned a mandatory publish: no queue is bound
+├── PublishNacked         the broker refused a publish (basic.nack)
+└── StateError            a lifecycle call in the wrong state (start twice, publish before start)
 
-    Retry, Reject             raised by handlers to steer a delivery; not errors
+Retry, Reject             raised by handlers to steer a delivery; not errors
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class StateError(RabbitflowError, RuntimeError):
     """A lifecycle method was called in a state that does not allow it."""
 
 
-class Retry(Exception):  # noqa: N818 - a signal, named for what the handler asks for
+class Retry(Exception):
     """Raised by a handler: retry this delivery after `delay` seconds (counts as an attempt)."""
 
     def __init__(self, delay: float | None = None, reason: str = "") -> None:
@@ -86,7 +86,7 @@ class Retry(Exception):  # noqa: N818 - a signal, named for what the handler ask
         self.reason = reason
 
 
-class Reject(Exception):  # noqa: N818 - a signal
+class Reject(Exception):
     """Raised by a handler: park this delivery at once with `reason`."""
 
     def __init__(self, reason: str = "rejected by handler") -> None:

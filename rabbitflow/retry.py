@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from .errors import ConfigError, Reject, Retry
 
 __all__ = ["Decision", "Outcome", "RetryPolicy", "decide"]
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     ACK = "ack"
     RETRY = "retry"
     PARK = "park"
@@ -49,8 +49,12 @@ class RetryPolicy:
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ConfigError(f"retries={retries!r}: expected a whole number >= 0")
         delays = _delays(delay)
-        return cls(retries, delays, _exception_types("retry_on", retry_on),
-                   _exception_types("dont_retry", dont_retry))
+        return cls(
+            retries,
+            delays,
+            _exception_types("retry_on", retry_on),
+            _exception_types("dont_retry", dont_retry),
+        )
 
     def delay_for(self, attempt: int) -> float:
         """The wait before attempt `attempt + 1`, after attempt `attempt` failed."""

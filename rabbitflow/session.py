@@ -31,7 +31,12 @@ class Session:
         self._retry_queues: set[str] = set()
 
     async def open(
-        self, plan: Plan, specs: Sequence[ConsumerSpec], *, prefetch: int, concurrency: int,
+        self,
+        plan: Plan,
+        specs: Sequence[ConsumerSpec],
+        *,
+        prefetch: int,
+        concurrency: int,
     ) -> None:
         """Declare the whole plan before any consumer starts, then subscribe every consumer."""
         await apply_plan(plan, self.transport)
@@ -60,13 +65,20 @@ class Session:
             return self._publisher
 
     async def publish(
-        self, body: bytes, exchange: str, routing_key: str, properties: Properties,
+        self,
+        body: bytes,
+        exchange: str,
+        routing_key: str,
+        properties: Properties,
     ) -> None:
         channel = self._publisher
         if channel is None or not channel.is_open:
             channel = await self.publisher()
         await channel.publish(
-            body, exchange=exchange, routing_key=routing_key, properties=properties,
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=properties,
         )
 
     async def ensure_retry_queue(self, queue: str, delay: float) -> None:

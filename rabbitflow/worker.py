@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
@@ -75,24 +76,23 @@ class ConsumerWorker:
         return self._tag is not None and self._channel.is_open and not self._stopping
 
     async def start(self) -> None:
-        self._tag = await self._channel.consume(
-            self.spec.queue, self._on_delivery, prefetch=self._prefetch
-        )
+        self._tag = await self._channel.consume(self.spec.queue, self._on_delivery, prefetch=self._prefetch)
 
     async def stop(self, timeout: float) -> None:
         """Take no new deliveries, let running handlers finish within `timeout`, then close."""
         self._stopping = True
         if self._tag is not None and self._channel.is_open:
-            try:
+            with contextlib.suppress(TransportError):
                 await self._channel.cancel(self._tag)
-            except TransportError:
-                pass
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
             log.warning(
                 "queue %s: %d handler(s) still running after %.1fs; cancelling them, the broker "
-                "redelivers their messages", self.spec.queue, len(self._tasks), timeout,
+                "redelivers their messages",
+                self.spec.queue,
+                len(self._tasks),
+                timeout,
             )
             for task in list(self._tasks):
                 task.cancel()
@@ -189,9 +189,7 @@ class ConsumerWorker:
         else:
             reason = headers.get("x-last-death-reason")
         return (
-            reason == "expired"
-            and isinstance(last_queue, str)
-            and last_queue.startswith(self._retry_prefix)
+            reason == "expired" and isinstance(last_queue, str) and last_queue.startswith(self._retry_prefix)
         )
 
     def _message(self, delivery: Delivery, headers: Mapping[str, Any], attempt: int) -> Message:
@@ -215,13 +213,20 @@ class ConsumerWorker:
         if decision.outcome is Outcome.RETRY:
             log.info(
                 "queue %s: attempt %d failed with %s; retrying in %ss",
-                self.spec.queue, attempt, type(exc).__name__, decision.delay,
+                self.spec.queue,
+                attempt,
+                type(exc).__name__,
+                decision.delay,
             )
             await self._retry(delivery, attempt, decision.delay)
         else:
             log.warning(
                 "queue %s: attempt %d failed with %s: %s; parking the message (%s)",
-                self.spec.queue, attempt, type(exc).__name__, exc, decision.reason,
+                self.spec.queue,
+                attempt,
+                type(exc).__name__,
+                exc,
+                decision.reason,
             )
             await self._park(delivery, decision.reason, attempt, exc)
 
@@ -248,9 +253,7 @@ class ConsumerWorker:
             await self._ensure_retry_queue(self.spec.queue, delay)
         await self._send_copy(delivery, queue, copy)
 
-    async def _park(
-        self, delivery: Delivery, reason: str, attempt: int, exc: BaseException | None
-    ) -> None:
+    async def _park(self, delivery: Delivery, reason: str, attempt: int, exc: BaseException | None) -> None:
         headers = delivery.properties.headers or {}
         exchange, routing_key, first_failure = self._origin(delivery, headers)
         now = _now()
@@ -299,12 +302,21 @@ class ConsumerWorker:
         try:
             await self._publish(delivery.body, self._dlx, queue, properties)
         except TransportError as exc:
-            log.warning("queue %s: copy to %s not confirmed (%s); the broker will redeliver",
-                        self.spec.queue, queue, exc)
+            log.warning(
+                "queue %s: copy to %s not confirmed (%s); the broker will redeliver",
+                self.spec.queue,
+                queue,
+                exc,
+            )
             return
         except Exception as exc:
-            log.error("queue %s: copy to %s refused (%s); rejecting the message to %s",
-                      self.spec.queue, queue, exc, self._parked)
+            log.error(
+                "queue %s: copy to %s refused (%s); rejecting the message to %s",
+                self.spec.queue,
+                queue,
+                exc,
+                self._parked,
+            )
             try:
                 await self._channel.reject(tag, requeue=False)
             except TransportError:

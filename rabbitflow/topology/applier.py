@@ -31,20 +31,28 @@ def _conflict(kind: str, name: str, exc: ChannelClosed) -> TopologyConflict:
         )
     return TopologyConflict(
         f"{kind} {name!r} already exists with a different {what} ({exc.text}); {way_out}",
-        kind=kind, name=name, argument=argument,
+        kind=kind,
+        name=name,
+        argument=argument,
     )
 
 
 async def _declare_exchange(channel: Channel, exchange: ExchangePlan, *, passive: bool) -> None:
     await channel.declare_exchange(
-        exchange.name, exchange.type, durable=exchange.durable,
-        arguments=exchange.arguments, passive=passive,
+        exchange.name,
+        exchange.type,
+        durable=exchange.durable,
+        arguments=exchange.arguments,
+        passive=passive,
     )
 
 
 async def _declare_queue(channel: Channel, queue: QueuePlan, *, passive: bool) -> None:
     await channel.declare_queue(
-        queue.name, durable=queue.durable, arguments=queue.arguments, passive=passive,
+        queue.name,
+        durable=queue.durable,
+        arguments=queue.arguments,
+        passive=passive,
     )
 
 
@@ -67,9 +75,7 @@ async def apply_plan(plan: Plan, transport: Transport) -> None:
                     raise
                 raise _conflict("queue", queue.name, exc) from None
         for binding in plan.bindings:
-            await channel.bind_queue(
-                binding.queue, binding.exchange, binding.routing_key, binding.arguments
-            )
+            await channel.bind_queue(binding.queue, binding.exchange, binding.routing_key, binding.arguments)
         # RabbitMQ drops dead-lettered messages whose exchange is missing: make sure it is there.
         for queue in plan.queues:
             route = queue.dead_letter_route
@@ -99,9 +105,9 @@ async def check_plan(plan: Plan, transport: Transport) -> list[Difference]:
     differences: list[Difference] = []
     channel = await transport.channel()
     try:
-        objects: list[tuple[str, ExchangePlan | QueuePlan]] = [
-            ("exchange", e) for e in plan.exchanges
-        ] + [("queue", q) for q in plan.queues]
+        objects: list[tuple[str, ExchangePlan | QueuePlan]] = [("exchange", e) for e in plan.exchanges] + [
+            ("queue", q) for q in plan.queues
+        ]
         for kind, obj in objects:
             if not channel.is_open:
                 channel = await transport.channel()

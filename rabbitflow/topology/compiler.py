@@ -117,13 +117,16 @@ class Plan:
                 for q in self.queues
             ],
             "bindings": [
-                {"exchange": b.exchange, "queue": b.queue, "routing_key": b.routing_key,
-                 "arguments": b.arguments}
+                {
+                    "exchange": b.exchange,
+                    "queue": b.queue,
+                    "routing_key": b.routing_key,
+                    "arguments": b.arguments,
+                }
                 for b in self.bindings
             ],
             "consumers": [
-                {"queue": c.queue, "handler": c.handler, "retries": c.retries,
-                 "delays": list(c.delays)}
+                {"queue": c.queue, "handler": c.handler, "retries": c.retries, "delays": list(c.delays)}
                 for c in self.consumers
             ],
         }
@@ -176,10 +179,14 @@ def compile_plan(service: str, consumers: Iterable[ConsumerSpec]) -> Plan:
         if spec.exchange is not None:
             _add_exchange(exchanges, ExchangePlan(spec.exchange, spec.exchange_type))
             bindings.append(Binding(spec.exchange, queue, spec.binding_key))
-        plans.append(ConsumerPlan(
-            queue, spec.handler_name, spec.policy.retries,
-            tuple(spec.policy.delay_for(k) for k in range(1, spec.policy.retries + 1)),
-        ))
+        plans.append(
+            ConsumerPlan(
+                queue,
+                spec.handler_name,
+                spec.policy.retries,
+                tuple(spec.policy.delay_for(k) for k in range(1, spec.policy.retries + 1)),
+            )
+        )
     plan = Plan(service, tuple(exchanges.values()), tuple(queues), tuple(bindings), tuple(plans))
     _check_routes(plan)
     return plan

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Mapping
 from typing import Any
@@ -40,7 +41,7 @@ _CODES: Mapping[type[BaseException], int] = {
 def _translate(exc: BaseException) -> BaseException:
     """aiormq's exception as one of the transport's; the caller raises it `from exc`."""
     if isinstance(exc, amqp_errors.PublishError):
-        delivery = exc.message.delivery
+        delivery = exc.message.delivery if exc.message is not None else None
         return Unroutable(
             getattr(delivery, "exchange", "") or "",
             getattr(delivery, "routing_key", "") or "",
@@ -97,28 +98,48 @@ class AmqpChannel(Channel):
         return not self._channel.is_closed
 
     async def declare_exchange(
-        self, name: str, type: str = "direct", *, durable: bool = True,
-        arguments: Arguments | None = None, passive: bool = False,
+        self,
+        name: str,
+        type: str = "direct",
+        *,
+        durable: bool = True,
+        arguments: Arguments | None = None,
+        passive: bool = False,
     ) -> None:
         async with _translated:
             await self._channel.exchange_declare(
-                name, exchange_type=type, durable=durable, passive=passive,
+                name,
+                exchange_type=type,
+                durable=durable,
+                passive=passive,
                 arguments=dict(arguments or {}),
             )
 
     async def declare_queue(
-        self, name: str, *, durable: bool = True, exclusive: bool = False,
-        arguments: Arguments | None = None, passive: bool = False,
+        self,
+        name: str,
+        *,
+        durable: bool = True,
+        exclusive: bool = False,
+        arguments: Arguments | None = None,
+        passive: bool = False,
     ) -> QueueInfo:
         async with _translated:
             ok = await self._channel.queue_declare(
-                name, durable=durable, exclusive=exclusive, passive=passive,
+                name,
+                durable=durable,
+                exclusive=exclusive,
+                passive=passive,
                 arguments=dict(arguments or {}),
             )
         return QueueInfo(ok.queue or name, ok.message_count or 0, ok.consumer_count or 0)
 
     async def bind_queue(
-        self, queue: str, exchange: str, routing_key: str, arguments: Arguments | None = None,
+        self,
+        queue: str,
+        exchange: str,
+        routing_key: str,
+        arguments: Arguments | None = None,
     ) -> None:
         async with _translated:
             await self._channel.queue_bind(
@@ -134,13 +155,21 @@ class AmqpChannel(Channel):
             await self._channel.exchange_delete(name)
 
     async def publish(
-        self, body: bytes, *, exchange: str, routing_key: str, properties: Properties,
+        self,
+        body: bytes,
+        *,
+        exchange: str,
+        routing_key: str,
+        properties: Properties,
         mandatory: bool = True,
     ) -> None:
         async with _translated:
             confirm = await self._channel.basic_publish(
-                body, exchange=exchange, routing_key=routing_key,
-                properties=properties, mandatory=mandatory,
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=mandatory,
             )
         if confirm is not None and not isinstance(confirm, Basic.Ack):
             raise PublishNacked(
@@ -150,15 +179,15 @@ class AmqpChannel(Channel):
 
     async def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int) -> str:
         async def on_message(message: DeliveredMessage) -> None:
-            delivery = message.delivery
+            frame: Basic.Deliver = message.delivery  # type: ignore[assignment]
             await on_delivery(
                 Delivery(
                     message.body,
                     message.header.properties,
-                    delivery.delivery_tag,  # type: ignore[union-attr]
-                    delivery.redelivered,  # type: ignore[union-attr]
-                    delivery.exchange,  # type: ignore[union-attr]
-                    delivery.routing_key,  # type: ignore[union-attr]
+                    frame.delivery_tag or 0,
+                    bool(frame.redelivered),
+                    frame.exchange or "",
+                    frame.routing_key or "",
                 )
             )
 
@@ -187,16 +216,18 @@ class AmqpChannel(Channel):
         if not isinstance(delivery, Basic.GetOk):
             return None
         return Delivery(
-            message.body, message.header.properties, delivery.delivery_tag or 0,
-            bool(delivery.redelivered), delivery.exchange or "", delivery.routing_key or "",
+            message.body,
+            message.header.properties,
+            delivery.delivery_tag or 0,
+            bool(delivery.redelivered),
+            delivery.exchange or "",
+            delivery.routing_key or "",
         )
 
     async def close(self) -> None:
         if not self._channel.is_closed:
-            try:
+            with contextlib.suppress(TimeoutError, amqp_errors.AMQPError, ConnectionError):
                 await self._channel.close()
-            except (amqp_errors.AMQPError, ConnectionError, asyncio.TimeoutError):
-                pass
 
 
 class AmqpTransport(Transport):
@@ -242,10 +273,8 @@ class AmqpTransport(Transport):
         return None
 
     async def close(self) -> None:
-        try:
+        with contextlib.suppress(TimeoutError, amqp_errors.AMQPError, ConnectionError):
             await asyncio.wait_for(self._connection.close(), 5)
-        except (amqp_errors.AMQPError, ConnectionError, asyncio.TimeoutError):
-            pass
 
 
 def _ssl_context(endpoint: Endpoint) -> ssl.SSLContext | None:
@@ -253,7 +282,11 @@ def _ssl_context(endpoint: Endpoint) -> ssl.SSLContext | None:
 
 
 async def connect(
-    endpoint: Endpoint, *, timeout: float, heartbeat: int, name: str,
+    endpoint: Endpoint,
+    *,
+    timeout: float,
+    heartbeat: int,
+    name: str,
     ssl_context: ssl.SSLContext | None = None,
 ) -> AmqpTransport:
     """Open a connection to one node, or fail within `timeout` seconds."""

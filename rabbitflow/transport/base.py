@@ -80,19 +80,33 @@ class Channel(abc.ABC):
 
     @abc.abstractmethod
     async def declare_exchange(
-        self, name: str, type: str = "direct", *, durable: bool = True,
-        arguments: Arguments | None = None, passive: bool = False,
+        self,
+        name: str,
+        type: str = "direct",
+        *,
+        durable: bool = True,
+        arguments: Arguments | None = None,
+        passive: bool = False,
     ) -> None: ...
 
     @abc.abstractmethod
     async def declare_queue(
-        self, name: str, *, durable: bool = True, exclusive: bool = False,
-        arguments: Arguments | None = None, passive: bool = False,
+        self,
+        name: str,
+        *,
+        durable: bool = True,
+        exclusive: bool = False,
+        arguments: Arguments | None = None,
+        passive: bool = False,
     ) -> QueueInfo: ...
 
     @abc.abstractmethod
     async def bind_queue(
-        self, queue: str, exchange: str, routing_key: str, arguments: Arguments | None = None,
+        self,
+        queue: str,
+        exchange: str,
+        routing_key: str,
+        arguments: Arguments | None = None,
     ) -> None: ...
 
     @abc.abstractmethod
@@ -103,7 +117,12 @@ class Channel(abc.ABC):
 
     @abc.abstractmethod
     async def publish(
-        self, body: bytes, *, exchange: str, routing_key: str, properties: Properties,
+        self,
+        body: bytes,
+        *,
+        exchange: str,
+        routing_key: str,
+        properties: Properties,
         mandatory: bool = True,
     ) -> None:
         """Publish and wait for the broker's confirm; `Unroutable` if a mandatory publish returns."""

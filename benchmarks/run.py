@@ -1,0 +1,896 @@
+#!/usr/bin/env python
+"""The benchmark runner: rabbitflow vs. aiormq / aio-pika / FastStream.
+
+    python benchmarks/run.py [--quick] [--rounds R] [--n N] [--rss-n N]
+                             [--only consume,publish,retry,rss,import]
+                             [--contenders aiormq_raw,aio_pika,...]
+                             [--out docs/benchmarks.md]
+
+How a result is made (see also the "Method" section written into the report):
+
+* Every measurement runs in its own fresh subprocess:
+  ``python benchmarks/contenders/<name>.py <scenario> --n N --queue Q
+  --queue-type classic|quorum``, which prints one JSON line.
+* Contenders are interleaved round by round, and the order inside a round is
+  rotated every round, so slow drift of the machine or the broker is spread
+  over all contenders.  Round 0 is a warm-up and is discarded.
+* Each measurement gets its own queue (random suffix), prepared by this
+  runner with plain aiormq (declared, pre-filled before the contender starts),
+  checked afterwards (consume: 0 messages left and no consumer, i.e. all N were
+  acked; publish: exactly N messages arrived) and deleted.  A measurement that
+  fails the check is reported as failed, not counted.
+* Reported: median, min and max of the measured rounds, and the cost ratio to
+  the raw aiormq baseline (time per message, seconds, or KiB; 1.00 = same as
+  aiormq_raw, 2.00 = twice the cost).  Nothing is asserted about timings.
+
+Adding a scenario (e.g. the planned ``failover``): write a ``Scenario`` and
+``register()`` it next to the others below, and add the scenario name to the
+``scenarios`` dict of the contenders that implement it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import json
+import os
+import platform
+import secrets
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR))
+
+import benchlib  # noqa: E402
+
+BASELINE = "aiormq_raw"
+CONTENDER_ORDER = ["aiormq_raw", "aiormq_batched", "aio_pika", "faststream", "rabbitflow"]
+PEERS_PYTHON = ROOT / ".venv-bench-peers" / "bin" / "python"
+
+
+def _python_for(name: str) -> str:
+    """FastStream runs from a separate venv if one was made for it (only needed
+    when installing faststream would change the aio-pika/aiormq versions)."""
+    if name == "faststream" and PEERS_PYTHON.exists():
+        return str(PEERS_PYTHON)
+    return sys.executable
+
+
+# ---------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class Config:
+    quick: bool
+    rounds: int  # measured rounds (the warm-up round comes on top)
+    warmup: int
+    n: int  # messages for consume / publish / retry
+    rss_n: int
+    rss_rounds: int
+    import_rounds: int
+    only: list[str] | None
+    contenders: list[str] | None
+    out: Path | None
+    prefetch: int = benchlib.PREFETCH
+    window: int = benchlib.WINDOW
+    queue_types: tuple[str, ...] = ("classic", "quorum")
+
+
+QUICK = {"rounds": 3, "n": 2_000, "rss_n": 20_000, "rss_rounds": 1, "import_rounds": 5}
+FULL = {"rounds": 5, "n": 10_000, "rss_n": 100_000, "rss_rounds": 1, "import_rounds": 15}
+
+
+# ---------------------------------------------------------------------------
+# contenders
+
+
+@dataclass
+class Contender:
+    name: str
+    script: Path
+    python: str
+    info: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def scenarios(self) -> list[str]:
+        return list(self.info.get("scenarios", []))
+
+    @property
+    def declares_own_queue(self) -> bool:
+        return bool(self.info.get("declares_own_queue"))
+
+    def supports(self, scenario: str) -> bool:
+        return scenario in self.scenarios
+
+    def cleanup_names(self, queue: str, app: str) -> tuple[list[str], list[str]]:
+        c = self.info.get("cleanup") or {}
+        qs = [s.format(queue=queue, app=app) for s in c.get("queues", [])]
+        xs = [s.format(queue=queue, app=app) for s in c.get("exchanges", [])]
+        if queue not in qs:
+            qs.insert(0, queue)
+        return qs, xs
+
+
+def load_contenders(names: list[str]) -> list[Contender]:
+    out = []
+    for name in names:
+        c = Contender(name, BENCH_DIR / "contenders" / f"{name}.py", _python_for(name))
+        try:
+            p = subprocess.run(
+                [c.python, str(c.script), "--describe"],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                timeout=60,
+            )
+            if p.returncode != 0:
+                c.error = tail(p.stderr)
+            else:
+                c.info = json.loads(p.stdout.strip().splitlines()[-1])
+        except Exception as exc:  # noqa: BLE001
+            c.error = repr(exc)
+        out.append(c)
+    return out
+
+
+def tail(text: str, lines: int = 6) -> str:
+    ls = [x for x in text.strip().splitlines() if x.strip()]
+    return " | ".join(x.strip() for x in ls[-lines:]) if ls else "(no stderr)"
+
+
+# ---------------------------------------------------------------------------
+# scenarios (the registry)
+
+
+@dataclass
+class Case:
+    scenario: str
+    label: str
+    n: int
+    queue_type: str = "classic"
+    variants: tuple[str, ...] = ("",)  # e.g. retry: ("all_ok", "fail_once"), interleaved like contenders
+    rounds: int = 5
+    warmup: int = 1
+
+
+@dataclass
+class Measurement:
+    ok: bool
+    data: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+# unit (contender, variant) -> list of measured (non-warm-up) results
+Results = dict[tuple[str, str], list[Measurement]]
+
+
+@dataclass
+class Scenario:
+    name: str
+    title: str
+    description: str
+    metric: str  # key of the contender's JSON result that is compared
+    unit: str
+    higher_is_better: bool
+    cases: Callable[[Config], list[Case]]
+    prefill: bool = False  # runner pre-fills the queue with N messages before the contender starts
+    consumes: bool = False  # contender consumes the queue: run the declare phase for own-topology contenders
+    expected_depth: Callable[[Case], int] = lambda case: 0  # ready messages expected after the run
+    run: Callable[[Runner, Case], Awaitable[Results]] | None = None  # custom runner (default: broker)
+    render: Callable[[Runner, Case, Results], list[str]] | None = None  # custom markdown (default: table)
+    baseline: str | None = BASELINE
+
+
+SCENARIOS: dict[str, Scenario] = {}
+
+
+def register(s: Scenario) -> Scenario:
+    SCENARIOS[s.name] = s
+    return s
+
+
+def _rounds(cfg: Config) -> dict[str, int]:
+    return {"rounds": cfg.rounds, "warmup": cfg.warmup}
+
+
+register(
+    Scenario(
+        name="import",
+        title="Import time",
+        description="Wall time of a whole `python -c \"import X\"` process (interpreter start included; "
+        "`python -c pass` shown for reference).",
+        metric="seconds",
+        unit="s",
+        higher_is_better=False,
+        cases=lambda cfg: [Case("import", "import", 0, rounds=cfg.import_rounds, warmup=cfg.warmup)],
+        run=lambda runner, case: runner.run_import(case),
+    )
+)
+
+register(
+    Scenario(
+        name="publish",
+        title="Publish with confirms",
+        description="N persistent JSON messages (~256 B) to the default exchange with publisher confirms, "
+        "windows of 256 publishes in flight awaited together; connection opened before timing; "
+        "timing until the last confirm. The runner checks that exactly N messages arrived.",
+        metric="rate",
+        unit="msg/s",
+        higher_is_better=True,
+        cases=lambda cfg: [
+            Case("publish", f"publish/{qt}", cfg.n, queue_type=qt, **_rounds(cfg)) for qt in cfg.queue_types
+        ],
+        expected_depth=lambda case: case.n,
+    )
+)
+
+register(
+    Scenario(
+        name="consume",
+        title="Consume, ack each message",
+        description="Queue pre-filled with N persistent JSON messages (~256 B) before the contender starts; "
+        "timing from starting the consumer (connection included) until the N-th message was handled; "
+        "orjson decode, no-op handler, individual ack after the handler, prefetch 256. The runner checks "
+        "that the queue is empty afterwards.",
+        metric="rate",
+        unit="msg/s",
+        higher_is_better=True,
+        cases=lambda cfg: [
+            Case("consume", f"consume/{qt}", cfg.n, queue_type=qt, **_rounds(cfg)) for qt in cfg.queue_types
+        ],
+        prefill=True,
+        consumes=True,
+    )
+)
+
+register(
+    Scenario(
+        name="retry",
+        title="Delayed retry (rabbitflow only)",
+        description="As consume, but every message fails once and succeeds on its delayed retry "
+        "(`fail_once`), interleaved with the same N messages all succeeding (`all_ok`); timing until N "
+        "messages completed. Peers have no delayed retries.",
+        metric="rate",
+        unit="msg/s",
+        higher_is_better=True,
+        cases=lambda cfg: [
+            Case("retry", "retry/classic", cfg.n, variants=("all_ok", "fail_once"), **_rounds(cfg))
+        ],
+        prefill=True,
+        consumes=True,
+        render=lambda runner, case, res: runner.render_retry(case, res),
+        baseline=None,
+    )
+)
+
+register(
+    Scenario(
+        name="rss",
+        title="Memory over a long consume run",
+        description="Consume as above over a long run; VmRSS sampled every 50 ms from /proc/self/status "
+        "in the contender, VmHWM (peak) at the end. Growth = RSS at the end minus RSS after the first 10% "
+        "of the messages.",
+        metric="hwm_kb",
+        unit="KiB",
+        higher_is_better=False,
+        cases=lambda cfg: [
+            Case("rss", "rss/classic", cfg.rss_n, rounds=cfg.rss_rounds, warmup=0)
+        ],
+        prefill=True,
+        consumes=True,
+        render=lambda runner, case, res: runner.render_rss(case, res),
+    )
+)
+
+# failover: planned, added by someone else.  Register it here with
+# register(Scenario(name="failover", ..., run=<custom coroutine if it needs to
+# drive the broker>, ...)) and add "failover" to the scenarios dict of each
+# contender script that implements it; the runner reports "n/a" for the rest.
+
+
+# ---------------------------------------------------------------------------
+# the runner
+
+
+class Runner:
+    def __init__(self, cfg: Config, contenders: list[Contender]) -> None:
+        self.cfg = cfg
+        self.contenders = contenders
+        self.by_name = {c.name: c for c in contenders}
+        self.run_id = secrets.token_hex(3)
+        self.prefix = f"bench.{self.run_id}"
+        self.app_name = f"bench-{self.run_id}"
+        self.admin = benchlib.Admin()
+        self.results: dict[str, tuple[Case, Results]] = {}
+        self.failures: dict[tuple[str, str], str] = {}  # (case label, unit) -> error
+        self.t_start = time.monotonic()
+
+    # -- logging -----------------------------------------------------------
+    def log(self, msg: str) -> None:
+        el = time.monotonic() - self.t_start
+        print(f"[{el:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    # -- subprocesses --------------------------------------------------------
+    async def run_contender(
+        self, c: Contender, case: Case, variant: str, queue: str, phase: str = "run"
+    ) -> Measurement:
+        cmd = [
+            c.python,
+            str(c.script),
+            case.scenario,
+            "--phase",
+            phase,
+            "--n",
+            str(case.n),
+            "--queue",
+            queue,
+            "--queue-type",
+            case.queue_type,
+            "--prefetch",
+            str(self.cfg.prefetch),
+            "--window",
+            str(self.cfg.window),
+            "--app-name",
+            self.app_name,
+            "--url",
+            benchlib.AMQP_URL,
+        ]
+        if variant:
+            cmd += ["--mode", variant]
+        # hang guard only (never a judgement on speed): generous for a slow contender
+        watchdog = 60.0 + case.n / 200.0
+        with tempfile.TemporaryFile() as errf:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=errf
+            )
+            try:
+                out, _ = await asyncio.wait_for(proc.communicate(), watchdog)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+                errf.seek(0)
+                return Measurement(False, error=f"no result after {watchdog:.0f}s (killed); " + tail(errf.read().decode(errors="replace")))
+            errf.seek(0)
+            err = errf.read().decode(errors="replace")
+        if proc.returncode != 0:
+            return Measurement(False, error=tail(err))
+        lines = [x for x in out.decode().splitlines() if x.strip()]
+        try:
+            data = json.loads(lines[-1])
+        except (IndexError, json.JSONDecodeError):
+            return Measurement(False, error="no JSON result on stdout; " + tail(err))
+        return Measurement(True, data)
+
+    # -- broker scenarios ------------------------------------------------------
+    async def measure(self, sc: Scenario, case: Case, c: Contender, variant: str, rnd: int) -> Measurement:
+        queue = f"{self.prefix}.{case.scenario}.{c.name}.{variant or case.queue_type}.{rnd}.{secrets.token_hex(2)}"
+        queues, exchanges = c.cleanup_names(queue, self.app_name)
+        try:
+            if sc.consumes and c.declares_own_queue:
+                m = await self.run_contender(c, case, variant, queue, phase="declare")
+                if not m.ok:
+                    return Measurement(False, error="declare phase: " + m.error)
+                if await self.admin.depth(queue) is None:
+                    return Measurement(False, error=f"declare phase did not declare queue {queue}")
+            else:
+                await self.admin.declare(queue, case.queue_type)
+            if sc.prefill:
+                await self.admin.fill(queue, case.n)
+            m = await self.run_contender(c, case, variant, queue)
+            if m.ok:
+                problem = await self.verify(sc, case, queue, queues)
+                if problem:
+                    return Measurement(False, m.data, error="check failed: " + problem)
+            return m
+        finally:
+            await self.admin.delete_queues(queues)
+            await self.admin.delete_exchanges(exchanges)
+
+    async def verify(self, sc: Scenario, case: Case, queue: str, aux_queues: list[str]) -> str:
+        want = sc.expected_depth(case)
+        # the contender has exited; wait (bounded) until the broker has dropped its consumers
+        for _ in range(500):
+            got = await self.admin.depth(queue)
+            if got is None:
+                return f"queue {queue} is gone"
+            if got[1] == 0:
+                break
+            await asyncio.sleep(0.02)
+        ready, consumers = got
+        if consumers:
+            return f"{consumers} consumer(s) still attached after the contender exited"
+        if ready != want:
+            return f"{ready} messages in the queue after the run, expected {want}"
+        if want == 0:
+            for aux in aux_queues:
+                if aux == queue:
+                    continue
+                d = await self.admin.depth(aux)
+                if d is not None and d[0]:
+                    return f"{d[0]} messages left in {aux}"
+        return ""
+
+    async def run_broker_case(self, sc: Scenario, case: Case) -> Results:
+        units = [
+            (c, v)
+            for c in self.contenders
+            if c.error is None and c.supports(case.scenario)
+            for v in case.variants
+        ]
+        results: Results = {(c.name, v): [] for c, v in units}
+        dead: set[tuple[str, str]] = set()
+        for rnd in range(case.warmup + case.rounds):
+            k = rnd % len(units) if units else 0
+            order = units[k:] + units[:k]
+            tag = "warm-up" if rnd < case.warmup else f"round {rnd - case.warmup + 1}/{case.rounds}"
+            for c, v in order:
+                key = (c.name, v)
+                if key in dead:
+                    continue
+                m = await self.measure(sc, case, c, v, rnd)
+                name = c.name + (f"[{v}]" if v else "")
+                if not m.ok:
+                    dead.add(key)
+                    self.failures[(case.label, name)] = m.error
+                    self.log(f"{case.label} {tag} {name}: FAILED: {m.error}")
+                    continue
+                val = m.data.get(sc.metric)
+                self.log(f"{case.label} {tag} {name}: {fmt_value(val, sc.unit)}")
+                if rnd >= case.warmup:
+                    results[key].append(m)
+        for key in dead:
+            results[key] = []
+        return results
+
+    # -- import scenario -------------------------------------------------------
+    async def run_import(self, case: Case) -> Results:
+        units: list[tuple[str, str, str]] = [("(python -c pass)", sys.executable, "pass")]
+        for c in self.contenders:
+            mod = c.info.get("import_module")
+            if c.error is None and mod:
+                units.append((c.name, c.python, f"import {mod}"))
+        results: Results = {(name, ""): [] for name, _, _ in units}
+        dead: set[str] = set()
+        for rnd in range(case.warmup + case.rounds):
+            k = rnd % len(units)
+            for name, py, code in units[k:] + units[:k]:
+                if name in dead:
+                    continue
+                t0 = time.perf_counter()
+                p = subprocess.run([py, "-c", code], cwd=ROOT, capture_output=True, text=True)
+                dt = time.perf_counter() - t0
+                if p.returncode != 0:
+                    dead.add(name)
+                    self.failures[(case.label, name)] = tail(p.stderr)
+                    self.log(f"import {name}: FAILED: {tail(p.stderr)}")
+                    results[(name, "")] = []
+                    continue
+                if rnd >= case.warmup:
+                    results[(name, "")].append(Measurement(True, {"seconds": dt}))
+        for name, _, code in units:
+            vals = [m.data["seconds"] for m in results[(name, "")]]
+            if vals:
+                self.log(f"import {name} ({code}): median {statistics.median(vals) * 1000:.0f} ms")
+        return results
+
+    # -- driver ----------------------------------------------------------------
+    async def run(self) -> None:
+        await self.admin.open()
+        try:
+            for sc in SCENARIOS.values():
+                if self.cfg.only and sc.name not in self.cfg.only:
+                    continue
+                for case in sc.cases(self.cfg):
+                    t = time.monotonic()
+                    self.log(f"== {case.label} (n={case.n}, rounds={case.rounds} + {case.warmup} warm-up)")
+                    if sc.run is not None:
+                        res = await sc.run(self, case)
+                    else:
+                        res = await self.run_broker_case(sc, case)
+                    self.results[case.label] = (case, res)
+                    self.log(f"== {case.label} done in {time.monotonic() - t:.1f}s")
+        finally:
+            await self.sweep()
+            await self.admin.close()
+
+    async def sweep(self) -> None:
+        """Delete anything left on the broker with this run's prefix."""
+        ctl = shutil.which("rabbitmqctl")
+        if not ctl or self.admin.conn is None:
+            return
+        for kind, delete in (("queues", self.admin.delete_queues), ("exchanges", self.admin.delete_exchanges)):
+            try:
+                p = subprocess.run(
+                    [ctl, f"list_{kind}", "-q", "--no-table-headers", "name"],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+            except Exception:  # noqa: BLE001 - best effort
+                continue
+            names = [
+                n.strip()
+                for n in p.stdout.splitlines()
+                if n.strip().startswith((self.prefix, self.app_name))
+            ]
+            if names:
+                self.log(f"sweep: deleting leftover {kind}: {', '.join(names)}")
+                await delete(names)
+
+    # -- reporting ---------------------------------------------------------------
+    def stats(self, ms: list[Measurement], metric: str) -> dict[str, float] | None:
+        vals = [float(m.data[metric]) for m in ms if m.data.get(metric) is not None]
+        if not vals:
+            return None
+        return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "count": len(vals)}
+
+    def cost_ratio(self, sc: Scenario, med: float, base: float) -> float:
+        """Contender cost / baseline cost (1.0 = same as baseline, >1 = more expensive)."""
+        return base / med if sc.higher_is_better else med / base
+
+    def ratios(self) -> dict[str, dict[str, float]]:
+        """case label -> contender -> cost ratio vs baseline (for the chart)."""
+        out: dict[str, dict[str, float]] = {}
+        for label, (case, res) in self.results.items():
+            sc = SCENARIOS[case.scenario]
+            if sc.baseline is None:
+                continue
+            b = self.stats(res.get((BASELINE, ""), []), sc.metric)
+            if not b:
+                continue
+            row = {}
+            for (name, v), ms in res.items():
+                s = self.stats(ms, sc.metric)
+                if s and not v:
+                    row[name] = self.cost_ratio(sc, s["median"], b["median"])
+            out[label] = row
+        return out
+
+    def unit_status(self, label: str, name: str, scenario: str) -> str:
+        if (label, name) in self.failures:
+            return "failed"
+        c = self.by_name.get(name)
+        if c is not None and c.error:
+            return "failed"
+        return "n/a"
+
+    def render_table(self, case: Case, res: Results) -> list[str]:
+        sc = SCENARIOS[case.scenario]
+        base = self.stats(res.get((BASELINE, ""), []), sc.metric) if sc.baseline else None
+        extra_first = sc.metric == "rate"
+        head = f"| contender | median {sc.unit} | min – max | cost vs {BASELINE} |"
+        sep = "|---|---:|---:|---:|"
+        if extra_first:
+            head += " 1st msg |"
+            sep += "---:|"
+        lines = [head, sep]
+        names = [n for n in self.row_names(case)]
+        for name in names:
+            ms = res.get((name, ""))
+            s = self.stats(ms, sc.metric) if ms else None
+            if s is None:
+                status = self.unit_status(case.label, name, case.scenario)
+                lines.append(f"| {name} | {status} | | |" + (" |" if extra_first else ""))
+                continue
+            ratio = f"{self.cost_ratio(sc, s['median'], base['median']):.2f}×" if base else "–"
+            row = f"| {name} | {fmt_value(s['median'], sc.unit)} | {fmt_value(s['min'], sc.unit)} – {fmt_value(s['max'], sc.unit)} | {ratio} |"
+            if extra_first:
+                firsts = [m.data["first_s"] for m in ms if m.data.get("first_s") is not None]
+                row += f" {statistics.median(firsts) * 1000:.0f} ms |" if firsts else " |"
+            lines.append(row)
+        return lines
+
+    def row_names(self, case: Case) -> list[str]:
+        names = [c.name for c in self.contenders]
+        if case.scenario == "import":
+            names = ["(python -c pass)"] + names
+        return names
+
+    def render_retry(self, case: Case, res: Results) -> list[str]:
+        lines = [
+            "| contender | all succeed, msg/s (min – max) | fail once, msg/s (min – max) | cost of a failed-once message / a succeeding one |",
+            "|---|---:|---:|---:|",
+        ]
+        for c in self.contenders:
+            ok = self.stats(res.get((c.name, "all_ok"), []), "seconds")
+            bad = self.stats(res.get((c.name, "fail_once"), []), "seconds")
+            if not (c.error is None and c.supports("retry")):
+                st = "failed" if c.error else "n/a"
+                lines.append(f"| {c.name} | {st} | {st} | {st} |")
+                continue
+            if not ok or not bad:
+                err = self.failures.get((case.label, f"{c.name}[all_ok]")) or self.failures.get(
+                    (case.label, f"{c.name}[fail_once]")
+                )
+                lines.append(f"| {c.name} | {'failed' if err else 'n/a'} | | |")
+                continue
+            n = case.n
+
+            def r(s: dict[str, float]) -> str:
+                return f"{n / s['median']:,.0f} ({n / s['max']:,.0f} – {n / s['min']:,.0f})"
+
+            lines.append(f"| {c.name} | {r(ok)} | {r(bad)} | {bad['median'] / ok['median']:.2f}× |")
+        return lines
+
+    def render_rss(self, case: Case, res: Results) -> list[str]:
+        lines = [
+            f"| contender | peak RSS (VmHWM) | RSS after 10% | RSS at end | growth 10%→end | peak vs {BASELINE} | msg/s |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        base = self.stats(res.get((BASELINE, ""), []), "hwm_kb")
+        for c in self.contenders:
+            ms = res.get((c.name, ""))
+            if not ms:
+                st = self.unit_status(case.label, c.name, "rss")
+                lines.append(f"| {c.name} | {st} | | | | | |")
+                continue
+
+            def med(key: str) -> float:
+                return statistics.median(float(m.data[key]) for m in ms)
+
+            hwm = med("hwm_kb")
+            ratio = f"{hwm / base['median']:.2f}×" if base else "–"
+            lines.append(
+                f"| {c.name} | {mib(hwm)} | {mib(med('rss_warm_kb'))} | {mib(med('rss_end_kb'))} | "
+                f"{med('growth_kb') / 1024:+.1f} MiB | {ratio} | {med('rate'):,.0f} |"
+            )
+        return lines
+
+    def markdown(self, machine: dict[str, str], command: str, chart: str | None) -> str:
+        cfg = self.cfg
+        out = ["# Benchmarks", ""]
+        out.append(
+            "Generated by `benchmarks/run.py`; regenerate with the command below. Absolute numbers depend on "
+            "this machine (2 cores shared by the broker, the runner and the client); compare the ratios."
+        )
+        out += ["", "## Setup", "", "| | |", "|---|---|"]
+        for k, v in machine.items():
+            out.append(f"| {k} | {v} |")
+        out.append(f"| command | `{command}` |")
+        out.append(
+            f"| settings | {'quick' if cfg.quick else 'full'} mode; N = {cfg.n:,} messages (consume/publish/retry), "
+            f"{cfg.rss_n:,} (rss); {cfg.rounds} measured rounds + {cfg.warmup} warm-up "
+            f"(rss: {cfg.rss_rounds} run, import: {cfg.import_rounds} rounds); prefetch {cfg.prefetch}; "
+            f"publish window {cfg.window} |"
+        )
+        out += ["", "## Results", ""]
+        out.append(
+            f"\"cost vs {BASELINE}\" is the contender's time per message (or seconds, or KiB) divided by the "
+            f"baseline's: 1.00× = as cheap as a hand-written aiormq loop, 2.00× = twice the cost. "
+            "`aiormq_batched` acks every 64th message with `multiple=True`, which no ack-after-handler framework "
+            "does: it is the client ceiling, not a peer. \"1st msg\" is the median time from starting the "
+            "consumer (connection included) to the first handled message."
+        )
+        if chart:
+            out += ["", f"![cost ratio vs {BASELINE}]({chart})"]
+        for label, (case, res) in self.results.items():
+            sc = SCENARIOS[case.scenario]
+            n = f", N = {case.n:,}" if case.n else ""
+            out += ["", f"### {sc.title}: {label}{n}", "", sc.description, ""]
+            if sc.render is not None:
+                out += sc.render(self, case, res)
+            else:
+                out += self.render_table(case, res)
+        notes = [(c.name, c.info.get("notes", "")) for c in self.contenders if c.info.get("notes")]
+        if notes:
+            out += ["", "## Contenders", ""]
+            for name, note in notes:
+                out.append(f"- `{name}`: {note}")
+        problems = [(k, v) for k, v in self.failures.items()]
+        problems += [(("(all)", c.name), c.error) for c in self.contenders if c.error]
+        if problems:
+            out += ["", "## Failures", ""]
+            for (label, name), err in problems:
+                out.append(f"- {label} / {name}: failed: {err[-600:]}")
+        out += ["", "## Method", ""]
+        out += [
+            "- One fresh subprocess per measurement (`benchmarks/contenders/<name>.py <scenario> ...`, one JSON "
+            "line on stdout). Contenders interleaved round by round; the order inside a round is rotated every "
+            "round; the warm-up round is discarded; median, min and max of the measured rounds are reported.",
+            "- Each measurement has its own durable queue (random suffix) that the runner declares (or, for "
+            "rabbitflow, which declares its own topology, lets a short-lived `async with app:` declare), "
+            "pre-fills with plain aiormq before the contender starts, checks after it exits (consume: 0 "
+            "messages left and no consumer, i.e. every message was acked; publish: exactly N arrived), and "
+            "deletes. Leftovers with the run's prefix are swept at the end.",
+            "- The same prefetch (256) for every contender; handlers do no work; bodies are decoded with "
+            "orjson (FastStream uses orjson when installed). The default asyncio event loop (no uvloop) "
+            "for every contender.",
+            "- No assertion is made on any timing; a watchdog only kills a contender that hangs.",
+        ]
+        return "\n".join(out) + "\n"
+
+    def chart(self, path: Path) -> bool:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except Exception:  # noqa: BLE001
+            return False
+        ratios = self.ratios()
+        labels = [lbl for lbl, row in ratios.items() if row]
+        if not labels:
+            return False
+        names = [c.name for c in self.contenders if any(c.name in ratios[lbl] for lbl in labels)]
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(labels) + 2), 4.2), dpi=110)
+        width = 0.8 / max(1, len(names))
+        for i, name in enumerate(names):
+            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(labels))]
+            ys = [ratios[lbl].get(name, 0.0) for lbl in labels]
+            bars = ax.bar(xs, ys, width, label=name)
+            for b, y in zip(bars, ys):
+                if y:
+                    ax.annotate(f"{y:.2f}", (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom", fontsize=7)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels([lbl.replace("/", "\n") for lbl in labels])
+        ax.set_ylabel(f"cost vs {BASELINE} (lower is better)")
+        ax.set_title(f"Cost ratio vs {BASELINE} (median; time per message, import time, peak RSS)", fontsize=10)
+        ax.legend(fontsize=8, ncol=min(5, len(names)))
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return True
+
+
+# ---------------------------------------------------------------------------
+# formatting / machine info
+
+
+def fmt_value(v: float | None, unit: str) -> str:
+    if v is None:
+        return "–"
+    if unit == "msg/s":
+        return f"{v:,.0f}"
+    if unit == "s":
+        return f"{v * 1000:,.0f} ms"
+    if unit == "KiB":
+        return mib(v)
+    return f"{v:g}"
+
+
+def mib(kb: float) -> str:
+    return f"{kb / 1024:.1f} MiB"
+
+
+_VERSIONS_SNIPPET = r"""
+import json, platform, sys
+from importlib.metadata import version, PackageNotFoundError
+out = {"python": platform.python_version() + " (" + sys.executable + ")"}
+for p in ("aiormq", "aio-pika", "pamqp", "orjson", "faststream", "fast-depends", "pydantic", "rabbitflow"):
+    try:
+        out[p] = version(p)
+    except PackageNotFoundError:
+        pass
+print(json.dumps(out))
+"""
+
+
+def machine_info(contenders: list[Contender], broker_version: str) -> dict[str, str]:
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "date (UTC)": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "CPU": f"{cpu}, {os.cpu_count()} cores",
+        "OS": f"{platform.system()} {platform.release()}",
+        "RabbitMQ": f"{broker_version} on {benchlib.AMQP_URL.split('@')[-1]} (same machine)",
+    }
+    seen: dict[str, dict[str, str]] = {}
+    for py in dict.fromkeys([sys.executable] + [c.python for c in contenders]):
+        try:
+            p = subprocess.run([py, "-c", _VERSIONS_SNIPPET], capture_output=True, text=True, cwd=ROOT, timeout=60)
+            seen[py] = json.loads(p.stdout)
+        except Exception:  # noqa: BLE001
+            seen[py] = {"python": f"? ({py})"}
+    for py, vers in seen.items():
+        label = "python / packages" + ("" if py == sys.executable else " (FastStream venv)")
+        pk = ", ".join(f"{k} {v}" for k, v in vers.items() if k != "python")
+        info[label] = f"{vers.get('python', '?')}; {pk}"
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout
+        info["git"] = (rev or "no commit yet") + (" + uncommitted changes" if dirty.strip() else "")
+    except OSError:
+        pass
+    return info
+
+
+# ---------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small N and few rounds (~1 minute)")
+    p.add_argument("--rounds", type=int, help="measured rounds per case (a warm-up round comes on top)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds, discarded (default 1)")
+    p.add_argument("--n", type=int, help="messages per consume/publish/retry measurement")
+    p.add_argument("--rss-n", type=int, help="messages for the rss scenario")
+    p.add_argument("--import-rounds", type=int, help="rounds for the import scenario")
+    p.add_argument("--only", help=f"comma-separated scenarios: {','.join(SCENARIOS)}")
+    p.add_argument("--contenders", help=f"comma-separated contenders: {','.join(CONTENDER_ORDER)}")
+    p.add_argument("--queue-types", default="classic,quorum", help="for consume/publish (default classic,quorum)")
+    p.add_argument("--out", type=Path, help="write the markdown report here (and a PNG chart next to it)")
+    a = p.parse_args(argv)
+    d = QUICK if a.quick else FULL
+    only = [s.strip() for s in a.only.split(",")] if a.only else None
+    if only:
+        bad = [s for s in only if s not in SCENARIOS]
+        if bad:
+            p.error(f"unknown scenario(s) {bad}; known: {list(SCENARIOS)}")
+    contenders = [s.strip() for s in a.contenders.split(",")] if a.contenders else None
+    if contenders:
+        bad = [s for s in contenders if s not in CONTENDER_ORDER]
+        if bad:
+            p.error(f"unknown contender(s) {bad}; known: {CONTENDER_ORDER}")
+    qts = tuple(s.strip() for s in a.queue_types.split(",") if s.strip())
+    return Config(
+        quick=a.quick,
+        rounds=a.rounds or d["rounds"],
+        warmup=a.warmup,
+        n=a.n or d["n"],
+        rss_n=a.rss_n or d["rss_n"],
+        rss_rounds=d["rss_rounds"],
+        import_rounds=a.import_rounds or d["import_rounds"],
+        only=only,
+        contenders=contenders,
+        out=a.out,
+        queue_types=qts,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    names = cfg.contenders or CONTENDER_ORDER
+    if BASELINE not in names:
+        names = [BASELINE] + names  # ratios need the baseline
+    contenders = load_contenders(names)
+    for c in contenders:
+        if c.error:
+            print(f"contender {c.name}: failed: {c.error}", file=sys.stderr)
+    runner = Runner(cfg, contenders)
+    asyncio.run(runner.run())
+
+    command = " ".join(
+        shlex.quote(x) for x in [os.path.relpath(sys.executable, ROOT), "benchmarks/run.py", *sys.argv[1:]]
+    )
+    machine = machine_info(contenders, runner.admin.server_version)
+    chart_name = None
+    if cfg.out is not None:
+        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        png = cfg.out.with_suffix(".png")
+        if runner.chart(png):
+            chart_name = png.name
+    md = runner.markdown(machine, command, chart_name)
+    print(md)
+    if cfg.out is not None:
+        cfg.out.write_text(md)
+        print(f"wrote {cfg.out}" + (f" and {cfg.out.with_suffix('.png')}" if chart_name else ""), file=sys.stderr)
+    runner.log("total")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Shared fixtures. Integration tests talk to the real RabbitMQ and fail (never skip) without it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiormq
+import pytest
+
+from rabbitflow import App
+
+from .helpers import Admin, unique
+
+BROKER_URL = os.environ.get("RABBITFLOW_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> str:
+    """The broker's URL, after checking it answers: a missing broker fails the test loudly."""
+
+    async def probe() -> None:
+        connection = await asyncio.wait_for(aiormq.connect(BROKER_URL), 10)
+        await connection.close()
+
+    try:
+        asyncio.run(probe())
+    except Exception as exc:
+        pytest.fail(
+            f"RabbitMQ is not reachable at {BROKER_URL.split('@')[-1]} ({exc!r}); start it with "
+            "`rabbitmq-server -detached` (or `make broker`)",
+            pytrace=False,
+        )
+    return BROKER_URL
+
+
+@pytest.fixture
+async def admin(broker_url: str) -> AsyncIterator[Admin]:
+    connection = await aiormq.connect(broker_url)
+    channel = await connection.channel()
+    helper = Admin(channel)
+    yield helper
+    cleanup = await connection.channel()
+    for queue in helper.queues:
+        await cleanup.queue_delete(queue)
+    for exchange in helper.exchanges:
+        await cleanup.exchange_delete(exchange)
+    await connection.close()
+
+
+@pytest.fixture
+def make_app(broker_url: str, admin: Admin) -> Callable[..., App]:
+    """A new App with a unique service name; everything its plan declares is deleted afterwards."""
+    apps: list[App] = []
+
+    def make(**options: Any) -> App:
+        options.setdefault("url", broker_url)
+        options.setdefault("graceful_timeout", 5)
+        app = App(unique("svc"), **options)
+        apps.append(app)
+        return app
+
+    yield make  # type: ignore[misc]
+    for app in apps:
+        admin.forget_app(app)

@@ -1,0 +1,224 @@
+"""The App on the real broker: round trips, bounded concurrency, publishing, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from rabbitflow import App, ConfigError, Message, PublishTimeout, StateError, Unroutable
+
+from .helpers import Admin, unique, wait_for
+
+
+@dataclass
+class Order:
+    id: int
+    item: str
+
+
+async def test_json_text_and_bytes_round_trip(make_app: Callable[..., App]) -> None:
+    app = make_app()
+    seen: list[tuple[Any, str | None, str | None]] = []
+    queue = unique("rt")
+
+    @app.consumer(queue, queue_type="classic")
+    async def handle(body: Any, message: Message) -> None:
+        seen.append((body, message.content_type, message.message_id))
+
+    async with app:
+        await app.publish({"id": 1, "tags": ["a", "b"]}, routing_key=queue, message_id="m-1")
+        await app.publish("héllo", routing_key=queue)
+        await app.publish(b"\x00\xff", routing_key=queue)
+        await wait_for(lambda: len(seen) == 3)
+
+    assert seen[0] == ({"id": 1, "tags": ["a", "b"]}, "application/json", "m-1")
+    assert seen[1][0] == "héllo"
+    assert seen[1][1] is not None
+    assert seen[1][1].startswith("text/plain")
+    assert seen[2][:2] == (b"\x00\xff", "application/octet-stream")
+    assert seen[2][2]  # rabbitflow always sets a message id
+
+
+async def test_dataclass_body_is_converted(make_app: Callable[..., App]) -> None:
+    app = make_app()
+    orders: list[Order] = []
+    queue = unique("dc")
+
+    @app.consumer(queue, exchange=unique("ex"), routing_key="order.created")
+    async def handle(order: Order) -> None:
+        orders.append(order)
+
+    async with app:
+        exchange = app.consumers[0].exchange
+        assert exchange is not None
+        await app.publish({"id": 7, "item": "tea"}, exchange=exchange, routing_key="order.created")
+        await wait_for(lambda: len(orders) == 1)
+
+    assert orders == [Order(7, "tea")]
+
+
+async def test_thousand_messages_each_once_with_bounded_concurrency(
+    make_app: Callable[..., App], admin: Admin
+) -> None:
+    app = make_app(prefetch=50)
+    queue = unique("bulk")
+    counts: dict[int, int] = {}
+    running = 0
+    peak = 0
+
+    @app.consumer(queue, concurrency=8)
+    async def handle(body: dict[str, int]) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.001)
+        running -= 1
+        counts[body["n"]] = counts.get(body["n"], 0) + 1
+
+    async with app:
+        await asyncio.gather(*(app.publish({"n": n}, routing_key=queue) for n in range(1000)))
+        await wait_for(lambda: len(counts) == 1000, timeout=30)
+        await asyncio.sleep(0.2)  # any duplicate would arrive now
+
+    assert sorted(counts) == list(range(1000))
+    assert set(counts.values()) == {1}
+    assert peak == 8
+    assert await admin.count(queue) == 0  # every message acked
+
+
+async def test_unroutable_publish_raises_and_publisher_keeps_working(make_app: Callable[..., App]) -> None:
+    app = make_app()
+    queue = unique("after")
+    got: list[Any] = []
+
+    @app.consumer(queue)
+    async def handle(body: Any) -> None:
+        got.append(body)
+
+    async with app:
+        with pytest.raises(Unroutable, match="no queue is bound"):
+            await app.publish({"x": 1}, routing_key=unique("nowhere"))
+        await app.publish({"x": 2}, routing_key=queue)
+        await wait_for(lambda: got == [{"x": 2}])
+
+
+async def test_publish_to_missing_exchange_is_an_error_and_publisher_recovers(
+    make_app: Callable[..., App],
+) -> None:
+    app = make_app()
+    queue = unique("pub")
+    got: list[Any] = []
+
+    @app.consumer(queue)
+    async def handle(body: Any) -> None:
+        got.append(body)
+
+    async with app:
+        with pytest.raises(Exception, match="NOT_FOUND"):
+            await app.publish({"x": 1}, exchange=unique("missing"), routing_key="k")
+        await app.publish({"x": 2}, routing_key=queue)
+        await wait_for(lambda: got == [{"x": 2}])
+
+
+async def test_publish_before_start_and_after_stop_is_a_state_error(make_app: Callable[..., App]) -> None:
+    app = make_app()
+    with pytest.raises(StateError, match="start it first"):
+        await app.publish({"x": 1}, routing_key="q")
+    async with app:
+        pass
+    with pytest.raises(StateError):
+        await app.publish({"x": 1}, routing_key="q")
+    with pytest.raises(StateError, match="starts once"):
+        await app.start()
+
+
+async def test_publish_times_out_when_no_node_answers() -> None:
+    # A port nothing listens on: start() gives up within its budget with ConnectionFailed.
+    from rabbitflow import ConnectionFailed
+
+    app = App(unique("dead"), url="amqp://guest:secret@127.0.0.1:1/", connect_budget=0.5)
+    with pytest.raises(ConnectionFailed) as info:
+        await app.start()
+    assert "secret" not in str(info.value)
+    assert "127.0.0.1:1" in str(info.value)
+    assert PublishTimeout.__mro__[1].__name__ == "RabbitflowError"
+
+
+async def test_lifespan_wraps_consuming(make_app: Callable[..., App]) -> None:
+    events: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: App) -> AsyncIterator[None]:
+        events.append("resources up")
+        yield
+        events.append("resources down")
+
+    app = make_app(lifespan=lifespan)
+    queue = unique("life")
+
+    @app.consumer(queue)
+    async def handle(body: Any) -> None:
+        events.append("handled")
+        await asyncio.sleep(0.2)
+        events.append("handler done")
+
+    async with app:
+        await app.publish({}, routing_key=queue)
+        await wait_for(lambda: "handled" in events)
+    assert events == ["resources up", "handled", "handler done", "resources down"]
+
+
+def test_bad_decorator_options_fail_when_decorating() -> None:
+    app = App("orders", url="amqp://guest:guest@localhost/")
+
+    async def handler(body: Any) -> None: ...
+
+    with pytest.raises(ConfigError, match=r"retries=-1: expected a whole number >= 0"):
+        app.consumer("q", retries=-1)(handler)
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) retires"):
+        app.consumer("q", retires=3)(handler)
+    with pytest.raises(ConfigError, match="delay"):
+        app.consumer("q", delay="soon")(handler)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="async def"):
+        app.consumer("q")(lambda body: None)  # type: ignore[arg-type,return-value]
+    app.consumer("q")(handler)
+    with pytest.raises(ConfigError, match="already has a consumer"):
+        app.consumer("q")(handler)
+    with pytest.raises(ConfigError, match="exchange_type"):
+        app.consumer("q2", exchange="x", exchange_type="fan-out")(handler)
+    app.consumer("q3", exchange="x", exchange_type="fanout")(handler)
+    with pytest.raises(ConfigError, match="used as 'fanout' and as 'topic'"):
+        app.consumer("q4", exchange="x", exchange_type="topic")(handler)
+
+
+def test_repr_and_errors_never_show_the_password() -> None:
+    app = App("orders", url="amqp://admin:hunter2@rmq1:5672/;amqp://admin:hunter2@rmq2:5672/")
+    assert "hunter2" not in repr(app)
+    assert "amqp://admin:**@rmq1:5672/" in repr(app)
+    with pytest.raises(ConfigError) as info:
+        App("orders", url="amqp://admin:hunter2@rmq1:notaport/")
+    assert "hunter2" not in str(info.value)
+
+
+async def test_health_reports_node_and_consumers(make_app: Callable[..., App]) -> None:
+    app = make_app(url="amqp://guest:guest@127.0.0.1:5672/")
+
+    @app.consumer(unique("h1"))
+    async def one(body: Any) -> None: ...
+
+    @app.consumer(unique("h2"), queue_type="classic")
+    async def two(body: Any) -> None: ...
+
+    assert app.health()["connected"] is False
+    async with app:
+        health = app.health()
+        assert health["connected"] is True
+        assert health["node"] == "amqp://guest:**@127.0.0.1:5672/"
+        assert health["live_consumers"] == 2
+        assert health["blocked"] is False
+    assert app.health()["state"] == "closed"
