@@ -178,7 +178,7 @@ launch_node() {
         RABBITMQ_ADVANCED_CONFIG_FILE="$d/advanced.config" \
         RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
         ERL_EPMD_ADDRESS=127.0.0.1 \
-        setsid "$RMQ_BIN/rabbitmq-server" >>"$d/console.log" 2>&1 </dev/null &
+        setsid "$RMQ_BIN/rabbitmq-server" >>"$d/console.log" 2>&1 </dev/null 9>&- &
     disown 2>/dev/null || true
 }
 
@@ -436,9 +436,25 @@ usage() {
     printf '             RABBITFLOW_CLUSTER_TIMEOUT (seconds, default 120)\n' >&2
 }
 
+# Serialize commands that change the cluster (e.g. parallel test sessions).
+# fd 9 is closed for the node processes, so only this script holds the lock.
+lock_state() {
+    if [[ "$1" == start || "$1" == start-node ]]; then
+        mkdir -p "$STATE_DIR"
+    fi
+    [[ -d "$STATE_DIR" ]] || return 0
+    exec 9>>"$STATE_DIR/.lock"
+    if ! flock -w "$TIMEOUT" 9; then
+        die "another cluster.sh holds $STATE_DIR/.lock"
+    fi
+}
+
 main() {
     local cmd="${1:-}"
     shift || true
+    case "$cmd" in
+        start | stop | clean | stop-node | start-node | kill-node) lock_state "$cmd" ;;
+    esac
     case "$cmd" in
         start) cmd_start ;;
         stop) cmd_stop ;;

@@ -1,0 +1,217 @@
+"""`rabbitflow run` and `rabbitflow topology` as real processes against the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .helpers import Admin, unique
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICE = "tests.services.worker:app"
+
+
+class Worker:
+    """One `rabbitflow run` process and the log its handler writes."""
+
+    def __init__(self, log: Path, env: dict[str, str]) -> None:
+        self.log = log
+        self.out = log.with_name(f"{unique('worker')}.out")
+        with self.out.open("w") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "rabbitflow", "run", SERVICE, "--log-level", "WARNING"],
+                cwd=ROOT,
+                env={**os.environ, **env, "RF_LOG": str(log)},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def lines(self, word: str) -> list[list[str]]:
+        if not self.log.exists():
+            return []
+        return [line.split() for line in self.log.read_text().splitlines() if line.startswith(word)]
+
+    async def wait_lines(self, word: str, count: int, timeout: float = 20) -> list[list[str]]:
+        async with asyncio.timeout(timeout):
+            while len(found := self.lines(word)) < count:
+                assert self.process.poll() is None, self.output()
+                await asyncio.sleep(0.02)
+        return found
+
+    def output(self) -> str:
+        return self.out.read_text()
+
+    async def wait_exit(self, timeout: float = 20) -> int:
+        async with asyncio.timeout(timeout):
+            while self.process.poll() is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        return self.process.returncode
+
+
+class Service:
+    """A test service's names and the worker processes started for it."""
+
+    def __init__(self, log: Path, broker_url: str) -> None:
+        self.log = log
+        self.queue = unique("cli")
+        self.env = {"RF_SERVICE": unique("svc"), "RF_QUEUE": self.queue, "RABBITFLOW_URL": broker_url}
+        self.workers: list[Worker] = []
+
+    def start(self, **extra: str) -> Worker:
+        worker = Worker(self.log, {**self.env, **extra})
+        self.workers.append(worker)
+        return worker
+
+
+@pytest.fixture
+def service(tmp_path: Path, broker_url: str, admin: Admin) -> Iterator[Service]:
+    svc = Service(tmp_path / "handled.log", broker_url)
+    yield svc
+    for worker in svc.workers:
+        if worker.process.poll() is None:
+            worker.process.kill()
+            worker.process.wait()
+    admin.queues.update({svc.queue, f"{svc.queue}.parked", f"{svc.queue}.retry.1s"})
+    admin.exchanges.add(f"{svc.env['RF_SERVICE']}.dlx")
+
+
+async def wait_consumers(admin: Admin, queue: str, count: int = 1, timeout: float = 20) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                ok = await admin.channel.queue_declare(queue, passive=True)
+            except Exception:
+                ok = None
+                admin.channel = await admin.channel.connection.channel()
+            if ok is not None and ok.consumer_count == count:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def test_sigterm_lets_running_handlers_finish_and_keeps_the_rest(
+    service: Service, admin: Admin
+) -> None:
+    worker = service.start(RF_SLEEP="1.5", RF_CONCURRENCY="3", RF_PREFETCH="3")
+    queue = service.queue
+    await wait_consumers(admin, queue)
+    for n in range(10):
+        await admin.publish(
+            json.dumps({"n": n}).encode(), routing_key=queue, content_type="application/json", delivery_mode=2
+        )
+    started = await worker.wait_lines("start", 3)
+    worker.process.send_signal(signal.SIGTERM)
+    assert await worker.wait_exit() == 0, worker.output()
+
+    done = worker.lines("done")
+    assert sorted(line[1] for line in done) == sorted(line[1] for line in started)
+    assert len(worker.lines("start")) == 3  # nothing new was taken after SIGTERM
+    assert await admin.count(queue) == 7  # the rest stay queued: 3 handled + 7 = 10, none lost
+
+
+async def test_sigkill_mid_handler_redelivers_to_the_next_worker(service: Service, admin: Admin) -> None:
+    queue = service.queue
+    doomed = service.start(RF_SLEEP="60")
+    await wait_consumers(admin, queue)
+    await admin.publish(b'{"n": 1}', routing_key=queue, content_type="application/json")
+    await doomed.wait_lines("start", 1)
+    doomed.process.kill()
+    await doomed.wait_exit()
+
+    survivor = service.start(RF_SLEEP="0")
+    try:
+        done = await survivor.wait_lines("done", 1)
+        assert done[0][1] == "1"
+        second_start = survivor.lines("start")[-1]
+        assert second_start[3] == "1"  # redelivered
+    finally:
+        survivor.process.send_signal(signal.SIGTERM)
+        assert await survivor.wait_exit() == 0
+
+
+async def test_sigkill_mid_retry_loses_nothing(service: Service, admin: Admin) -> None:
+    queue = service.queue
+    doomed = service.start(RF_MODE="fail-once", RF_SLEEP="0")
+    await wait_consumers(admin, queue)
+    await admin.publish(b'{"n": 5}', routing_key=queue, content_type="application/json")
+    await doomed.wait_lines("fail", 1)
+    doomed.process.kill()
+    await doomed.wait_exit()
+
+    survivor = service.start(RF_MODE="fail-once", RF_SLEEP="0")
+    try:
+        done = await survivor.wait_lines("done", 1)
+        assert done[0][1:] == ["5", "2"]  # handled on its second attempt, after the delay
+    finally:
+        survivor.process.send_signal(signal.SIGTERM)
+        assert await survivor.wait_exit() == 0
+    assert await admin.count(f"{queue}.parked") == 0
+
+
+async def test_workers_option_runs_several_processes(service: Service, admin: Admin) -> None:
+    queue = service.queue
+    parent = subprocess.Popen(  # noqa: ASYNC220 - the test is the parent of the process
+        [sys.executable, "-m", "rabbitflow", "run", SERVICE, "--workers", "2"],
+        cwd=ROOT,
+        env={**os.environ, **service.env, "RF_LOG": str(service.log)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await wait_consumers(admin, queue, count=2)
+    finally:
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(20) == 0
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rabbitflow", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+        check=False,
+    )
+
+
+def test_help_reads_well() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "run" in result.stdout
+    assert "topology" in result.stdout
+    run_help = run_cli("run", "--help").stdout
+    for option in ("MODULE:APP", "--url", "--workers", "--log-level"):
+        assert option in run_help
+
+
+def test_topology_json_needs_no_broker() -> None:
+    result = run_cli(
+        "topology",
+        "examples/orders.py:app",
+        "--format",
+        "json",
+        env={"RABBITFLOW_URL": "amqp://guest:guest@127.0.0.1:1/"},
+    )
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert set(plan) == {"service", "exchanges", "queues", "bindings", "consumers"}
+    assert plan["service"] == "orders"
+    roles = {q["name"]: q["role"] for q in plan["queues"]}
+    assert roles["orders.created"] == "consume"
+    assert roles["orders.created.parked"] == "parked"
+    assert any(role == "retry" for role in roles.values())
+
+
+def test_bad_module_says_what_is_wrong() -> None:
+    result = run_cli("run", "no_such_module:app")
+    assert result.returncode != 0
+    assert "cannot import 'no_such_module'" in result.stderr

@@ -1,0 +1,272 @@
+"""Delayed retries through the broker and parking, on the real RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from rabbitflow import App, Message, Reject, Retry
+
+from .helpers import Admin, unique, wait_for
+
+QUEUE_TYPES = ["quorum", "classic"]
+
+
+@pytest.mark.parametrize("queue_type", QUEUE_TYPES)
+async def test_always_failing_handler_retries_then_parks(
+    make_app: Callable[..., App], admin: Admin, queue_type: str
+) -> None:
+    app = make_app()
+    queue = unique("fail")
+    calls: list[tuple[float, int]] = []
+
+    @app.consumer(queue, retries=3, delay=1, queue_type=queue_type)
+    async def handle(body: Any, message: Message) -> None:
+        calls.append((time.monotonic(), message.attempt))
+        raise RuntimeError(f"cannot handle {body['id']}")
+
+    async with app:
+        await app.publish({"id": 42}, routing_key=queue, headers={"tenant": "acme"}, message_id="order-42")
+        await wait_for(lambda: len(calls) == 4, timeout=15)
+        parked = await _one(admin, f"{queue}.parked")
+
+    assert [attempt for _, attempt in calls] == [1, 2, 3, 4]
+    gaps = [b - a for (a, _), (b, _) in itertools.pairwise(calls)]
+    assert all(0.9 <= gap <= 3.0 for gap in gaps), gaps
+    headers = parked.header.properties.headers
+    assert headers["x-rf-reason"] == "exhausted"
+    assert headers["x-rf-attempts"] == 4
+    assert headers["x-rf-exception"] == "builtins.RuntimeError"
+    assert headers["x-rf-error"] == "cannot handle 42"
+    assert "RuntimeError" in headers["x-rf-traceback"]
+    assert headers["x-rf-queue"] == queue
+    assert headers["x-rf-original-exchange"] == ""
+    assert headers["x-rf-original-routing-key"] == queue
+    assert headers["x-rf-first-failure"] < headers["x-rf-last-failure"]
+    assert headers["tenant"] == "acme"
+    assert "x-death" not in headers
+    assert parked.body == b'{"id":42}'
+    assert parked.header.properties.message_id == "order-42"
+    assert parked.header.properties.content_type == "application/json"
+    assert await admin.count(queue) == 0
+    assert len(calls) == 4
+
+
+async def test_ladder_gaps_follow_the_ladder(make_app: Callable[..., App]) -> None:
+    app = make_app()
+    queue = unique("ladder")
+    stamps: list[float] = []
+
+    @app.consumer(queue, retries=2, delay=[0.5, 2])
+    async def handle(body: Any) -> None:
+        stamps.append(time.monotonic())
+        raise ValueError("again")
+
+    async with app:
+        await app.publish({}, routing_key=queue)
+        await wait_for(lambda: len(stamps) == 3, timeout=10)
+
+    first, second = stamps[1] - stamps[0], stamps[2] - stamps[1]
+    assert 0.4 <= first <= 1.5, first
+    assert 1.9 <= second <= 3.5, second
+    assert {q.name for q in app.plan.queues} >= {f"{queue}.retry.500ms", f"{queue}.retry.2s"}
+
+
+async def test_fail_twice_then_succeed_parks_nothing(make_app: Callable[..., App], admin: Admin) -> None:
+    app = make_app()
+    queue = unique("flaky")
+    attempts: list[int] = []
+
+    @app.consumer(queue, retries=3, delay=0.2)
+    async def handle(body: Any, message: Message) -> None:
+        attempts.append(message.attempt)
+        if message.attempt < 3:
+            raise ConnectionError("downstream busy")
+
+    async with app:
+        await app.publish({"x": 1}, routing_key=queue, message_id="same-id")
+        await wait_for(lambda: len(attempts) == 3, timeout=10)
+        await asyncio.sleep(0.5)
+
+    assert attempts == [1, 2, 3]
+    assert await admin.count(f"{queue}.parked") == 0
+    assert await admin.count(queue) == 0
+
+
+async def test_sibling_queue_on_fanout_sees_one_copy(make_app: Callable[..., App]) -> None:
+    app = make_app()
+    exchange = unique("fan")
+    failing, sibling = unique("failing"), unique("sibling")
+    failing_calls: list[int] = []
+    sibling_calls: list[int] = []
+
+    @app.consumer(failing, exchange=exchange, exchange_type="fanout", retries=2, delay=0.3)
+    async def fails(body: Any, message: Message) -> None:
+        failing_calls.append(message.attempt)
+        raise RuntimeError("no")
+
+    @app.consumer(sibling, exchange=exchange, exchange_type="fanout")
+    async def fine(body: Any, message: Message) -> None:
+        sibling_calls.append(message.attempt)
+
+    async with app:
+        await app.publish({"event": 1}, exchange=exchange, routing_key="")
+        await wait_for(lambda: len(failing_calls) == 3, timeout=10)
+        await asyncio.sleep(0.5)
+
+    assert failing_calls == [1, 2, 3]
+    assert sibling_calls == [1]
+
+
+async def test_invalid_json_is_parked_without_calling_the_handler(
+    make_app: Callable[..., App], admin: Admin
+) -> None:
+    app = make_app()
+    queue = unique("bad")
+    called = False
+
+    @app.consumer(queue)
+    async def handle(body: Any) -> None:
+        nonlocal called
+        called = True
+
+    async with app:
+        await admin.publish(b"{not json", routing_key=queue, content_type="application/json")
+        parked = await _one(admin, f"{queue}.parked")
+
+    assert not called
+    assert parked.body == b"{not json"
+    assert parked.header.properties.headers["x-rf-reason"] == "decode-error"
+    assert "invalid JSON" in parked.header.properties.headers["x-rf-error"]
+
+
+async def test_reject_parks_at_once_with_its_reason(make_app: Callable[..., App], admin: Admin) -> None:
+    app = make_app()
+    queue = unique("rej")
+    calls = 0
+
+    @app.consumer(queue, retries=5, delay=0.1)
+    async def handle(body: Any) -> None:
+        nonlocal calls
+        calls += 1
+        raise Reject("quantity must be positive")
+
+    async with app:
+        await app.publish({"quantity": -1}, routing_key=queue)
+        parked = await _one(admin, f"{queue}.parked")
+
+    headers = parked.header.properties.headers
+    assert calls == 1
+    assert (headers["x-rf-reason"], headers["x-rf-attempts"]) == ("rejected", 1)
+    assert headers["x-rf-error"] == "quantity must be positive"
+
+
+async def test_not_retryable_exception_parks_at_once(make_app: Callable[..., App], admin: Admin) -> None:
+    app = make_app()
+    queue = unique("nr")
+
+    @app.consumer(queue, retries=3, delay=0.1, dont_retry=KeyError)
+    async def handle(body: Any) -> None:
+        raise KeyError("sku")
+
+    async with app:
+        await app.publish({}, routing_key=queue)
+        parked = await _one(admin, f"{queue}.parked")
+    assert parked.header.properties.headers["x-rf-reason"] == "not-retryable"
+
+
+async def test_retry_signal_with_an_unplanned_delay(make_app: Callable[..., App], admin: Admin) -> None:
+    app = make_app()
+    queue = unique("sig")
+    stamps: list[float] = []
+
+    @app.consumer(queue, retries=1, delay=30)
+    async def handle(body: Any, message: Message) -> None:
+        stamps.append(time.monotonic())
+        if message.attempt == 1:
+            raise Retry(delay=0.3)
+
+    async with app:
+        await app.publish({}, routing_key=queue)
+        await wait_for(lambda: len(stamps) == 2, timeout=10)
+    admin.queues.add(f"{queue}.retry.300ms")
+    assert 0.25 <= stamps[1] - stamps[0] <= 2.0
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"x-rf-attempt": 99},
+        {"x-rf-attempt": -5},
+        {"x-rf-attempt": "lots"},
+        {
+            "x-rf-attempt": 99,
+            "x-death": [{"queue": "elsewhere.retry.1s", "reason": "expired", "count": 1000}],
+        },
+    ],
+)
+async def test_forged_attempt_headers_neither_skip_retries_nor_loop(
+    make_app: Callable[..., App], admin: Admin, headers: dict[str, Any]
+) -> None:
+    app = make_app()
+    queue = unique("forged")
+    attempts: list[int] = []
+
+    @app.consumer(queue, retries=2, delay=0.1)
+    async def handle(body: Any, message: Message) -> None:
+        attempts.append(message.attempt)
+        raise RuntimeError("always")
+
+    async with app:
+        await admin.publish(b"{}", routing_key=queue, content_type="application/json", headers=headers)
+        parked = await _one(admin, f"{queue}.parked")
+        await asyncio.sleep(0.3)
+
+    assert attempts == [1, 2, 3]
+    assert parked.header.properties.headers["x-rf-attempts"] == 3
+
+
+async def test_two_services_on_one_exchange_keep_separate_retry_topologies(
+    make_app: Callable[..., App],
+) -> None:
+    exchange = unique("shared")
+    billing, shipping = make_app(), make_app()
+    b_calls: list[int] = []
+    s_calls: list[int] = []
+    b_queue, s_queue = unique("billing"), unique("shipping")
+
+    @billing.consumer(
+        b_queue, exchange=exchange, exchange_type="topic", routing_key="order.*", retries=1, delay=0.2
+    )
+    async def bill(body: Any, message: Message) -> None:
+        b_calls.append(message.attempt)
+        if message.attempt == 1:
+            raise RuntimeError("payment gateway down")
+
+    @shipping.consumer(
+        s_queue, exchange=exchange, exchange_type="topic", routing_key="order.#", retries=1, delay=0.2
+    )
+    async def ship(body: Any, message: Message) -> None:
+        s_calls.append(message.attempt)
+
+    assert billing.plan.exchanges[0].name != shipping.plan.exchanges[0].name
+    async with billing, shipping:
+        await billing.publish({"id": 1}, exchange=exchange, routing_key="order.created")
+        await wait_for(lambda: len(b_calls) == 2, timeout=10)
+        await asyncio.sleep(0.4)
+    assert b_calls == [1, 2]
+    assert s_calls == [1]
+
+
+async def _one(admin: Admin, queue: str, timeout: float = 15) -> Any:
+    async with asyncio.timeout(timeout):
+        while True:
+            message = await admin.get(queue)
+            if message is not None:
+                return message
+            await asyncio.sleep(0.05)
