@@ -273,7 +273,7 @@ stop_one() {
 
 cmd_start() {
     ensure_state_dir
-    local n launched=() pids=() i rc=0 to_join=()
+    local n launched=() pids=() i rc=0 to_join=() app_stopped=()
 
     for n in "${NODES[@]}"; do
         if is_alive "$n"; then
@@ -287,14 +287,25 @@ cmd_start() {
     fi
 
     for n in "${NODES[@]}"; do
-        await_node "$n"
         if [[ " ${launched[*]} " == *" $n "* ]]; then
+            await_node "$n"
             log "$(node_name "$n") is up"
+        elif [[ "$(ctl_eval "$n" 'rabbit_boot_state:get().' || true)" == stopped ]]; then
+            # The VM runs but the rabbit app is stopped (an interrupted join?).
+            app_stopped+=("$n")
+        else
+            await_node "$n"
         fi
     done
 
     for n in 2 3; do
         is_member "$n" || to_join+=("$n")
+    done
+    for n in "${app_stopped[@]}"; do
+        if [[ " ${to_join[*]} " != *" $n "* ]]; then
+            log "starting the rabbit app on $(node_name "$n")"
+            ctl_q -n "$(node_name "$n")" start_app || die "start_app failed for rf$n"
+        fi
     done
     if ((${#to_join[@]} == 0)); then
         if ((${#launched[@]} == 0)); then
@@ -414,8 +425,15 @@ cmd_start_node() {
     if ! is_alive "$n"; then
         launch_node "$n"
         log "booting $(node_name "$n")"
+        await_node "$n"
+    elif [[ "$(ctl_eval "$n" 'rabbit_boot_state:get().' || true)" == stopped ]]; then
+        if is_member "$n"; then
+            log "starting the rabbit app on $(node_name "$n")"
+            ctl_q -n "$(node_name "$n")" start_app || die "start_app failed for rf$n"
+        fi
+    else
+        await_node "$n"
     fi
-    await_node "$n"
     if ! is_member "$n"; then
         for m in "${NODES[@]}"; do
             if [[ "$m" != "$n" ]] && is_alive "$m"; then
