@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import sys
 import time
 import traceback
@@ -121,10 +122,20 @@ class RssSampler:
         }
 
 
+_cpu0 = 0.0
+
+
+def start_clock() -> float:
+    """Start of the timed section: returns perf_counter(), remembers CPU time."""
+    global _cpu0
+    _cpu0 = time.process_time()
+    return time.perf_counter()
+
+
 class Counter:
     """Counts handled messages and resolves ``done`` at the N-th one."""
 
-    __slots__ = ("n", "count", "done", "first_at", "warm_at", "on_warm")
+    __slots__ = ("n", "count", "done", "first_at", "warm_at", "on_warm", "cpu_done")
 
     def __init__(self, n: int, on_warm: Callable[[], None] | None = None) -> None:
         self.n = n
@@ -133,6 +144,7 @@ class Counter:
         self.first_at: float | None = None
         self.warm_at = max(1, n // 10)
         self.on_warm = on_warm
+        self.cpu_done: float | None = None
 
     def hit(self) -> None:
         self.count += 1
@@ -142,6 +154,7 @@ class Counter:
         if c == self.warm_at and self.on_warm is not None:
             self.on_warm()
         if c == self.n and not self.done.done():
+            self.cpu_done = time.process_time()
             self.done.set_result(time.perf_counter())
 
 
@@ -225,14 +238,29 @@ def contender_main(
     result.setdefault("n", args.n)
     result.setdefault("queue_type", args.queue_type)
     result.setdefault("pid", os.getpid())
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_total_s"] = ru.ru_utime + ru.ru_stime  # whole process, for the runner's interference check
     print(json.dumps(result), flush=True)
 
 
 def timing_result(n: int, t0: float, t_end: float, counter: Counter | None = None) -> dict[str, Any]:
+    """Result fields of a timed section that began with ``t0 = start_clock()``.
+
+    seconds/rate: wall time start -> N-th message; first_s: start -> first
+    message; steady_rate: (N-1) / (first -> N-th); cpu_us_per_msg: this
+    process's CPU time (user+sys) over the timed section, per message.
+    """
+    cpu_end = counter.cpu_done if counter is not None and counter.cpu_done else time.process_time()
     seconds = t_end - t0
-    out: dict[str, Any] = {"seconds": seconds, "rate": n / seconds if seconds > 0 else None}
+    out: dict[str, Any] = {
+        "seconds": seconds,
+        "rate": n / seconds if seconds > 0 else None,
+        "cpu_us_per_msg": (cpu_end - _cpu0) / n * 1e6 if n else None,
+    }
     if counter is not None and counter.first_at is not None:
         out["first_s"] = counter.first_at - t0
+        if n > 1 and t_end > counter.first_at:
+            out["steady_rate"] = (n - 1) / (t_end - counter.first_at)
     return out
 
 

@@ -303,6 +303,103 @@ register(
 
 
 # ---------------------------------------------------------------------------
+# machine probes: wait for a quiet machine, and measure interference
+
+
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_stat() -> tuple[float, float]:
+    """(busy, steal) CPU-seconds of the whole machine so far, from /proc/stat."""
+    try:
+        with open("/proc/stat") as fh:
+            f = [int(x) for x in fh.readline().split()[1:9]]
+    except OSError:
+        return 0.0, 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = f
+    return (user + nice + system + irq + softirq) / _HZ, steal / _HZ
+
+
+def _pid_cpu(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            f = fh.read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / _HZ
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _find_broker_pid() -> int | None:
+    """The local RabbitMQ (beam.smp) process, if the broker runs on this machine."""
+    try:
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/comm") as fh:
+                        if fh.read().startswith("beam"):
+                            return int(d)
+                except OSError:
+                    continue
+    except OSError:
+        pass
+    return None
+
+
+class Probe:
+    """CPU accounting around one contender run: whatever the machine did that
+    was not the broker, the contender or this runner is background noise (the
+    other engineer's test suite, say) and is reported per run."""
+
+    QUIET = 0.2  # cores busy; below this over 100 ms the machine counts as quiet
+    MAX_WAIT = 1.5
+
+    def __init__(self) -> None:
+        self.broker_pid = _find_broker_pid()
+        self.unsettled = 0
+        self.runs: list[tuple[float, float]] = []  # (background cores, steal cores) per run
+
+    async def settle(self) -> None:
+        deadline = time.monotonic() + self.MAX_WAIT
+        while True:
+            b0, _ = _cpu_stat()
+            await asyncio.sleep(0.1)
+            b1, _ = _cpu_stat()
+            if (b1 - b0) / 0.1 < self.QUIET:
+                return
+            if time.monotonic() > deadline:
+                self.unsettled += 1
+                return
+
+    def snapshot(self) -> tuple[float, float, float, float, float]:
+        busy, steal = _cpu_stat()
+        return time.perf_counter(), busy, steal, _pid_cpu(self.broker_pid), time.process_time()
+
+    def account(self, s0: tuple[float, ...], contender_cpu: float) -> dict[str, float]:
+        w1, busy1, steal1, broker1, me1 = self.snapshot()
+        w0, busy0, steal0, broker0, me0 = s0
+        wall = max(w1 - w0, 1e-9)
+        other = (busy1 - busy0) - (broker1 - broker0) - (me1 - me0) - contender_cpu
+        bg, st = max(0.0, other) / wall, (steal1 - steal0) / wall
+        self.runs.append((bg, st))
+        return {"bg_cores": bg, "steal_cores": st, "broker_cores": (broker1 - broker0) / wall}
+
+    def summary(self) -> str:
+        if not self.runs:
+            return "–"
+        bg = sorted(r[0] for r in self.runs)
+        st = sorted(r[1] for r in self.runs)
+        noisy = sum(1 for b in bg if b > 0.2)
+        return (
+            f"CPU used by other processes during the {len(bg)} contender runs: median "
+            f"{statistics.median(bg):.2f} cores, max {bg[-1]:.2f}; {noisy} run(s) above 0.2 cores; "
+            f"steal median {statistics.median(st):.2f}; {self.unsettled} run(s) started after waiting "
+            f"{self.MAX_WAIT} s for a quiet machine without getting one"
+        )
+
+
+# ---------------------------------------------------------------------------
 # the runner
 
 
@@ -318,6 +415,7 @@ class Runner:
         self.results: dict[str, tuple[Case, Results]] = {}
         self.failures: dict[tuple[str, str], str] = {}  # (case label, unit) -> error
         self.t_start = time.monotonic()
+        self.probe = Probe()
 
     # -- logging -----------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -390,8 +488,11 @@ class Runner:
                 await self.admin.declare(queue, case.queue_type)
             if sc.prefill:
                 await self.admin.fill(queue, case.n)
+            await self.probe.settle()
+            s0 = self.probe.snapshot()
             m = await self.run_contender(c, case, variant, queue)
             if m.ok:
+                m.data.update(self.probe.account(s0, float(m.data.get("cpu_total_s", 0.0))))
                 problem = await self.verify(sc, case, queue, queues)
                 if problem:
                     return Measurement(False, m.data, error="check failed: " + problem)
@@ -449,7 +550,9 @@ class Runner:
                     self.log(f"{case.label} {tag} {name}: FAILED: {m.error}")
                     continue
                 val = m.data.get(sc.metric)
-                self.log(f"{case.label} {tag} {name}: {fmt_value(val, sc.unit)}")
+                bg = m.data.get("bg_cores", 0.0)
+                note = f"   (background CPU {bg:.2f} cores)" if bg > Probe.QUIET else ""
+                self.log(f"{case.label} {tag} {name}: {fmt_value(val, sc.unit)}{note}")
                 if rnd >= case.warmup:
                     results[key].append(m)
         for key in dead:
@@ -571,26 +674,37 @@ class Runner:
     def render_table(self, case: Case, res: Results) -> list[str]:
         sc = SCENARIOS[case.scenario]
         base = self.stats(res.get((BASELINE, ""), []), sc.metric) if sc.baseline else None
-        extra_first = sc.metric == "rate"
-        head = f"| contender | median {sc.unit} | min – max | cost vs {BASELINE} |"
-        sep = "|---|---:|---:|---:|"
-        if extra_first:
-            head += " 1st msg |"
-            sep += "---:|"
-        lines = [head, sep]
-        names = [n for n in self.row_names(case)]
-        for name in names:
-            ms = res.get((name, ""))
-            s = self.stats(ms, sc.metric) if ms else None
+        unit = "ms" if sc.unit == "s" else sc.unit
+        # optional columns, shown when the contenders report them
+        extras = [
+            ("steady_rate", "steady msg/s", lambda v: f"{v:,.0f}"),
+            ("first_s", "1st msg", lambda v: f"{v * 1000:.0f} ms"),
+            ("cpu_us_per_msg", "client CPU/msg", lambda v: f"{v:.0f} µs"),
+        ]
+        extras = [e for e in extras if any(m.data.get(e[0]) is not None for ms in res.values() for m in ms)]
+        lines = [
+            f"| contender | median {unit} | min – max | cost vs {BASELINE} |"
+            + "".join(f" {h} |" for _, h, _ in extras),
+            "|---|---:|---:|---:|" + "---:|" * len(extras),
+        ]
+        for name in self.row_names(case):
+            ms = res.get((name, "")) or []
+            s = self.stats(ms, sc.metric)
             if s is None:
                 status = self.unit_status(case.label, name, case.scenario)
-                lines.append(f"| {name} | {status} | | |" + (" |" if extra_first else ""))
+                lines.append(f"| {name} | {status} | | |" + " |" * len(extras))
                 continue
-            ratio = f"{self.cost_ratio(sc, s['median'], base['median']):.2f}×" if base else "–"
-            row = f"| {name} | {fmt_value(s['median'], sc.unit)} | {fmt_value(s['min'], sc.unit)} – {fmt_value(s['max'], sc.unit)} | {ratio} |"
-            if extra_first:
-                firsts = [m.data["first_s"] for m in ms if m.data.get("first_s") is not None]
-                row += f" {statistics.median(firsts) * 1000:.0f} ms |" if firsts else " |"
+            if name.startswith("("):
+                ratio = "(reference)"
+            else:
+                ratio = f"{self.cost_ratio(sc, s['median'], base['median']):.2f}×" if base else "–"
+            row = (
+                f"| {name} | {fmt_value(s['median'], sc.unit)} | "
+                f"{fmt_value(s['min'], sc.unit)} – {fmt_value(s['max'], sc.unit)} | {ratio} |"
+            )
+            for key, _, f in extras:
+                vals = [m.data[key] for m in ms if m.data.get(key) is not None]
+                row += f" {f(statistics.median(vals))} |" if vals else " |"
             lines.append(row)
         return lines
 
@@ -661,6 +775,7 @@ class Runner:
         for k, v in machine.items():
             out.append(f"| {k} | {v} |")
         out.append(f"| command | `{command}` |")
+        out.append(f"| interference | {self.probe.summary()} |")
         out.append(
             f"| settings | {'quick' if cfg.quick else 'full'} mode; N = {cfg.n:,} messages (consume/publish/retry), "
             f"{cfg.rss_n:,} (rss); {cfg.rounds} measured rounds + {cfg.warmup} warm-up "
@@ -672,8 +787,12 @@ class Runner:
             f"\"cost vs {BASELINE}\" is the contender's time per message (or seconds, or KiB) divided by the "
             f"baseline's: 1.00× = as cheap as a hand-written aiormq loop, 2.00× = twice the cost. "
             "`aiormq_batched` acks every 64th message with `multiple=True`, which no ack-after-handler framework "
-            "does: it is the client ceiling, not a peer. \"1st msg\" is the median time from starting the "
-            "consumer (connection included) to the first handled message."
+            "does: it is the client ceiling, not a peer. Other columns (medians): \"steady msg/s\" = (N-1) / "
+            "time from the first to the N-th handled message, i.e. without connection and topology set-up; "
+            "\"1st msg\" = time from starting the consumer (connection included) to the first handled "
+            "message; \"client CPU/msg\" = the contender process's CPU time (user+sys) over the timed section "
+            "divided by N, which depends less on the broker and on the noise of a shared 2-core machine than "
+            "wall time does."
         )
         if chart:
             out += ["", f"![cost ratio vs {BASELINE}]({chart})"]

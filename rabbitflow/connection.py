@@ -125,8 +125,10 @@ class ConnectionManager:
             cycle += 1
             low, high = self._backoff
             pause = min(high, low * 2 ** (cycle - 1)) * random.uniform(0.5, 1.0)
-            if deadline is not None and loop.time() + pause >= deadline:
-                raise self._failed(failures, budget)
+            if deadline is not None:
+                pause = min(pause, deadline - loop.time())
+                if pause <= 0:
+                    raise self._failed(failures, budget)
             log.info("no node accepted a connection; trying again in %.1fs", pause)
             await asyncio.sleep(pause)
 

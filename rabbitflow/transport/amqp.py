@@ -262,12 +262,14 @@ class AmqpTransport(Transport):
         return await self._connection.channel()
 
     async def wait_closed(self) -> BaseException | None:
+        closing = self._amqp.closing
         try:
-            await asyncio.shield(self._amqp.closing)
+            await asyncio.shield(closing)
         except asyncio.CancelledError:
-            if self._amqp.closing.done() and not self._amqp.closing.cancelled():
-                return ConnectionLost("connection closed")
-            raise
+            if not closing.done():
+                raise  # we were cancelled, the connection was not
+            # aiormq cancels `closing` when the peer went silent past the heartbeat grace.
+            return ConnectionLost("no frames from the node within the heartbeat timeout")
         except BaseException as exc:  # the reason the connection went away
             return exc
         return None

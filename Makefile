@@ -1,0 +1,52 @@
+# The README's two commands: `make run` (the example service) and `make test` (the suite).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test test-fast lint typecheck bench docs broker cluster-up cluster-down clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+broker:
+	scripts/broker.sh
+
+run: $(STAMP) broker
+	$(BIN)/rabbitflow run examples/orders.py:app
+
+lint: $(STAMP)
+	$(BIN)/ruff check rabbitflow tests examples benchmarks
+	$(BIN)/ruff format --check rabbitflow tests examples
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+# Lint, types, then every test; the failover tests run on a local 3-node cluster that this
+# target starts beside the default broker and stops again afterwards.
+test: $(STAMP) broker lint typecheck
+	scripts/cluster.sh start
+	$(BIN)/python -m pytest -p no:cacheprovider; status=$$?; scripts/cluster.sh stop; exit $$status
+
+# Everything but the cluster tests, for a quick loop while editing.
+test-fast: $(STAMP) broker
+	$(BIN)/python -m pytest -m "not cluster" -x -q
+
+bench: $(STAMP) broker
+	$(BIN)/python benchmarks/run.py --out docs/benchmarks.md
+
+docs: $(STAMP)
+	$(BIN)/pip install -q mkdocs
+	$(BIN)/mkdocs build --strict
+
+cluster-up:
+	scripts/cluster.sh start
+
+cluster-down:
+	scripts/cluster.sh stop
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache site

@@ -1,0 +1,174 @@
+"""A queue of the in-memory broker: its messages, arguments and consumers."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..transport.base import OnDelivery, Properties, QueueInfo
+from ._amqp import clone_properties, copy_table
+
+if TYPE_CHECKING:
+    from .memory import MemoryChannel
+
+__all__ = ["Consumer", "MemoryQueue", "Message"]
+
+
+@dataclass(slots=True, eq=False)
+class Message:
+    """One message in one queue (a message routed to two queues is two of these)."""
+
+    body: bytes
+    properties: Properties  # never mutated: deliveries and inspections get copies
+    exchange: str
+    routing_key: str
+    seq: int  # enqueue order; a classic queue requeues by it
+    expires_at: float | None  # virtual time, None without TTL
+    delivery_count: int = 0  # quorum: times returned to the queue
+    redelivered: bool = False  # classic: requeued at least once
+
+
+@dataclass(slots=True, eq=False)
+class Consumer:
+    tag: str
+    channel: MemoryChannel
+    queue: MemoryQueue
+    on_delivery: OnDelivery
+    prefetch: int  # 0: unlimited
+    unacked: int = 0
+
+    @property
+    def has_capacity(self) -> bool:
+        return self.prefetch == 0 or self.unacked < self.prefetch
+
+
+def _int(arguments: dict[str, Any], key: str) -> int | None:
+    value = arguments.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str(arguments: dict[str, Any], key: str) -> str | None:
+    value = arguments.get(key)
+    return value if isinstance(value, str) else None
+
+
+class MemoryQueue:
+    """One queue's state; tests read it through `MemoryBroker.queues[name]`."""
+
+    def __init__(
+        self, name: str, *, durable: bool, owner: object | None, arguments: dict[str, Any],
+    ) -> None:
+        self.name = name
+        self.durable = durable
+        self.owner = owner  # the transport of an exclusive queue
+        self.arguments = arguments
+        self.queue_type = _str(arguments, "x-queue-type") or "classic"
+        self.message_ttl = _int(arguments, "x-message-ttl")
+        self.dead_letter_exchange = _str(arguments, "x-dead-letter-exchange")
+        self.dead_letter_routing_key = _str(arguments, "x-dead-letter-routing-key")
+        self.max_length = _int(arguments, "x-max-length")
+        self.overflow = _str(arguments, "x-overflow") or "drop-head"
+        # x-delivery-limit is a quorum queue feature; classic queues ignore the argument.
+        self.delivery_limit = _int(arguments, "x-delivery-limit") if self.is_quorum else None
+        self.unacked_count = 0
+        self.consumers: list[Consumer] = []
+        self._ready: deque[Message] = deque()
+        self._returns: deque[Message] = deque()  # quorum: returned messages go first
+        self._next_consumer = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<MemoryQueue {self.name!r} {self.queue_type} ready={self.message_count} "
+            f"unacked={self.unacked_count} consumers={self.consumer_count}>"
+        )
+
+    @property
+    def is_quorum(self) -> bool:
+        return self.queue_type == "quorum"
+
+    @property
+    def exclusive(self) -> bool:
+        return self.owner is not None
+
+    @property
+    def message_count(self) -> int:
+        """Messages ready for delivery (not counting unacked ones), as queue.declare-ok reports."""
+        return len(self._ready) + len(self._returns)
+
+    @property
+    def consumer_count(self) -> int:
+        return len(self.consumers)
+
+    def info(self) -> QueueInfo:
+        return QueueInfo(self.name, self.message_count, self.consumer_count)
+
+    def messages(self) -> list[tuple[Properties, bytes]]:
+        """Copies of the ready messages' properties and bodies, head first."""
+        return [(self.delivery_properties(m, peek=True), m.body) for m in self._all()]
+
+    def _all(self) -> list[Message]:
+        return [*self._returns, *self._ready]
+
+    def expiry(self, per_message_ttl: int | None, now: float) -> float | None:
+        """When a message enqueued now expires: the lower of queue and per-message TTL."""
+        ttl = self.message_ttl
+        if per_message_ttl is not None:
+            ttl = per_message_ttl if ttl is None else min(ttl, per_message_ttl)
+        return None if ttl is None else now + ttl / 1000
+
+    def head(self) -> Message | None:
+        if self._returns:
+            return self._returns[0]
+        return self._ready[0] if self._ready else None
+
+    def pop_head(self) -> Message:
+        return self._returns.popleft() if self._returns else self._ready.popleft()
+
+    def push(self, message: Message) -> None:
+        self._ready.append(message)
+
+    def requeue(self, message: Message) -> None:
+        """Put a returned message back: quorum queues serve returns first, in return order;
+        classic queues put it back at its original position."""
+        if self.is_quorum:
+            self._returns.append(message)
+            return
+        message.redelivered = True
+        ready = self._ready
+        for index, other in enumerate(ready):
+            if other.seq > message.seq:
+                ready.insert(index, message)
+                return
+        ready.append(message)
+
+    def redelivered(self, message: Message) -> bool:
+        return message.delivery_count > 0 if self.is_quorum else message.redelivered
+
+    def delivery_properties(
+        self, message: Message, *, basic_get: bool = False, peek: bool = False,
+    ) -> Properties:
+        """A private copy of the properties, with `x-delivery-count` where a quorum queue adds it."""
+        p = message.properties
+        headers = copy_table(p.headers) if p.headers is not None else None
+        # Quorum queues add x-delivery-count once a message was returned (absent on the first
+        # delivery); 3.10's basic.get adds it always, 0 on the first get.
+        if self.is_quorum and not peek and (message.delivery_count or basic_get):
+            headers = {**(headers or {}), "x-delivery-count": message.delivery_count}
+        return clone_properties(p, headers=headers, expiration=p.expiration)
+
+    def next_consumer(self) -> Consumer | None:
+        """The next consumer with room under its prefetch, round-robin as RabbitMQ does."""
+        count = len(self.consumers)
+        for offset in range(count):
+            index = (self._next_consumer + offset) % count
+            consumer = self.consumers[index]
+            if consumer.has_capacity:
+                self._next_consumer = index + 1
+                return consumer
+        return None
+
+    def clear(self) -> None:
+        self._ready.clear()
+        self._returns.clear()
+        self.consumers.clear()
