@@ -1,0 +1,143 @@
+"""Failover on a real 3-node RabbitMQ cluster with quorum queues (scripts/cluster.sh)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rabbitflow import App
+
+from .helpers import unique, wait_for
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "cluster.sh"
+PORTS = {1: 5673, 2: 5674, 3: 5675}
+
+
+def url(node: int) -> str:
+    return f"amqp://guest:guest@127.0.0.1:{PORTS[node]}/"
+
+
+def node_of(app: App) -> int:
+    node = app.health()["node"]
+    assert node is not None
+    return next(n for n, port in PORTS.items() if f":{port}/" in node)
+
+
+async def cluster(*args: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        str(SCRIPT), *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await process.communicate()
+    assert process.returncode == 0, f"cluster.sh {' '.join(args)} failed: {err.decode()}"
+
+
+@pytest.fixture(scope="module")
+def running_cluster() -> Iterator[None]:
+    """The 3-node cluster; started here (and stopped after) when `make test` did not start it."""
+    started_here = subprocess.run([str(SCRIPT), "status"], capture_output=True, check=False).returncode != 0
+    if started_here:
+        result = subprocess.run([str(SCRIPT), "start"], capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            pytest.fail(f"the local 3-node cluster did not start: {result.stderr}", pytrace=False)
+    yield
+    if started_here:
+        subprocess.run([str(SCRIPT), "stop"], capture_output=True, check=False)
+
+
+async def test_consumer_and_producer_survive_losing_their_nodes(
+    running_cluster: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    total = 2000
+    window = 10
+    prefetch = 50
+    queue = unique("cluster")
+    consumer = App(unique("consumer"), url=[url(1), url(2), url(3)], prefetch=prefetch, heartbeat=2)
+    producer = App(unique("producer"), url=[url(2), url(3), url(1)], heartbeat=2)
+    handled: Counter[int] = Counter()
+    stamps: list[tuple[float, int]] = []  # (time, consumer reconnects) per handled message
+
+    @consumer.consumer(queue, queue_type="quorum")
+    async def handle(body: dict[str, Any]) -> None:
+        handled[body["n"]] += 1
+        stamps.append((time.monotonic(), consumer.reconnects))
+
+    async def produce() -> None:
+        for start in range(0, total, window):
+            await asyncio.gather(
+                *(
+                    producer.publish({"n": n}, routing_key=queue, timeout=60)
+                    for n in range(start, start + window)
+                )
+            )
+            await asyncio.sleep(0.04)
+
+    def resumed_after(cut: float, reconnects: int) -> float:
+        return min(t for t, r in stamps if r >= reconnects) - cut
+
+    stopped: list[int] = []
+    try:
+        async with consumer, producer:
+            feeding = asyncio.create_task(produce())
+            await wait_for(lambda: len(handled) >= 300, timeout=30)
+
+            # 1. The consumer's node goes down (clean shutdown).
+            victim = node_of(consumer)
+            cut = time.monotonic()
+            await cluster("stop-node", str(victim))
+            stopped.append(victim)
+            await wait_for(lambda: consumer.reconnects == 1 and stamps[-1][1] == 1, timeout=60)
+            consumer_resume = resumed_after(cut, 1)
+            await cluster("start-node", str(victim))  # keep the quorum for the second loss
+            stopped.remove(victim)
+
+            # 2. The producer's node crashes (SIGKILL, no goodbye).
+            victim = node_of(producer)
+            seen_before = len(handled)
+            cut = time.monotonic()
+            await cluster("kill-node", str(victim))
+            stopped.append(victim)
+            await wait_for(lambda: producer.reconnects == 1, timeout=60)
+            await wait_for(lambda: len(handled) > seen_before + window, timeout=60)
+            producer_resume = time.monotonic() - cut
+
+            await asyncio.wait_for(feeding, 120)
+            await wait_for(lambda: len(handled) == total, timeout=120)
+            await asyncio.sleep(1)  # late duplicates arrive now
+    finally:
+        for node in stopped:
+            await cluster("start-node", str(node))
+        await _delete(consumer)
+
+    duplicates = sum(handled.values()) - total
+    with capsys.disabled():
+        print(
+            f"\n[cluster failover] {total} messages, none lost, {duplicates} duplicates; "
+            f"consumer resumed {consumer_resume:.2f}s after its node stopped; producer's messages "
+            f"flowed again {producer_resume:.2f}s after its node was killed"
+        )
+    assert set(handled) == set(range(total))
+    # Duplicates come only from deliveries in flight at a loss (prefetch) and re-sent publishes.
+    assert duplicates <= 2 * (prefetch + window)
+    assert consumer_resume < 30
+    assert producer_resume < 30
+
+
+async def _delete(app: App) -> None:
+    import aiormq
+
+    connection = await aiormq.connect(url(1))
+    channel = await connection.channel()
+    for name in (q.name for q in app.plan.queues):
+        await channel.queue_delete(name)
+    await channel.exchange_delete(f"{app.name}.dlx")
+    await connection.close()
