@@ -66,9 +66,7 @@ def _mermaid(plan: Plan) -> str:
         if target == "":
             lines.append(f'  {_node_id("q", queue.name)} -. "expired → {key}" .-> {_node_id("q", key)}')
         else:
-            lines.append(
-                f'  {_node_id("q", queue.name)} -. "dead-letter: {key}" .-> {_node_id("x", target)}'
-            )
+            lines.append(f'  {_node_id("q", queue.name)} -. "dead-letter: {key}" .-> {_node_id("x", target)}')
     for consumer in plan.consumers:
         lines.append(
             f'  {_node_id("q", consumer.queue)} --> {_node_id("h", consumer.handler)}(["{consumer.handler}"])'
