@@ -14,22 +14,38 @@ log = logging.getLogger("rabbitflow.acks")
 
 
 class Acker:
-    """Tracks a channel's delivery tags and acks every settled prefix once per loop iteration.
+    """Tracks a channel's delivery tags and acks each settled prefix with one `multiple=True` ack.
 
     A tag is settled when its handler returned (or its retry / parked copy was confirmed), or
-    when it was rejected on its own. `multiple=True` only acks tags still outstanding, so a
-    rejected tag inside the prefix is not touched again. The ack is never sent before the
-    delivery was settled: at-least-once holds.
+    when it was rejected on its own. The ack goes out once a quarter of the prefetch window is
+    settled, or `linger` seconds after the first settled tag, whichever comes first: the broker
+    never runs out of window, and an idle consumer's acks are not held back. `multiple=True`
+    only acks tags still outstanding, so a rejected tag inside the prefix is not touched again.
+    No tag is acked before it was settled: at-least-once holds.
     """
 
-    __slots__ = ("_channel", "_done", "_loop", "_pending", "_scheduled", "_sending", "_top")
+    __slots__ = (
+        "_batch",
+        "_channel",
+        "_done",
+        "_linger",
+        "_loop",
+        "_pending",
+        "_sending",
+        "_settled",
+        "_timer",
+        "_top",
+    )
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, *, prefetch: int, linger: float = 0.005) -> None:
         self._channel = channel
         self._pending: deque[int] = deque()
         self._done: dict[int, bool] = {}
         self._top = 0  # the highest tag of the settled prefix, not acked yet
-        self._scheduled = False
+        self._settled = 0  # settled since the last ack
+        self._batch = max(1, prefetch // 4)
+        self._linger = linger
+        self._timer: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
 
@@ -49,16 +65,20 @@ class Acker:
             later = pending.popleft()
             if done.pop(later):
                 top = later
-        if top:
-            # Never end a multiple-ack on a rejected tag: RabbitMQ would call it unknown.
-            self._top = top
-            if not self._scheduled:
-                self._scheduled = True
-                self._loop.call_soon(self._flush)
+        if not top:
+            return  # never end a multiple-ack on a rejected tag: RabbitMQ would call it unknown
+        self._top = top
+        self._settled += 1
+        if self._settled >= self._batch:
+            self._flush()
+        elif self._timer is None:
+            self._timer = self._loop.call_later(self._linger, self._flush)
 
     def _flush(self) -> None:
-        self._scheduled = False
-        top, self._top = self._top, 0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        top, self._top, self._settled = self._top, 0, 0
         if top and self._channel.is_open:
             task = self._loop.create_task(self._send(top))
             self._sending.add(task)
@@ -73,7 +93,6 @@ class Acker:
 
     async def flush(self) -> None:
         """Send what is settled now and wait until it is written."""
-        if self._scheduled:
-            self._flush()
+        self._flush()
         if self._sending:
             await asyncio.gather(*self._sending, return_exceptions=True)

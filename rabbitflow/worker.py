@@ -62,7 +62,7 @@ class ConsumerWorker:
         self._prefetch = prefetch
         # Prefetch already bounds how many deliveries run at once; a semaphore only when tighter.
         self._limit = asyncio.Semaphore(concurrency) if concurrency < prefetch else None
-        self._acker = Acker(channel)
+        self._acker = Acker(channel, prefetch=prefetch)
         self._tag: str | None = None
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
