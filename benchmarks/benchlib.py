@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -102,10 +103,8 @@ class RssSampler:
     async def stop(self) -> dict[str, Any]:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         end_kb, hwm_kb = read_rss_kb()
         warm = self.warm_kb if self.warm_kb is not None else self.start_kb
         peak_sampled = max([kb for _, kb in self.samples] + [end_kb])
@@ -135,7 +134,7 @@ def start_clock() -> float:
 class Counter:
     """Counts handled messages and resolves ``done`` at the N-th one."""
 
-    __slots__ = ("n", "count", "done", "first_at", "warm_at", "on_warm", "cpu_done")
+    __slots__ = ("count", "cpu_done", "done", "first_at", "n", "on_warm", "warm_at")
 
     def __init__(self, n: int, on_warm: Callable[[], None] | None = None) -> None:
         self.n = n
@@ -230,7 +229,7 @@ def contender_main(
         if exc.code not in (None, 0):
             print(exc.code if isinstance(exc.code, str) else f"exit {exc.code}", file=sys.stderr)
         sys.exit(1)
-    except BaseException:  # noqa: BLE001 - report anything, runner shows the tail
+    except BaseException:
         traceback.print_exc()
         sys.exit(1)
     result.setdefault("contender", name)
@@ -338,10 +337,8 @@ class Admin:
             ok = await ch.queue_declare(queue, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None
-        try:
+        with contextlib.suppress(Exception):
             await ch.close()
-        except Exception:  # noqa: BLE001
-            pass
         return ok.message_count, ok.consumer_count
 
     async def delete_queues(self, names: Iterable[str]) -> list[str]:
@@ -358,10 +355,8 @@ class Admin:
                 pass
             finally:
                 if not ch.is_closed:
-                    try:
+                    with contextlib.suppress(Exception):
                         await ch.close()
-                    except Exception:  # noqa: BLE001
-                        pass
         return deleted
 
     async def delete_exchanges(self, names: Iterable[str]) -> None:
@@ -375,8 +370,5 @@ class Admin:
                 pass
             finally:
                 if not ch.is_closed:
-                    try:
+                    with contextlib.suppress(Exception):
                         await ch.close()
-                    except Exception:  # noqa: BLE001
-                        pass
-

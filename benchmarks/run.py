@@ -77,7 +77,9 @@ class Config:
     quick: bool
     rounds: int  # measured rounds (the warm-up round comes on top)
     warmup: int
-    n: int  # messages for consume / publish / retry
+    n: int  # messages per consume measurement
+    publish_n: int
+    retry_n: int
     rss_n: int
     rss_rounds: int
     import_rounds: int
@@ -86,11 +88,31 @@ class Config:
     out: Path | None
     prefetch: int = benchlib.PREFETCH
     window: int = benchlib.WINDOW
-    queue_types: tuple[str, ...] = ("classic", "quorum")
+    queue_types: tuple[str, ...] = ("classic", "quorum")  # consume
+    publish_queue_types: tuple[str, ...] = ("classic", "quorum")
 
 
-QUICK = {"rounds": 2, "n": 2_000, "rss_n": 20_000, "rss_rounds": 1, "import_rounds": 5}
-FULL = {"rounds": 5, "n": 10_000, "rss_n": 100_000, "rss_rounds": 1, "import_rounds": 15}
+# Sized for a 2-core machine: --quick ~1 minute, full ~5-6 minutes (when nothing else runs).
+QUICK: dict[str, Any] = {
+    "rounds": 2,
+    "n": 2_000,
+    "publish_n": 2_000,
+    "retry_n": 2_000,
+    "rss_n": 20_000,
+    "rss_rounds": 1,
+    "import_rounds": 3,
+    "publish_queue_types": ("classic",),
+}
+FULL: dict[str, Any] = {
+    "rounds": 5,
+    "n": 10_000,
+    "publish_n": 5_000,
+    "retry_n": 5_000,
+    "rss_n": 100_000,
+    "rss_rounds": 1,
+    "import_rounds": 15,
+    "publish_queue_types": ("classic", "quorum"),
+}
 
 
 # ---------------------------------------------------------------------------
@@ -141,7 +163,7 @@ def load_contenders(names: list[str]) -> list[Contender]:
                 c.error = tail(p.stderr)
             else:
                 c.info = json.loads(p.stdout.strip().splitlines()[-1])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             c.error = repr(exc)
         out.append(c)
     return out
@@ -203,7 +225,7 @@ def register(s: Scenario) -> Scenario:
     return s
 
 
-def _rounds(cfg: Config) -> dict[str, int]:
+def _rounds(cfg: Config) -> dict[str, Any]:
     return {"rounds": cfg.rounds, "warmup": cfg.warmup}
 
 
@@ -211,7 +233,7 @@ register(
     Scenario(
         name="import",
         title="Import time",
-        description="Wall time of a whole `python -c \"import X\"` process (interpreter start included; "
+        description='Wall time of a whole `python -c "import X"` process (interpreter start included; '
         "`python -c pass` shown for reference).",
         metric="seconds",
         unit="s",
@@ -232,7 +254,8 @@ register(
         unit="msg/s",
         higher_is_better=True,
         cases=lambda cfg: [
-            Case("publish", f"publish/{qt}", cfg.n, queue_type=qt, **_rounds(cfg)) for qt in cfg.queue_types
+            Case("publish", f"publish/{qt}", cfg.publish_n, queue_type=qt, **_rounds(cfg))
+            for qt in cfg.publish_queue_types
         ],
         expected_depth=lambda case: case.n,
     )
@@ -268,7 +291,7 @@ register(
         unit="msg/s",
         higher_is_better=True,
         cases=lambda cfg: [
-            Case("retry", "retry/classic", cfg.n, variants=("all_ok", "fail_once"), **_rounds(cfg))
+            Case("retry", "retry/classic", cfg.retry_n, variants=("all_ok", "fail_once"), **_rounds(cfg))
         ],
         prefill=True,
         consumes=True,
@@ -287,9 +310,7 @@ register(
         metric="hwm_kb",
         unit="KiB",
         higher_is_better=False,
-        cases=lambda cfg: [
-            Case("rss", "rss/classic", cfg.rss_n, rounds=cfg.rss_rounds, warmup=0)
-        ],
+        cases=lambda cfg: [Case("rss", "rss/classic", cfg.rss_n, rounds=cfg.rss_rounds, warmup=0)],
         prefill=True,
         consumes=True,
         render=lambda runner, case, res: runner.render_rss(case, res),
@@ -333,18 +354,39 @@ def _pid_cpu(pid: int | None) -> float:
 
 
 def _find_broker_pid() -> int | None:
-    """The local RabbitMQ (beam.smp) process, if the broker runs on this machine."""
+    """The process listening on the broker's AMQP port, if it runs on this
+    machine (other RabbitMQ nodes may run here too, e.g. for failover tests)."""
+    from urllib.parse import urlsplit
+
+    port = urlsplit(benchlib.AMQP_URL).port or 5672
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                next(fh)
+                for line in fh:
+                    f = line.split()
+                    if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(f[9])
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    if not inodes:
+        return None
+    wanted = {f"socket:[{i}]" for i in inodes}
     try:
-        for d in os.listdir("/proc"):
-            if d.isdigit():
+        pids = [d for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return None
+    for d in pids:
+        try:
+            for fd in os.listdir(f"/proc/{d}/fd"):
                 try:
-                    with open(f"/proc/{d}/comm") as fh:
-                        if fh.read().startswith("beam"):
-                            return int(d)
+                    if os.readlink(f"/proc/{d}/fd/{fd}") in wanted:
+                        return int(d)
                 except OSError:
                     continue
-    except OSError:
-        pass
+        except OSError:
+            continue
     return None
 
 
@@ -354,23 +396,30 @@ class Probe:
     other engineer's test suite, say) and is reported per run."""
 
     QUIET = 0.2  # cores busy; below this over 100 ms the machine counts as quiet
-    MAX_WAIT = 1.5
+    MAX_WAIT = 1.0
+    NOISY = 0.3  # cores of background CPU during a run that make it worth flagging
 
     def __init__(self) -> None:
         self.broker_pid = _find_broker_pid()
         self.unsettled = 0
+        self._misses = 0
         self.runs: list[tuple[float, float]] = []  # (background cores, steal cores) per run
 
     async def settle(self) -> None:
-        deadline = time.monotonic() + self.MAX_WAIT
+        """Wait (bounded) for a quiet machine before a timed run.  After three
+        misses in a row the machine is busy for good: only sample, don't wait."""
+        wait = self.MAX_WAIT if self._misses < 3 else 0.0
+        deadline = time.monotonic() + wait
         while True:
             b0, _ = _cpu_stat()
             await asyncio.sleep(0.1)
             b1, _ = _cpu_stat()
             if (b1 - b0) / 0.1 < self.QUIET:
+                self._misses = 0
                 return
-            if time.monotonic() > deadline:
+            if time.monotonic() >= deadline:
                 self.unsettled += 1
+                self._misses += 1
                 return
 
     def snapshot(self) -> tuple[float, float, float, float, float]:
@@ -391,12 +440,12 @@ class Probe:
             return "–"
         bg = sorted(r[0] for r in self.runs)
         st = sorted(r[1] for r in self.runs)
-        noisy = sum(1 for b in bg if b > 0.2)
+        noisy = sum(1 for b in bg if b > self.NOISY)
         return (
             f"CPU used by other processes during the {len(bg)} contender runs: median "
-            f"{statistics.median(bg):.2f} cores, max {bg[-1]:.2f}; {noisy} run(s) above 0.2 cores; "
-            f"steal median {statistics.median(st):.2f}; {self.unsettled} run(s) started after waiting "
-            f"{self.MAX_WAIT} s for a quiet machine without getting one"
+            f"{statistics.median(bg):.2f} cores, max {bg[-1]:.2f}; {noisy} run(s) above {self.NOISY} cores; "
+            f"steal median {statistics.median(st):.2f}; {self.unsettled} run(s) started on a busy machine "
+            f"(up to {self.MAX_WAIT} s wait for < {self.QUIET} cores busy)"
         )
 
 
@@ -458,11 +507,15 @@ class Runner:
             )
             try:
                 out, _ = await asyncio.wait_for(proc.communicate(), watchdog)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 proc.kill()
                 await proc.wait()
                 errf.seek(0)
-                return Measurement(False, error=f"no result after {watchdog:.0f}s (killed); " + tail(errf.read().decode(errors="replace")))
+                return Measurement(
+                    False,
+                    error=f"no result after {watchdog:.0f}s (killed); "
+                    + tail(errf.read().decode(errors="replace")),
+                )
             errf.seek(0)
             err = errf.read().decode(errors="replace")
         if proc.returncode != 0:
@@ -476,7 +529,8 @@ class Runner:
 
     # -- broker scenarios ------------------------------------------------------
     async def measure(self, sc: Scenario, case: Case, c: Contender, variant: str, rnd: int) -> Measurement:
-        queue = f"{self.prefix}.{case.scenario}.{c.name}.{variant or case.queue_type}.{rnd}.{secrets.token_hex(2)}"
+        kind = variant or case.queue_type
+        queue = f"{self.prefix}.{case.scenario}.{c.name}.{kind}.{rnd}.{secrets.token_hex(2)}"
         queues, exchanges = c.cleanup_names(queue, self.app_name)
         try:
             if sc.consumes and c.declares_own_queue:
@@ -505,14 +559,15 @@ class Runner:
     async def verify(self, sc: Scenario, case: Case, queue: str, aux_queues: list[str]) -> str:
         want = sc.expected_depth(case)
         # the contender has exited; wait (bounded) until the broker has dropped its consumers
+        ready = consumers = 0
         for _ in range(500):
             got = await self.admin.depth(queue)
             if got is None:
                 return f"queue {queue} is gone"
-            if got[1] == 0:
+            ready, consumers = got
+            if consumers == 0:
                 break
             await asyncio.sleep(0.02)
-        ready, consumers = got
         if consumers:
             return f"{consumers} consumer(s) still attached after the contender exited"
         if ready != want:
@@ -574,9 +629,7 @@ class Runner:
             for name, py, code in units[k:] + units[:k]:
                 if name in dead:
                     continue
-                t0 = time.perf_counter()
-                p = subprocess.run([py, "-c", code], cwd=ROOT, capture_output=True, text=True)
-                dt = time.perf_counter() - t0
+                p, dt = _timed_run([py, "-c", code])
                 if p.returncode != 0:
                     dead.add(name)
                     self.failures[(case.label, name)] = tail(p.stderr)
@@ -616,19 +669,26 @@ class Runner:
         ctl = shutil.which("rabbitmqctl")
         if not ctl or self.admin.conn is None:
             return
-        for kind, delete in (("queues", self.admin.delete_queues), ("exchanges", self.admin.delete_exchanges)):
+        for kind, delete in (
+            ("queues", self.admin.delete_queues),
+            ("exchanges", self.admin.delete_exchanges),
+        ):
             try:
-                p = subprocess.run(
-                    [ctl, f"list_{kind}", "-q", "--no-table-headers", "name"],
-                    capture_output=True,
-                    text=True,
-                    timeout=30,
+                proc = await asyncio.create_subprocess_exec(
+                    ctl,
+                    f"list_{kind}",
+                    "-q",
+                    "--no-table-headers",
+                    "name",
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.DEVNULL,
                 )
-            except Exception:  # noqa: BLE001 - best effort
+                out, _ = await asyncio.wait_for(proc.communicate(), 30)
+            except Exception:  # best effort: rabbitmqctl may not be allowed to talk to the node
                 continue
             names = [
                 n.strip()
-                for n in p.stdout.splitlines()
+                for n in out.decode(errors="replace").splitlines()
                 if n.strip().startswith((self.prefix, self.app_name))
             ]
             if names:
@@ -712,12 +772,13 @@ class Runner:
     def row_names(self, case: Case) -> list[str]:
         names = [c.name for c in self.contenders]
         if case.scenario == "import":
-            names = ["(python -c pass)"] + names
+            names = ["(python -c pass)", *names]
         return names
 
     def render_retry(self, case: Case, res: Results) -> list[str]:
         lines = [
-            "| contender | all succeed, msg/s (min – max) | fail once, msg/s (min – max) | cost of a failed-once message / a succeeding one |",
+            "| contender | all succeed, msg/s (min – max) | fail once, msg/s (min – max) "
+            "| cost of a failed-once message / a succeeding one |",
             "|---|---:|---:|---:|",
         ]
         for c in self.contenders:
@@ -735,7 +796,7 @@ class Runner:
                 continue
             n = case.n
 
-            def r(s: dict[str, float]) -> str:
+            def r(s: dict[str, float], n: int = n) -> str:
                 return f"{n / s['median']:,.0f} ({n / s['max']:,.0f} – {n / s['min']:,.0f})"
 
             lines.append(f"| {c.name} | {r(ok)} | {r(bad)} | {bad['median'] / ok['median']:.2f}× |")
@@ -743,7 +804,8 @@ class Runner:
 
     def render_rss(self, case: Case, res: Results) -> list[str]:
         lines = [
-            f"| contender | peak RSS (VmHWM) | RSS after 10% | RSS at end | growth 10%→end | peak vs {BASELINE} | msg/s |",
+            "| contender | peak RSS (VmHWM) | RSS after 10% | RSS at end | growth 10%→end "
+            f"| peak vs {BASELINE} | msg/s |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         base = self.stats(res.get((BASELINE, ""), []), "hwm_kb")
@@ -754,7 +816,7 @@ class Runner:
                 lines.append(f"| {c.name} | {st} | | | | | |")
                 continue
 
-            def med(key: str) -> float:
+            def med(key: str, ms: list[Measurement] = ms) -> float:
                 return statistics.median(float(m.data[key]) for m in ms)
 
             hwm = med("hwm_kb")
@@ -778,20 +840,22 @@ class Runner:
         out.append(f"| command | `{command}` |")
         out.append(f"| interference | {self.probe.summary()} |")
         out.append(
-            f"| settings | {'quick' if cfg.quick else 'full'} mode; N = {cfg.n:,} messages (consume/publish/retry), "
-            f"{cfg.rss_n:,} (rss); {cfg.rounds} measured rounds + {cfg.warmup} warm-up "
+            f"| settings | {'quick' if cfg.quick else 'full'} mode; N = {cfg.n:,} (consume), "
+            f"{cfg.publish_n:,} (publish), {cfg.retry_n:,} (retry), {cfg.rss_n:,} (rss) messages; "
+            f"{cfg.rounds} measured rounds + {cfg.warmup} warm-up "
             f"(rss: {cfg.rss_rounds} run, import: {cfg.import_rounds} rounds); prefetch {cfg.prefetch}; "
             f"publish window {cfg.window} |"
         )
         out += ["", "## Results", ""]
         out.append(
-            f"\"cost vs {BASELINE}\" is the contender's time per message (or seconds, or KiB) divided by the "
+            f'"cost vs {BASELINE}" is the contender\'s time per message (or seconds, or KiB) divided by the '
             f"baseline's: 1.00× = as cheap as a hand-written aiormq loop, 2.00× = twice the cost. "
-            "`aiormq_batched` acks every 64th message with `multiple=True`, which no ack-after-handler framework "
-            "does: it is the client ceiling, not a peer. Other columns (medians): \"steady msg/s\" = (N-1) / "
+            "`aiormq_batched` acks every 64th message with `multiple=True`, which no ack-after-handler "
+            "framework "
+            'does: it is the client ceiling, not a peer. Other columns (medians): "steady msg/s" = (N-1) / '
             "time from the first to the N-th handled message, i.e. without connection and topology set-up; "
-            "\"1st msg\" = time from starting the consumer (connection included) to the first handled "
-            "message; \"client CPU/msg\" = the contender process's CPU time (user+sys) over the timed section "
+            '"1st msg" = time from starting the consumer (connection included) to the first handled '
+            'message; "client CPU/msg" = the contender process\'s CPU time (user+sys) over the timed section '
             "divided by N, which depends less on the broker and on the noise of a shared 2-core machine than "
             "wall time does."
         )
@@ -799,12 +863,23 @@ class Runner:
             out += ["", f"![cost ratio vs {BASELINE}]({chart})"]
         for label, (case, res) in self.results.items():
             sc = SCENARIOS[case.scenario]
-            n = f", N = {case.n:,}" if case.n else ""
-            out += ["", f"### {sc.title}: {label}{n}", "", sc.description, ""]
+            size = f", N = {case.n:,}" if case.n else ""
+            out += ["", f"### {sc.title}: {label}{size}", "", sc.description, ""]
             if sc.render is not None:
                 out += sc.render(self, case, res)
             else:
                 out += self.render_table(case, res)
+            noisy = []
+            for (name, v), ms in res.items():
+                k = sum(1 for m in ms if m.data.get("bg_cores", 0.0) > Probe.NOISY)
+                if k:
+                    noisy.append(f"{name}{f'[{v}]' if v else ''} {k}/{len(ms)}")
+            if noisy:
+                out += [
+                    "",
+                    f"⚠ other processes used more than {Probe.NOISY} cores during some measured runs "
+                    f"({', '.join(noisy)}); treat those numbers with care.",
+                ]
         notes = [(c.name, c.info.get("notes", "")) for c in self.contenders if c.info.get("notes")]
         if notes:
             out += ["", "## Contenders", ""]
@@ -818,9 +893,10 @@ class Runner:
                 out.append(f"- {label} / {name}: failed: {err[-600:]}")
         out += ["", "## Method", ""]
         out += [
-            "- One fresh subprocess per measurement (`benchmarks/contenders/<name>.py <scenario> ...`, one JSON "
-            "line on stdout). Contenders interleaved round by round; the order inside a round is rotated every "
-            "round; the warm-up round is discarded; median, min and max of the measured rounds are reported.",
+            "- One fresh subprocess per measurement (`benchmarks/contenders/<name>.py <scenario> ...`, one "
+            "JSON line on stdout). Contenders interleaved round by round; the order inside a round is "
+            "rotated every round; the warm-up round is discarded; median, min and max of the measured "
+            "rounds are reported.",
             "- Each measurement has its own durable queue (random suffix) that the runner declares (or, for "
             "rabbitflow, which declares its own topology, lets a short-lived `async with app:` declare), "
             "pre-fills with plain aiormq before the contender starts, checks after it exits (consume: 0 "
@@ -839,7 +915,7 @@ class Runner:
 
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
-        except Exception:  # noqa: BLE001
+        except Exception:
             return False
         ratios = self.ratios()
         labels = [lbl for lbl, row in ratios.items() if row]
@@ -852,15 +928,26 @@ class Runner:
             xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(labels))]
             ys = [ratios[lbl].get(name, 0.0) for lbl in labels]
             bars = ax.bar(xs, ys, width, label=name)
-            for b, y in zip(bars, ys):
+            for b, y in zip(bars, ys, strict=False):
                 if y:
-                    ax.annotate(f"{y:.2f}", (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom", fontsize=7)
+                    ax.annotate(
+                        f"{y:.2f}", (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom", fontsize=7
+                    )
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels([lbl.replace("/", "\n") for lbl in labels])
+        ticks = {"import": "import\n(time)", "rss/classic": "rss\n(peak RSS)"}
+        ax.set_xticklabels([ticks.get(lbl, lbl.replace("/", "\n")) for lbl in labels])
+        top = max((v for row in ratios.values() for v in row.values()), default=1.0)
+        ax.set_ylim(0, top * 1.12)
         ax.set_ylabel(f"cost vs {BASELINE} (lower is better)")
-        ax.set_title(f"Cost ratio vs {BASELINE} (median; time per message, import time, peak RSS)", fontsize=10)
-        ax.legend(fontsize=8, ncol=min(5, len(names)))
+        ax.set_title(f"Cost vs {BASELINE} (medians; 1.0 = baseline)", fontsize=10)
+        ax.legend(
+            fontsize=8,
+            ncol=min(5, len(names)),
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.16),
+            frameon=False,
+        )
         fig.tight_layout()
         fig.savefig(path)
         plt.close(fig)
@@ -869,6 +956,13 @@ class Runner:
 
 # ---------------------------------------------------------------------------
 # formatting / machine info
+
+
+def _timed_run(cmd: list[str]) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run a short process to completion; its wall time (blocking on purpose: nothing else runs)."""
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    return p, time.perf_counter() - t0
 
 
 def fmt_value(v: float | None, unit: str) -> str:
@@ -910,7 +1004,7 @@ def machine_info(contenders: list[Contender], broker_version: str) -> dict[str, 
     except OSError:
         pass
     info = {
-        "date (UTC)": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "date (UTC)": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M"),
         "CPU": f"{cpu}, {os.cpu_count()} cores",
         "OS": f"{platform.system()} {platform.release()}",
         "RabbitMQ": f"{broker_version} on {benchlib.AMQP_URL.split('@')[-1]} (same machine)",
@@ -918,9 +1012,11 @@ def machine_info(contenders: list[Contender], broker_version: str) -> dict[str, 
     seen: dict[str, dict[str, str]] = {}
     for py in dict.fromkeys([sys.executable] + [c.python for c in contenders]):
         try:
-            p = subprocess.run([py, "-c", _VERSIONS_SNIPPET], capture_output=True, text=True, cwd=ROOT, timeout=60)
+            p = subprocess.run(
+                [py, "-c", _VERSIONS_SNIPPET], capture_output=True, text=True, cwd=ROOT, timeout=60
+            )
             seen[py] = json.loads(p.stdout)
-        except Exception:  # noqa: BLE001
+        except Exception:
             seen[py] = {"python": f"? ({py})"}
     for py, vers in seen.items():
         label = "python / packages" + ("" if py == sys.executable else " (FastStream venv)")
@@ -930,7 +1026,9 @@ def machine_info(contenders: list[Contender], broker_version: str) -> dict[str, 
         rev = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
         ).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT
+        ).stdout
         info["git"] = (rev or "no commit yet") + (" + uncommitted changes" if dirty.strip() else "")
     except OSError:
         pass
@@ -942,16 +1040,21 @@ def machine_info(contenders: list[Contender], broker_version: str) -> dict[str, 
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="small N and few rounds (~1 minute)")
     p.add_argument("--rounds", type=int, help="measured rounds per case (a warm-up round comes on top)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds, discarded (default 1)")
-    p.add_argument("--n", type=int, help="messages per consume/publish/retry measurement")
+    p.add_argument("--n", type=int, help="messages per consume/publish/retry measurement (all three)")
     p.add_argument("--rss-n", type=int, help="messages for the rss scenario")
     p.add_argument("--import-rounds", type=int, help="rounds for the import scenario")
     p.add_argument("--only", help=f"comma-separated scenarios: {','.join(SCENARIOS)}")
     p.add_argument("--contenders", help=f"comma-separated contenders: {','.join(CONTENDER_ORDER)}")
-    p.add_argument("--queue-types", default="classic,quorum", help="for consume/publish (default classic,quorum)")
+    p.add_argument(
+        "--queue-types",
+        help="for consume and publish (default classic,quorum; --quick: publish classic only)",
+    )
     p.add_argument("--out", type=Path, help="write the markdown report here (and a PNG chart next to it)")
     a = p.parse_args(argv)
     d = QUICK if a.quick else FULL
@@ -965,19 +1068,24 @@ def parse_args(argv: list[str] | None = None) -> Config:
         bad = [s for s in contenders if s not in CONTENDER_ORDER]
         if bad:
             p.error(f"unknown contender(s) {bad}; known: {CONTENDER_ORDER}")
-    qts = tuple(s.strip() for s in a.queue_types.split(",") if s.strip())
+    qts = tuple(s.strip() for s in a.queue_types.split(",") if s.strip()) if a.queue_types else None
+    if qts and any(q not in ("classic", "quorum") for q in qts):
+        p.error("--queue-types: classic and/or quorum")
     return Config(
         quick=a.quick,
         rounds=a.rounds or d["rounds"],
         warmup=a.warmup,
         n=a.n or d["n"],
+        publish_n=a.n or d["publish_n"],
+        retry_n=a.n or d["retry_n"],
         rss_n=a.rss_n or d["rss_n"],
         rss_rounds=d["rss_rounds"],
         import_rounds=a.import_rounds or d["import_rounds"],
         only=only,
         contenders=contenders,
         out=a.out,
-        queue_types=qts,
+        queue_types=qts or ("classic", "quorum"),
+        publish_queue_types=qts or d["publish_queue_types"],
     )
 
 
@@ -985,7 +1093,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     names = cfg.contenders or CONTENDER_ORDER
     if BASELINE not in names:
-        names = [BASELINE] + names  # ratios need the baseline
+        names = [BASELINE, *names]  # ratios need the baseline
     contenders = load_contenders(names)
     for c in contenders:
         if c.error:
@@ -1007,7 +1115,10 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     if cfg.out is not None:
         cfg.out.write_text(md)
-        print(f"wrote {cfg.out}" + (f" and {cfg.out.with_suffix('.png')}" if chart_name else ""), file=sys.stderr)
+        print(
+            f"wrote {cfg.out}" + (f" and {cfg.out.with_suffix('.png')}" if chart_name else ""),
+            file=sys.stderr,
+        )
     runner.log("total")
     return 0
 

@@ -28,10 +28,10 @@ class Order:
 
 
 @contextlib.asynccontextmanager
-async def demo_traffic(app: App) -> AsyncIterator[None]:
+async def shop(app: App) -> AsyncIterator[None]:
     """Publish an order every half second while the service runs (a stand-in for a web shop)."""
 
-    async def shop() -> None:
+    async def customers() -> None:
         for n in itertools.count(1):
             quantity = random.choice([1, 2, 3, 0])  # 0 is invalid: parked with the reason
             await app.publish(
@@ -41,7 +41,7 @@ async def demo_traffic(app: App) -> AsyncIterator[None]:
             )
             await asyncio.sleep(0.5)
 
-    task = asyncio.create_task(shop())
+    task = asyncio.create_task(customers())
     try:
         yield
     finally:
@@ -50,24 +50,33 @@ async def demo_traffic(app: App) -> AsyncIterator[None]:
             await task
 
 
-app = App("orders", lifespan=demo_traffic)
+def create_app(url: str | None = None, *, demo_traffic: bool = True) -> App:
+    """The service; tests make their own with url="memory://" and no demo traffic."""
+    app = App("orders", url=url, lifespan=shop if demo_traffic else None)
 
-
-@app.consumer("orders.created", exchange="orders", routing_key="order.created", retries=3, delay=[1, 5, 30])
-async def on_created(order: Order, message: Message) -> None:
-    if order.quantity <= 0:
-        raise Reject(f"order {order.id}: quantity must be positive")
-    if message.attempt == 1 and order.id % 4 == 0:
-        raise ConnectionError("inventory service did not answer")  # retried after 1 s
-    log.info("order %d: %d x %s reserved (attempt %d)", order.id, order.quantity, order.item, message.attempt)
-    await app.publish(
-        {"id": order.id, "status": "confirmed"}, exchange="orders", routing_key="order.confirmed"
+    @app.consumer(
+        "orders.created", exchange="orders", routing_key="order.created", retries=3, delay=[1, 5, 30]
     )
+    async def on_created(order: Order, message: Message) -> None:
+        if order.quantity <= 0:
+            raise Reject(f"order {order.id}: quantity must be positive")
+        if message.attempt == 1 and order.id % 4 == 0:
+            raise ConnectionError("inventory service did not answer")  # retried after 1 s
+        log.info(
+            "order %d: %d x %s reserved (attempt %d)", order.id, order.quantity, order.item, message.attempt
+        )
+        await app.publish(
+            {"id": order.id, "status": "confirmed"}, exchange="orders", routing_key="order.confirmed"
+        )
+
+    @app.consumer("orders.confirmed", exchange="orders", routing_key="order.confirmed")
+    async def on_confirmed(event: dict[str, object]) -> None:
+        log.info("order %s confirmed", event["id"])
+
+    return app
 
 
-@app.consumer("orders.confirmed", exchange="orders", routing_key="order.confirmed")
-async def on_confirmed(event: dict[str, object]) -> None:
-    log.info("order %s confirmed", event["id"])
+app = create_app()
 
 
 if __name__ == "__main__":

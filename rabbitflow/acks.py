@@ -18,7 +18,7 @@ class Acker:
 
     A tag is settled when its handler returned (or its retry / parked copy was confirmed), or
     when it was rejected on its own. The ack goes out once a quarter of the prefetch window is
-    settled, or `linger` seconds after the first settled tag, whichever comes first: the broker
+    settled, or `channel.ack_linger` seconds after the first settled tag, whichever comes first: the broker
     never runs out of window, and an idle consumer's acks are not held back. `multiple=True`
     only acks tags still outstanding, so a rejected tag inside the prefix is not touched again.
     No tag is acked before it was settled: at-least-once holds.
@@ -37,14 +37,14 @@ class Acker:
         "_top",
     )
 
-    def __init__(self, channel: Channel, *, prefetch: int, linger: float = 0.005) -> None:
+    def __init__(self, channel: Channel, *, prefetch: int) -> None:
         self._channel = channel
         self._pending: deque[int] = deque()
         self._done: dict[int, bool] = {}
         self._top = 0  # the highest tag of the settled prefix, not acked yet
         self._settled = 0  # settled since the last ack
         self._batch = max(1, prefetch // 4)
-        self._linger = linger
+        self._linger = channel.ack_linger
         self._timer: asyncio.TimerHandle | None = None
         self._sending: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import logging
 import signal
 import ssl
@@ -23,6 +24,7 @@ from .topology.applier import Difference, apply_plan, check_plan
 from .topology.compiler import Plan, compile_plan
 from .transport.base import ChannelClosed, Properties, Transport, TransportError
 from .urls import Endpoint, parse_urls
+from .worker import FailureHook
 
 __all__ = ["App"]
 
@@ -121,6 +123,10 @@ class App:
         self._supervisor: asyncio.Task[None] | None = None
         self._lifespan_stack: contextlib.AsyncExitStack | None = None
         self.reconnects = 0
+        # Message ids: 64 random bits per app instance and a counter; unique, and cheaper than uuid4.
+        self._on_failure: FailureHook | None = None  # set by rabbitflow.testing.TestClient
+        self._id_prefix = f"{uuid.uuid4().hex[:16]}-"
+        self._ids = itertools.count(1)
 
     def use_url(self, url: str | Sequence[str]) -> None:
         """Point the app at other nodes before it starts (the CLI's `--url`)."""
@@ -305,7 +311,7 @@ class App:
                 loop.remove_signal_handler(sig)
 
     async def _open_session(self, transport: Transport) -> Session:
-        session = Session(transport, self.name)
+        session = Session(transport, self.name, self._on_failure)
         await session.open(self._plan, self.consumers, prefetch=self.prefetch, concurrency=self.concurrency)
         return session
 
@@ -384,7 +390,7 @@ class App:
             content_type=ctype,
             headers=headers or None,
             delivery_mode=2 if persistent else 1,
-            message_id=message_id or uuid.uuid4().hex,
+            message_id=message_id or f"{self._id_prefix}{next(self._ids):x}",
             correlation_id=correlation_id,
             reply_to=reply_to,
         )
@@ -393,7 +399,9 @@ class App:
         deadline = loop.time() + limit
         try:
             while True:
-                session = await self._current(deadline)
+                session = self._session
+                if session is None or not self._connected.is_set() or not session.transport.is_open:
+                    session = await self._current(deadline)
                 try:
                     async with asyncio.timeout_at(deadline):
                         if session.transport.blocked:

@@ -11,7 +11,7 @@ from .consumer import ConsumerSpec
 from .topology.applier import apply_plan
 from .topology.compiler import Plan, compile_plan
 from .transport.base import Channel, ChannelClosed, Properties, Transport
-from .worker import ConsumerWorker
+from .worker import ConsumerWorker, FailureHook
 
 __all__ = ["Session"]
 
@@ -22,9 +22,10 @@ class Session:
     """Everything bound to one connection. A lost connection ends the session; the app opens
     a new one on the next node, and nothing of the old one (channels, delivery tags) is reused."""
 
-    def __init__(self, transport: Transport, service: str) -> None:
+    def __init__(self, transport: Transport, service: str, on_failure: FailureHook | None = None) -> None:
         self.transport = transport
         self.service = service
+        self._on_failure = on_failure
         self.workers: list[ConsumerWorker] = []
         self._publisher: Channel | None = None
         self._publisher_lock = asyncio.Lock()
@@ -51,6 +52,7 @@ class Session:
                 ensure_retry_queue=self.ensure_retry_queue,
                 prefetch=spec.prefetch or prefetch,
                 concurrency=spec.concurrency or concurrency,
+                on_failure=self._on_failure,
             )
             await worker.start()
             self.workers.append(worker)

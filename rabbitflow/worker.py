@@ -26,6 +26,8 @@ log = logging.getLogger("rabbitflow.worker")
 # (body, exchange, routing_key, properties) -> confirmed publish
 Publish = Callable[[bytes, str, str, Properties], Awaitable[None]]
 EnsureRetryQueue = Callable[[str, float], Awaitable[None]]
+# (queue, attempt, exception) for every handler call that raised; the test client listens here.
+FailureHook = Callable[[str, int, BaseException], None]
 
 # Park a message ourselves, with full headers, before the quorum queue's own backstop would.
 PARK_AFTER_DELIVERIES = DELIVERY_LIMIT // 2
@@ -50,8 +52,10 @@ class ConsumerWorker:
         ensure_retry_queue: EnsureRetryQueue,
         prefetch: int,
         concurrency: int,
+        on_failure: FailureHook | None = None,
     ) -> None:
         self.spec = spec
+        self._on_failure = on_failure
         self._dlx = names.dead_letter_exchange(service)
         self._parked = names.parked_queue(spec.queue)
         self._retry_prefix = f"{spec.queue}.retry."
@@ -209,6 +213,8 @@ class ConsumerWorker:
         )
 
     async def _fail(self, delivery: Delivery, attempt: int, exc: Exception) -> None:
+        if self._on_failure is not None:
+            self._on_failure(self.spec.queue, attempt, exc)
         decision: Decision = decide(self.spec.policy, attempt, exc)
         if decision.outcome is Outcome.RETRY:
             log.info(

@@ -9,7 +9,8 @@ import os
 _spec = importlib.util.spec_from_file_location(
     "_bench_aiormq_raw", os.path.join(os.path.dirname(os.path.abspath(__file__)), "aiormq_raw.py")
 )
-assert _spec is not None and _spec.loader is not None
+assert _spec is not None
+assert _spec.loader is not None
 _raw = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_raw)
 

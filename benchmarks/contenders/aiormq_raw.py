@@ -52,7 +52,6 @@ async def _consume(args: argparse.Namespace, batched: bool, rss: bool) -> dict[s
     await ch.basic_qos(prefetch_count=args.prefetch)
 
     if batched:
-
         handled = 0
 
         async def on_message(msg: aiormq.abc.DeliveredMessage) -> None:

@@ -39,7 +39,18 @@ import benchlib  # noqa: E402
 KEEP_LOGGING = os.environ.get("BENCH_FASTSTREAM_LOGGING") == "1"
 
 
+def _import() -> None:
+    try:
+        import faststream.rabbit  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(
+            f"faststream contender: cannot import faststream.rabbit ({exc!r}); "
+            "pip install -r benchmarks/requirements.txt"
+        ) from None
+
+
 def _broker(args: argparse.Namespace) -> Any:
+    _import()
     from faststream.rabbit import Channel, RabbitBroker
 
     kwargs: dict[str, Any] = {
@@ -52,6 +63,7 @@ def _broker(args: argparse.Namespace) -> Any:
 
 
 async def _consume(args: argparse.Namespace, rss: bool) -> dict[str, Any]:
+    _import()
     from faststream.rabbit import QueueType, RabbitQueue
 
     sampler = benchlib.RssSampler() if rss else None
@@ -98,15 +110,6 @@ async def publish(args: argparse.Namespace) -> dict[str, Any]:
 
     await broker.stop()
     return benchlib.timing_result(args.n, t0, t_end)
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("faststream")
-    except Exception:  # noqa: BLE001
-        return "?"
 
 
 if __name__ == "__main__":

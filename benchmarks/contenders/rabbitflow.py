@@ -168,6 +168,9 @@ if __name__ == "__main__":
         import_module="rabbitflow",
         declares_own_queue=True,
         declare=declare,
-        notes=f"App(prefetch=concurrency=256), retries=1, delay={RETRY_DELAY}",
+        notes=(
+            f"App(prefetch=256, concurrency=256), @app.consumer(retries=1, delay={RETRY_DELAY}); "
+            "acks are rabbitflow's own (after the handler; see rabbitflow/acks.py for how they are sent)"
+        ),
         extra={"cleanup": CLEANUP},
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pamqp import decode, encode
@@ -36,22 +36,49 @@ VHOST = "/"
 # RabbitMQ's names for the field types, keyed by the type octet pamqp writes. pamqp 4 picks the
 # smallest integer type, so x-message-ttl=1000 reaches the broker as a 'short'.
 _TYPE_NAMES = {
-    b"t": "bool", b"b": "byte", b"B": "unsignedbyte", b"s": "short", b"u": "unsignedshort",
-    b"I": "signedint", b"i": "unsignedint", b"l": "long", b"f": "float", b"d": "double",
-    b"D": "decimal", b"S": "longstr", b"T": "timestamp", b"F": "table", b"A": "array",
-    b"x": "binary", b"V": "void",
+    b"t": "bool",
+    b"b": "byte",
+    b"B": "unsignedbyte",
+    b"s": "short",
+    b"u": "unsignedshort",
+    b"I": "signedint",
+    b"i": "unsignedint",
+    b"l": "long",
+    b"f": "float",
+    b"d": "double",
+    b"D": "decimal",
+    b"S": "longstr",
+    b"T": "timestamp",
+    b"F": "table",
+    b"A": "array",
+    b"x": "binary",
+    b"V": "void",
 }
-_INT_TYPES = frozenset({"byte", "unsignedbyte", "short", "unsignedshort", "signedint",
-                        "unsignedint", "long"})
+_INT_TYPES = frozenset({"byte", "unsignedbyte", "short", "unsignedshort", "signedint", "unsignedint", "long"})
 
 # Arguments compared when a queue is redeclared, in the order RabbitMQ checks them
 # (rabbit_amqqueue:declare_args/0). 3.13+ also compare x-delivery-limit; so do we.
 QUEUE_ARGS = (
-    "x-expires", "x-message-ttl", "x-dead-letter-exchange", "x-dead-letter-routing-key",
-    "x-dead-letter-strategy", "x-max-length", "x-max-length-bytes", "x-max-in-memory-length",
-    "x-max-in-memory-bytes", "x-max-priority", "x-overflow", "x-queue-mode", "x-queue-version",
-    "x-single-active-consumer", "x-queue-type", "x-quorum-initial-group-size", "x-max-age",
-    "x-initial-cluster-size", "x-queue-leader-locator", "x-delivery-limit",
+    "x-expires",
+    "x-message-ttl",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-dead-letter-strategy",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-in-memory-length",
+    "x-max-in-memory-bytes",
+    "x-max-priority",
+    "x-overflow",
+    "x-queue-mode",
+    "x-queue-version",
+    "x-single-active-consumer",
+    "x-queue-type",
+    "x-quorum-initial-group-size",
+    "x-max-age",
+    "x-initial-cluster-size",
+    "x-queue-leader-locator",
+    "x-delivery-limit",
 )
 EXCHANGE_ARGS = ("alternate-exchange",)
 
@@ -123,7 +150,10 @@ def assert_field_equivalence(kind: str, name: str, key: str, current: Any, recei
 
 
 def assert_args_equivalence(
-    kind: str, name: str, current: Mapping[str, Any], received: Mapping[str, Any],
+    kind: str,
+    name: str,
+    current: Mapping[str, Any],
+    received: Mapping[str, Any],
     keys: tuple[str, ...],
 ) -> None:
     """Raise 406 naming the first of `keys` whose value differs (rabbit_misc:assert_args_equivalence)."""
@@ -158,15 +188,15 @@ def _check_str(value: Any, allowed: tuple[str, ...] = (), error: str = "") -> st
 
 def validate_queue_arguments(name: str, args: Mapping[str, Any]) -> None:
     """Refuse the argument values RabbitMQ refuses when it creates a queue (406)."""
-    checks = {
+    checks: dict[str, Callable[[Any], str | None]] = {
         "x-expires": lambda v: _check_int(v, zero=False),
         "x-message-ttl": _check_int,
         "x-max-length": _check_int,
         "x-max-length-bytes": _check_int,
         "x-delivery-limit": _check_int,
         "x-dead-letter-exchange": _check_str,
-        "x-dead-letter-routing-key": lambda v: _check_str(v) or (
-            None if "x-dead-letter-exchange" in args else "routing_key_but_no_dlx_defined"
+        "x-dead-letter-routing-key": lambda v: (
+            _check_str(v) or (None if "x-dead-letter-exchange" in args else "routing_key_but_no_dlx_defined")
         ),
         "x-overflow": lambda v: _check_str(
             v, ("drop-head", "reject-publish", "reject-publish-dlx"), "invalid_overflow"
@@ -229,13 +259,24 @@ def copy_table(table: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def clone_properties(
-    p: Properties, *, headers: dict[str, Any] | None, expiration: str | None,
+    p: Properties,
+    *,
+    headers: dict[str, Any] | None,
+    expiration: str | None,
 ) -> Properties:
     """A new Properties with these headers and expiration and every other field of `p`."""
     return Basic.Properties(
-        content_type=p.content_type, content_encoding=p.content_encoding, headers=headers,
-        delivery_mode=p.delivery_mode, priority=p.priority, correlation_id=p.correlation_id,
-        reply_to=p.reply_to, expiration=expiration, message_id=p.message_id,
-        timestamp=p.timestamp, message_type=p.message_type, user_id=p.user_id,
+        content_type=p.content_type,
+        content_encoding=p.content_encoding,
+        headers=headers,
+        delivery_mode=p.delivery_mode,
+        priority=p.priority,
+        correlation_id=p.correlation_id,
+        reply_to=p.reply_to,
+        expiration=expiration,
+        message_id=p.message_id,
+        timestamp=p.timestamp,
+        message_type=p.message_type,
+        user_id=p.user_id,
         app_id=p.app_id,
     )

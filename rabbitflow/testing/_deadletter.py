@@ -10,13 +10,23 @@ __all__ = ["is_cycle", "record_death"]
 
 
 def record_death(
-    headers: Mapping[str, Any] | None, *, queue: str, reason: str, exchange: str,
-    routing_keys: Sequence[str], time: datetime, expiration: str | None,
+    headers: Mapping[str, Any] | None,
+    *,
+    queue: str,
+    reason: str,
+    exchange: str,
+    routing_keys: Sequence[str],
+    time: datetime,
+    expiration: str | None,
 ) -> dict[str, Any]:
     """New headers with this death recorded in `x-death`, newest first, one entry per (queue, reason)."""
     out = dict(headers or {})
     info: dict[str, Any] = {
-        "count": 1, "reason": reason, "queue": queue, "time": time, "exchange": exchange,
+        "count": 1,
+        "reason": reason,
+        "queue": queue,
+        "time": time,
+        "exchange": exchange,
         "routing-keys": list(routing_keys),
     }
     if expiration is not None:
@@ -33,7 +43,8 @@ def record_death(
         # one a client republished; the repeated entry keeps its first time/exchange/keys.
         grouped = _group(deaths)
         match = next(
-            (d for d in grouped if d.get("queue") == queue and d.get("reason") == reason), None,
+            (d for d in grouped if d.get("queue") == queue and d.get("reason") == reason),
+            None,
         )
         if match is None:
             entry, others = info, grouped
@@ -67,7 +78,5 @@ def is_cycle(queue: str, deaths: Sequence[Any]) -> bool:
     """Whether dead-lettering into `queue` closes a loop with no `rejected` death in it."""
     for index, death in enumerate(deaths):
         if isinstance(death, dict) and death.get("queue") == queue:
-            return all(
-                isinstance(d, dict) and d.get("reason") != "rejected" for d in deaths[: index + 1]
-            )
+            return all(isinstance(d, dict) and d.get("reason") != "rejected" for d in deaths[: index + 1])
     return False

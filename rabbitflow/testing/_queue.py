@@ -10,9 +10,9 @@ from ..transport.base import OnDelivery, Properties, QueueInfo
 from ._amqp import clone_properties, copy_table
 
 if TYPE_CHECKING:
-    from .memory import MemoryChannel
+    from ._channel import MemoryChannel
 
-__all__ = ["Consumer", "MemoryQueue", "Message"]
+__all__ = ["Consumer", "MemoryQueue", "Message", "Unacked"]
 
 
 @dataclass(slots=True, eq=False)
@@ -27,6 +27,10 @@ class Message:
     expires_at: float | None  # virtual time, None without TTL
     delivery_count: int = 0  # quorum: times returned to the queue
     redelivered: bool = False  # classic: requeued at least once
+
+    def expired(self, now: float) -> bool:
+        # A nanosecond of slack, so that advance(0.1) three times reaches a 0.3 s TTL.
+        return self.expires_at is not None and self.expires_at <= now + 1e-9
 
 
 @dataclass(slots=True, eq=False)
@@ -43,6 +47,15 @@ class Consumer:
         return self.prefetch == 0 or self.unacked < self.prefetch
 
 
+@dataclass(slots=True, eq=False)
+class Unacked:
+    """A delivery its channel has not acked or rejected yet."""
+
+    queue: MemoryQueue
+    message: Message
+    consumer: Consumer | None  # None for basic.get
+
+
 def _int(arguments: dict[str, Any], key: str) -> int | None:
     value = arguments.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -57,7 +70,12 @@ class MemoryQueue:
     """One queue's state; tests read it through `MemoryBroker.queues[name]`."""
 
     def __init__(
-        self, name: str, *, durable: bool, owner: object | None, arguments: dict[str, Any],
+        self,
+        name: str,
+        *,
+        durable: bool,
+        owner: object | None,
+        arguments: dict[str, Any],
     ) -> None:
         self.name = name
         self.durable = durable
@@ -146,7 +164,11 @@ class MemoryQueue:
         return message.delivery_count > 0 if self.is_quorum else message.redelivered
 
     def delivery_properties(
-        self, message: Message, *, basic_get: bool = False, peek: bool = False,
+        self,
+        message: Message,
+        *,
+        basic_get: bool = False,
+        peek: bool = False,
     ) -> Properties:
         """A private copy of the properties, with `x-delivery-count` where a quorum queue adds it."""
         p = message.properties

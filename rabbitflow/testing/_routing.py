@@ -84,7 +84,8 @@ def headers_match(arguments: Mapping[str, Any], headers: Mapping[str, Any] | Non
     mode = arguments.get("x-match", "all")
     with_x = mode in ("all-with-x", "any-with-x")
     wanted = [
-        (key, value) for key, value in arguments.items()
+        (key, value)
+        for key, value in arguments.items()
         if key != "x-match" and (with_x or not key.startswith("x-"))
     ]
     headers = headers or {}

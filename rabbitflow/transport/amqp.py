@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
@@ -91,7 +91,7 @@ class AmqpChannel(Channel):
     __slots__ = ("_channel",)
 
     def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
-        self._channel = channel
+        self._channel = cast(aiormq.Channel, channel)
 
     @property
     def is_open(self) -> bool:
@@ -170,6 +170,7 @@ class AmqpChannel(Channel):
                 routing_key=routing_key,
                 properties=properties,
                 mandatory=mandatory,
+                wait=False,  # we wait for the confirm; waiting for the socket drain too is a wasted wakeup
             )
         if confirm is not None and not isinstance(confirm, Basic.Ack):
             raise PublishNacked(

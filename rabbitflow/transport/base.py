@@ -74,6 +74,10 @@ OnDelivery = Callable[[Delivery], Awaitable[None]]
 class Channel(abc.ABC):
     """An AMQP channel in confirm mode."""
 
+    # How long settled deliveries may wait to share one multiple-ack; a broker on the same
+    # event loop (the in-memory one) wants them at once.
+    ack_linger: float = 0.005
+
     @property
     @abc.abstractmethod
     def is_open(self) -> bool: ...

@@ -1,0 +1,382 @@
+"""Connections and channels to the in-memory broker: the AMQP methods of the Transport interface."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+from ..errors import PublishNacked, Unroutable
+from ..transport.base import (
+    Arguments,
+    Channel,
+    ChannelClosed,
+    ConnectionLost,
+    Delivery,
+    OnDelivery,
+    Properties,
+    QueueInfo,
+    Transport,
+    TransportError,
+)
+from ._amqp import (
+    EXCHANGE_ARGS,
+    QUEUE_ARGS,
+    access_refused,
+    assert_args_equivalence,
+    assert_field_equivalence,
+    not_found,
+    parse_expiration,
+    precondition_failed,
+    resource_locked,
+    rs,
+    validate_queue_arguments,
+    wire_properties,
+    wire_table,
+)
+from ._queue import Consumer, MemoryQueue, Unacked
+from ._routing import EXCHANGE_TYPES, X_MATCH, Binding, MemoryExchange
+from ._vhost import Published, VHost
+
+__all__ = ["MemoryChannel", "MemoryTransport"]
+
+
+class MemoryTransport(Transport):
+    """One connection to a MemoryBroker."""
+
+    node = "memory://"
+
+    def __init__(self, vhost: VHost) -> None:
+        self._vhost = vhost
+        self._channels: list[MemoryChannel] = []
+        self._closed: asyncio.Future[ConnectionLost | None] = asyncio.get_running_loop().create_future()
+
+    def __repr__(self) -> str:
+        return f"<MemoryTransport {'open' if self.is_open else 'closed'} channels={len(self._channels)}>"
+
+    @property
+    def is_open(self) -> bool:
+        return not self._closed.done()
+
+    @property
+    def blocked(self) -> bool:
+        return False
+
+    async def wait_unblocked(self) -> None:
+        return None
+
+    async def channel(self) -> MemoryChannel:
+        if not self.is_open:
+            raise ConnectionLost("the connection to memory:// is closed")
+        channel = MemoryChannel(self, len(self._channels) + 1)
+        self._channels.append(channel)
+        await asyncio.sleep(0)
+        return channel
+
+    async def wait_closed(self) -> BaseException | None:
+        return await asyncio.shield(self._closed)
+
+    async def close(self) -> None:
+        self._shutdown(None)
+        await asyncio.sleep(0)
+
+    def _shutdown(self, lost: ConnectionLost | None) -> None:
+        """Close every channel (their unacked messages return) and drop exclusive queues."""
+        if self._closed.done():
+            return
+        reason = lost or ConnectionLost("the connection to memory:// was closed")
+        for channel in self._channels:
+            channel._shutdown(reason)
+        vhost = self._vhost
+        for q in [q for q in vhost.queues.values() if q.owner is self]:
+            vhost.remove_queue(q)  # exclusive queues go with their connection
+        self._closed.set_result(lost)
+
+
+class MemoryChannel(Channel):
+    """A channel in confirm mode: a publish returns once the broker has taken the message."""
+
+    ack_linger = 0.0  # the broker runs on this event loop: acks go out on the next turn
+
+    def __init__(self, transport: MemoryTransport, number: int) -> None:
+        self.number = number
+        self._transport = transport
+        self._vhost = transport._vhost
+        self._closed: TransportError | None = None
+        self._last_tag = 0
+        self._unacked: dict[int, Unacked] = {}
+        self._consumers: dict[str, Consumer] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # delivery callbacks running for this channel
+
+    def __repr__(self) -> str:
+        state = "open" if self._closed is None else f"closed ({self._closed})"
+        return f"<MemoryChannel {self.number} {state} unacked={len(self._unacked)}>"
+
+    @property
+    def is_open(self) -> bool:
+        return self._closed is None
+
+    # -- AMQP methods --------------------------------------------------------------------------
+
+    async def declare_exchange(
+        self,
+        name: str,
+        type: str = "direct",
+        *,
+        durable: bool = True,
+        arguments: Arguments | None = None,
+        passive: bool = False,
+    ) -> None:
+        with self._method() as vhost:
+            if passive:
+                if name not in vhost.exchanges:
+                    raise not_found("exchange", name)
+            elif type not in EXCHANGE_TYPES:
+                raise ChannelClosed(503, f"COMMAND_INVALID - unknown exchange type '{type}'")
+            elif name == "":
+                raise access_refused("operation not permitted on the default exchange")
+            elif (existing := vhost.exchanges.get(name)) is not None:
+                assert_field_equivalence("exchange", name, "type", existing.type, type)
+                assert_field_equivalence("exchange", name, "durable", existing.durable, durable)
+                args = wire_table(arguments)
+                assert_args_equivalence("exchange", name, existing.arguments, args, EXCHANGE_ARGS)
+            elif name.startswith("amq."):
+                raise access_refused(f"exchange name '{name}' contains reserved prefix 'amq.*'")
+            else:
+                vhost.exchanges[name] = MemoryExchange(name, type, durable, wire_table(arguments))
+        await asyncio.sleep(0)
+
+    async def declare_queue(
+        self,
+        name: str,
+        *,
+        durable: bool = True,
+        exclusive: bool = False,
+        arguments: Arguments | None = None,
+        passive: bool = False,
+    ) -> QueueInfo:
+        with self._method() as vhost:
+            q = (
+                vhost.queue(name, self._transport)
+                if passive
+                else self._declare(name, durable, exclusive, arguments)
+            )
+            info = q.info()
+        await asyncio.sleep(0)
+        return info
+
+    def _declare(self, name: str, durable: bool, exclusive: bool, arguments: Arguments | None) -> MemoryQueue:
+        vhost = self._vhost
+        args = wire_table(arguments)
+        durable = durable and not exclusive  # RabbitMQ never keeps an exclusive queue durable
+        if name == "":
+            if args.get("x-queue-type") == "quorum":
+                raise precondition_failed("Cannot declare a server-named queue for type quorum")
+            name = vhost.new_name("amq.gen-")
+        elif name.startswith("amq."):
+            raise access_refused(f"queue name '{name}' contains reserved prefix 'amq.*'")
+        owner = self._transport if exclusive else None
+        existing = vhost.queues.get(name)
+        if existing is not None:
+            if existing.owner is not owner:
+                raise resource_locked(name)
+            assert_field_equivalence("queue", name, "durable", existing.durable, durable)
+            assert_args_equivalence("queue", name, existing.arguments, args, QUEUE_ARGS)
+            return existing
+        validate_queue_arguments(name, args)
+        kind = args.get("x-queue-type", "classic")
+        if kind == "stream":
+            raise NotImplementedError("the memory broker has no stream queues")
+        if kind == "quorum" and not durable:
+            prop = "exclusive-owner" if exclusive else "non-durable"
+            raise precondition_failed(f"invalid property '{prop}' for {rs('queue', name)}")
+        q = vhost.queues[name] = MemoryQueue(name, durable=durable, owner=owner, arguments=args)
+        return q
+
+    async def bind_queue(
+        self,
+        queue: str,
+        exchange: str,
+        routing_key: str,
+        arguments: Arguments | None = None,
+    ) -> None:
+        with self._method() as vhost:
+            if exchange == "":
+                raise access_refused("operation not permitted on the default exchange")
+            args = wire_table(arguments)
+            x = vhost.exchanges.get(exchange)
+            if x is None:
+                raise not_found("exchange", exchange)
+            q = vhost.queue(queue, self._transport)
+            if x.type == "headers" and args.get("x-match", "all") not in X_MATCH:
+                raise precondition_failed(
+                    f"Invalid x-match field value {args['x-match']!r}; "
+                    "expected all, any, all-with-x, or any-with-x"
+                )
+            x.bind(Binding(q.name, routing_key, args))
+        await asyncio.sleep(0)
+
+    async def delete_queue(self, name: str) -> None:
+        with self._method() as vhost:
+            if name in vhost.queues:  # deleting a missing queue is no error
+                vhost.remove_queue(vhost.queue(name, self._transport))
+        await asyncio.sleep(0)
+
+    async def delete_exchange(self, name: str) -> None:
+        with self._method() as vhost:
+            if name == "":
+                raise access_refused("operation not permitted on the default exchange")
+            if name.startswith("amq."):
+                raise access_refused(f"deletion of system {rs('exchange', name)} not allowed")
+            vhost.exchanges.pop(name, None)
+        await asyncio.sleep(0)
+
+    async def publish(
+        self,
+        body: bytes,
+        *,
+        exchange: str,
+        routing_key: str,
+        properties: Properties,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish and return once confirmed; `Unroutable` if a mandatory publish has no queue."""
+        with self._method() as vhost:
+            x = vhost.exchanges.get(exchange)
+            if x is None:
+                raise not_found("exchange", exchange)
+            props = wire_properties(properties)  # a copy, never the publisher's headers dict
+            ttl = None if props.expiration is None else parse_expiration(props.expiration)
+            now = vhost.clock()
+            vhost.published.append(Published(exchange, routing_key, wire_properties(props), body, now))
+            targets = vhost.route(x, routing_key, props)
+            if not targets and mandatory:
+                raise Unroutable(exchange, routing_key)
+            refused = [
+                q.name for q in targets if not vhost.enqueue(q, body, props, exchange, routing_key, ttl)
+            ]
+            if refused:
+                raise PublishNacked(
+                    f"the broker refused the message: queue {', '.join(map(repr, refused))} is full "
+                    "(x-max-length with x-overflow=reject-publish); consume from it or raise the limit"
+                )
+        await asyncio.sleep(0)
+
+    async def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int) -> str:
+        if prefetch < 0:
+            raise ValueError(f"prefetch={prefetch!r}: expected a count >= 0 (0 = unlimited)")
+        with self._method() as vhost:
+            q = vhost.queue(queue, self._transport)
+            tag = vhost.new_name("amq.ctag-")
+            # basic.qos(prefetch) before basic.consume: the limit applies per consumer.
+            consumer = Consumer(tag, self, q, on_delivery, prefetch)
+            q.consumers.append(consumer)
+            self._consumers[tag] = consumer
+            vhost.touch(q)
+        await asyncio.sleep(0)
+        return tag
+
+    async def cancel(self, consumer_tag: str) -> None:
+        # Deliveries already made stay unacked on the channel, as after a real basic.cancel.
+        with self._method():
+            self._forget_consumer(consumer_tag)
+        await asyncio.sleep(0)
+
+    async def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
+        with self._method() as vhost:
+            # rabbit_channel: multiple with tag 0 acks everything; otherwise the tag must be known.
+            if multiple and delivery_tag == 0:
+                tags = list(self._unacked)
+            elif delivery_tag not in self._unacked:
+                raise precondition_failed(f"unknown delivery tag {delivery_tag}")
+            elif multiple:
+                tags = [tag for tag in self._unacked if tag <= delivery_tag]
+            else:
+                tags = [delivery_tag]
+            for tag in tags:
+                vhost.settle(self._unacked.pop(tag))
+            vhost.progress += len(tags)
+        await asyncio.sleep(0)
+
+    async def reject(self, delivery_tag: int, *, requeue: bool) -> None:
+        with self._method() as vhost:
+            entry = self._unacked.pop(delivery_tag, None)
+            if entry is None:
+                raise precondition_failed(f"unknown delivery tag {delivery_tag}")
+            vhost.settle(entry)
+            if requeue:
+                vhost.give_back(entry)
+            else:
+                vhost.discard(entry)
+        await asyncio.sleep(0)
+
+    async def get(self, queue: str) -> Delivery | None:
+        with self._method() as vhost:
+            q = vhost.queue(queue, self._transport)
+            entry = vhost.take(q)
+            delivery = None
+            if entry is not None:
+                m = entry.message
+                tag = self._track(entry)
+                properties = q.delivery_properties(m, basic_get=True)
+                delivery = Delivery(m.body, properties, tag, q.redelivered(m), m.exchange, m.routing_key)
+        await asyncio.sleep(0)
+        return delivery
+
+    async def close(self) -> None:
+        self._shutdown(ChannelClosed(200, "channel closed by the client"))
+        await asyncio.sleep(0)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _method(self) -> Iterator[VHost]:
+        """Run one AMQP method; a channel error closes the channel, as RabbitMQ does."""
+        reason = self._closed
+        if isinstance(reason, ChannelClosed):
+            raise ChannelClosed(reason.code, reason.text)
+        if reason is not None:
+            raise ConnectionLost(str(reason))
+        vhost = self._vhost
+        vhost.activity += 1
+        try:
+            yield vhost
+        except ChannelClosed as exc:
+            self._shutdown(exc)
+            raise
+        finally:
+            vhost.pump()
+
+    def _track(self, entry: Unacked) -> int:
+        # Delivery tags count from 1 on each channel.
+        self._last_tag += 1
+        self._unacked[self._last_tag] = entry
+        return self._last_tag
+
+    def _forget_consumer(self, tag: str) -> None:
+        consumer = self._consumers.pop(tag, None)
+        if consumer is not None and consumer in consumer.queue.consumers:
+            consumer.queue.consumers.remove(consumer)
+
+    def _shutdown(self, reason: TransportError) -> None:
+        """Close: cancel consumers, return unacked messages (redelivered), stop callbacks."""
+        if self._closed is not None:
+            return
+        self._closed = reason
+        for tag in list(self._consumers):
+            self._forget_consumer(tag)
+        entries = list(self._unacked.values())
+        self._unacked.clear()
+        vhost = self._vhost
+        for entry in entries:
+            vhost.settle(entry)
+            vhost.give_back(entry)
+        # aiormq cancels a channel's running consumer callbacks when the channel closes.
+        try:
+            current = asyncio.current_task()
+        except RuntimeError:
+            current = None
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        vhost.pump()

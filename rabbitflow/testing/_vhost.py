@@ -1,0 +1,290 @@
+"""The broker's state (exchanges, queues, bindings) and how messages move through it.
+
+Everything here is synchronous: deliveries are handed to `spawn`, which runs each in a task,
+and the clock is read from `clock`. MemoryBroker drives it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from ..transport.base import Delivery, Properties
+from ._amqp import clone_properties, not_found, resource_locked
+from ._deadletter import is_cycle, record_death
+from ._queue import Consumer, MemoryQueue, Message, Unacked
+from ._routing import MemoryExchange
+
+__all__ = ["Dropped", "Published", "VHost"]
+
+_PREDECLARED = [
+    ("", "direct"),
+    ("amq.direct", "direct"),
+    ("amq.fanout", "fanout"),
+    ("amq.topic", "topic"),
+    ("amq.headers", "headers"),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """One publish as the broker received it, at virtual time `time`."""
+
+    exchange: str
+    routing_key: str
+    properties: Properties
+    body: bytes
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """A message that left `queue` for `reason` and went nowhere (RabbitMQ drops it silently)."""
+
+    queue: str
+    reason: str  # expired, rejected, maxlen, delivery_limit
+    cause: str  # why it was not dead-lettered
+    properties: Properties
+    body: bytes
+    time: float
+
+
+class VHost:
+    """The vhost "/" of the in-memory broker."""
+
+    def __init__(
+        self, clock: Callable[[], float], epoch: datetime, spawn: Callable[[Consumer, Delivery], None]
+    ) -> None:
+        self.clock = clock
+        self.epoch = epoch
+        self.exchanges = {name: MemoryExchange(name, kind, True, {}) for name, kind in _PREDECLARED}
+        self.queues: dict[str, MemoryQueue] = {}
+        self.published: list[Published] = []
+        self.dropped: list[Dropped] = []
+        self.activity = 0  # counts every change, so the broker can tell when it is idle
+        self.progress = 0  # counts messages leaving for good (acked, dead-lettered, deleted)
+        self.after_pump: Callable[[], None] | None = None
+        self._spawn = spawn
+        self._dirty: dict[MemoryQueue, None] = {}
+        self._pumping = False
+        self._seq = itertools.count(1)
+        self._names = itertools.count(1)
+
+    def new_name(self, prefix: str) -> str:
+        return f"{prefix}{next(self._names):06d}"
+
+    def queue(self, name: str, owner: object) -> MemoryQueue:
+        """The queue, or 404; 405 when it is another connection's exclusive queue."""
+        q = self.queues.get(name)
+        if q is None:
+            raise not_found("queue", name)
+        if q.owner is not None and q.owner is not owner:
+            raise resource_locked(name)
+        return q
+
+    def remove_queue(self, q: MemoryQueue) -> None:
+        self.progress += 1
+        del self.queues[q.name]
+        for exchange in self.exchanges.values():
+            exchange.unbind_queue(q.name)
+        for consumer in list(q.consumers):
+            consumer.channel._forget_consumer(consumer.tag)
+        q.clear()
+        self._dirty.pop(q, None)
+
+    def touch(self, q: MemoryQueue) -> None:
+        """Something changed on `q`: service it on the next pump."""
+        self._dirty[q] = None
+
+    # -- the clock -----------------------------------------------------------------------------
+
+    def next_expiry(self) -> float | None:
+        # Only the head of a queue can expire (as in RabbitMQ), so only heads are pending.
+        due = [
+            head.expires_at
+            for q in self.queues.values()
+            if (head := q.head()) is not None and head.expires_at is not None
+        ]
+        return min(due, default=None)
+
+    def expire_due(self) -> None:
+        now = self.clock()
+        for q in self.queues.values():
+            head = q.head()
+            if head is not None and head.expired(now):
+                self._dirty[q] = None
+        self.pump()
+
+    def death_time(self) -> datetime:
+        # x-death `time` is an AMQP timestamp in whole seconds; aiormq decodes it to a UTC datetime.
+        return datetime.fromtimestamp(math.floor(self.epoch.timestamp() + self.clock()), tz=UTC)
+
+    # -- moving messages -----------------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Expire and deliver on every queue that changed, until none is left to service."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while self._dirty:
+                q = next(iter(self._dirty))
+                del self._dirty[q]
+                if self.queues.get(q.name) is q:
+                    self._service(q)
+        finally:
+            self._pumping = False
+        if self.after_pump is not None:
+            self.after_pump()
+
+    def _service(self, q: MemoryQueue) -> None:
+        while (head := q.head()) is not None:
+            if head.expired(self.clock()):
+                q.pop_head()
+                self.dead_letter(q, head, "expired")
+                continue
+            consumer = q.next_consumer()
+            if consumer is None:
+                return
+            q.pop_head()
+            self._deliver(q, consumer, head)
+
+    def _deliver(self, q: MemoryQueue, consumer: Consumer, message: Message) -> None:
+        tag = consumer.channel._track(Unacked(q, message, consumer))
+        consumer.unacked += 1
+        q.unacked_count += 1
+        properties = q.delivery_properties(message)
+        redelivered = q.redelivered(message)
+        delivery = Delivery(message.body, properties, tag, redelivered, message.exchange, message.routing_key)
+        self.activity += 1
+        self._spawn(consumer, delivery)
+
+    def take(self, q: MemoryQueue) -> Unacked | None:
+        """basic.get: the head message, now unacked on the caller's channel; None when empty."""
+        while (head := q.head()) is not None and head.expired(self.clock()):
+            self.dead_letter(q, q.pop_head(), "expired")
+        if q.head() is None:
+            return None
+        q.unacked_count += 1
+        return Unacked(q, q.pop_head(), None)
+
+    def route(self, exchange: MemoryExchange, routing_key: str, properties: Properties) -> list[MemoryQueue]:
+        if exchange.name == "":  # the default exchange routes by queue name
+            q = self.queues.get(routing_key)
+            return [q] if q is not None else []
+        names = exchange.route(routing_key, properties.headers)
+        return [self.queues[name] for name in names if name in self.queues]
+
+    def enqueue(
+        self,
+        q: MemoryQueue,
+        body: bytes,
+        properties: Properties,
+        exchange: str,
+        routing_key: str,
+        ttl: int | None,
+    ) -> bool:
+        """Put a message on `q`; False if the queue refused it (x-overflow=reject-publish)."""
+        now = self.clock()
+        message = Message(body, properties, exchange, routing_key, next(self._seq), q.expiry(ttl, now))
+        self.activity += 1
+        if q.max_length is not None and q.overflow != "drop-head" and q.message_count >= q.max_length:
+            if q.overflow == "reject-publish-dlx":
+                self.dead_letter(q, message, "maxlen")
+            return False
+        # An idle consumer takes the message before TTL or max-length apply (classic queues
+        # deliver even a TTL-0 message; quorum queues expire it first).
+        expired = message.expired(now)
+        consumer = q.next_consumer() if q.head() is None else None
+        if consumer is not None and not (expired and q.is_quorum):
+            self._deliver(q, consumer, message)
+            return True
+        q.push(message)
+        self._drop_over_limit(q)
+        self._dirty[q] = None
+        return True
+
+    def _drop_over_limit(self, q: MemoryQueue) -> None:
+        # x-max-length with the default drop-head overflow dead-letters from the head.
+        while q.max_length is not None and q.overflow == "drop-head" and q.message_count > q.max_length:
+            self.dead_letter(q, q.pop_head(), "maxlen")
+
+    def settle(self, entry: Unacked) -> None:
+        """The delivery is no longer unacked (acked, rejected or returned)."""
+        entry.queue.unacked_count -= 1
+        if entry.consumer is not None:
+            entry.consumer.unacked -= 1
+        self._dirty[entry.queue] = None
+        self.activity += 1
+
+    def give_back(self, entry: Unacked) -> None:
+        """A settled delivery returns to its queue: requeued, or its channel closed."""
+        q, message = entry.queue, entry.message
+        if self.queues.get(q.name) is not q:
+            return  # the queue was deleted meanwhile
+        if q.is_quorum:
+            message.delivery_count += 1
+            # rabbit_fifo: a message returned more than x-delivery-limit times is dead-lettered.
+            if q.delivery_limit is not None and message.delivery_count > q.delivery_limit:
+                self.dead_letter(q, message, "delivery_limit")
+                return
+        q.requeue(message)
+        self._drop_over_limit(q)
+        self._dirty[q] = None
+
+    def discard(self, entry: Unacked) -> None:
+        """A settled delivery was rejected without requeue: dead-letter it."""
+        if self.queues.get(entry.queue.name) is entry.queue:
+            self.dead_letter(entry.queue, entry.message, "rejected")
+
+    def dead_letter(self, q: MemoryQueue, message: Message, reason: str) -> None:
+        """Republish a message that left `q` to its dead-letter exchange, as rabbit_dead_letter does."""
+        self.progress += 1
+        props = message.properties
+        if q.dead_letter_exchange is None:
+            self._drop(q, message, reason, "the queue has no x-dead-letter-exchange")
+            return
+        dlx = self.exchanges.get(q.dead_letter_exchange)
+        if dlx is None:
+            self._drop(
+                q, message, reason, f"its dead-letter exchange '{q.dead_letter_exchange}' does not exist"
+            )
+            return
+        routing_key = q.dead_letter_routing_key
+        if routing_key is None:
+            routing_key = message.routing_key
+        headers = record_death(
+            props.headers,
+            queue=q.name,
+            reason=reason,
+            exchange=message.exchange,
+            routing_keys=[message.routing_key],
+            time=self.death_time(),
+            expiration=props.expiration,
+        )
+        # The per-message TTL does not travel on: x-death keeps it as original-expiration.
+        dead = clone_properties(props, headers=headers, expiration=None)
+        targets = self.route(dlx, routing_key, dead)
+        if reason != "rejected":
+            # A loop back to a queue the message already died in, with no rejection on the way,
+            # is dropped ("Dead-letter queues cycle detected" in RabbitMQ's log).
+            looping = [t for t in targets if is_cycle(t.name, headers["x-death"])]
+            if looping:
+                targets = [t for t in targets if t not in looping]
+                cycle = f"dead-letter cycle back to {', '.join(t.name for t in looping)}"
+                if not targets:
+                    self._drop(q, message, reason, cycle)
+                    return
+        if not targets:
+            self._drop(q, message, reason, f"no queue is bound to '{dlx.name}' for '{routing_key}'")
+            return
+        for target in targets:
+            if not self.enqueue(target, message.body, dead, dlx.name, routing_key, None):
+                self._drop(q, message, reason, f"queue '{target.name}' refused it (x-overflow)")
+
+    def _drop(self, q: MemoryQueue, message: Message, reason: str, cause: str) -> None:
+        record = Dropped(q.name, reason, cause, message.properties, message.body, self.clock())
+        self.dropped.append(record)
