@@ -21,6 +21,7 @@
 #   start-node N  start node N again and wait until it is back in the cluster
 #   kill-node N   SIGKILL node N's beam process (a hard crash)
 #   pid N         print the OS pid of node N's beam process
+#   ctl N ARGS..  run rabbitmqctl ARGS against node N (e.g. set_vm_memory_high_watermark)
 #
 # Environment:
 #   RABBITFLOW_CLUSTER_DIR      state folder (default /tmp/rabbitflow-cluster)
@@ -404,6 +405,13 @@ cmd_pid() {
     node_pid "$1" || die "$(node_name "$1") is not running"
 }
 
+cmd_ctl() {
+    check_n "${1:-}"
+    local n=$1
+    shift
+    ctl -n "$(node_name "$n")" "$@"
+}
+
 cmd_stop_node() {
     check_n "${1:-}"
     stop_one "$1"
@@ -483,6 +491,7 @@ main() {
         stop-node) cmd_stop_node "$@" ;;
         start-node) cmd_start_node "$@" ;;
         kill-node) cmd_kill_node "$@" ;;
+        ctl) cmd_ctl "$@" ;;
         -h | --help | help) usage ;;
         *)
             usage

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from rabbitflow import App
+from rabbitflow import App, PublishTimeout
 
 from .helpers import unique, wait_for
 
@@ -141,3 +141,37 @@ async def _delete(app: App) -> None:
         await channel.queue_delete(name)
     await channel.exchange_delete(f"{app.name}.dlx")
     await connection.close()
+
+
+async def test_a_resource_alarm_blocks_publishes_visibly(running_cluster: None) -> None:
+    app = App(unique("alarm"), url=url(1))
+    queue = unique("alarm")
+    got: list[int] = []
+
+    @app.consumer(queue, queue_type="quorum")
+    async def handle(body: dict[str, int]) -> None:
+        got.append(body["n"])
+
+    try:
+        async with app:
+            await app.publish({"n": 1}, routing_key=queue)
+            await wait_for(lambda: got == [1])
+            # A memory alarm (the watermark below what the node uses) blocks publishers cluster-wide.
+            await cluster("ctl", "1", "set_vm_memory_high_watermark", "0.0000001")
+            try:
+                started = time.monotonic()
+                with pytest.raises(PublishTimeout, match="blocked by a resource alarm"):
+                    await app.publish({"n": 2}, routing_key=queue, timeout=2)
+                assert 1.9 <= time.monotonic() - started <= 5
+                await wait_for(lambda: app.health()["blocked"] is True)
+                waiting = asyncio.create_task(app.publish({"n": 3}, routing_key=queue, timeout=60))
+                await asyncio.sleep(1)
+                assert not waiting.done()  # waits for the alarm to clear instead of failing
+            finally:
+                await cluster("ctl", "1", "set_vm_memory_high_watermark", "0.4")
+            await asyncio.wait_for(waiting, 30)
+            assert app.health()["blocked"] is False
+            # n=2's outcome was unknown when it timed out: the broker may still take it.
+            await wait_for(lambda: 3 in got, timeout=15)
+    finally:
+        await _delete(app)

@@ -57,3 +57,10 @@ def test_endpoint_repr_and_str_are_masked() -> None:
     assert "topsecret" not in repr(node)
     assert "topsecret" not in str(node)
     assert str(node) == "amqp://guest:**@rmq1/"
+
+
+def test_tls_options_stay_with_their_entry() -> None:
+    node = parse_urls("amqps://app:pw@rmq1:5671/prod?cafile=/etc/ca.pem&certfile=/etc/c.pem;amqp://rmq2")[0]
+    assert (node.scheme, node.port, node.vhost) == ("amqps", 5671, "prod")
+    assert node.url.endswith("?cafile=/etc/ca.pem&certfile=/etc/c.pem")
+    assert str(node) == "amqps://app:**@rmq1:5671/prod?cafile=/etc/ca.pem&certfile=/etc/c.pem"

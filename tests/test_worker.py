@@ -77,12 +77,15 @@ async def test_ladder_gaps_follow_the_ladder(make_app: Callable[..., App]) -> No
     assert {q.name for q in app.plan.queues} >= {f"{queue}.retry.500ms", f"{queue}.retry.2s"}
 
 
-async def test_fail_twice_then_succeed_parks_nothing(make_app: Callable[..., App], admin: Admin) -> None:
+@pytest.mark.parametrize("queue_type", QUEUE_TYPES)
+async def test_fail_twice_then_succeed_parks_nothing(
+    make_app: Callable[..., App], admin: Admin, queue_type: str
+) -> None:
     app = make_app()
     queue = unique("flaky")
     attempts: list[int] = []
 
-    @app.consumer(queue, retries=3, delay=0.2)
+    @app.consumer(queue, retries=3, delay=0.2, queue_type=queue_type)
     async def handle(body: Any, message: Message) -> None:
         attempts.append(message.attempt)
         if message.attempt < 3:
@@ -123,14 +126,15 @@ async def test_sibling_queue_on_fanout_sees_one_copy(make_app: Callable[..., App
     assert sibling_calls == [1]
 
 
+@pytest.mark.parametrize("queue_type", QUEUE_TYPES)
 async def test_invalid_json_is_parked_without_calling_the_handler(
-    make_app: Callable[..., App], admin: Admin
+    make_app: Callable[..., App], admin: Admin, queue_type: str
 ) -> None:
     app = make_app()
     queue = unique("bad")
     called = False
 
-    @app.consumer(queue)
+    @app.consumer(queue, queue_type=queue_type)
     async def handle(body: Any) -> None:
         nonlocal called
         called = True

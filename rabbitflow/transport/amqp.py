@@ -280,10 +280,6 @@ class AmqpTransport(Transport):
             await asyncio.wait_for(self._connection.close(), 5)
 
 
-def _ssl_context(endpoint: Endpoint) -> ssl.SSLContext | None:
-    return ssl.create_default_context() if endpoint.scheme == "amqps" else None
-
-
 async def connect(
     endpoint: Endpoint,
     *,
@@ -298,8 +294,9 @@ async def connect(
         "heartbeat": heartbeat,
         "client_properties": {"connection_name": name},
     }
-    context = ssl_context or _ssl_context(endpoint)
-    if context is not None:
-        kwargs["ssl_context"] = context
+    # Without a context aiormq builds one for amqps:// from the URL's query: cafile, capath,
+    # certfile, keyfile, no_verify_ssl.
+    if ssl_context is not None:
+        kwargs["ssl_context"] = ssl_context
     connection = await asyncio.wait_for(aio_pika.connect(endpoint.url, **kwargs), timeout)
     return AmqpTransport(endpoint, connection)
