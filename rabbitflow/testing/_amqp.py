@@ -57,7 +57,7 @@ _TYPE_NAMES = {
 _INT_TYPES = frozenset({"byte", "unsignedbyte", "short", "unsignedshort", "signedint", "unsignedint", "long"})
 
 # Arguments compared when a queue is redeclared, in the order RabbitMQ checks them
-# (rabbit_amqqueue:declare_args/0). 3.13+ also compare x-delivery-limit; so do we.
+# (rabbit_amqqueue:declare_args/0); 3.10.8 compares x-delivery-limit too.
 QUEUE_ARGS = (
     "x-expires",
     "x-message-ttl",
@@ -164,6 +164,12 @@ def assert_args_equivalence(
             old, new = current[key], received[key]
             if type_class(old) == type_class(new) and old == new:
                 continue
+            # Both present: RabbitMQ prints the bare values ("received '2000' but current is
+            # '1000'"); the typed form is only for an argument missing on one side.
+            raise precondition_failed(
+                f"inequivalent arg '{key}' for {rs(kind, name)}: "
+                f"received '{_erl(new)}' but current is '{_erl(old)}'"
+            )
         raise precondition_failed(
             f"inequivalent arg '{key}' for {rs(kind, name)}: "
             f"received {_described(received, key)} but current is {_described(current, key)}"

@@ -1,0 +1,988 @@
+"""The contract suite: every test runs on the in-memory broker and on the real RabbitMQ 3.10.
+
+The `env` fixture hands each test a connected Transport on one of the two brokers and the few
+things that differ between them (waiting, settling, cleanup). The assertions are the same on
+both, so wherever the in-memory broker stops behaving like RabbitMQ, its half of a test fails.
+Real waits stay short (TTLs of 200-900 ms); on the memory broker they cost nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from pamqp.commands import Basic
+
+from rabbitflow import App, Message, PublishNacked, Reject, Unroutable
+from rabbitflow.testing.memory import MemoryBroker, use_broker
+from rabbitflow.transport import amqp
+from rabbitflow.transport.base import Channel, ChannelClosed, Delivery, Transport, TransportError
+from rabbitflow.urls import parse_urls
+
+log = logging.getLogger(__name__)
+
+QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
+QUEUE_TYPES = ["classic", "quorum"]
+
+# How long a RabbitMQ test waits for "nothing more happens" (deliveries on localhost take ~1 ms).
+QUIET = 0.1
+POLL = 0.02
+
+
+def props(**kwargs: Any) -> Basic.Properties:
+    return Basic.Properties(**kwargs)
+
+
+def queue_args(queue_type: str, **arguments: Any) -> dict[str, Any]:
+    return {**(QUORUM if queue_type == "quorum" else {}), **arguments}
+
+
+class Env:
+    """One broker as the tests see it: memory (virtual clock) or RabbitMQ (real time)."""
+
+    def __init__(self, kind: str, transport: Transport, broker: MemoryBroker | None, url: str) -> None:
+        self.kind = kind
+        self.transport = transport
+        self.broker = broker
+        self.url = url
+        self.queues: list[str] = []
+        self.exchanges: list[str] = []
+        self.apps: list[App] = []
+
+    def name(self, prefix: str) -> str:
+        return f"contract-{prefix}-{uuid.uuid4().hex[:10]}"
+
+    async def channel(self) -> Channel:
+        return await self.transport.channel()
+
+    async def queue(
+        self,
+        channel: Channel,
+        prefix: str,
+        *,
+        durable: bool = True,
+        arguments: Mapping[str, Any] | None = None,
+    ) -> str:
+        name = self.name(prefix)
+        self.queues.append(name)
+        await channel.declare_queue(name, durable=durable, arguments=arguments)
+        return name
+
+    async def exchange(self, channel: Channel, prefix: str, type: str = "direct") -> str:
+        name = self.name(prefix)
+        self.exchanges.append(name)
+        await channel.declare_exchange(name, type)
+        return name
+
+    def app(self) -> App:
+        """An App on this broker; everything its plan declares is deleted afterwards."""
+        if self.broker is not None:
+            app = App(self.name("svc"), url="memory://", graceful_timeout=5)
+            use_broker(app, self.broker)
+        else:
+            app = App(self.name("svc"), url=self.url, graceful_timeout=5)
+        self.apps.append(app)
+        return app
+
+    # -- time ----------------------------------------------------------------------------------
+
+    async def wait(self, seconds: float) -> None:
+        """Let `seconds` pass: the virtual clock jumps, RabbitMQ takes them for real."""
+        if self.broker is not None:
+            await self.broker.advance(seconds)
+        else:
+            await asyncio.sleep(seconds)
+
+    async def settle(self) -> None:
+        """Let whatever is in flight arrive, without letting (virtual) time pass."""
+        if self.broker is not None:
+            await self.broker.drain(advance_clock=False)
+        else:
+            await asyncio.sleep(QUIET)
+
+    async def until(self, predicate: Callable[[], bool], *, timeout: float = 5.0) -> None:
+        """Run until `predicate()` holds. Memory: drain, jumping the clock over every TTL.
+        RabbitMQ: wait for real, up to `timeout`."""
+        if self.broker is not None:
+            await self.broker.drain()
+        else:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    while not predicate():  # noqa: ASYNC110 - waiting on the broker's doing
+                        await asyncio.sleep(POLL)
+        assert predicate(), f"{self.kind}: condition not met"
+
+    # -- reading queues ------------------------------------------------------------------------
+
+    async def fetch(
+        self, channel: Channel, queue: str, count: int, *, timeout: float = 5.0, ack: bool = True
+    ) -> list[Delivery]:
+        """Exactly `count` messages from `queue` by basic.get, once they arrived (see `until`)."""
+        got: list[Delivery] = []
+
+        async def poll() -> bool:
+            while len(got) < count and (delivery := await channel.get(queue)) is not None:
+                got.append(delivery)
+            return len(got) >= count
+
+        if self.broker is not None:
+            await self.broker.drain()
+            await poll()
+        else:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    while not await poll():
+                        await asyncio.sleep(POLL)
+        assert len(got) == count, f"{self.kind}: {len(got)} of {count} messages arrived in {queue}"
+        if ack:
+            for delivery in got:
+                await channel.ack(delivery.delivery_tag)
+        assert await channel.get(queue) is None, f"{self.kind}: more than {count} messages in {queue}"
+        return got
+
+    async def close(self) -> None:
+        for app in self.apps:
+            self.queues.extend(q.name for q in app.plan.queues)
+            self.exchanges.extend(e.name for e in app.plan.exchanges if e.name)
+        transport = self.transport
+        if not transport.is_open:
+            transport = await _connect(self.url)
+        channel = await transport.channel()
+        for queue in self.queues:
+            await channel.delete_queue(queue)
+        for exchange in self.exchanges:
+            await channel.delete_exchange(exchange)
+        await channel.close()
+        await transport.close()
+        if transport is not self.transport:
+            await self.transport.close()
+
+
+async def _connect(url: str) -> Transport:
+    return await amqp.connect(parse_urls(url)[0], timeout=5, heartbeat=5, name="contract")
+
+
+@pytest.fixture(params=["memory", "rabbitmq"])
+def backend(request: pytest.FixtureRequest) -> str:
+    if request.param == "memory":
+        return "memory://"
+    url: str = request.getfixturevalue("broker_url")
+    return url
+
+
+@pytest.fixture
+async def env(backend: str) -> AsyncIterator[Env]:
+    if backend == "memory://":
+        broker = MemoryBroker()
+        environment = Env("memory", await broker.connect(), broker, backend)
+    else:
+        environment = Env("rabbitmq", await _connect(backend), None, backend)
+    try:
+        yield environment
+    finally:
+        if environment.broker is None:
+            await environment.close()
+        else:
+            await environment.transport.close()
+
+
+class Inbox:
+    """A consumer callback that records deliveries and settles them as told."""
+
+    def __init__(self, channel: Channel, action: str = "ack") -> None:
+        self.channel = channel
+        self.action = action  # ack | keep | requeue-once | requeue
+        self.deliveries: list[Delivery] = []
+
+    async def __call__(self, delivery: Delivery) -> None:
+        self.deliveries.append(delivery)
+        if self.action == "ack" or (self.action == "requeue-once" and len(self.deliveries) > 1):
+            await self.channel.ack(delivery.delivery_tag)
+        elif self.action in ("requeue", "requeue-once"):
+            await self.channel.reject(delivery.delivery_tag, requeue=True)
+
+    @property
+    def bodies(self) -> list[bytes]:
+        return [d.body for d in self.deliveries]
+
+
+async def take_all(channel: Channel, queue: str) -> list[bytes]:
+    """The bodies of every message ready in `queue` now (acked), head first."""
+    bodies = []
+    while (delivery := await channel.get(queue)) is not None:
+        await channel.ack(delivery.delivery_tag)
+        bodies.append(delivery.body)
+    return bodies
+
+
+async def message_count(channel: Channel, queue: str) -> int:
+    return (await channel.declare_queue(queue, passive=True)).message_count
+
+
+async def closed_with(call: Awaitable[object]) -> ChannelClosed:
+    with pytest.raises(ChannelClosed) as caught:
+        await call
+    return caught.value
+
+
+def typed(value: Any) -> Any:
+    """`value` with each leaf paired with its type name, so == also compares types."""
+    if isinstance(value, dict):
+        return {key: typed(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [typed(item) for item in value]
+    return (type(value).__name__, value)
+
+
+def headers_of(delivery: Delivery) -> dict[str, Any]:
+    return dict(delivery.properties.headers or {})
+
+
+def deaths(headers: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """`x-death` with each `time` checked (a UTC datetime of about now) and replaced by "<time>"."""
+    entries = headers["x-death"]
+    assert isinstance(entries, list)
+    out = []
+    for entry in entries:
+        assert isinstance(entry, dict)
+        time = entry["time"]
+        assert isinstance(time, datetime), time
+        assert time.tzinfo is not None
+        assert time.utcoffset() == timedelta(0)
+        assert abs(time - datetime.now(UTC)) < timedelta(seconds=30), time
+        out.append({**entry, "time": "<time>"})
+    return out
+
+
+def death(
+    queue: str, reason: str, exchange: str, routing_keys: list[str], count: int = 1, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "count": count,
+        "reason": reason,
+        "queue": queue,
+        "time": "<time>",
+        "exchange": exchange,
+        "routing-keys": routing_keys,
+        **extra,
+    }
+
+
+async def publish_all(
+    channel: Channel, exchange: str, keys: list[str], headers: list[dict[str, Any]] | None = None
+) -> list[str]:
+    """Publish one message per routing key (body = its index); the indices that came back."""
+    returned = []
+    for index, key in enumerate(keys):
+        properties = props(headers=headers[index] if headers else None)
+        try:
+            await channel.publish(str(index).encode(), exchange=exchange, routing_key=key, properties=properties)
+        except Unroutable as exc:
+            assert (exc.exchange, exc.routing_key) == (exchange, key)
+            returned.append(str(index))
+    return returned
+
+
+# -- routing -----------------------------------------------------------------------------------
+
+
+async def test_direct_exchange_routes_by_exact_key(env: Env) -> None:
+    channel = await env.channel()
+    exchange = await env.exchange(channel, "direct", "direct")
+    a, b = await env.queue(channel, "a"), await env.queue(channel, "b")
+    await channel.bind_queue(a, exchange, "red")
+    await channel.bind_queue(b, exchange, "red")
+    await channel.bind_queue(b, exchange, "green")
+    await channel.bind_queue(b, exchange, "green")  # the same binding twice is one binding
+
+    returned = await publish_all(channel, exchange, ["red", "green", "Red", "", "blue"])
+    await env.settle()
+
+    assert returned == ["2", "3", "4"]
+    assert await take_all(channel, a) == [b"0"]
+    assert await take_all(channel, b) == [b"0", b"1"]
+
+
+async def test_fanout_exchange_ignores_the_key(env: Env) -> None:
+    channel = await env.channel()
+    exchange = await env.exchange(channel, "fanout", "fanout")
+    a, b = await env.queue(channel, "a"), await env.queue(channel, "b")
+    await channel.bind_queue(a, exchange, "")
+    await channel.bind_queue(b, exchange, "whatever")
+
+    returned = await publish_all(channel, exchange, ["", "x.y", "whatever"])
+    await env.settle()
+
+    assert returned == []
+    assert await take_all(channel, a) == [b"0", b"1", b"2"]
+    assert await take_all(channel, b) == [b"0", b"1", b"2"]
+
+
+async def test_topic_exchange_matches_words(env: Env) -> None:
+    channel = await env.channel()
+    exchange = await env.exchange(channel, "topic", "topic")
+    q1, q2, q3, q4 = [await env.queue(channel, f"q{i}") for i in range(1, 5)]
+    await channel.bind_queue(q1, exchange, "*.orange.*")
+    await channel.bind_queue(q2, exchange, "*.*.rabbit")
+    await channel.bind_queue(q2, exchange, "lazy.#")
+    await channel.bind_queue(q3, exchange, "a.#.z")
+    await channel.bind_queue(q4, exchange, "#.end")
+    keys = [
+        "quick.orange.rabbit",  # 0: q1 q2 (q2 matched twice, one copy)
+        "lazy.orange.elephant",  # 1: q1 q2
+        "quick.orange.fox",  # 2: q1
+        "lazy.brown.fox",  # 3: q2
+        "lazy",  # 4: q2 (# is zero words)
+        "lazy.",  # 5: q2 (an empty last word)
+        ".orange.",  # 6: q1 (* matches an empty word)
+        "a.z",  # 7: q3
+        "a.b.c.z",  # 8: q3
+        "a.z.end",  # 9: q4
+        "end",  # 10: q4
+        "quick.orange.male.rabbit",  # 11: none
+        "orange",  # 12: none
+        "",  # 13: none
+    ]
+
+    returned = await publish_all(channel, exchange, keys)
+    await env.settle()
+
+    assert returned == ["11", "12", "13"]
+    assert await take_all(channel, q1) == [b"0", b"1", b"2", b"6"]
+    assert await take_all(channel, q2) == [b"0", b"1", b"3", b"4", b"5"]
+    assert await take_all(channel, q3) == [b"7", b"8"]
+    assert await take_all(channel, q4) == [b"9", b"10"]
+
+
+async def test_topic_hash_alone_matches_the_empty_key(env: Env) -> None:
+    channel = await env.channel()
+    exchange = await env.exchange(channel, "topic", "topic")
+    hash_, star = await env.queue(channel, "hash"), await env.queue(channel, "star")
+    await channel.bind_queue(hash_, exchange, "#")
+    await channel.bind_queue(star, exchange, "*")
+
+    returned = await publish_all(channel, exchange, ["", "a", "a.b", "."])
+    await env.settle()
+
+    assert returned == []
+    assert await take_all(channel, hash_) == [b"0", b"1", b"2", b"3"]
+    assert await take_all(channel, star) == [b"1"]
+
+
+async def test_headers_exchange_matches_all_or_any(env: Env) -> None:
+    channel = await env.channel()
+    exchange = await env.exchange(channel, "headers", "headers")
+    every, some, default, typed_, present = [
+        await env.queue(channel, name) for name in ("all", "any", "default", "typed", "present")
+    ]
+    await channel.bind_queue(every, exchange, "", {"x-match": "all", "format": "pdf", "type": "report"})
+    await channel.bind_queue(some, exchange, "", {"x-match": "any", "format": "pdf", "type": "log"})
+    await channel.bind_queue(default, exchange, "", {"format": "zip"})  # x-match defaults to all
+    await channel.bind_queue(typed_, exchange, "", {"x-match": "all", "level": 5})
+    await channel.bind_queue(present, exchange, "", {"x-match": "any", "flag": None})
+    headers: list[dict[str, Any]] = [
+        {"format": "pdf", "type": "report"},  # 0: all any
+        {"format": "pdf"},  # 1: any
+        {"type": "log", "extra": 1},  # 2: any
+        {"format": "zip", "type": "report"},  # 3: default
+        {"level": 5},  # 4: typed
+        {"level": "5"},  # 5: none (a string is not an integer)
+        {"flag": "anything"},  # 6: present
+        {"format": "doc"},  # 7: none
+        {},  # 8: none
+    ]
+
+    returned = await publish_all(channel, exchange, ["key"] * len(headers), headers)
+    await env.settle()
+
+    assert returned == ["5", "7", "8"]
+    assert await take_all(channel, every) == [b"0"]
+    assert await take_all(channel, some) == [b"0", b"1", b"2"]
+    assert await take_all(channel, default) == [b"3"]
+    assert await take_all(channel, typed_) == [b"4"]
+    assert await take_all(channel, present) == [b"6"]
+
+
+async def test_default_exchange_routes_by_queue_name(env: Env) -> None:
+    channel = await env.channel()
+    queue = await env.queue(channel, "named")
+
+    returned = await publish_all(channel, "", [queue, env.name("missing")])
+    await env.settle()
+
+    assert returned == ["1"]
+    assert await take_all(channel, queue) == [b"0"]
+    error = await closed_with(channel.bind_queue(queue, "", queue))
+    assert (error.code, error.text) == (403, "ACCESS_REFUSED - operation not permitted on the default exchange")
+
+
+# -- TTL -------------------------------------------------------------------------------------------
+
+
+async def test_queue_ttl_dead_letters_after_the_ttl(env: Env) -> None:
+    channel = await env.channel()
+    target = await env.queue(channel, "target")
+    source = await env.queue(
+        channel,
+        "ttl",
+        arguments={"x-message-ttl": 300, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": target},
+    )
+    await channel.publish(b"m", exchange="", routing_key=source, properties=props())
+
+    await env.wait(0.15)
+    assert await take_all(channel, target) == []
+    assert await message_count(channel, source) == 1
+    await env.wait(0.35)
+    assert await take_all(channel, target) == [b"m"]
+    assert await message_count(channel, source) == 0
+
+
+@pytest.mark.parametrize("queue_type", QUEUE_TYPES)
+async def test_per_message_ttl_expires_only_at_the_head(env: Env, queue_type: str) -> None:
+    channel = await env.channel()
+    target = await env.queue(channel, "target")
+    source = await env.queue(
+        channel,
+        "head",
+        arguments=queue_args(queue_type, **{"x-dead-letter-exchange": "", "x-dead-letter-routing-key": target}),
+    )
+    await channel.publish(b"slow", exchange="", routing_key=source, properties=props(expiration="900"))
+    await channel.publish(b"fast", exchange="", routing_key=source, properties=props(expiration="300"))
+
+    await env.wait(0.6)  # "fast" is past its TTL, but stuck behind the head
+    assert await take_all(channel, target) == []
+    assert await message_count(channel, source) == 2
+    await env.wait(0.6)
+    dead = await env.fetch(channel, target, 2)
+
+    assert [d.body for d in dead] == [b"slow", b"fast"]
+    assert [d.properties.expiration for d in dead] == [None, None]
+    assert typed(deaths(headers_of(dead[0]))) == typed(
+        [death(source, "expired", "", [source], **{"original-expiration": "900"})]
+    )
+    assert typed(deaths(headers_of(dead[1]))) == typed(
+        [death(source, "expired", "", [source], **{"original-expiration": "300"})]
+    )
+
+
+@pytest.mark.parametrize("queue_type", QUEUE_TYPES)
+async def test_zero_ttl_reaches_only_an_idle_consumer_of_a_classic_queue(env: Env, queue_type: str) -> None:
+    channel = await env.channel()
+    target = await env.queue(channel, "target")
+    source = await env.queue(
+        channel,
+        "ttl0",
+        arguments=queue_args(
+            queue_type,
+            **{"x-message-ttl": 0, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": target},
+        ),
+    )
+    await channel.publish(b"nobody", exchange="", routing_key=source, properties=props())
+    await env.settle()
+    assert await take_all(channel, target) == [b"nobody"]
+
+    inbox = Inbox(channel)
+    await channel.consume(source, inbox, prefetch=10)
+    await channel.publish(b"waiting", exchange="", routing_key=source, properties=props())
+    await env.settle()
+
+    # Classic queues hand a message to a waiting consumer before TTL applies; quorum ones don't.
+    delivered = [b"waiting"] if queue_type == "classic" else []
+    assert inbox.bodies == delivered
+    assert await take_all(channel, target) == ([] if delivered else [b"waiting"])
+
+
+# -- dead-lettering --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("queue_type", QUEUE_TYPES)
+async def test_x_death_counts_rejections_and_expiries_round_a_loop(env: Env, queue_type: str) -> None:
+    channel = await env.channel()
+    exchange = await env.exchange(channel, "in", "direct")
+    dlx = await env.exchange(channel, "dlx", "direct")
+    work_name, retry_name = env.name("work"), env.name("retry")
+    env.queues += [work_name, retry_name]
+    # work --rejected--> dlx "retry" --> retry (TTL 200 ms) --expired--> "" work --> work
+    await channel.declare_queue(
+        work_name,
+        arguments=queue_args(
+            queue_type, **{"x-dead-letter-exchange": dlx, "x-dead-letter-routing-key": "retry"}
+        ),
+    )
+    await channel.declare_queue(
+        retry_name,
+        arguments={"x-message-ttl": 200, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": work_name},
+    )
+    await channel.bind_queue(work_name, exchange, "work")
+    await channel.bind_queue(retry_name, dlx, "retry")
+    await channel.publish(
+        b"body",
+        exchange=exchange,
+        routing_key="work",
+        properties=props(headers={"tenant": "acme"}, message_id="m-1"),
+    )
+
+    [first] = await env.fetch(channel, work_name, 1, ack=False)
+    await channel.reject(first.delivery_tag, requeue=False)
+    [second] = await env.fetch(channel, work_name, 1, ack=False)
+    await channel.reject(second.delivery_tag, requeue=False)
+    [third] = await env.fetch(channel, work_name, 1)
+    log.info("%s: x-death after two rounds: %r", env.kind, headers_of(third)["x-death"])
+
+    first_death = {
+        "x-first-death-reason": "rejected",
+        "x-first-death-queue": work_name,
+        "x-first-death-exchange": exchange,
+    }
+    # basic.get from a quorum queue always adds x-delivery-count; a dead-lettered copy starts at 0.
+    get_count = {"x-delivery-count": 0} if queue_type == "quorum" else {}
+    assert typed(headers_of(first)) == typed({"tenant": "acme", **get_count})
+    for delivery in (second, third):
+        assert (delivery.body, delivery.properties.message_id) == (b"body", "m-1")
+        assert (delivery.exchange, delivery.routing_key) == ("", work_name)
+        headers = headers_of(delivery)
+        assert set(headers) == {"tenant", "x-death", *first_death, *get_count}
+        assert typed({key: headers[key] for key in get_count}) == typed(get_count)
+        assert typed({key: headers[key] for key in first_death}) == typed(first_death)
+        assert headers["tenant"] == "acme"
+    # The repeated entry keeps its first exchange and routing keys; only `count` moves.
+    assert typed(deaths(headers_of(second))) == typed(
+        [
+            death(retry_name, "expired", dlx, ["retry"]),
+            death(work_name, "rejected", exchange, ["work"]),
+        ]
+    )
+    assert typed(deaths(headers_of(third))) == typed(
+        [
+            death(retry_name, "expired", dlx, ["retry"], count=2),
+            death(work_name, "rejected", exchange, ["work"], count=2),
+        ]
+    )
+
+
+async def test_quorum_delivery_limit_dead_letters_with_its_reason(env: Env) -> None:
+    channel = await env.channel()
+    target = await env.queue(channel, "target")
+    source = await env.queue(
+        channel,
+        "limited",
+        arguments={
+            **QUORUM,
+            "x-delivery-limit": 2,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": target,
+        },
+    )
+    inbox = Inbox(channel, "requeue")
+    await channel.consume(source, inbox, prefetch=1)
+    await channel.publish(
+        b"poison", exchange="", routing_key=source, properties=props(headers={"tenant": "acme"})
+    )
+
+    [dead] = await env.fetch(channel, target, 1)
+
+    assert inbox.bodies == [b"poison"] * 3
+    assert [d.redelivered for d in inbox.deliveries] == [False, True, True]
+    assert [headers_of(d).get("x-delivery-count") for d in inbox.deliveries] == [None, 1, 2]
+    assert dead.body == b"poison"
+    headers = headers_of(dead)
+    log.info("%s: delivery_limit headers: %r", env.kind, headers)
+    assert set(headers) == {
+        "tenant",
+        "x-death",
+        "x-first-death-reason",
+        "x-first-death-queue",
+        "x-first-death-exchange",
+    }
+    assert typed(deaths(headers)) == typed([death(source, "delivery_limit", "", [source])])
+    assert (headers["x-first-death-reason"], headers["x-first-death-queue"]) == ("delivery_limit", source)
+    assert headers["x-first-death-exchange"] == ""
+
+
+async def test_dead_letter_cycle_without_a_rejection_is_dropped(env: Env) -> None:
+    channel = await env.channel()
+    work_name, retry_name = env.name("work"), env.name("retry")
+    env.queues += [work_name, retry_name]
+    # work --delivery_limit--> retry (TTL 200 ms) --expired--> work: a loop with no rejection
+    await channel.declare_queue(
+        work_name,
+        arguments={
+            **QUORUM,
+            "x-delivery-limit": 0,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": retry_name,
+        },
+    )
+    await channel.declare_queue(
+        retry_name,
+        arguments={"x-message-ttl": 200, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": work_name},
+    )
+    inbox = Inbox(channel, "requeue")
+    await channel.consume(work_name, inbox, prefetch=1)
+    await channel.publish(b"loop", exchange="", routing_key=work_name, properties=props())
+
+    await env.settle()
+    assert inbox.bodies == [b"loop"]
+    assert await message_count(channel, retry_name) == 1
+    await env.wait(0.5)
+
+    assert inbox.bodies == [b"loop"]
+    assert await message_count(channel, retry_name) == 0
+    assert await message_count(channel, work_name) == 0
+
+
+@pytest.mark.parametrize("queue_type", QUEUE_TYPES)
+async def test_max_length_dead_letters_the_head_as_maxlen(env: Env, queue_type: str) -> None:
+    channel = await env.channel()
+    target = await env.queue(channel, "target")
+    source = await env.queue(
+        channel,
+        "short",
+        arguments=queue_args(
+            queue_type,
+            **{"x-max-length": 2, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": target},
+        ),
+    )
+    for body in (b"0", b"1", b"2"):
+        await channel.publish(body, exchange="", routing_key=source, properties=props())
+
+    [dead] = await env.fetch(channel, target, 1)
+
+    assert dead.body == b"0"
+    assert typed(deaths(headers_of(dead))) == typed([death(source, "maxlen", "", [source])])
+    assert headers_of(dead)["x-first-death-reason"] == "maxlen"
+    assert await message_count(channel, source) == 2
+
+
+@pytest.mark.parametrize("queue_type", QUEUE_TYPES)
+async def test_reject_publish_overflow_nacks_the_publish(env: Env, queue_type: str) -> None:
+    channel = await env.channel()
+    queue = await env.queue(
+        channel, "full", arguments=queue_args(queue_type, **{"x-max-length": 1, "x-overflow": "reject-publish"})
+    )
+    await channel.publish(b"0", exchange="", routing_key=queue, properties=props())
+
+    with pytest.raises(PublishNacked):
+        await channel.publish(b"1", exchange="", routing_key=queue, properties=props())
+
+    assert channel.is_open
+    assert await take_all(channel, queue) == [b"0"]
+
+
+# -- consuming -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("queue_type", QUEUE_TYPES)
+async def test_prefetch_limits_unacked_deliveries(env: Env, queue_type: str) -> None:
+    channel = await env.channel()
+    queue = await env.queue(channel, "prefetch", arguments=queue_args(queue_type))
+    for index in range(5):
+        await channel.publish(str(index).encode(), exchange="", routing_key=queue, properties=props())
+    inbox = Inbox(channel, "keep")
+    await channel.consume(queue, inbox, prefetch=2)
+
+    await env.settle()
+    assert inbox.bodies == [b"0", b"1"]
+    await channel.ack(inbox.deliveries[0].delivery_tag)
+    await env.settle()
+    assert inbox.bodies == [b"0", b"1", b"2"]
+    await channel.ack(inbox.deliveries[2].delivery_tag, multiple=True)
+    await env.settle()
+    assert inbox.bodies == [b"0", b"1", b"2", b"3", b"4"]
+    assert await message_count(channel, queue) == 0
+
+
+@pytest.mark.parametrize("queue_type", QUEUE_TYPES)
+async def test_requeued_delivery_comes_back_redelivered(env: Env, queue_type: str) -> None:
+    channel = await env.channel()
+    queue = await env.queue(channel, "requeue", arguments=queue_args(queue_type))
+    original = {"tenant": "acme", "n": 7, "nested": {"a": [1, "b"]}}
+    inbox = Inbox(channel, "requeue-once")
+    await channel.consume(queue, inbox, prefetch=1)
+    await channel.publish(
+        b"again",
+        exchange="",
+        routing_key=queue,
+        properties=props(headers=original, message_id="m-1", content_type="text/plain"),
+    )
+
+    await env.until(lambda: len(inbox.deliveries) == 2)
+
+    first, second = inbox.deliveries
+    assert (first.redelivered, second.redelivered) == (False, True)
+    for delivery in (first, second):
+        assert delivery.body == b"again"
+        assert (delivery.properties.message_id, delivery.properties.content_type) == ("m-1", "text/plain")
+    assert typed(headers_of(first)) == typed(original)
+    redelivered = {**original, "x-delivery-count": 1} if queue_type == "quorum" else original
+    assert typed(headers_of(second)) == typed(redelivered)
+    await env.settle()
+    assert len(inbox.deliveries) == 2
+
+
+@pytest.mark.parametrize("queue_type", QUEUE_TYPES)
+async def test_basic_get_requeue_comes_back_redelivered(env: Env, queue_type: str) -> None:
+    channel = await env.channel()
+    queue = await env.queue(channel, "get", arguments=queue_args(queue_type))
+    await channel.publish(
+        b"again", exchange="", routing_key=queue, properties=props(headers={"tenant": "acme"})
+    )
+
+    first = await channel.get(queue)
+    assert first is not None
+    await channel.reject(first.delivery_tag, requeue=True)
+    [second] = await env.fetch(channel, queue, 1)
+
+    assert (first.redelivered, second.redelivered) == (False, True)
+    assert first.body == second.body == b"again"
+    counts = [headers_of(d).get("x-delivery-count") for d in (first, second)]
+    log.info("%s: x-delivery-count on basic.get: %r", env.kind, counts)
+    assert counts == ([0, 1] if queue_type == "quorum" else [None, None])
+    assert headers_of(second)["tenant"] == "acme"
+
+
+@pytest.mark.parametrize("queue_type", QUEUE_TYPES)
+async def test_requeue_order(env: Env, queue_type: str) -> None:
+    channel = await env.channel()
+    queue = await env.queue(channel, "order", arguments=queue_args(queue_type))
+    for body in (b"0", b"1", b"2", b"3"):
+        await channel.publish(body, exchange="", routing_key=queue, properties=props())
+    first, second = await channel.get(queue), await channel.get(queue)
+    assert first is not None
+    assert second is not None
+
+    await channel.reject(second.delivery_tag, requeue=True)
+    await channel.reject(first.delivery_tag, requeue=True)
+    bodies = await take_all(channel, queue)
+
+    # Classic queues put a message back at its old place; quorum queues serve returns first.
+    assert bodies == ([b"0", b"1", b"2", b"3"] if queue_type == "classic" else [b"1", b"0", b"2", b"3"])
+
+
+@pytest.mark.parametrize("queue_type", QUEUE_TYPES)
+async def test_closing_a_channel_returns_its_unacked_deliveries(env: Env, queue_type: str) -> None:
+    channel = await env.channel()
+    queue = await env.queue(channel, "close", arguments=queue_args(queue_type))
+    for body in (b"0", b"1", b"2"):
+        await channel.publish(body, exchange="", routing_key=queue, properties=props())
+    consumer = await env.channel()
+    inbox = Inbox(consumer, "keep")
+    await consumer.consume(queue, inbox, prefetch=2)
+    await env.settle()
+    assert inbox.bodies == [b"0", b"1"]
+
+    await consumer.close()
+    await env.settle()
+    returned = [await channel.get(queue) for _ in range(3)]
+
+    assert [d.body if d else None for d in returned] == [b"0", b"1", b"2"]
+    assert [d.redelivered if d else None for d in returned] == [True, True, False]
+    counts = [headers_of(d).get("x-delivery-count") if d else None for d in returned]
+    assert counts == ([1, 1, 0] if queue_type == "quorum" else [None, None, None])
+
+
+# -- publishing ------------------------------------------------------------------------------------
+
+
+async def test_mandatory_publish_without_a_binding_is_returned(env: Env) -> None:
+    channel = await env.channel()
+    exchange = await env.exchange(channel, "lonely", "direct")
+
+    with pytest.raises(Unroutable) as caught:
+        await channel.publish(b"x", exchange=exchange, routing_key="nobody", properties=props())
+    assert (caught.value.exchange, caught.value.routing_key) == (exchange, "nobody")
+    await channel.publish(b"x", exchange=exchange, routing_key="nobody", properties=props(), mandatory=False)
+    assert channel.is_open
+
+
+async def test_publish_to_a_missing_exchange_closes_the_channel(env: Env) -> None:
+    channel = await env.channel()
+    missing = env.name("missing")
+
+    error = await closed_with(
+        channel.publish(b"x", exchange=missing, routing_key="k", properties=props())
+    )
+
+    log.info("%s: %d %s", env.kind, error.code, error.text)
+    assert (error.code, error.text) == (404, f"NOT_FOUND - no exchange '{missing}' in vhost '/'")
+    await env.settle()
+    assert not channel.is_open
+    with pytest.raises(TransportError):
+        await channel.declare_queue(env.name("after"), arguments={})
+    other = await env.channel()  # the connection lives on
+    await other.declare_exchange("amq.direct", "direct", passive=True)
+
+
+# -- redeclaring -----------------------------------------------------------------------------------
+
+
+async def test_queue_redeclared_with_another_ttl_fails_406(env: Env) -> None:
+    channel = await env.channel()
+    queue = await env.queue(channel, "ttl", arguments={"x-message-ttl": 1000})
+
+    error = await closed_with(channel.declare_queue(queue, arguments={"x-message-ttl": 2000}))
+
+    log.info("%s: %d %s", env.kind, error.code, error.text)
+    assert error.code == 406
+    assert error.text.startswith(f"PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue '{queue}'")
+    # Both values present: RabbitMQ prints them bare; one missing: with its type.
+    assert error.text == (
+        f"PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue '{queue}' in vhost '/': "
+        "received '2000' but current is '1000'"
+    )
+    missing = await closed_with((await env.channel()).declare_queue(queue))
+    log.info("%s: %d %s", env.kind, missing.code, missing.text)
+    assert (missing.code, missing.text) == (
+        406,
+        f"PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue '{queue}' in vhost '/': "
+        "received none but current is the value '1000' of type 'short'",
+    )
+    other = await env.channel()
+    assert (await other.declare_queue(queue, arguments={"x-message-ttl": 1000})).name == queue
+
+
+async def test_queue_redeclared_with_another_durability_fails_406(env: Env) -> None:
+    channel = await env.channel()
+    queue = await env.queue(channel, "durable", durable=True)
+
+    error = await closed_with(channel.declare_queue(queue, durable=False))
+
+    log.info("%s: %d %s", env.kind, error.code, error.text)
+    assert error.code == 406
+    assert error.text.startswith(f"PRECONDITION_FAILED - inequivalent arg 'durable' for queue '{queue}'")
+    assert error.text == (
+        f"PRECONDITION_FAILED - inequivalent arg 'durable' for queue '{queue}' in vhost '/': "
+        "received 'false' but current is 'true'"
+    )
+
+
+async def test_exchange_redeclared_with_another_type_fails_406(env: Env) -> None:
+    channel = await env.channel()
+    exchange = await env.exchange(channel, "typed", "direct")
+
+    error = await closed_with(channel.declare_exchange(exchange, "topic"))
+
+    log.info("%s: %d %s", env.kind, error.code, error.text)
+    assert error.code == 406
+    assert error.text.startswith(f"PRECONDITION_FAILED - inequivalent arg 'type' for exchange '{exchange}'")
+    assert error.text == (
+        f"PRECONDITION_FAILED - inequivalent arg 'type' for exchange '{exchange}' in vhost '/': "
+        "received 'topic' but current is 'direct'"
+    )
+
+
+async def test_invalid_declarations_and_expirations_fail(env: Env) -> None:
+    name = env.name("odd")
+    error = await closed_with((await env.channel()).declare_queue(name, durable=False, arguments=QUORUM))
+    log.info("%s: %d %s", env.kind, error.code, error.text)
+    assert (error.code, error.text) == (
+        406,
+        f"PRECONDITION_FAILED - invalid property 'non-durable' for queue '{name}' in vhost '/'",
+    )
+
+    channel = await env.channel()
+    queue = await env.queue(channel, "exp")
+    error = await closed_with(
+        channel.publish(b"x", exchange="", routing_key=queue, properties=props(expiration="soon"))
+    )
+    log.info("%s: %d %s", env.kind, error.code, error.text)
+    assert (error.code, error.text) == (406, "PRECONDITION_FAILED - invalid expiration 'soon': {error,no_integer}")
+
+
+# -- rabbitflow end to end -------------------------------------------------------------------------
+
+
+async def test_app_always_failing_handler_retries_then_parks(env: Env) -> None:
+    app = env.app()
+    queue = env.name("fail")
+    calls: list[int] = []
+
+    @app.consumer(queue, retries=2, delay=0.3)
+    async def handle(body: Any, message: Message) -> None:
+        calls.append(message.attempt)
+        raise RuntimeError(f"cannot handle {body['id']}")
+
+    async with app:
+        await app.publish({"id": 42}, routing_key=queue, headers={"tenant": "acme"}, message_id="order-42")
+        channel = await env.channel()
+        [parked] = await env.fetch(channel, f"{queue}.parked", 1)
+        assert await message_count(channel, queue) == 0
+
+    assert calls == [1, 2, 3]
+    headers = headers_of(parked)
+    assert (headers["x-rf-reason"], headers["x-rf-attempts"]) == ("exhausted", 3)
+    assert headers["x-rf-error"] == "cannot handle 42"
+    assert headers["tenant"] == "acme"
+    assert parked.body == b'{"id":42}'
+    assert parked.properties.message_id == "order-42"
+
+
+async def test_app_fail_once_then_succeed_parks_nothing(env: Env) -> None:
+    app = env.app()
+    queue = env.name("flaky")
+    calls: list[int] = []
+
+    @app.consumer(queue, retries=2, delay=0.3)
+    async def handle(body: Any, message: Message) -> None:
+        calls.append(message.attempt)
+        if message.attempt == 1:
+            raise ConnectionError("downstream busy")
+
+    async with app:
+        await app.publish({"x": 1}, routing_key=queue)
+        await env.until(lambda: len(calls) == 2)
+        await env.settle()
+        channel = await env.channel()
+        assert await message_count(channel, f"{queue}.parked") == 0
+        assert await message_count(channel, queue) == 0
+
+    assert calls == [1, 2]
+
+
+async def test_app_parks_invalid_json_as_decode_error(env: Env) -> None:
+    app = env.app()
+    queue = env.name("bad")
+    calls: list[Any] = []
+
+    @app.consumer(queue, retries=2, delay=0.3)
+    async def handle(body: Any) -> None:
+        calls.append(body)
+
+    async with app:
+        channel = await env.channel()
+        await channel.publish(
+            b"{not json", exchange="", routing_key=queue, properties=props(content_type="application/json")
+        )
+        [parked] = await env.fetch(channel, f"{queue}.parked", 1)
+
+    assert calls == []
+    assert parked.body == b"{not json"
+    assert headers_of(parked)["x-rf-reason"] == "decode-error"
+
+
+async def test_app_parks_a_rejected_message_at_once(env: Env) -> None:
+    app = env.app()
+    queue = env.name("rej")
+    calls: list[int] = []
+
+    @app.consumer(queue, retries=2, delay=0.3)
+    async def handle(body: Any, message: Message) -> None:
+        calls.append(message.attempt)
+        raise Reject("quantity must be positive")
+
+    async with app:
+        await app.publish({"quantity": -1}, routing_key=queue, message_id="order-7")
+        channel = await env.channel()
+        [parked] = await env.fetch(channel, f"{queue}.parked", 1)
+
+    headers = headers_of(parked)
+    assert calls == [1]
+    assert (headers["x-rf-reason"], headers["x-rf-attempts"]) == ("rejected", 1)
+    assert headers["x-rf-error"] == "quantity must be positive"
+    assert parked.properties.message_id == "order-7"
