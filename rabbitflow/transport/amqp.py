@@ -27,6 +27,7 @@ from .base import (
     QueueInfo,
     Transport,
 )
+from .pipeline import Pipeline, supported
 
 __all__ = ["AmqpChannel", "AmqpTransport", "connect"]
 
@@ -92,6 +93,7 @@ class AmqpChannel(Channel):
 
     def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
         self._channel = cast(aiormq.Channel, channel)
+        self._pipeline = Pipeline(self._channel) if supported(self._channel) else None
 
     @property
     def is_open(self) -> bool:
@@ -163,15 +165,19 @@ class AmqpChannel(Channel):
         properties: Properties,
         mandatory: bool = True,
     ) -> None:
-        async with _translated:
-            confirm = await self._channel.basic_publish(
-                body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=properties,
-                mandatory=mandatory,
-                wait=False,  # we wait for the confirm; waiting for the socket drain too is a wasted wakeup
-            )
+        try:
+            if self._pipeline is not None:
+                confirm = await self._pipeline.publish(body, exchange, routing_key, properties, mandatory)
+            else:
+                confirm = await self._channel.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=mandatory,
+                )
+        except (amqp_errors.AMQPError, amqp_errors.ChannelInvalidStateError, ConnectionError) as exc:
+            raise _translate(exc) from exc
         if confirm is not None and not isinstance(confirm, Basic.Ack):
             raise PublishNacked(
                 f"the broker refused the publish to exchange {exchange!r} "

@@ -1,0 +1,116 @@
+"""Pipelined publishing on an aiormq channel: the publishes of one event-loop turn leave in one
+write, and each still waits for its own publisher confirm.
+
+aiormq's `basic_publish` takes a lock, a timeout scope and a queue slot per message and the
+writer sends each message with its own syscall. Here the frames of every publish made in the same
+loop turn are marshalled into one buffer. Confirms, returns and channel-close rejections stay
+aiormq's own: a publish registers its future under its delivery tag in `channel.confirmations`
+and its message id in `channel.message_id_delivery_tag`, as `basic_publish` does (aiormq 7.x).
+When a future aiormq lacks those, `supported()` is false and the plain `basic_publish` is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import deque
+
+import aiormq
+from aiormq.abc import ChannelFrame
+from aiormq.channel import Returning
+from pamqp.body import ContentBody
+from pamqp.commands import Basic
+from pamqp.header import ContentHeader
+
+__all__ = ["Pipeline", "supported"]
+
+_NEEDED = ("confirmations", "message_id_delivery_tag", "delivery_tag", "write_queue", "max_content_size")
+
+
+def supported(channel: aiormq.Channel) -> bool:
+    return channel.publisher_confirms and all(hasattr(channel, name) for name in _NEEDED)
+
+
+class Pipeline:
+    __slots__ = ("_channel", "_draining", "_frames", "_loop", "_outbox")
+
+    def __init__(self, channel: aiormq.Channel) -> None:
+        self._channel = channel
+        self._loop = asyncio.get_running_loop()
+        self._frames: list[object] = []  # this turn's frames, in delivery-tag order
+        self._outbox: deque[ChannelFrame] = deque()  # marshalled turns the write queue had no room for
+        self._draining: asyncio.Task[None] | None = None
+        channel.closing.add_done_callback(self._fail_pending)
+
+    def publish(
+        self, body: bytes, exchange: str, routing_key: str, properties: Basic.Properties, mandatory: bool
+    ) -> asyncio.Future[object]:
+        """Queue the publish for this turn's write; the future resolves with the broker's confirm."""
+        channel = self._channel
+        if channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+        message_id = properties.message_id
+        if not message_id:
+            # aiormq matches a returned message to its publish by message id.
+            message_id = properties.message_id = uuid.uuid4().hex
+        channel.delivery_tag += 1
+        tag = channel.delivery_tag
+        confirmation: asyncio.Future[object] = channel.create_future()
+        channel.confirmations[tag] = confirmation
+        channel.message_id_delivery_tag[message_id] = tag
+        confirmation.add_done_callback(lambda _: self._forget(message_id, tag))
+
+        frames = self._frames
+        if not frames:
+            self._loop.call_soon(self._flush)
+        frames.append(Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory))
+        frames.append(ContentHeader(0, len(body), properties))
+        limit = channel.max_content_size
+        if len(body) <= limit:
+            if body:
+                frames.append(ContentBody(body))
+        else:
+            frames.extend(ContentBody(body[i : i + limit]) for i in range(0, len(body), limit))
+        return confirmation
+
+    def _fail_pending(self, closing: asyncio.Future[object]) -> None:
+        """The channel is gone: every unconfirmed publish has an unknown outcome, and says so."""
+        from .base import ConnectionLost
+
+        reason = None if closing.cancelled() else closing.exception()
+        error: BaseException = (
+            reason  # the broker closed the channel (404, 406...): the caller learns why
+            if isinstance(reason, aiormq.exceptions.AMQPChannelError)
+            else ConnectionLost("channel closed before the broker confirmed")
+        )
+        for confirmation in list(self._channel.confirmations.values()):
+            if not confirmation.done() and not isinstance(confirmation, Returning):
+                confirmation.set_exception(error)
+
+    def _forget(self, message_id: str, tag: int) -> None:
+        ids = self._channel.message_id_delivery_tag
+        if ids.get(message_id) == tag:
+            del ids[message_id]
+
+    def _flush(self) -> None:
+        frames, self._frames = self._frames, []
+        if not frames or self._channel.is_closed:
+            return
+        chunk = ChannelFrame.marshall(channel_number=self._channel.number, frames=frames)  # type: ignore[arg-type]
+        if self._draining is None:
+            try:
+                self._channel.write_queue.put_nowait(chunk)
+                return
+            except asyncio.QueueFull:
+                pass
+        self._outbox.append(chunk)
+        if self._draining is None:
+            self._draining = self._loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        """Hand over, in order, what did not fit in the connection's write queue."""
+        try:
+            while self._outbox:
+                await self._channel.write_queue.put(self._outbox.popleft())
+        finally:
+            self._draining = None
