@@ -22,7 +22,14 @@ from pamqp.commands import Basic
 from rabbitflow import App, Message, PublishNacked, Reject, Unroutable
 from rabbitflow.testing.memory import MemoryBroker, use_broker
 from rabbitflow.transport import amqp
-from rabbitflow.transport.base import Channel, ChannelClosed, Delivery, Transport, TransportError
+from rabbitflow.transport.base import (
+    Channel,
+    ChannelClosed,
+    ConnectionLost,
+    Delivery,
+    Transport,
+    TransportError,
+)
 from rabbitflow.urls import parse_urls
 
 log = logging.getLogger(__name__)
@@ -54,12 +61,19 @@ class Env:
         self.queues: list[str] = []
         self.exchanges: list[str] = []
         self.apps: list[App] = []
+        self._others: list[Transport] = []
 
     def name(self, prefix: str) -> str:
         return f"contract-{prefix}-{uuid.uuid4().hex[:10]}"
 
     async def channel(self) -> Channel:
         return await self.transport.channel()
+
+    async def connect(self) -> Transport:
+        """Another connection to the same broker, closed after the test."""
+        transport = await self.broker.connect() if self.broker is not None else await _connect(self.url)
+        self._others.append(transport)
+        return transport
 
     async def queue(
         self,
@@ -137,7 +151,7 @@ class Env:
         else:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
-                    while not await poll():
+                    while not await poll():  # noqa: ASYNC110 - waiting on the broker's doing
                         await asyncio.sleep(POLL)
         assert len(got) == count, f"{self.kind}: {len(got)} of {count} messages arrived in {queue}"
         if ack:
@@ -147,17 +161,22 @@ class Env:
         return got
 
     async def close(self) -> None:
+        for other in self._others:
+            await other.close()
         for app in self.apps:
             self.queues.extend(q.name for q in app.plan.queues)
             self.exchanges.extend(e.name for e in app.plan.exchanges if e.name)
-        transport = self.transport
-        if not transport.is_open:
-            transport = await _connect(self.url)
+        if self.broker is not None:  # the broker goes with the test
+            await self.transport.close()
+            return
+        transport = self.transport if self.transport.is_open else await _connect(self.url)
         channel = await transport.channel()
-        for queue in self.queues:
-            await channel.delete_queue(queue)
-        for exchange in self.exchanges:
-            await channel.delete_exchange(exchange)
+        for kind, name in [*(("queue", q) for q in self.queues), *(("exchange", x) for x in self.exchanges)]:
+            try:
+                await (channel.delete_queue if kind == "queue" else channel.delete_exchange)(name)
+            except TransportError:
+                log.exception("could not delete %s %s", kind, name)
+                channel = await transport.channel()
         await channel.close()
         await transport.close()
         if transport is not self.transport:
@@ -186,10 +205,7 @@ async def env(backend: str) -> AsyncIterator[Env]:
     try:
         yield environment
     finally:
-        if environment.broker is None:
-            await environment.close()
-        else:
-            await environment.transport.close()
+        await environment.close()
 
 
 class Inbox:
@@ -261,32 +277,43 @@ def deaths(headers: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def death(
-    queue: str, reason: str, exchange: str, routing_keys: list[str], count: int = 1, **extra: Any
+    queue: str,
+    reason: str,
+    exchange: str,
+    routing_keys: list[str],
+    count: int = 1,
+    *,
+    original_expiration: str | None = None,
 ) -> dict[str, Any]:
-    return {
+    """An expected `x-death` entry (see `deaths`)."""
+    entry: dict[str, Any] = {
         "count": count,
         "reason": reason,
         "queue": queue,
         "time": "<time>",
         "exchange": exchange,
         "routing-keys": routing_keys,
-        **extra,
     }
+    if original_expiration is not None:
+        entry["original-expiration"] = original_expiration
+    return entry
 
 
 async def publish_all(
     channel: Channel, exchange: str, keys: list[str], headers: list[dict[str, Any]] | None = None
 ) -> list[str]:
     """Publish one message per routing key (body = its index); the indices that came back."""
-    returned = []
+    returned: list[tuple[str, str, str]] = []
     for index, key in enumerate(keys):
         properties = props(headers=headers[index] if headers else None)
         try:
-            await channel.publish(str(index).encode(), exchange=exchange, routing_key=key, properties=properties)
+            await channel.publish(
+                str(index).encode(), exchange=exchange, routing_key=key, properties=properties
+            )
         except Unroutable as exc:
-            assert (exc.exchange, exc.routing_key) == (exchange, key)
-            returned.append(str(index))
-    return returned
+            returned.append((str(index), exc.exchange, exc.routing_key))
+    assert [(x, k) for _, x, k in returned] == [(exchange, keys[int(i)]) for i, _, _ in returned]
+    return [index for index, _, _ in returned]
 
 
 # -- routing -----------------------------------------------------------------------------------
@@ -409,6 +436,35 @@ async def test_headers_exchange_matches_all_or_any(env: Env) -> None:
     assert await take_all(channel, present) == [b"6"]
 
 
+async def test_headers_binding_x_keys_and_invalid_x_match(env: Env) -> None:
+    channel = await env.channel()
+    exchange = await env.exchange(channel, "headers", "headers")
+    with_x, only_x = await env.queue(channel, "with-x"), await env.queue(channel, "only-x")
+    await channel.bind_queue(with_x, exchange, "", {"x-match": "any-with-x", "x-kind": "a"})
+    await channel.bind_queue(only_x, exchange, "", {"x-match": "all", "x-kind": "a"})  # matches all
+
+    returned = await publish_all(channel, exchange, ["", ""], [{"x-kind": "a"}, {"other": 1}])
+    await env.settle()
+
+    assert returned == []
+    assert await take_all(channel, with_x) == [b"0"]
+    assert await take_all(channel, only_x) == [b"0", b"1"]
+    texts = []
+    for value in ("some", 5, True):
+        texts.append(
+            await closed_with((await env.channel()).bind_queue(with_x, exchange, "", {"x-match": value}))
+        )
+    assert [(e.code, e.text) for e in texts] == [
+        (
+            406,
+            'PRECONDITION_FAILED - Invalid x-match field value <<"some">>; expected all, any, '
+            "all-with-x, or any-with-x",
+        ),
+        (406, "PRECONDITION_FAILED - Invalid x-match field type byte (value 5); expected longstr"),
+        (406, "PRECONDITION_FAILED - Invalid x-match field type bool (value true); expected longstr"),
+    ]
+
+
 async def test_default_exchange_routes_by_queue_name(env: Env) -> None:
     channel = await env.channel()
     queue = await env.queue(channel, "named")
@@ -419,7 +475,10 @@ async def test_default_exchange_routes_by_queue_name(env: Env) -> None:
     assert returned == ["1"]
     assert await take_all(channel, queue) == [b"0"]
     error = await closed_with(channel.bind_queue(queue, "", queue))
-    assert (error.code, error.text) == (403, "ACCESS_REFUSED - operation not permitted on the default exchange")
+    assert (error.code, error.text) == (
+        403,
+        "ACCESS_REFUSED - operation not permitted on the default exchange",
+    )
 
 
 # -- TTL -------------------------------------------------------------------------------------------
@@ -427,19 +486,21 @@ async def test_default_exchange_routes_by_queue_name(env: Env) -> None:
 
 async def test_queue_ttl_dead_letters_after_the_ttl(env: Env) -> None:
     channel = await env.channel()
+    dlx = await env.exchange(channel, "dlx", "direct")
     target = await env.queue(channel, "target")
-    source = await env.queue(
-        channel,
-        "ttl",
-        arguments={"x-message-ttl": 300, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": target},
-    )
+    # No x-dead-letter-routing-key: the message keeps its own routing key (the source's name).
+    source = await env.queue(channel, "ttl", arguments={"x-message-ttl": 300, "x-dead-letter-exchange": dlx})
+    await channel.bind_queue(target, dlx, source)
     await channel.publish(b"m", exchange="", routing_key=source, properties=props())
 
     await env.wait(0.15)
     assert await take_all(channel, target) == []
     assert await message_count(channel, source) == 1
     await env.wait(0.35)
-    assert await take_all(channel, target) == [b"m"]
+    [dead] = await env.fetch(channel, target, 1)
+
+    assert (dead.body, dead.exchange, dead.routing_key) == (b"m", dlx, source)
+    assert typed(deaths(headers_of(dead))) == typed([death(source, "expired", "", [source])])
     assert await message_count(channel, source) == 0
 
 
@@ -450,7 +511,9 @@ async def test_per_message_ttl_expires_only_at_the_head(env: Env, queue_type: st
     source = await env.queue(
         channel,
         "head",
-        arguments=queue_args(queue_type, **{"x-dead-letter-exchange": "", "x-dead-letter-routing-key": target}),
+        arguments=queue_args(
+            queue_type, **{"x-dead-letter-exchange": "", "x-dead-letter-routing-key": target}
+        ),
     )
     await channel.publish(b"slow", exchange="", routing_key=source, properties=props(expiration="900"))
     await channel.publish(b"fast", exchange="", routing_key=source, properties=props(expiration="300"))
@@ -462,17 +525,18 @@ async def test_per_message_ttl_expires_only_at_the_head(env: Env, queue_type: st
     dead = await env.fetch(channel, target, 2)
 
     assert [d.body for d in dead] == [b"slow", b"fast"]
+    assert [(d.exchange, d.routing_key) for d in dead] == [("", target)] * 2
     assert [d.properties.expiration for d in dead] == [None, None]
     assert typed(deaths(headers_of(dead[0]))) == typed(
-        [death(source, "expired", "", [source], **{"original-expiration": "900"})]
+        [death(source, "expired", "", [source], original_expiration="900")]
     )
     assert typed(deaths(headers_of(dead[1]))) == typed(
-        [death(source, "expired", "", [source], **{"original-expiration": "300"})]
+        [death(source, "expired", "", [source], original_expiration="300")]
     )
 
 
 @pytest.mark.parametrize("queue_type", QUEUE_TYPES)
-async def test_zero_ttl_reaches_only_an_idle_consumer_of_a_classic_queue(env: Env, queue_type: str) -> None:
+async def test_zero_ttl_message_reaches_only_a_waiting_consumer(env: Env, queue_type: str) -> None:
     channel = await env.channel()
     target = await env.queue(channel, "target")
     source = await env.queue(
@@ -492,10 +556,10 @@ async def test_zero_ttl_reaches_only_an_idle_consumer_of_a_classic_queue(env: En
     await channel.publish(b"waiting", exchange="", routing_key=source, properties=props())
     await env.settle()
 
-    # Classic queues hand a message to a waiting consumer before TTL applies; quorum ones don't.
-    delivered = [b"waiting"] if queue_type == "classic" else []
-    assert inbox.bodies == delivered
-    assert await take_all(channel, target) == ([] if delivered else [b"waiting"])
+    # A waiting consumer gets even a TTL-0 message: classic queues deliver before TTL applies,
+    # quorum queues give TTL 0 one millisecond (rabbit_fifo:update_expiry_header/3).
+    assert inbox.bodies == [b"waiting"]
+    assert await take_all(channel, target) == []
 
 
 # -- dead-lettering --------------------------------------------------------------------------------
@@ -517,7 +581,11 @@ async def test_x_death_counts_rejections_and_expiries_round_a_loop(env: Env, que
     )
     await channel.declare_queue(
         retry_name,
-        arguments={"x-message-ttl": 200, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": work_name},
+        arguments={
+            "x-message-ttl": 200,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": work_name,
+        },
     )
     await channel.bind_queue(work_name, exchange, "work")
     await channel.bind_queue(retry_name, dlx, "retry")
@@ -545,7 +613,7 @@ async def test_x_death_counts_rejections_and_expiries_round_a_loop(env: Env, que
     assert typed(headers_of(first)) == typed({"tenant": "acme", **get_count})
     for delivery in (second, third):
         assert (delivery.body, delivery.properties.message_id) == (b"body", "m-1")
-        assert (delivery.exchange, delivery.routing_key) == ("", work_name)
+        assert (delivery.exchange, delivery.routing_key, delivery.redelivered) == ("", work_name, False)
         headers = headers_of(delivery)
         assert set(headers) == {"tenant", "x-death", *first_death, *get_count}
         assert typed({key: headers[key] for key in get_count}) == typed(get_count)
@@ -621,7 +689,11 @@ async def test_dead_letter_cycle_without_a_rejection_is_dropped(env: Env) -> Non
     )
     await channel.declare_queue(
         retry_name,
-        arguments={"x-message-ttl": 200, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": work_name},
+        arguments={
+            "x-message-ttl": 200,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": work_name,
+        },
     )
     inbox = Inbox(channel, "requeue")
     await channel.consume(work_name, inbox, prefetch=1)
@@ -661,18 +733,63 @@ async def test_max_length_dead_letters_the_head_as_maxlen(env: Env, queue_type: 
 
 
 @pytest.mark.parametrize("queue_type", QUEUE_TYPES)
-async def test_reject_publish_overflow_nacks_the_publish(env: Env, queue_type: str) -> None:
+async def test_reject_publish_overflow_nacks_publishes(env: Env, queue_type: str) -> None:
     channel = await env.channel()
     queue = await env.queue(
-        channel, "full", arguments=queue_args(queue_type, **{"x-max-length": 1, "x-overflow": "reject-publish"})
+        channel,
+        "full",
+        arguments=queue_args(queue_type, **{"x-max-length": 5, "x-overflow": "reject-publish"}),
     )
-    await channel.publish(b"0", exchange="", routing_key=queue, properties=props())
 
-    with pytest.raises(PublishNacked):
-        await channel.publish(b"1", exchange="", routing_key=queue, properties=props())
+    async def step(action: str) -> str:
+        if action == "get":
+            delivery = await channel.get(queue)
+            assert delivery is not None
+            await channel.ack(delivery.delivery_tag)
+            await env.settle()
+            return "got"
+        try:
+            await channel.publish(b"m", exchange="", routing_key=queue, properties=props())
+        except PublishNacked:
+            return "nack"
+        return "ok"
 
+    steps = ["pub"] * 7 + ["get", "pub", "get", "pub", "pub", "pub"]
+    outcomes = [await step(action) for action in steps]
+
+    # Classic queues refuse at the limit. Quorum queues (rabbit_fifo) accept the message that
+    # takes them over it, then refuse until the ready count is back at 80% of the limit.
+    if queue_type == "classic":
+        expected = ["ok"] * 5 + ["nack", "nack", "got", "ok", "got", "ok", "nack", "nack"]
+    else:
+        expected = ["ok"] * 6 + ["nack", "got", "nack", "got", "ok", "ok", "nack"]
+    assert outcomes == expected
     assert channel.is_open
-    assert await take_all(channel, queue) == [b"0"]
+    assert await message_count(channel, queue) == (5 if queue_type == "classic" else 6)
+
+
+async def test_quorum_ignores_reject_publish_dlx(env: Env) -> None:
+    channel = await env.channel()
+    target = await env.queue(channel, "target")
+    queue = await env.queue(
+        channel,
+        "rpdlx",
+        arguments={
+            **QUORUM,
+            "x-max-length": 1,
+            "x-overflow": "reject-publish-dlx",
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": target,
+        },
+    )
+    for body in (b"0", b"1", b"2"):
+        await channel.publish(body, exchange="", routing_key=queue, properties=props())
+
+    # 3.10 warns about the strategy and drops from the head instead.
+    dead = await env.fetch(channel, target, 2)
+    assert [d.body for d in dead] == [b"0", b"1"]
+    assert [deaths(headers_of(d))[0]["reason"] for d in dead] == ["maxlen", "maxlen"]
+    assert await take_all(channel, queue) == [b"2"]
 
 
 # -- consuming -------------------------------------------------------------------------------------
@@ -747,10 +864,20 @@ async def test_basic_get_requeue_comes_back_redelivered(env: Env, queue_type: st
     assert headers_of(second)["tenant"] == "acme"
 
 
-@pytest.mark.parametrize("queue_type", QUEUE_TYPES)
-async def test_requeue_order(env: Env, queue_type: str) -> None:
+@pytest.mark.parametrize(
+    ("queue_type", "arguments", "order"),
+    [
+        ("classic", {}, [b"0", b"1", b"2", b"3"]),  # back at their old places
+        ("quorum", {}, [b"2", b"3", b"1", b"0"]),  # appended to the back (3.10-3.13)
+        ("quorum", {"x-delivery-limit": 10}, [b"1", b"0", b"2", b"3"]),  # returns go first
+    ],
+    ids=["classic", "quorum", "quorum-delivery-limit"],
+)
+async def test_requeue_order(
+    env: Env, queue_type: str, arguments: dict[str, Any], order: list[bytes]
+) -> None:
     channel = await env.channel()
-    queue = await env.queue(channel, "order", arguments=queue_args(queue_type))
+    queue = await env.queue(channel, "order", arguments=queue_args(queue_type, **arguments))
     for body in (b"0", b"1", b"2", b"3"):
         await channel.publish(body, exchange="", routing_key=queue, properties=props())
     first, second = await channel.get(queue), await channel.get(queue)
@@ -761,8 +888,7 @@ async def test_requeue_order(env: Env, queue_type: str) -> None:
     await channel.reject(first.delivery_tag, requeue=True)
     bodies = await take_all(channel, queue)
 
-    # Classic queues put a message back at its old place; quorum queues serve returns first.
-    assert bodies == ([b"0", b"1", b"2", b"3"] if queue_type == "classic" else [b"1", b"0", b"2", b"3"])
+    assert bodies == order
 
 
 @pytest.mark.parametrize("queue_type", QUEUE_TYPES)
@@ -787,6 +913,24 @@ async def test_closing_a_channel_returns_its_unacked_deliveries(env: Env, queue_
     assert counts == ([1, 1, 0] if queue_type == "quorum" else [None, None, None])
 
 
+async def test_acking_an_unknown_tag_closes_the_channel_afterwards(env: Env) -> None:
+    channel = await env.channel()
+    queue = await env.queue(channel, "unknown-tag")
+    await channel.publish(b"m", exchange="", routing_key=queue, properties=props())
+    held = await channel.get(queue)
+    assert held is not None
+
+    await channel.ack(held.delivery_tag + 1)  # no reply comes to basic.ack: no error here
+    await env.settle()
+
+    assert not channel.is_open
+    with pytest.raises(TransportError):
+        await channel.declare_queue(queue)
+    other = await env.channel()
+    [again] = await env.fetch(other, queue, 1)  # the held delivery went back to the queue
+    assert (again.body, again.redelivered) == (b"m", True)
+
+
 # -- publishing ------------------------------------------------------------------------------------
 
 
@@ -805,9 +949,7 @@ async def test_publish_to_a_missing_exchange_closes_the_channel(env: Env) -> Non
     channel = await env.channel()
     missing = env.name("missing")
 
-    error = await closed_with(
-        channel.publish(b"x", exchange=missing, routing_key="k", properties=props())
-    )
+    error = await closed_with(channel.publish(b"x", exchange=missing, routing_key="k", properties=props()))
 
     log.info("%s: %d %s", env.kind, error.code, error.text)
     assert (error.code, error.text) == (404, f"NOT_FOUND - no exchange '{missing}' in vhost '/'")
@@ -830,7 +972,9 @@ async def test_queue_redeclared_with_another_ttl_fails_406(env: Env) -> None:
 
     log.info("%s: %d %s", env.kind, error.code, error.text)
     assert error.code == 406
-    assert error.text.startswith(f"PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue '{queue}'")
+    assert error.text.startswith(
+        f"PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue '{queue}'"
+    )
     # Both values present: RabbitMQ prints them bare; one missing: with its type.
     assert error.text == (
         f"PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue '{queue}' in vhost '/': "
@@ -875,35 +1019,221 @@ async def test_exchange_redeclared_with_another_type_fails_406(env: Env) -> None
         f"PRECONDITION_FAILED - inequivalent arg 'type' for exchange '{exchange}' in vhost '/': "
         "received 'topic' but current is 'direct'"
     )
+    durable = await closed_with((await env.channel()).declare_exchange(exchange, "direct", durable=False))
+    log.info("%s: %d %s", env.kind, durable.code, durable.text)
+    assert (durable.code, durable.text) == (
+        406,
+        f"PRECONDITION_FAILED - inequivalent arg 'durable' for exchange '{exchange}' in vhost '/': "
+        "received 'false' but current is 'true'",
+    )
 
 
-async def test_invalid_declarations_and_expirations_fail(env: Env) -> None:
-    name = env.name("odd")
-    error = await closed_with((await env.channel()).declare_queue(name, durable=False, arguments=QUORUM))
-    log.info("%s: %d %s", env.kind, error.code, error.text)
+async def test_invalid_expirations_close_the_channel(env: Env) -> None:
+    queue = await env.queue(await env.channel(), "exp")
+    texts = []
+    for expiration in ("soon", "10s", "-5"):
+        channel = await env.channel()
+        publish = channel.publish(
+            b"x", exchange="", routing_key=queue, properties=props(expiration=expiration)
+        )
+        texts.append((await closed_with(publish)).text)
+    log.info("%s: %s", env.kind, texts)
+
+    assert texts == [
+        "PRECONDITION_FAILED - invalid expiration 'soon': no_integer",
+        "PRECONDITION_FAILED - invalid expiration '10s': {leftover_string,\"s\"}",
+        "PRECONDITION_FAILED - invalid expiration '-5': {value_negative,-5}",
+    ]
+
+
+async def test_missing_reserved_and_refused_names_fail(env: Env) -> None:
+    queue = await env.queue(await env.channel(), "present")
+    missing = env.name("missing")
+
+    async def nothing(delivery: Delivery) -> None:
+        return None
+
+    calls: list[tuple[Callable[[Channel], Awaitable[object]], int, str]] = [
+        (
+            lambda c: c.declare_queue(missing, passive=True),
+            404,
+            f"NOT_FOUND - no queue '{missing}' in vhost '/'",
+        ),
+        (
+            lambda c: c.declare_exchange(missing, passive=True),
+            404,
+            f"NOT_FOUND - no exchange '{missing}' in vhost '/'",
+        ),
+        (
+            lambda c: c.consume(missing, nothing, prefetch=1),
+            404,
+            f"NOT_FOUND - no queue '{missing}' in vhost '/'",
+        ),
+        (lambda c: c.get(missing), 404, f"NOT_FOUND - no queue '{missing}' in vhost '/'"),
+        (
+            lambda c: c.bind_queue(queue, missing, "k"),
+            404,
+            f"NOT_FOUND - no exchange '{missing}' in vhost '/'",
+        ),
+        (
+            lambda c: c.bind_queue(missing, "amq.direct", "k"),
+            404,
+            f"NOT_FOUND - no queue '{missing}' in vhost '/'",
+        ),
+        (
+            lambda c: c.declare_exchange("amq.contract", "direct"),
+            403,
+            "ACCESS_REFUSED - exchange name 'amq.contract' contains reserved prefix 'amq.*'",
+        ),
+        (
+            lambda c: c.declare_queue("amq.contract"),
+            403,
+            "ACCESS_REFUSED - queue name 'amq.contract' contains reserved prefix 'amq.*'",
+        ),
+        (
+            lambda c: c.delete_exchange("amq.direct"),
+            403,
+            "ACCESS_REFUSED - deletion of system exchange 'amq.direct' in vhost '/' not allowed",
+        ),
+        (
+            lambda c: c.declare_exchange("", "direct"),
+            403,
+            "ACCESS_REFUSED - operation not permitted on the default exchange",
+        ),
+        (
+            lambda c: c.declare_queue("", arguments=QUORUM),
+            406,
+            "PRECONDITION_FAILED - Cannot declare a server-named queue for type rabbit_quorum_queue",
+        ),
+        (
+            lambda c: c.declare_queue(missing, durable=False, arguments=QUORUM),
+            406,
+            f"PRECONDITION_FAILED - invalid property 'non-durable' for queue '{missing}' in vhost '/'",
+        ),
+        (
+            lambda c: c.declare_queue(missing, exclusive=True, arguments=QUORUM),
+            406,
+            f"PRECONDITION_FAILED - invalid property 'exclusive-owner' for queue '{missing}' in vhost '/'",
+        ),
+    ]
+    env.queues.append(missing)  # in case a broker wrongly created it
+    errors = [await closed_with(call(await env.channel())) for call, _, _ in calls]
+
+    log.info("%s: %s", env.kind, [(e.code, e.text) for e in errors])
+    assert [(e.code, e.text) for e in errors] == [(code, text) for _, code, text in calls]
+    # Deleting what does not exist is no error.
+    channel = await env.channel()
+    await channel.delete_queue(missing)
+    await channel.delete_exchange(missing)
+    assert channel.is_open
+
+
+async def test_exclusive_queue_is_locked_to_its_connection(env: Env) -> None:
+    channel = await env.channel()
+    info = await channel.declare_queue("", exclusive=True)
+    assert info.name.startswith("amq.gen-")
+    other = await env.connect()
+
+    locked = await closed_with((await other.channel()).declare_queue(info.name, passive=True))
+
+    assert (locked.code, locked.text) == (
+        405,
+        f"RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{info.name}' in vhost '/'. "
+        "It could be originally declared on another connection or the exclusive property value does "
+        "not match that of the original declaration.",
+    )
+    await env.transport.close()
+    with pytest.raises(ChannelClosed) as gone:
+        await (await other.channel()).declare_queue(info.name, passive=True)
+    assert gone.value.code == 404  # an exclusive queue goes with its connection
+
+
+async def test_unknown_exchange_type_closes_the_connection(env: Env) -> None:
+    channel = await env.channel()
+
+    with pytest.raises(ConnectionLost):
+        await channel.declare_exchange(env.name("odd"), "nope")
+
+    await env.settle()
+    assert not env.transport.is_open
+    assert not channel.is_open
+
+
+async def test_queue_redeclare_compares_only_arguments_its_type_supports(env: Env) -> None:
+    channel = await env.channel()
+    classic = await env.queue(channel, "classic")
+    quorum = await env.queue(channel, "quorum", arguments={**QUORUM, "x-delivery-limit": 2})
+
+    await channel.declare_queue(classic, arguments={"x-delivery-limit": 5})  # not compared
+    error = await closed_with(channel.declare_queue(quorum, arguments={**QUORUM, "x-delivery-limit": 3}))
+
     assert (error.code, error.text) == (
         406,
-        f"PRECONDITION_FAILED - invalid property 'non-durable' for queue '{name}' in vhost '/'",
+        f"PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue '{quorum}' in vhost '/': "
+        "received '3' but current is '2'",
     )
 
-    channel = await env.channel()
-    queue = await env.queue(channel, "exp")
+
+# (arguments, the argument RabbitMQ names, the end of its text) for queue.declare refusals, in
+# 3.10.8's order: checks shared by all types, then arguments the type lacks, then its own checks.
+INVALID_ARGUMENTS: list[tuple[dict[str, Any], str, str]] = [
+    ({"x-message-ttl": "abc"}, "x-message-ttl", ': "expected integer, got longstr"'),
+    ({"x-message-ttl": -1}, "x-message-ttl", ": {value_negative,-1}"),
+    ({"x-expires": 0}, "x-expires", ": {value_zero,0}"),
+    ({"x-max-length": 1.5}, "x-max-length", ': "expected integer, got float"'),
+    ({"x-overflow": "explode"}, "x-overflow", ": invalid_overflow"),
+    ({"x-queue-type": "fancy"}, "x-queue-type", ": \"unsupported queue type 'fancy'\""),
+    ({"x-dead-letter-routing-key": "k"}, "x-dead-letter-routing-key", ": routing_key_but_no_dlx_defined"),
+    ({"x-single-active-consumer": "yes"}, "x-single-active-consumer", ": {unacceptable_type,longstr}"),
+    ({"x-max-priority": 256}, "x-max-priority", ": {max_value_exceeded,256}"),
+    ({"x-delivery-limit": 5}, "x-delivery-limit", " of queue type rabbit_classic_queue"),
+    (
+        {"x-dead-letter-strategy": "at-least-once"},
+        "x-dead-letter-strategy",
+        " of queue type rabbit_classic_queue",
+    ),
+    ({**QUORUM, "x-max-priority": 5}, "x-max-priority", " of queue type rabbit_quorum_queue"),
+    ({**QUORUM, "x-message-ttl": -5, "x-max-priority": 5}, "x-message-ttl", ": {value_negative,-5}"),
+    ({**QUORUM, "x-dead-letter-strategy": "bogus"}, "x-dead-letter-strategy", ": invalid_dlx_strategy"),
+]
+
+
+async def test_invalid_queue_arguments_fail_406(env: Env) -> None:
+    texts, expected = [], []
+    for arguments, key, tail in INVALID_ARGUMENTS:
+        name = env.name("bad")
+        env.queues.append(name)
+        error = await closed_with((await env.channel()).declare_queue(name, arguments=arguments))
+        texts.append((error.code, error.text.replace(name, "<q>")))
+        expected.append(
+            (406, f"PRECONDITION_FAILED - invalid arg '{key}' for queue '<q>' in vhost '/'{tail}")
+        )
+    log.info("%s: %s", env.kind, texts)
+    assert texts == expected
+
+    name = env.name("dlx")
     error = await closed_with(
-        channel.publish(b"x", exchange="", routing_key=queue, properties=props(expiration="soon"))
+        (await env.channel()).declare_queue(name, arguments={"x-dead-letter-exchange": 5})
     )
-    log.info("%s: %d %s", env.kind, error.code, error.text)
-    assert (error.code, error.text) == (406, "PRECONDITION_FAILED - invalid expiration 'soon': {error,no_integer}")
+    assert (error.code, error.text) == (
+        406,
+        "PRECONDITION_FAILED - invalid type 'byte' for arg 'x-dead-letter-exchange' "
+        f"in queue '{name}' in vhost '/'",
+    )
+    # A quorum queue takes any x-delivery-limit unchecked.
+    await env.queue(await env.channel(), "odd-limit", arguments={**QUORUM, "x-delivery-limit": "abc"})
 
 
 # -- rabbitflow end to end -------------------------------------------------------------------------
 
 
-async def test_app_always_failing_handler_retries_then_parks(env: Env) -> None:
+@pytest.mark.parametrize("queue_type", QUEUE_TYPES)
+async def test_app_always_failing_handler_retries_then_parks(env: Env, queue_type: str) -> None:
     app = env.app()
     queue = env.name("fail")
     calls: list[int] = []
 
-    @app.consumer(queue, retries=2, delay=0.3)
+    @app.consumer(queue, retries=2, delay=0.3, queue_type=queue_type)
     async def handle(body: Any, message: Message) -> None:
         calls.append(message.attempt)
         raise RuntimeError(f"cannot handle {body['id']}")
@@ -916,9 +1246,10 @@ async def test_app_always_failing_handler_retries_then_parks(env: Env) -> None:
 
     assert calls == [1, 2, 3]
     headers = headers_of(parked)
-    assert (headers["x-rf-reason"], headers["x-rf-attempts"]) == ("exhausted", 3)
+    assert typed([headers["x-rf-reason"], headers["x-rf-attempts"]]) == typed(["exhausted", 3])
     assert headers["x-rf-error"] == "cannot handle 42"
     assert headers["tenant"] == "acme"
+    assert not any(key.startswith(("x-death", "x-first-death")) for key in headers)
     assert parked.body == b'{"id":42}'
     assert parked.properties.message_id == "order-42"
 

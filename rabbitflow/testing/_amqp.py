@@ -18,11 +18,14 @@ __all__ = [
     "assert_args_equivalence",
     "assert_field_equivalence",
     "clone_properties",
+    "compared_queue_args",
     "copy_table",
+    "erl",
     "field_type",
     "not_found",
     "parse_expiration",
     "precondition_failed",
+    "queue_type_module",
     "resource_locked",
     "rs",
     "type_class",
@@ -125,19 +128,19 @@ def type_class(value: Any) -> str:
     return "float" if kind in ("float", "double") else kind
 
 
-def _erl(value: Any) -> str:
+def erl(value: Any) -> str:
     """A value as RabbitMQ prints it in an error text (~s for binaries, ~p otherwise)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
-        return "[" + ",".join(_erl(item) for item in value) + "]"
+        return "[" + ",".join(erl(item) for item in value) + "]"
     return str(value)
 
 
 def _described(table: Mapping[str, Any], key: str) -> str:
     if key not in table:
         return "none"
-    return f"the value '{_erl(table[key])}' of type '{field_type(table[key])}'"
+    return f"the value '{erl(table[key])}' of type '{field_type(table[key])}'"
 
 
 def assert_field_equivalence(kind: str, name: str, key: str, current: Any, received: Any) -> None:
@@ -145,7 +148,7 @@ def assert_field_equivalence(kind: str, name: str, key: str, current: Any, recei
     if current != received:
         raise precondition_failed(
             f"inequivalent arg '{key}' for {rs(kind, name)}: "
-            f"received '{_erl(received)}' but current is '{_erl(current)}'"
+            f"received '{erl(received)}' but current is '{erl(current)}'"
         )
 
 
@@ -168,7 +171,7 @@ def assert_args_equivalence(
             # '1000'"); the typed form is only for an argument missing on one side.
             raise precondition_failed(
                 f"inequivalent arg '{key}' for {rs(kind, name)}: "
-                f"received '{_erl(new)}' but current is '{_erl(old)}'"
+                f"received '{erl(new)}' but current is '{erl(old)}'"
             )
         raise precondition_failed(
             f"inequivalent arg '{key}' for {rs(kind, name)}: "
@@ -178,7 +181,7 @@ def assert_args_equivalence(
 
 def _check_int(value: Any, *, zero: bool = True) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int):
-        return f"{{unacceptable_type,{field_type(value)}}}"
+        return f'"expected integer, got {field_type(value)}"'
     if value < 0:
         return f"{{value_negative,{value}}}"
     if value == 0 and not zero:
@@ -192,31 +195,124 @@ def _check_str(value: Any, allowed: tuple[str, ...] = (), error: str = "") -> st
     return error if allowed and value not in allowed else None
 
 
+def _check_bool(value: Any) -> str | None:
+    return None if isinstance(value, bool) else f"{{unacceptable_type,{field_type(value)}}}"
+
+
+def _check_priority(value: Any) -> str | None:
+    error = _check_int(value)
+    return error or (f"{{max_value_exceeded,{value}}}" if value > 255 else None)
+
+
+def _check_version(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{{unacceptable_type,{field_type(value)}}}"
+    return None if value in (1, 2) else f"\"unsupported queue version '{value}'\""
+
+
+# The x- arguments each queue type refuses (rabbit_queue_type capabilities in 3.10).
+_UNSUPPORTED = {
+    "classic": frozenset(
+        {
+            "x-dead-letter-strategy",
+            "x-delivery-limit",
+            "x-initial-cluster-size",
+            "x-max-age",
+            "x-max-in-memory-bytes",
+            "x-max-in-memory-length",
+            "x-queue-leader-locator",
+            "x-quorum-initial-group-size",
+            "x-stream-max-segment-size-bytes",
+        }
+    ),
+    "quorum": frozenset(
+        {
+            "x-initial-cluster-size",
+            "x-max-age",
+            "x-max-priority",
+            "x-queue-master-locator",
+            "x-queue-mode",
+            "x-queue-version",
+            "x-stream-max-segment-size-bytes",
+        }
+    ),
+}
+_TYPE_MODULES = {"classic": "rabbit_classic_queue", "quorum": "rabbit_quorum_queue"}
+
+
+def queue_type_module(kind: str) -> str:
+    """The queue type as RabbitMQ names it in error texts."""
+    return _TYPE_MODULES.get(kind, f"rabbit_{kind}_queue")
+
+
+def compared_queue_args(kind: str) -> tuple[str, ...]:
+    """The arguments a redeclaration of a queue of this type must repeat: 3.10.8 skips the ones
+    its type does not support (x-delivery-limit on a classic queue may come and go)."""
+    unsupported = _UNSUPPORTED.get(kind, frozenset())
+    return tuple(key for key in QUEUE_ARGS if key not in unsupported)
+
+
 def validate_queue_arguments(name: str, args: Mapping[str, Any]) -> None:
-    """Refuse the argument values RabbitMQ refuses when it creates a queue (406)."""
-    checks: dict[str, Callable[[Any], str | None]] = {
+    """Refuse the arguments RabbitMQ 3.10.8 refuses when it creates a queue (406), in its order:
+    the checks every queue type shares, then the arguments the type does not support, then the
+    type's own checks. x-delivery-limit is never checked (a quorum queue takes "abc")."""
+    kind = args.get("x-queue-type", "classic")
+
+    def fail(key: str, error: str) -> ChannelClosed:
+        return precondition_failed(f"invalid arg '{key}' for {rs('queue', name)}: {error}")
+
+    dlx = args.get("x-dead-letter-exchange")
+    common: dict[str, Callable[[Any], str | None]] = {
         "x-expires": lambda v: _check_int(v, zero=False),
         "x-message-ttl": _check_int,
-        "x-max-length": _check_int,
-        "x-max-length-bytes": _check_int,
-        "x-delivery-limit": _check_int,
         "x-dead-letter-exchange": _check_str,
         "x-dead-letter-routing-key": lambda v: (
-            _check_str(v) or (None if "x-dead-letter-exchange" in args else "routing_key_but_no_dlx_defined")
+            _check_str(v) or (None if dlx is not None else "routing_key_but_no_dlx_defined")
         ),
+        "x-max-length": _check_int,
+        "x-max-length-bytes": _check_int,
+        "x-max-in-memory-length": _check_int,
+        "x-max-in-memory-bytes": _check_int,
         "x-overflow": lambda v: _check_str(
             v, ("drop-head", "reject-publish", "reject-publish-dlx"), "invalid_overflow"
         ),
+        "x-single-active-consumer": _check_bool,
         "x-queue-type": lambda v: _check_str(
             v, ("classic", "quorum", "stream"), f"\"unsupported queue type '{v}'\""
         ),
-        "x-dead-letter-strategy": lambda v: _check_str(
-            v, ("at-most-once", "at-least-once"), "invalid_dlx_strategy"
-        ),
     }
-    for key, check in checks.items():
+    for key, check in common.items():
         if key in args and (error := check(args[key])) is not None:
-            raise precondition_failed(f"invalid arg '{key}' for {rs('queue', name)}: {error}")
+            if key == "x-dead-letter-exchange":  # this one has its own wording
+                raise precondition_failed(
+                    f"invalid type '{field_type(dlx)}' for arg '{key}' in {rs('queue', name)}"
+                )
+            raise fail(key, error)
+    for key in sorted(args):  # RabbitMQ sorts a field table by key
+        if key in _UNSUPPORTED.get(kind, ()):
+            raise precondition_failed(
+                f"invalid arg '{key}' for {rs('queue', name)} of queue type {queue_type_module(kind)}"
+            )
+    own: dict[str, Callable[[Any], str | None]] = (
+        {
+            "x-max-priority": _check_priority,
+            "x-queue-mode": lambda v: _check_str(v, ("default", "lazy"), f"\"unsupported queue mode '{v}'\""),
+            "x-queue-version": _check_version,
+        }
+        if kind == "classic"
+        else {
+            "x-dead-letter-strategy": lambda v: _check_str(
+                v, ("at-most-once", "at-least-once"), "invalid_dlx_strategy"
+            ),
+            "x-quorum-initial-group-size": _check_int,
+            "x-queue-leader-locator": lambda v: _check_str(
+                v, ("client-local", "balanced", "random", "least-leaders"), "invalid_queue_locator_arg"
+            ),
+        }
+    )
+    for key, check in own.items():
+        if key in args and (error := check(args[key])) is not None:
+            raise fail(key, error)
 
 
 _EXPIRATION = re.compile(r"([+-]?[0-9]+)(.*)", re.DOTALL)
@@ -225,12 +321,13 @@ _EXPIRATION = re.compile(r"([+-]?[0-9]+)(.*)", re.DOTALL)
 def parse_expiration(expiration: str) -> int:
     """The per-message TTL in ms, or 406 as rabbit_basic:parse_expiration/1 refuses it."""
     match = _EXPIRATION.fullmatch(expiration)
+    # rabbit_channel prints the reason inside parse_expiration's {error, Reason}.
     if match is None:
-        error = "{error,no_integer}"
+        error = "no_integer"
     elif match.group(2):
-        error = f'{{error,{{leftover_string,"{match.group(2)}"}}}}'
+        error = f'{{leftover_string,"{match.group(2)}"}}'
     elif int(match.group(1)) < 0:
-        error = f"{{error,{{value_negative,{int(match.group(1))}}}}}"
+        error = f"{{value_negative,{int(match.group(1))}}}"
     else:
         return int(match.group(1))
     raise precondition_failed(f"invalid expiration '{expiration}': {error}")

@@ -21,13 +21,14 @@ from ..transport.base import (
 )
 from ._amqp import (
     EXCHANGE_ARGS,
-    QUEUE_ARGS,
     access_refused,
     assert_args_equivalence,
     assert_field_equivalence,
+    compared_queue_args,
     not_found,
     parse_expiration,
     precondition_failed,
+    queue_type_module,
     resource_locked,
     rs,
     validate_queue_arguments,
@@ -35,7 +36,7 @@ from ._amqp import (
     wire_table,
 )
 from ._queue import Consumer, MemoryQueue, Unacked
-from ._routing import EXCHANGE_TYPES, X_MATCH, Binding, MemoryExchange
+from ._routing import EXCHANGE_TYPES, Binding, MemoryExchange, invalid_x_match
 from ._vhost import Published, VHost
 
 __all__ = ["MemoryChannel", "MemoryTransport"]
@@ -132,7 +133,12 @@ class MemoryChannel(Channel):
                 if name not in vhost.exchanges:
                     raise not_found("exchange", name)
             elif type not in EXCHANGE_TYPES:
-                raise ChannelClosed(503, f"COMMAND_INVALID - unknown exchange type '{type}'")
+                # A connection-level error: RabbitMQ closes the whole connection.
+                lost = ConnectionLost(
+                    f"the broker closed the connection: 503 COMMAND_INVALID - unknown exchange type '{type}'"
+                )
+                self._transport._shutdown(lost)
+                raise lost
             elif name == "":
                 raise access_refused("operation not permitted on the default exchange")
             elif (existing := vhost.exchanges.get(name)) is not None:
@@ -171,7 +177,9 @@ class MemoryChannel(Channel):
         durable = durable and not exclusive  # RabbitMQ never keeps an exclusive queue durable
         if name == "":
             if args.get("x-queue-type") == "quorum":
-                raise precondition_failed("Cannot declare a server-named queue for type quorum")
+                raise precondition_failed(
+                    f"Cannot declare a server-named queue for type {queue_type_module('quorum')}"
+                )
             name = vhost.new_name("amq.gen-")
         elif name.startswith("amq."):
             raise access_refused(f"queue name '{name}' contains reserved prefix 'amq.*'")
@@ -181,7 +189,8 @@ class MemoryChannel(Channel):
             if existing.owner is not owner:
                 raise resource_locked(name)
             assert_field_equivalence("queue", name, "durable", existing.durable, durable)
-            assert_args_equivalence("queue", name, existing.arguments, args, QUEUE_ARGS)
+            keys = compared_queue_args(existing.queue_type)
+            assert_args_equivalence("queue", name, existing.arguments, args, keys)
             return existing
         validate_queue_arguments(name, args)
         kind = args.get("x-queue-type", "classic")
@@ -208,11 +217,8 @@ class MemoryChannel(Channel):
             if x is None:
                 raise not_found("exchange", exchange)
             q = vhost.queue(queue, self._transport)
-            if x.type == "headers" and args.get("x-match", "all") not in X_MATCH:
-                raise precondition_failed(
-                    f"Invalid x-match field value {args['x-match']!r}; "
-                    "expected all, any, all-with-x, or any-with-x"
-                )
+            if x.type == "headers" and (error := invalid_x_match(args)) is not None:
+                raise precondition_failed(error)
             x.bind(Binding(q.name, routing_key, args))
         await asyncio.sleep(0)
 
@@ -253,7 +259,7 @@ class MemoryChannel(Channel):
             if not targets and mandatory:
                 raise Unroutable(exchange, routing_key)
             refused = [
-                q.name for q in targets if not vhost.enqueue(q, body, props, exchange, routing_key, ttl)
+                q.name for q in targets if not vhost.enqueue(q, body, props, exchange, routing_key, ttl, self)
             ]
             if refused:
                 raise PublishNacked(
@@ -288,7 +294,8 @@ class MemoryChannel(Channel):
             if multiple and delivery_tag == 0:
                 tags = list(self._unacked)
             elif delivery_tag not in self._unacked:
-                raise precondition_failed(f"unknown delivery tag {delivery_tag}")
+                self._unknown_tag(delivery_tag)
+                return
             elif multiple:
                 tags = [tag for tag in self._unacked if tag <= delivery_tag]
             else:
@@ -302,10 +309,11 @@ class MemoryChannel(Channel):
         with self._method() as vhost:
             entry = self._unacked.pop(delivery_tag, None)
             if entry is None:
-                raise precondition_failed(f"unknown delivery tag {delivery_tag}")
+                self._unknown_tag(delivery_tag)
+                return
             vhost.settle(entry)
             if requeue:
-                vhost.give_back(entry)
+                vhost.give_back(entry, rejected=True)
             else:
                 vhost.discard(entry)
         await asyncio.sleep(0)
@@ -346,6 +354,11 @@ class MemoryChannel(Channel):
             raise
         finally:
             vhost.pump()
+
+    def _unknown_tag(self, delivery_tag: int) -> None:
+        # basic.ack/reject get no reply: the caller returns, and the broker closes the channel
+        # (406) shortly after; the next method on it fails.
+        self._shutdown(precondition_failed(f"unknown delivery tag {delivery_tag}"))
 
     def _track(self, entry: Unacked) -> int:
         # Delivery tags count from 1 on each channel.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,17 @@ def _str(arguments: dict[str, Any], key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _delivery_limit(arguments: dict[str, Any]) -> float | None:
+    # RabbitMQ 3.10 takes any x-delivery-limit on a quorum queue unchecked and compares it the
+    # Erlang way: a number as a number; anything else sorts above every count, so is never hit.
+    if "x-delivery-limit" not in arguments:
+        return None
+    value = arguments["x-delivery-limit"]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    return math.inf
+
+
 class MemoryQueue:
     """One queue's state; tests read it through `MemoryBroker.queues[name]`."""
 
@@ -87,13 +99,16 @@ class MemoryQueue:
         self.dead_letter_routing_key = _str(arguments, "x-dead-letter-routing-key")
         self.max_length = _int(arguments, "x-max-length")
         self.overflow = _str(arguments, "x-overflow") or "drop-head"
-        # x-delivery-limit is a quorum queue feature; classic queues ignore the argument.
-        self.delivery_limit = _int(arguments, "x-delivery-limit") if self.is_quorum else None
+        if self.is_quorum and self.overflow == "reject-publish-dlx":
+            self.overflow = "drop-head"  # quorum queues log a warning and use their default
+        self.delivery_limit = _delivery_limit(arguments) if self.is_quorum else None
         self.unacked_count = 0
         self.consumers: list[Consumer] = []
         self._ready: deque[Message] = deque()
         self._returns: deque[Message] = deque()  # quorum: returned messages go first
         self._next_consumer = 0
+        # quorum x-overflow=reject-publish: publisher -> blocked (rabbit_fifo's enqueuers)
+        self._enqueuers: dict[object, bool] = {}
 
     def __repr__(self) -> str:
         return (
@@ -146,11 +161,16 @@ class MemoryQueue:
     def push(self, message: Message) -> None:
         self._ready.append(message)
 
-    def requeue(self, message: Message) -> None:
-        """Put a returned message back: quorum queues serve returns first, in return order;
-        classic queues put it back at its original position."""
+    def requeue(self, message: Message, *, rejected: bool = False) -> None:
+        """Put a returned message back. Classic queues put it back at its original position.
+        Quorum queues serve returns first, in return order, except that 3.10-3.13 append a
+        message a consumer rejected with requeue to the back when there is no x-delivery-limit
+        (rabbit_fifo turns that return into a #requeue{} command, to let its log be truncated)."""
         if self.is_quorum:
-            self._returns.append(message)
+            if rejected and self.delivery_limit is None:
+                self._ready.append(message)
+            else:
+                self._returns.append(message)
             return
         message.redelivered = True
         ready = self._ready
@@ -159,6 +179,33 @@ class MemoryQueue:
                 ready.insert(index, message)
                 return
         ready.append(message)
+
+    def refuses(self, publisher: object) -> bool:
+        """Whether x-overflow=reject-publish(-dlx) refuses a message from `publisher` now."""
+        limit = self.max_length
+        if limit is None or self.overflow == "drop-head":
+            return False
+        if not self.is_quorum:
+            return self.message_count >= limit  # classic: refused once the queue is full
+        # rabbit_fifo accepts the message that takes the queue over the limit, then blocks every
+        # publisher it knows until the ready count falls to 80% of the limit; a new publisher
+        # is refused only while the queue is over the limit.
+        if self.message_count <= int(limit * 0.8):
+            self._enqueuers = dict.fromkeys(self._enqueuers, False)
+        if publisher not in self._enqueuers:
+            self._enqueuers[publisher] = self.message_count > limit
+        return self._enqueuers[publisher]
+
+    def check_overflow(self) -> None:
+        """After an enqueue: a quorum queue over its reject-publish limit blocks its publishers."""
+        limit = self.max_length
+        if (
+            self.is_quorum
+            and self.overflow != "drop-head"
+            and limit is not None
+            and self.message_count > limit
+        ):
+            self._enqueuers = dict.fromkeys(self._enqueuers, True)
 
     def redelivered(self, message: Message) -> bool:
         return message.delivery_count > 0 if self.is_quorum else message.redelivered

@@ -7,9 +7,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._amqp import type_class
+from ._amqp import erl, field_type, type_class
 
-__all__ = ["EXCHANGE_TYPES", "Binding", "MemoryExchange", "headers_match", "topic_match"]
+__all__ = [
+    "EXCHANGE_TYPES",
+    "Binding",
+    "MemoryExchange",
+    "headers_match",
+    "invalid_x_match",
+    "topic_match",
+]
 
 EXCHANGE_TYPES = ("direct", "fanout", "topic", "headers")
 X_MATCH = ("all", "any", "all-with-x", "any-with-x")
@@ -100,3 +107,15 @@ def _field_match(key: str, value: Any, headers: Mapping[str, Any]) -> bool:
         return True
     found = headers[key]
     return bool(found == value and type_class(found) == type_class(value))
+
+
+def invalid_x_match(arguments: Mapping[str, Any]) -> str | None:
+    """Why rabbit_exchange_type_headers refuses a binding's `x-match`, or None."""
+    if "x-match" not in arguments:
+        return None
+    value = arguments["x-match"]
+    if not isinstance(value, str):
+        return f"Invalid x-match field type {field_type(value)} (value {erl(value)}); expected longstr"
+    if value not in X_MATCH:
+        return f'Invalid x-match field value <<"{value}">>; expected all, any, all-with-x, or any-with-x'
+    return None

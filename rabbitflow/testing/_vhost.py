@@ -186,24 +186,27 @@ class VHost:
         exchange: str,
         routing_key: str,
         ttl: int | None,
+        publisher: object,
     ) -> bool:
-        """Put a message on `q`; False if the queue refused it (x-overflow=reject-publish)."""
+        """Put a message from `publisher` (a channel, or the dead-lettering queue) on `q`; False
+        if the queue refused it (x-overflow=reject-publish)."""
         now = self.clock()
         message = Message(body, properties, exchange, routing_key, next(self._seq), q.expiry(ttl, now))
         self.activity += 1
-        if q.max_length is not None and q.overflow != "drop-head" and q.message_count >= q.max_length:
+        if q.refuses(publisher):
             if q.overflow == "reject-publish-dlx":
                 self.dead_letter(q, message, "maxlen")
             return False
-        # An idle consumer takes the message before TTL or max-length apply (classic queues
-        # deliver even a TTL-0 message; quorum queues expire it first).
-        expired = message.expired(now)
+        # An idle consumer takes the message before TTL or max-length apply: classic queues
+        # deliver even a TTL-0 message, and quorum queues give TTL 0 a millisecond
+        # (rabbit_fifo:update_expiry_header/3), which a waiting consumer beats.
         consumer = q.next_consumer() if q.head() is None else None
-        if consumer is not None and not (expired and q.is_quorum):
+        if consumer is not None:
             self._deliver(q, consumer, message)
             return True
         q.push(message)
         self._drop_over_limit(q)
+        q.check_overflow()
         self._dirty[q] = None
         return True
 
@@ -220,8 +223,8 @@ class VHost:
         self._dirty[entry.queue] = None
         self.activity += 1
 
-    def give_back(self, entry: Unacked) -> None:
-        """A settled delivery returns to its queue: requeued, or its channel closed."""
+    def give_back(self, entry: Unacked, *, rejected: bool = False) -> None:
+        """A settled delivery returns to its queue: `rejected` with requeue, or its channel closed."""
         q, message = entry.queue, entry.message
         if self.queues.get(q.name) is not q:
             return  # the queue was deleted meanwhile
@@ -231,8 +234,9 @@ class VHost:
             if q.delivery_limit is not None and message.delivery_count > q.delivery_limit:
                 self.dead_letter(q, message, "delivery_limit")
                 return
-        q.requeue(message)
+        q.requeue(message, rejected=rejected)
         self._drop_over_limit(q)
+        q.check_overflow()
         self._dirty[q] = None
 
     def discard(self, entry: Unacked) -> None:
@@ -282,7 +286,7 @@ class VHost:
             self._drop(q, message, reason, f"no queue is bound to '{dlx.name}' for '{routing_key}'")
             return
         for target in targets:
-            if not self.enqueue(target, message.body, dead, dlx.name, routing_key, None):
+            if not self.enqueue(target, message.body, dead, dlx.name, routing_key, None, q):
                 self._drop(q, message, reason, f"queue '{target.name}' refused it (x-overflow)")
 
     def _drop(self, q: MemoryQueue, message: Message, reason: str, cause: str) -> None:
