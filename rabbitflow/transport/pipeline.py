@@ -20,6 +20,7 @@ from aiormq.abc import ChannelFrame
 from aiormq.channel import Returning
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
+from pamqp.frame import marshal
 from pamqp.header import ContentHeader
 
 __all__ = ["Pipeline", "supported"]
@@ -32,12 +33,13 @@ def supported(channel: aiormq.Channel) -> bool:
 
 
 class Pipeline:
-    __slots__ = ("_channel", "_draining", "_frames", "_loop", "_outbox")
+    __slots__ = ("_channel", "_chunks", "_draining", "_loop", "_methods", "_outbox")
 
     def __init__(self, channel: aiormq.Channel) -> None:
         self._channel = channel
         self._loop = asyncio.get_running_loop()
-        self._frames: list[object] = []  # this turn's frames, in delivery-tag order
+        self._chunks: list[bytes] = []  # this turn's marshalled frames, in delivery-tag order
+        self._methods: dict[tuple[str, str, bool], bytes] = {}
         self._outbox: deque[ChannelFrame] = deque()  # marshalled turns the write queue had no room for
         self._draining: asyncio.Task[None] | None = None
         channel.closing.add_done_callback(self._fail_pending)
@@ -55,22 +57,36 @@ class Pipeline:
             message_id = properties.message_id = uuid.uuid4().hex
         channel.delivery_tag += 1
         tag = channel.delivery_tag
-        confirmation: asyncio.Future[object] = channel.create_future()
+        # A plain future: `_fail_pending` rejects it if the channel goes, so aiormq's future store
+        # (a weak set and two callbacks per future) is not needed.
+        confirmation: asyncio.Future[object] = self._loop.create_future()
         channel.confirmations[tag] = confirmation
         channel.message_id_delivery_tag[message_id] = tag
         confirmation.add_done_callback(lambda _: self._forget(message_id, tag))
 
-        frames = self._frames
-        if not frames:
+        chunks = self._chunks
+        if not chunks:
             self._loop.call_soon(self._flush)
-        frames.append(Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory))
-        frames.append(ContentHeader(0, len(body), properties))
+        number = channel.number
+        key = (exchange, routing_key, mandatory)
+        method = self._methods.get(key)
+        if method is None:
+            # Retry and parking copies go to a handful of routes: marshal each method frame once.
+            method = marshal(
+                Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory), number
+            )
+            if len(self._methods) < 1024:
+                self._methods[key] = method
+        chunks.append(method)
+        chunks.append(marshal(ContentHeader(0, len(body), properties), number))
         limit = channel.max_content_size
         if len(body) <= limit:
             if body:
-                frames.append(ContentBody(body))
+                chunks.append(marshal(ContentBody(body), number))
         else:
-            frames.extend(ContentBody(body[i : i + limit]) for i in range(0, len(body), limit))
+            chunks.extend(
+                marshal(ContentBody(body[i : i + limit]), number) for i in range(0, len(body), limit)
+            )
         return confirmation
 
     def _fail_pending(self, closing: asyncio.Future[object]) -> None:
@@ -93,10 +109,10 @@ class Pipeline:
             del ids[message_id]
 
     def _flush(self) -> None:
-        frames, self._frames = self._frames, []
-        if not frames or self._channel.is_closed:
+        chunks, self._chunks = self._chunks, []
+        if not chunks or self._channel.is_closed:
             return
-        chunk = ChannelFrame.marshall(channel_number=self._channel.number, frames=frames)  # type: ignore[arg-type]
+        chunk = ChannelFrame(payload=b"".join(chunks), should_close=False)
         if self._draining is None:
             try:
                 self._channel.write_queue.put_nowait(chunk)
