@@ -84,15 +84,23 @@ class Acker:
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
 
-    async def _send(self, top: int) -> None:
+    async def _send(self, top: int, *, multiple: bool = True) -> None:
         try:
-            await self._channel.ack(top, multiple=True)
+            await self._channel.ack(top, multiple=multiple)
         except TransportError as exc:
             # The channel is gone; the broker redelivers whatever was not acked.
             log.debug("ack of delivery tags <= %d not sent: %s", top, exc)
 
     async def flush(self) -> None:
-        """Send what is settled now and wait until it is written."""
+        """Send every settled ack now and wait until it is written. Settled tags behind an
+        unsettled one (a handler cancelled at shutdown) are acked one by one, so only the
+        unsettled deliveries return to the queue."""
         self._flush()
+        stragglers = sorted(tag for tag, ack in self._done.items() if ack)
+        self._done.clear()
+        for tag in stragglers:
+            task = self._loop.create_task(self._send(tag, multiple=False))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
         if self._sending:
             await asyncio.gather(*self._sending, return_exceptions=True)

@@ -82,8 +82,6 @@ class ConsumerWorker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self.running = 0  # handlers running right now
-        self.handled = 0  # deliveries settled by this worker
 
     @property
     def live(self) -> bool:
@@ -130,20 +128,21 @@ class ConsumerWorker:
         self._acker.track(tag)
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)
-        if self.running == 0:
+        tasks = self._tasks
+        if not tasks:
             self._idle.clear()
-        self.running += 1
+        tasks.add(task)
         try:
             if self._limit is None:
                 await self._handle(delivery)
             else:
                 async with self._limit:
+                    if self._stopping:
+                        return  # waited for a slot while stopping: never started, so requeued
                     await self._handle(delivery)
         finally:
-            self.running -= 1
-            self._tasks.discard(task)
-            if self.running == 0:
+            tasks.discard(task)
+            if not tasks:
                 self._idle.set()
 
     async def _handle(self, delivery: Delivery) -> None:
@@ -175,7 +174,6 @@ class ConsumerWorker:
         except Exception as exc:
             await self._fail(delivery, attempt, exc)
             return
-        self.handled += 1
         self._acker.settle(delivery.delivery_tag)
 
     # -- the failure path ----------------------------------------------------------------------
@@ -339,7 +337,6 @@ class ConsumerWorker:
                 return
             self._acker.settle(tag, ack=False)
             return
-        self.handled += 1
         self._acker.settle(tag)
 
 

@@ -222,3 +222,53 @@ async def test_health_reports_node_and_consumers(make_app: Callable[..., App]) -
         assert health["live_consumers"] == 2
         assert health["blocked"] is False
     assert app.health()["state"] == "closed"
+
+
+async def test_stop_starts_no_waiting_handler_and_acks_what_finished(
+    make_app: Callable[..., App], admin: Admin
+) -> None:
+    app = make_app(prefetch=10)
+    queue = unique("stop")
+    started: list[int] = []
+    finished: list[int] = []
+
+    @app.consumer(queue, concurrency=2, queue_type="classic")
+    async def handle(body: dict[str, int]) -> None:
+        started.append(body["n"])
+        await asyncio.sleep(0.3)
+        finished.append(body["n"])
+
+    await app.start()
+    for n in range(6):
+        await app.publish({"n": n}, routing_key=queue)
+    await wait_for(lambda: len(started) == 2)
+    await app.stop()
+
+    assert started == finished
+    assert len(finished) == 2  # the four waiting for a slot were never started
+    assert await admin.count(queue) == 4
+
+
+async def test_graceful_timeout_cancels_the_straggler_and_acks_the_rest(
+    make_app: Callable[..., App], admin: Admin
+) -> None:
+    app = make_app(prefetch=10, graceful_timeout=0.5)
+    queue = unique("straggler")
+    finished: list[int] = []
+
+    @app.consumer(queue, concurrency=10, queue_type="classic")
+    async def handle(body: dict[str, int]) -> None:
+        await asyncio.sleep(30 if body["n"] == 0 else 0.05)
+        finished.append(body["n"])
+
+    await app.start()
+    for n in range(5):
+        await app.publish({"n": n}, routing_key=queue)
+    await wait_for(lambda: len(finished) == 4)
+    await app.stop()
+
+    assert sorted(finished) == [1, 2, 3, 4]
+    assert await admin.count(queue) == 1  # only the cancelled one comes back
+    message = await admin.get(queue)
+    assert message is not None
+    assert message.body == b'{"n":0}'
