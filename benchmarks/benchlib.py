@@ -284,52 +284,75 @@ class Admin:
         self.server_version = v.decode() if isinstance(v, bytes) else str(v)
 
     async def close(self) -> None:
-        if self.conn is not None:
+        if self.conn is not None and not self.conn.is_closed:
             await self.conn.close()
-            self.conn = None
+        self.conn = None
+
+    async def _ensure(self) -> None:
+        """Reconnect if the broker closed the admin connection (a shared broker may be restarted)."""
+        if self.conn is None or self.conn.is_closed:
+            await self.open()
 
     async def declare(self, queue: str, queue_type: str) -> None:
+        await self._ensure()
         ch = await self.conn.channel()
         try:
             await ch.queue_declare(queue, durable=True, arguments=queue_arguments(queue_type))
         finally:
             await ch.close()
 
-    async def fill(self, queue: str, n: int, stall_timeout: float = 60.0) -> None:
-        """Put n persistent JSON messages into an (empty) queue.
+    async def fill(self, queue: str, n: int, queue_type: str, stall_timeout: float = 20.0) -> None:
+        """Put n persistent JSON messages into an (empty) queue; return when it holds exactly n.
 
-        Published without confirms (3-7x faster than confirms on a classic
-        queue on a 2-core box), then we wait until the queue reports n ready
-        messages.  ``stall_timeout`` only guards against a hang: it is the
-        longest time the depth may stay unchanged.
+        Quorum queues get confirmed publishes (window 1024): without confirms a
+        quorum queue may drop enqueues under load (seen here: 9,824 of 10,000
+        while a test suite hammered the broker).  Classic queues get
+        unconfirmed publishes (3-7x faster than confirms on a classic queue on
+        this 2-core box), and then we wait until the queue reports n ready
+        messages.  ``stall_timeout`` only guards against a hang: the longest
+        time the depth may stay unchanged.
         """
+        await self._ensure()
         import aiormq
         import orjson
 
         props = aiormq.spec.Basic.Properties(content_type=CONTENT_TYPE, delivery_mode=2)
         dumps = orjson.dumps
-        ch = await self.conn.channel(publisher_confirms=False)
+        confirms = queue_type != "classic"
+        ch = await self.conn.channel(publisher_confirms=confirms)
         try:
-            for i in range(n):
-                await ch.basic_publish(dumps(make_message(i)), routing_key=queue, properties=props)
+            if confirms:
+                window = 1024
+                for start in range(0, n, window):
+                    await asyncio.gather(
+                        *(
+                            ch.basic_publish(dumps(make_message(i)), routing_key=queue, properties=props)
+                            for i in range(start, min(n, start + window))
+                        )
+                    )
+            else:
+                for i in range(n):
+                    await ch.basic_publish(dumps(make_message(i)), routing_key=queue, properties=props)
+            last, last_change = -1, time.monotonic()
+            while True:  # the channel stays open until the queue holds every message
+                got = await self.depth(queue)
+                depth = got[0] if got else -1
+                if depth == n:
+                    return
+                if depth > n:
+                    raise RuntimeError(f"fill: queue {queue} has {depth} > {n} messages")
+                if depth != last:
+                    last, last_change = depth, time.monotonic()
+                elif time.monotonic() - last_change > stall_timeout:
+                    raise RuntimeError(f"fill: queue {queue} stuck at {depth}/{n} messages")
+                await asyncio.sleep(0.01)
         finally:
-            await ch.close()
-        last, last_change = -1, time.monotonic()
-        while True:
-            got = await self.depth(queue)
-            depth = got[0] if got else -1
-            if depth == n:
-                return
-            if depth > n:
-                raise RuntimeError(f"fill: queue {queue} has {depth} > {n} messages")
-            if depth != last:
-                last, last_change = depth, time.monotonic()
-            elif time.monotonic() - last_change > stall_timeout:
-                raise RuntimeError(f"fill: queue {queue} stuck at {depth}/{n} messages")
-            await asyncio.sleep(0.01)
+            if not ch.is_closed:
+                await ch.close()
 
     async def depth(self, queue: str) -> tuple[int, int] | None:
         """(ready messages, consumers) or None if the queue does not exist."""
+        await self._ensure()
         import aiormq
 
         ch = await self.conn.channel()
@@ -341,8 +364,23 @@ class Admin:
             await ch.close()
         return ok.message_count, ok.consumer_count
 
+    async def peek(self, queue: str) -> tuple[int | None, str | None] | None:
+        """(delivery_mode, content_type) of the message at the head of the queue (removed)."""
+        await self._ensure()
+        ch = await self.conn.channel()
+        try:
+            msg = await ch.basic_get(queue, no_ack=True)
+        finally:
+            if not ch.is_closed:
+                await ch.close()
+        if msg is None or getattr(msg, "header", None) is None:
+            return None
+        props = msg.header.properties
+        return props.delivery_mode, props.content_type
+
     async def delete_queues(self, names: Iterable[str]) -> list[str]:
         """Delete queues by trying; not-found is ignored. Returns deleted names."""
+        await self._ensure()
         import aiormq
 
         deleted = []
@@ -360,6 +398,7 @@ class Admin:
         return deleted
 
     async def delete_exchanges(self, names: Iterable[str]) -> None:
+        await self._ensure()
         import aiormq
 
         for name in names:

@@ -194,6 +194,7 @@ class Measurement:
     ok: bool
     data: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    runner_error: bool = False  # the runner's own set-up failed: skip this sample, keep the contender
 
 
 # unit (contender, variant) -> list of measured (non-warm-up) results
@@ -249,7 +250,8 @@ register(
         title="Publish with confirms",
         description="N persistent JSON messages (~256 B) to the default exchange with publisher confirms, "
         "windows of 256 publishes in flight awaited together; connection opened before timing; "
-        "timing until the last confirm. The runner checks that exactly N messages arrived.",
+        "timing until the last confirm. The runner checks that exactly N messages arrived, persistent and "
+        "with content type application/json.",
         metric="rate",
         unit="msg/s",
         higher_is_better=True,
@@ -267,8 +269,9 @@ register(
         title="Consume, ack each message",
         description="Queue pre-filled with N persistent JSON messages (~256 B) before the contender starts; "
         "timing from starting the consumer (connection included) until the N-th message was handled; "
-        "orjson decode, no-op handler, individual ack after the handler, prefetch 256. The runner checks "
-        "that the queue is empty afterwards.",
+        "orjson decode, no-op handler, ack after the handler (one basic.ack per message for aiormq_raw, "
+        "aio_pika and faststream; see Contenders for aiormq_batched and rabbitflow), prefetch 256. The "
+        "runner checks that the queue is empty afterwards.",
         metric="rate",
         unit="msg/s",
         higher_is_better=True,
@@ -285,8 +288,9 @@ register(
         name="retry",
         title="Delayed retry (rabbitflow only)",
         description="As consume, but every message fails once and succeeds on its delayed retry "
-        "(`fail_once`), interleaved with the same N messages all succeeding (`all_ok`); timing until N "
-        "messages completed. Peers have no delayed retries.",
+        "(`fail_once`, retry delay 50 ms, included in the time), interleaved with the same N messages all "
+        "succeeding (`all_ok`, same handler signature); timing until N messages completed successfully. "
+        "Peers have no delayed retries.",
         metric="rate",
         unit="msg/s",
         higher_is_better=True,
@@ -466,6 +470,7 @@ class Runner:
         self.failures: dict[tuple[str, str], str] = {}  # (case label, unit) -> error
         self.t_start = time.monotonic()
         self.probe = Probe()
+        self.runner_errors: list[str] = []
 
     # -- logging -----------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -533,28 +538,38 @@ class Runner:
         queue = f"{self.prefix}.{case.scenario}.{c.name}.{kind}.{rnd}.{secrets.token_hex(2)}"
         queues, exchanges = c.cleanup_names(queue, self.app_name)
         try:
-            if sc.consumes and c.declares_own_queue:
-                m = await self.run_contender(c, case, variant, queue, phase="declare")
-                if not m.ok:
-                    return Measurement(False, error="declare phase: " + m.error)
-                if await self.admin.depth(queue) is None:
-                    return Measurement(False, error=f"declare phase did not declare queue {queue}")
-            else:
-                await self.admin.declare(queue, case.queue_type)
-            if sc.prefill:
-                await self.admin.fill(queue, case.n)
-            await self.probe.settle()
-            s0 = self.probe.snapshot()
-            m = await self.run_contender(c, case, variant, queue)
-            if m.ok:
-                m.data.update(self.probe.account(s0, float(m.data.get("cpu_total_s", 0.0))))
-                problem = await self.verify(sc, case, queue, queues)
-                if problem:
-                    return Measurement(False, m.data, error="check failed: " + problem)
-            return m
+            return await self._measure(sc, case, c, variant, queue, queues)
+        except Exception as exc:  # the broker let the runner down (fill, check), not the contender
+            return Measurement(False, error=f"runner: {exc!r}", runner_error=True)
         finally:
-            await self.admin.delete_queues(queues)
-            await self.admin.delete_exchanges(exchanges)
+            try:
+                await self.admin.delete_queues(queues)
+                await self.admin.delete_exchanges(exchanges)
+            except Exception as exc:  # left for the sweep at the end
+                self.log(f"cleanup of {queue} failed: {exc!r}")
+
+    async def _measure(
+        self, sc: Scenario, case: Case, c: Contender, variant: str, queue: str, queues: list[str]
+    ) -> Measurement:
+        if sc.consumes and c.declares_own_queue:
+            m = await self.run_contender(c, case, variant, queue, phase="declare")
+            if not m.ok:
+                return Measurement(False, error="declare phase: " + m.error)
+            if await self.admin.depth(queue) is None:
+                return Measurement(False, error=f"declare phase did not declare queue {queue}")
+        else:
+            await self.admin.declare(queue, case.queue_type)
+        if sc.prefill:
+            await self.admin.fill(queue, case.n, case.queue_type)
+        await self.probe.settle()
+        s0 = self.probe.snapshot()
+        m = await self.run_contender(c, case, variant, queue)
+        if m.ok:
+            m.data.update(self.probe.account(s0, float(m.data.get("cpu_total_s", 0.0))))
+            problem = await self.verify(sc, case, queue, queues)
+            if problem:
+                return Measurement(False, m.data, error="check failed: " + problem)
+        return m
 
     async def verify(self, sc: Scenario, case: Case, queue: str, aux_queues: list[str]) -> str:
         want = sc.expected_depth(case)
@@ -572,6 +587,10 @@ class Runner:
             return f"{consumers} consumer(s) still attached after the contender exited"
         if ready != want:
             return f"{ready} messages in the queue after the run, expected {want}"
+        if want:  # published messages: persistent JSON, as the scenario demands
+            props = await self.admin.peek(queue)
+            if props is None or props[0] != 2 or not (props[1] or "").startswith(benchlib.CONTENT_TYPE):
+                return f"published message has (delivery_mode, content_type) = {props}, expected (2, JSON)"
         if want == 0:
             for aux in aux_queues:
                 if aux == queue:
@@ -600,6 +619,10 @@ class Runner:
                     continue
                 m = await self.measure(sc, case, c, v, rnd)
                 name = c.name + (f"[{v}]" if v else "")
+                if m.runner_error:
+                    self.runner_errors.append(f"{case.label} {tag} {name}: {m.error}")
+                    self.log(f"{case.label} {tag} {name}: SKIPPED, {m.error}")
+                    continue
                 if not m.ok:
                     dead.add(key)
                     self.failures[(case.label, name)] = m.error
@@ -778,28 +801,34 @@ class Runner:
     def render_retry(self, case: Case, res: Results) -> list[str]:
         lines = [
             "| contender | all succeed, msg/s (min – max) | fail once, msg/s (min – max) "
-            "| cost of a failed-once message / a succeeding one |",
-            "|---|---:|---:|---:|",
+            "| cost of a failed-once message / a succeeding one | client CPU/msg, all succeed → fail once |",
+            "|---|---:|---:|---:|---:|",
         ]
         for c in self.contenders:
             ok = self.stats(res.get((c.name, "all_ok"), []), "seconds")
             bad = self.stats(res.get((c.name, "fail_once"), []), "seconds")
             if not (c.error is None and c.supports("retry")):
                 st = "failed" if c.error else "n/a"
-                lines.append(f"| {c.name} | {st} | {st} | {st} |")
+                lines.append(f"| {c.name} | {st} | {st} | {st} | |")
                 continue
             if not ok or not bad:
                 err = self.failures.get((case.label, f"{c.name}[all_ok]")) or self.failures.get(
                     (case.label, f"{c.name}[fail_once]")
                 )
-                lines.append(f"| {c.name} | {'failed' if err else 'n/a'} | | |")
+                lines.append(f"| {c.name} | {'failed' if err else 'n/a'} | | | |")
                 continue
             n = case.n
 
             def r(s: dict[str, float], n: int = n) -> str:
                 return f"{n / s['median']:,.0f} ({n / s['max']:,.0f} – {n / s['min']:,.0f})"
 
-            lines.append(f"| {c.name} | {r(ok)} | {r(bad)} | {bad['median'] / ok['median']:.2f}× |")
+            cpu_ok = self.stats(res.get((c.name, "all_ok"), []), "cpu_us_per_msg")
+            cpu_bad = self.stats(res.get((c.name, "fail_once"), []), "cpu_us_per_msg")
+            cpu = ""
+            if cpu_ok and cpu_bad:
+                a, b = cpu_ok["median"], cpu_bad["median"]
+                cpu = f"{a:.0f} µs → {b:.0f} µs ({b / a:.2f}×)"
+            lines.append(f"| {c.name} | {r(ok)} | {r(bad)} | {bad['median'] / ok['median']:.2f}× | {cpu} |")
         return lines
 
     def render_rss(self, case: Case, res: Results) -> list[str]:
@@ -887,10 +916,12 @@ class Runner:
                 out.append(f"- `{name}`: {note}")
         problems = [(k, v) for k, v in self.failures.items()]
         problems += [(("(all)", c.name), c.error) for c in self.contenders if c.error]
-        if problems:
+        if problems or self.runner_errors:
             out += ["", "## Failures", ""]
             for (label, name), err in problems:
                 out.append(f"- {label} / {name}: failed: {err[-600:]}")
+            for err in self.runner_errors:
+                out.append(f"- runner set-up failed, sample skipped: {err[-600:]}")
         out += ["", "## Method", ""]
         out += [
             "- One fresh subprocess per measurement (`benchmarks/contenders/<name>.py <scenario> ...`, one "
@@ -900,7 +931,8 @@ class Runner:
             "- Each measurement has its own durable queue (random suffix) that the runner declares (or, for "
             "rabbitflow, which declares its own topology, lets a short-lived `async with app:` declare), "
             "pre-fills with plain aiormq before the contender starts, checks after it exits (consume: 0 "
-            "messages left and no consumer, i.e. every message was acked; publish: exactly N arrived), and "
+            "messages left and no consumer, i.e. every message was acked; publish: exactly N arrived, "
+            "persistent, content type application/json), and "
             "deletes. Leftovers with the run's prefix are swept at the end.",
             "- The same prefetch (256) for every contender; handlers do no work; bodies are decoded with "
             "orjson (FastStream uses orjson when installed). The default asyncio event loop (no uvloop) "

@@ -42,18 +42,8 @@ RETRY_DELAY = 0.05
 # ``{app}``.  The runner deletes these by trying (not-found is ignored) and
 # also sweeps anything left with the run's prefix at the end.
 CLEANUP = {
-    "queues": [
-        "{queue}",
-        "{queue}.parked",
-        "{queue}.retry",
-        "{queue}.retry.1",
-        "{queue}.retry.50",
-        "{queue}.retry.50ms",
-        "{queue}.retry.0.05",
-        "{queue}.delay",
-        "{queue}.dlq",
-    ],
-    "exchanges": ["{app}.dlx", "{app}.retry", "{app}.parked"],
+    "queues": ["{queue}", "{queue}.parked", "{queue}.retry.50ms"],
+    "exchanges": ["{app}.dlx"],
 }
 
 
