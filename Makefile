@@ -35,7 +35,9 @@ test: $(STAMP) broker lint typecheck
 test-fast: $(STAMP) broker
 	$(BIN)/python -m pytest -m "not cluster" -x -q
 
+# The peers (FastStream) and matplotlib for the chart; the failover scenario starts the cluster.
 bench: $(STAMP) broker
+	$(BIN)/pip install -q -r benchmarks/requirements.txt
 	$(BIN)/python benchmarks/run.py --out docs/benchmarks.md
 
 docs: $(STAMP)
