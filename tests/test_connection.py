@@ -114,7 +114,9 @@ async def test_black_holed_node_is_detected_by_heartbeat(
             await wait_for(lambda: app.health()["reconnects"] == 1, timeout=30)
             detected = time.monotonic() - cut
             await app.publish({"n": 1}, routing_key=queue)
-            await wait_for(lambda: seen == [0, 1])
+            await wait_for(lambda: 1 in seen)
+            # n=0's ack may have gone into the black hole: then it comes again (at-least-once).
+            assert set(seen) == {0, 1}
             print(f"\nblack-holed node detected and failed over in {detected:.1f}s (heartbeat=1)")
             # aiormq declares a silent peer dead after (heartbeat + 1) * 3 s.
             assert detected < 15
