@@ -18,11 +18,11 @@ from typing import Any, TypeVar
 from .codec import encode
 from .connection import ConnectionManager, Connector, Failover
 from .consumer import ConsumerSpec, Handler, build_spec, check_name, check_positive
-from .errors import ConfigError, PublishTimeout, StateError
+from .errors import ConfigError, PublishNacked, PublishTimeout, StateError
 from .session import Session
 from .topology.applier import Difference, apply_plan, check_plan
 from .topology.compiler import Plan, compile_plan
-from .transport.base import ChannelClosed, Properties, Transport, TransportError
+from .transport.base import ChannelClosed, ConnectionLost, Properties, Transport, TransportError
 from .urls import Endpoint, parse_urls
 from .worker import FailureHook
 
@@ -105,6 +105,7 @@ class App:
         self.graceful_timeout = float(graceful_timeout)
         self.connect_budget = float(connect_budget)
         self.publish_timeout = float(publish_timeout)
+        self.session_timeout = max(10.0, 2 * float(connect_timeout))
         self.lifespan = lifespan
         self._consumers: dict[str, ConsumerSpec] = {}
         self._plan = compile_plan(self.name, ())
@@ -311,8 +312,19 @@ class App:
                 loop.remove_signal_handler(sig)
 
     async def _open_session(self, transport: Transport) -> Session:
+        """Declare and subscribe on `transport`. Bounded: a node whose quorum queues are still
+        electing a leader can leave a declaration unanswered, and then the next node is better."""
         session = Session(transport, self.name, self._on_failure)
-        await session.open(self._plan, self.consumers, prefetch=self.prefetch, concurrency=self.concurrency)
+        try:
+            async with asyncio.timeout(self.session_timeout):
+                await session.open(
+                    self._plan, self.consumers, prefetch=self.prefetch, concurrency=self.concurrency
+                )
+        except TimeoutError:
+            raise ConnectionLost(
+                f"{transport.node} did not finish declaring the topology and subscribing within "
+                f"{self.session_timeout}s"
+            ) from None
         return session
 
     async def _supervise(self) -> None:
@@ -407,6 +419,7 @@ class App:
         limit = self.publish_timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
+        nacks = 0
         try:
             while True:
                 session = self._session
@@ -423,10 +436,22 @@ class App:
                 except TransportError as exc:
                     log.info("publish to %r/%r interrupted (%s); sending again", exchange, routing_key, exc)
                     await asyncio.sleep(0)
+                except PublishNacked as exc:
+                    # The broker did not take it (a quorum queue without a leader during a failover,
+                    # say): certainly not stored, so sending it again is safe.
+                    nacks += 1
+                    log.info("publish to %r/%r nacked (%s); sending again", exchange, routing_key, exc)
+                    await asyncio.sleep(min(1.0, 0.02 * 2**nacks))
         except TimeoutError:
             raise PublishTimeout(
                 f"publish to exchange {exchange!r} with routing key {routing_key!r} was not "
-                f"confirmed within {limit}s (nodes down or connection blocked by a resource alarm)"
+                f"confirmed within {limit}s ("
+                + (
+                    f"nacked {nacks} time(s) by the broker"
+                    if nacks
+                    else "nodes down or connection blocked by a resource alarm"
+                )
+                + ")"
             ) from None
 
     async def ensure(

@@ -15,6 +15,7 @@ from . import names
 from .acks import Acker
 from .codec import DecodeError, decode
 from .consumer import ConsumerSpec
+from .errors import PublishNacked
 from .message import Message
 from .retry import Decision, Outcome, decide
 from .topology.compiler import DELIVERY_LIMIT
@@ -323,6 +324,13 @@ class ConsumerWorker:
                 exc,
             )
             return
+        except PublishNacked as exc:
+            # Not taken (a quorum queue between leaders): try the whole delivery again later.
+            log.warning(
+                "queue %s: copy to %s nacked (%s); requeueing the message", self.spec.queue, queue, exc
+            )
+            await self._reject(tag, requeue=True)
+            return
         except Exception as exc:
             log.error(
                 "queue %s: copy to %s refused (%s); rejecting the message to %s",
@@ -331,13 +339,16 @@ class ConsumerWorker:
                 exc,
                 self._parked,
             )
-            try:
-                await self._channel.reject(tag, requeue=False)
-            except TransportError:
-                return
-            self._acker.settle(tag, ack=False)
+            await self._reject(tag, requeue=False)
             return
         self._acker.settle(tag)
+
+    async def _reject(self, tag: int, *, requeue: bool) -> None:
+        try:
+            await self._channel.reject(tag, requeue=requeue)
+        except TransportError:
+            return
+        self._acker.settle(tag, ack=False)
 
 
 def _strip(headers: Mapping[str, Any]) -> dict[str, Any]:

@@ -272,3 +272,20 @@ async def test_graceful_timeout_cancels_the_straggler_and_acks_the_rest(
     message = await admin.get(queue)
     assert message is not None
     assert message.body == b'{"n":0}'
+
+
+async def test_a_nacked_publish_is_sent_again_until_its_timeout(
+    make_app: Callable[..., App], admin: Admin
+) -> None:
+    full = unique("full")
+    # A queue that takes nothing: the broker nacks every publish to it.
+    await admin.channel.queue_declare(full, arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+    admin.queues.add(full)
+    app = make_app()
+    async with app:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(PublishTimeout, match=r"nacked \d+ time\(s\)"):
+            await app.publish({"x": 1}, routing_key=full, timeout=1)
+        elapsed = asyncio.get_running_loop().time() - started
+    assert 0.9 <= elapsed <= 3
+    assert await admin.count(full) == 0
