@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from . import names
 from .consumer import ConsumerSpec
+from .errors import PublishNacked
 from .topology.applier import apply_plan
 from .topology.compiler import Plan, compile_plan
 from .transport.base import Channel, ChannelClosed, Properties, Transport
@@ -66,22 +67,20 @@ class Session:
                 self._publisher = await self.transport.channel()
             return self._publisher
 
-    async def publish(
-        self,
-        body: bytes,
-        exchange: str,
-        routing_key: str,
-        properties: Properties,
-    ) -> None:
+    async def publish(self, body: bytes, exchange: str, routing_key: str, properties: Properties) -> None:
         channel = self._publisher
         if channel is None or not channel.is_open:
             channel = await self.publisher()
-        await channel.publish(
-            body,
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=properties,
-        )
+        try:
+            await channel.publish(body, exchange=exchange, routing_key=routing_key, properties=properties)
+        except PublishNacked:
+            # Seen on 3.10 after a failover: a channel whose quorum-queue client lost its leader
+            # keeps nacking every publish; a fresh channel gets through. Publishes still in flight
+            # on the old one are sent again by their callers.
+            if self._publisher is channel:
+                self._publisher = None
+                await channel.close()
+            raise
 
     async def ensure_retry_queue(self, queue: str, delay: float) -> None:
         """Declare a retry queue for a `Retry(delay=...)` the policy did not plan for."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import time
 from collections import Counter
@@ -39,6 +40,34 @@ async def cluster(*args: str) -> None:
     )
     _, err = await process.communicate()
     assert process.returncode == 0, f"cluster.sh {' '.join(args)} failed: {err.decode()}"
+
+
+async def all_members_online(queue: str, via: int, timeout: float = 60) -> None:
+    """Wait until every node runs its member of the quorum queue: a node that just rejoined may
+    still be recovering, and losing another node before that would leave the queue without a
+    majority — for any client."""
+    async with asyncio.timeout(timeout):
+        while True:
+            process = await asyncio.create_subprocess_exec(
+                str(SCRIPT),
+                "ctl",
+                str(via),
+                "list_queues",
+                "name",
+                "online",
+                "--formatter",
+                "json",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            out, _ = await process.communicate()
+            try:
+                rows = json.loads(out or b"[]")
+            except json.JSONDecodeError:
+                rows = []
+            if any(row.get("name") == queue and len(row.get("online", [])) == 3 for row in rows):
+                return
+            await asyncio.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +128,7 @@ async def test_consumer_and_producer_survive_losing_their_nodes(
             consumer_resume = resumed_after(cut, 1)
             await cluster("start-node", str(victim))  # keep the quorum for the second loss
             stopped.remove(victim)
+            await all_members_online(queue, via=victim)
 
             # 2. The producer's node crashes (SIGKILL, no goodbye).
             victim = node_of(producer)
