@@ -41,7 +41,7 @@ bench: $(STAMP) broker
 	$(BIN)/python benchmarks/run.py --out docs/benchmarks.md
 
 docs: $(STAMP)
-	$(BIN)/pip install -q mkdocs
+	$(BIN)/pip install -q mkdocs pymdown-extensions
 	$(BIN)/mkdocs build --strict
 
 cluster-up:

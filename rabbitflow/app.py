@@ -267,8 +267,9 @@ class App:
 
     async def stop(self) -> None:
         """Stop taking messages, let running handlers finish (up to graceful_timeout), close."""
-        if self._state in (State.UNOPENED, State.CLOSED, State.STOPPING):
-            self._state = State.CLOSED if self._state is State.UNOPENED else self._state
+        if self._state is State.UNOPENED:
+            self._state = State.CLOSED  # never started: it cannot start later either
+        if self._state is not State.RUNNING:
             return
         self._state = State.STOPPING
         if self._supervisor is not None:

@@ -89,15 +89,21 @@ def _to_str(value: Any, raw: bytes) -> str:
         raise DecodeError(f"body is not UTF-8 text: {exc}") from None
 
 
+def _structured(value: Any, raw: bytes, what: str) -> Any:
+    """The decoded body, or the raw body parsed as JSON when its content type did not say so."""
+    if not isinstance(value, bytes | str):
+        return value
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"invalid JSON body for {what}: {exc}") from None
+
+
 def _dataclass_converter(cls: type) -> Converter:
     names = {f.name for f in dataclasses.fields(cls) if f.init}
 
     def convert(value: Any, raw: bytes) -> Any:
-        if isinstance(value, bytes | str):
-            try:
-                value = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                raise DecodeError(f"invalid JSON body for {cls.__name__}: {exc}") from None
+        value = _structured(value, raw, cls.__name__)
         if not isinstance(value, dict):
             raise DecodeError(f"expected a JSON object for {cls.__name__}, got {type(value).__name__}")
         unknown = value.keys() - names
@@ -113,11 +119,7 @@ def _dataclass_converter(cls: type) -> Converter:
 
 def _pydantic_converter(validate: Callable[[Any], Any]) -> Converter:
     def convert(value: Any, raw: bytes) -> Any:
-        if isinstance(value, bytes | str):
-            try:
-                value = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                raise DecodeError(f"invalid JSON body: {exc}") from None
+        value = _structured(value, raw, "the model")
         try:
             return validate(value)
         except ValueError as exc:  # pydantic.ValidationError is a ValueError

@@ -245,9 +245,12 @@ class ConsumerWorker:
             )
             await self._park(delivery, decision.reason, attempt, exc)
 
-    def _origin(self, delivery: Delivery, headers: Mapping[str, Any]) -> tuple[str, str, str | None]:
-        """(exchange, routing key, first failure) of the message as first published."""
-        if self._came_back(delivery, headers):
+    def _origin(
+        self, delivery: Delivery, headers: Mapping[str, Any], attempt: int
+    ) -> tuple[str, str, str | None]:
+        """(exchange, routing key, first failure) of the message as first published; a later
+        attempt is a copy that came back through a retry queue and carries them."""
+        if attempt > 1:
             return (
                 str(headers.get(names.ORIGINAL_EXCHANGE, "")),
                 str(headers.get(names.ORIGINAL_ROUTING_KEY, delivery.routing_key)),
@@ -257,7 +260,7 @@ class ConsumerWorker:
 
     async def _retry(self, delivery: Delivery, attempt: int, delay: float) -> None:
         headers = delivery.properties.headers or {}
-        exchange, routing_key, first_failure = self._origin(delivery, headers)
+        exchange, routing_key, first_failure = self._origin(delivery, headers, attempt)
         copy = _strip(headers)
         copy[names.ATTEMPT] = attempt + 1
         copy[names.ORIGINAL_EXCHANGE] = exchange
@@ -270,7 +273,7 @@ class ConsumerWorker:
 
     async def _park(self, delivery: Delivery, reason: str, attempt: int, exc: BaseException | None) -> None:
         headers = delivery.properties.headers or {}
-        exchange, routing_key, first_failure = self._origin(delivery, headers)
+        exchange, routing_key, first_failure = self._origin(delivery, headers, attempt)
         now = _now()
         copy = _strip(headers)
         for transit in (names.ATTEMPT, *names.PARK_HEADERS):
