@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     except RabbitflowError as exc:
         print(f"rabbitflow: {mask(str(exc))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the output was piped into `head` or similar
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return code
 
 

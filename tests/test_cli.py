@@ -215,3 +215,28 @@ def test_bad_module_says_what_is_wrong() -> None:
     result = run_cli("run", "no_such_module:app")
     assert result.returncode != 0
     assert "cannot import 'no_such_module'" in result.stderr
+
+
+def test_topology_apply_then_check_on_the_broker(broker_url: str, admin: Admin) -> None:
+    env = {
+        "RF_SERVICE": unique("svc"),
+        "RF_QUEUE": unique("topo"),
+        "RF_LOG": "/dev/null",
+        "RABBITFLOW_URL": broker_url,
+    }
+    queue = env["RF_QUEUE"]
+    admin.queues.update({queue, f"{queue}.parked", f"{queue}.retry.1s"})
+    admin.exchanges.add(f"{env['RF_SERVICE']}.dlx")
+
+    before = run_cli("topology", SERVICE, "--check", env=env)
+    assert before.returncode == 1
+    assert f"queue {queue}: missing" in before.stdout
+    assert "guest:guest" not in before.stdout + before.stderr
+
+    applied = run_cli("topology", SERVICE, "--apply", env=env)
+    assert applied.returncode == 0, applied.stderr
+    assert "declared 1 exchange(s), 3 queue(s) and 2 binding(s)" in applied.stdout
+
+    after = run_cli("topology", SERVICE, "--check", env=env)
+    assert after.returncode == 0, after.stdout
+    assert "matches the plan" in after.stdout
