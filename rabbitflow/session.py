@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
 from . import names
 from .consumer import ConsumerSpec
 from .errors import PublishNacked
+from .retry import RetryPolicy
 from .topology.applier import apply_plan
 from .topology.compiler import Plan, compile_plan
 from .transport.base import Channel, ChannelClosed, Properties, Transport
@@ -115,9 +117,6 @@ class Session:
 
 
 def _with_delay(spec: ConsumerSpec, delay: float) -> ConsumerSpec:
-    from dataclasses import replace
-
-    from .retry import RetryPolicy
-
+    """`spec` with a one-rung policy of `delay`: compiles to just that retry queue's arguments."""
     policy = RetryPolicy(1, (delay,), spec.policy.retry_on, spec.policy.dont_retry)
     return replace(spec, policy=policy)

@@ -102,6 +102,9 @@ class Pipeline:
         for confirmation in list(self._channel.confirmations.values()):
             if not confirmation.done() and not isinstance(confirmation, Returning):
                 confirmation.set_exception(error)
+        self._outbox.clear()
+        if self._draining is not None:
+            self._draining.cancel()  # it may wait forever on a queue no writer empties
 
     def _forget(self, message_id: str, tag: int) -> None:
         ids = self._channel.message_id_delivery_tag
