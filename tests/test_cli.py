@@ -240,3 +240,18 @@ def test_topology_apply_then_check_on_the_broker(broker_url: str, admin: Admin) 
     after = run_cli("topology", SERVICE, "--check", env=env)
     assert after.returncode == 0, after.stdout
     assert "matches the plan" in after.stdout
+
+
+def test_a_bad_option_fails_at_import_with_what_to_change(tmp_path: Path) -> None:
+    module = tmp_path / "badsvc.py"
+    module.write_text(
+        "from rabbitflow import App\n"
+        "app = App('bad', url='amqp://guest:s3cret@localhost/')\n"
+        "@app.consumer('orders', retries=3, delay=[1, -5])\n"
+        "async def handle(body): ...\n"
+    )
+    result = run_cli("run", f"{module}:app")
+    assert result.returncode == 2
+    assert "@app.consumer('orders')" in result.stderr
+    assert "every delay must be a finite number of seconds >= 0" in result.stderr
+    assert "s3cret" not in result.stderr
