@@ -9,6 +9,7 @@ __all__ = [
     "dead_letter_exchange",
     "delay_label",
     "parked_queue",
+    "retry_prefix",
     "retry_queue",
 ]
 
@@ -63,9 +64,14 @@ def delay_label(seconds: float) -> str:
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
+def retry_prefix(queue: str) -> str:
+    """What the names of all of `queue`'s retry queues start with."""
+    return f"{queue}.retry."
+
+
 def retry_queue(queue: str, seconds: float) -> str:
     """The TTL queue holding `queue`'s messages for `seconds` before they return to it."""
-    return f"{queue}.retry.{delay_label(seconds)}"
+    return f"{retry_prefix(queue)}{delay_label(seconds)}"
 
 
 def parked_queue(queue: str) -> str:

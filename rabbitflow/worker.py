@@ -69,7 +69,7 @@ class ConsumerWorker:
         self._on_failure = on_failure
         self._dlx = names.dead_letter_exchange(service)
         self._parked = names.parked_queue(spec.queue)
-        self._retry_prefix = f"{spec.queue}.retry."
+        self._retry_prefix = names.retry_prefix(spec.queue)
         self._planned_delays = frozenset(spec.policy.distinct_delays)
         self._channel = channel
         self._publish = publish
