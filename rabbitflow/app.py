@@ -19,6 +19,7 @@ from .codec import encode
 from .connection import ConnectionManager, Connector, Failover
 from .consumer import ConsumerSpec, Handler, build_spec, check_name, check_positive
 from .errors import ConfigError, PublishNacked, PublishTimeout, StateError
+from .parking import ParkedMessage, peek, replay
 from .session import Session
 from .topology.applier import Difference, apply_plan, check_plan
 from .topology.compiler import Plan, compile_plan
@@ -512,6 +513,23 @@ class App:
         transport = await self._manager.connect(self.connect_budget)
         try:
             return transport.node, await check_plan(self._plan, transport)
+        finally:
+            await transport.close()
+
+    async def parked(self, queue: str, *, limit: int = 100) -> list[ParkedMessage]:
+        """Up to `limit` messages parked for the consumer of `queue`, head first; they stay parked."""
+        transport = await self._manager.connect(self.connect_budget)
+        try:
+            return await peek(transport, queue, limit)
+        finally:
+            await transport.close()
+
+    async def replay(self, queue: str, *, limit: int | None = None) -> int:
+        """Send parked messages of `queue` back to where they were first published, to start
+        again at attempt 1; each leaves the parking queue only once its copy is confirmed."""
+        transport = await self._manager.connect(self.connect_budget)
+        try:
+            return await replay(transport, queue, limit)
         finally:
             await transport.close()
 

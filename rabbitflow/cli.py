@@ -121,6 +121,21 @@ async def _against_broker(app: App, *, check: bool) -> int:
     return 0
 
 
+def _parked(args: argparse.Namespace) -> int:
+    app = load_app(args.app)
+    if args.url:
+        app.use_url(args.url)
+    if args.replay:
+        count = asyncio.run(app.replay(args.queue, limit=args.limit))
+        print(f"sent {count} parked message(s) of {args.queue} back to where they were first published")
+        return 0
+    messages = asyncio.run(app.parked(args.queue, limit=args.limit or 20))
+    for m in messages:
+        print(f"{m.message_id or '-'}  {m.reason:<14} attempts={m.attempts}  {m.error[:120]}")
+    print(f"{len(messages)} parked message(s) shown for {args.queue}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="rabbitflow",
@@ -166,6 +181,21 @@ def parser() -> argparse.ArgumentParser:
     topo.add_argument("--url", help="broker URL(s) for --check/--apply")
     topo.add_argument("--log-level", default="WARNING", metavar="LEVEL")
     topo.set_defaults(handler=_topology)
+
+    parked = commands.add_parser(
+        "parked",
+        help="list a queue's parked messages, or send them back (--replay)",
+        description="Show the messages parked for the consumer of QUEUE with their reasons "
+        "(they stay parked), or with --replay send them back to the exchange and routing key they "
+        "were first published to, without rabbitflow's headers: they start again at attempt 1.",
+    )
+    parked.add_argument("app", metavar="MODULE:APP")
+    parked.add_argument("queue", metavar="QUEUE", help="the consumer's queue (not the .parked one)")
+    parked.add_argument("--replay", action="store_true", help="send them back instead of listing")
+    parked.add_argument("--limit", type=int, metavar="N", help="at most N messages (list: 20)")
+    parked.add_argument("--url", help="broker URL(s); overrides the app's own")
+    parked.add_argument("--log-level", default="WARNING", metavar="LEVEL")
+    parked.set_defaults(handler=_parked)
     return top
 
 

@@ -19,7 +19,7 @@ from .errors import PublishNacked
 from .message import Message
 from .retry import Decision, Outcome, decide
 from .topology.compiler import DELIVERY_LIMIT
-from .transport.base import Channel, Delivery, Properties, TransportError
+from .transport.base import Channel, Delivery, Properties, TransportError, persistent_copy
 
 __all__ = ["ConsumerWorker", "Publish"]
 
@@ -301,21 +301,7 @@ class ConsumerWorker:
         """Publish the copy with confirm, then settle the original. Nothing is lost on failure:
         unconfirmed → the original stays unacked and comes back; unroutable → rejected, which the
         queue dead-letters to its parking queue."""
-        p = delivery.properties
-        properties = Properties(
-            content_type=p.content_type,
-            content_encoding=p.content_encoding,
-            headers=headers,
-            delivery_mode=2,
-            priority=p.priority,
-            correlation_id=p.correlation_id,
-            reply_to=p.reply_to,
-            message_id=p.message_id,
-            timestamp=p.timestamp,
-            message_type=p.message_type,
-            user_id=p.user_id,
-            app_id=p.app_id,
-        )
+        properties = persistent_copy(delivery.properties, headers)
         tag = delivery.delivery_tag
         try:
             await self._publish(delivery.body, self._dlx, queue, properties)

@@ -26,10 +26,30 @@ __all__ = [
     "QueueInfo",
     "Transport",
     "TransportError",
+    "persistent_copy",
 ]
 
 Properties = Basic.Properties
 Arguments = Mapping[str, Any]
+
+
+def persistent_copy(properties: Properties, headers: dict[str, Any] | None) -> Properties:
+    """`properties` with other headers, persistent: for the copies rabbitflow republishes."""
+    p = properties
+    return Properties(
+        content_type=p.content_type,
+        content_encoding=p.content_encoding,
+        headers=headers,
+        delivery_mode=2,
+        priority=p.priority,
+        correlation_id=p.correlation_id,
+        reply_to=p.reply_to,
+        message_id=p.message_id,
+        timestamp=p.timestamp,
+        message_type=p.message_type,
+        user_id=p.user_id,
+        app_id=p.app_id,
+    )
 
 
 class TransportError(RabbitflowError):

@@ -1,0 +1,79 @@
+"""Looking into a parking queue, and sending parked messages back where they first went."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import names
+from .transport.base import Delivery, Transport, persistent_copy
+
+__all__ = ["ParkedMessage", "peek", "replay"]
+
+
+@dataclass(frozen=True, slots=True)
+class ParkedMessage:
+    """A parked message as an operator reads it."""
+
+    body: bytes
+    headers: dict[str, Any]
+    message_id: str | None
+    reason: str
+    attempts: int
+    error: str
+
+    @classmethod
+    def of(cls, delivery: Delivery) -> ParkedMessage:
+        headers: dict[str, Any] = dict(delivery.properties.headers or {})
+        return cls(
+            body=delivery.body,
+            headers=headers,
+            message_id=delivery.properties.message_id,
+            reason=str(headers.get(names.REASON, "")),
+            attempts=int(headers.get(names.ATTEMPTS, 0) or 0),
+            error=str(headers.get(names.ERROR, "")),
+        )
+
+
+async def peek(transport: Transport, queue: str, limit: int) -> list[ParkedMessage]:
+    """Up to `limit` messages of `queue`'s parking queue, head first; all of them stay parked."""
+    channel = await transport.channel()
+    found: list[ParkedMessage] = []
+    try:
+        while len(found) < limit:
+            delivery = await channel.get(names.parked_queue(queue))
+            if delivery is None:
+                break
+            found.append(ParkedMessage.of(delivery))
+    finally:
+        await channel.close()  # unacked: every message goes back to the parking queue
+    return found
+
+
+async def replay(transport: Transport, queue: str, limit: int | None = None) -> int:
+    """Send parked messages back to the exchange and routing key they were first published to,
+    without rabbitflow's headers, so they start again at attempt 1. Each one leaves the parking
+    queue only after the broker confirmed its copy. Returns how many were sent back."""
+    channel = await transport.channel()
+    sent = 0
+    try:
+        while limit is None or sent < limit:
+            delivery = await channel.get(names.parked_queue(queue))
+            if delivery is None:
+                break
+            headers = dict(delivery.properties.headers or {})
+            exchange = str(headers.get(names.ORIGINAL_EXCHANGE, ""))
+            routing_key = str(headers.get(names.ORIGINAL_ROUTING_KEY, queue))
+            for key in (names.ATTEMPT, *names.PARK_HEADERS, *names.BROKER_DEATH_HEADERS, "x-delivery-count"):
+                headers.pop(key, None)
+            await channel.publish(
+                delivery.body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=persistent_copy(delivery.properties, headers or None),
+            )
+            await channel.ack(delivery.delivery_tag)
+            sent += 1
+    finally:
+        await channel.close()
+    return sent
