@@ -13,6 +13,7 @@ from .errors import StateError as StateError
 from .errors import TopologyConflict as TopologyConflict
 from .errors import Unroutable as Unroutable
 from .message import Message as Message
+from .parking import ParkedMessage as ParkedMessage
 from .retry import RetryPolicy as RetryPolicy
 from .topology.compiler import Plan as Plan
 
@@ -23,6 +24,7 @@ __all__ = [
     "ConfigError",
     "ConnectionFailed",
     "Message",
+    "ParkedMessage",
     "Plan",
     "PublishNacked",
     "PublishTimeout",

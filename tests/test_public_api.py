@@ -13,6 +13,7 @@ def test_all_is_sorted_and_complete() -> None:
         "ConfigError",
         "ConnectionFailed",
         "Message",
+        "ParkedMessage",
         "Plan",
         "PublishNacked",
         "PublishTimeout",
