@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
@@ -33,6 +34,7 @@ class Session:
         self._publisher: Channel | None = None
         self._publisher_lock = asyncio.Lock()
         self._retry_queues: set[str] = set()
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def open(
         self,
@@ -51,7 +53,7 @@ class Session:
                 spec,
                 service=self.service,
                 channel=channel,
-                publish=self.publish,
+                publish=self.publish_nowait,
                 ensure_retry_queue=self.ensure_retry_queue,
                 prefetch=spec.prefetch or prefetch,
                 concurrency=spec.concurrency or concurrency,
@@ -73,16 +75,37 @@ class Session:
         channel = self._publisher
         if channel is None or not channel.is_open:
             channel = await self.publisher()
-        try:
-            await channel.publish(body, exchange=exchange, routing_key=routing_key, properties=properties)
-        except PublishNacked:
-            # Seen on 3.10 after a failover: a channel whose quorum-queue client lost its leader
-            # keeps nacking every publish; a fresh channel gets through. Publishes still in flight
-            # on the old one are sent again by their callers.
-            if self._publisher is channel:
-                self._publisher = None
-                await channel.close()
-            raise
+        await self._watched(channel, body, exchange, routing_key, properties)
+
+    def publish_nowait(
+        self, body: bytes, exchange: str, routing_key: str, properties: Properties
+    ) -> asyncio.Future[None]:
+        """The publish's confirm as a future, without a task when the publisher channel is open."""
+        channel = self._publisher
+        if channel is None or not channel.is_open:
+            return asyncio.ensure_future(self.publish(body, exchange, routing_key, properties))
+        return self._watched(channel, body, exchange, routing_key, properties)
+
+    def _watched(
+        self, channel: Channel, body: bytes, exchange: str, routing_key: str, properties: Properties
+    ) -> asyncio.Future[None]:
+        future = channel.publish_nowait(
+            body, exchange=exchange, routing_key=routing_key, properties=properties
+        )
+        future.add_done_callback(functools.partial(self._retire_if_nacked, channel))
+        return future
+
+    def _retire_if_nacked(self, channel: Channel, future: asyncio.Future[None]) -> None:
+        # Seen on 3.10 after a failover: a channel whose quorum-queue client lost its leader keeps
+        # nacking every publish; a fresh channel gets through. Publishes still in flight on the old
+        # one are sent again by their callers.
+        if future.cancelled() or not isinstance(future.exception(), PublishNacked):
+            return
+        if self._publisher is channel:
+            self._publisher = None
+            task = asyncio.get_running_loop().create_task(channel.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def ensure_retry_queue(self, queue: str, delay: float) -> None:
         """Declare a retry queue for a `Retry(delay=...)` the policy did not plan for."""

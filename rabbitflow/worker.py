@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import traceback
@@ -19,14 +20,21 @@ from .errors import PublishNacked
 from .message import Message
 from .retry import Decision, Outcome, decide
 from .topology.compiler import DELIVERY_LIMIT
-from .transport.base import Channel, Delivery, Properties, TransportError, persistent_copy
+from .transport.base import (
+    Channel,
+    ConnectionLost,
+    Delivery,
+    Properties,
+    TransportError,
+    persistent_copy,
+)
 
 __all__ = ["ConsumerWorker", "Publish"]
 
 log = logging.getLogger("rabbitflow.worker")
 
-# (body, exchange, routing_key, properties) -> confirmed publish
-Publish = Callable[[bytes, str, str, Properties], Awaitable[None]]
+# (body, exchange, routing_key, properties) -> the broker's confirm, as a future
+Publish = Callable[[bytes, str, str, Properties], "asyncio.Future[None]"]
 EnsureRetryQueue = Callable[[str, float], Awaitable[None]]
 # (queue, attempt, exception) for every handler call that raised; the test client listens here.
 FailureHook = Callable[[str, int, BaseException], None]
@@ -81,6 +89,7 @@ class ConsumerWorker:
         self._tag: str | None = None
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._pending: set[asyncio.Future[Any]] = set()  # copies awaiting the broker, and their rejects
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -110,6 +119,9 @@ class ConsumerWorker:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._pending:
+            # Copies still waiting for their confirm: their originals are acked once it comes.
+            await asyncio.wait(set(self._pending), timeout=timeout)
         await self._acker.flush()
         await self._channel.close()
 
@@ -269,7 +281,7 @@ class ConsumerWorker:
         queue = names.retry_queue(self.spec.queue, delay)
         if delay not in self._planned_delays:
             await self._ensure_retry_queue(self.spec.queue, delay)
-        await self._send_copy(delivery, queue, copy)
+        self._send_copy(delivery, queue, copy)
 
     async def _park(self, delivery: Delivery, reason: str, attempt: int, exc: BaseException | None) -> None:
         headers = delivery.properties.headers or {}
@@ -295,17 +307,26 @@ class ConsumerWorker:
                 f"delivered {_delivery_count(headers) + 1} times without being settled "
                 "(a handler that crashes its worker?)"
             )
-        await self._send_copy(delivery, self._parked, copy)
+        self._send_copy(delivery, self._parked, copy)
 
-    async def _send_copy(self, delivery: Delivery, queue: str, headers: dict[str, Any]) -> None:
-        """Publish the copy with confirm, then settle the original. Nothing is lost on failure:
-        unconfirmed → the original stays unacked and comes back; unroutable → rejected, which the
-        queue dead-letters to its parking queue."""
+    def _send_copy(self, delivery: Delivery, queue: str, headers: dict[str, Any]) -> None:
+        """Publish the copy; the original is settled when the broker answers, without keeping the
+        handler's task alive for it."""
         properties = persistent_copy(delivery.properties, headers)
-        tag = delivery.delivery_tag
-        try:
-            await self._publish(delivery.body, self._dlx, queue, properties)
-        except TransportError as exc:
+        future = self._publish(delivery.body, self._dlx, queue, properties)
+        self._pending.add(future)
+        future.add_done_callback(functools.partial(self._copy_answered, delivery.delivery_tag, queue))
+
+    def _copy_answered(self, tag: int, queue: str, future: asyncio.Future[None]) -> None:
+        """Nothing is lost whatever the answer: confirmed → ack the original; unconfirmed → it
+        stays unacked and comes back; nacked → requeued; unroutable → rejected, which the queue
+        dead-letters to its parking queue."""
+        self._pending.discard(future)
+        exc = ConnectionLost("cancelled") if future.cancelled() else future.exception()
+        if exc is None:
+            self._acker.settle(tag)
+            return
+        if isinstance(exc, TransportError):
             log.warning(
                 "queue %s: copy to %s not confirmed (%s); the broker will redeliver",
                 self.spec.queue,
@@ -313,24 +334,17 @@ class ConsumerWorker:
                 exc,
             )
             return
-        except PublishNacked as exc:
-            # Not taken (a quorum queue between leaders): try the whole delivery again later.
-            log.warning(
-                "queue %s: copy to %s nacked (%s); requeueing the message", self.spec.queue, queue, exc
-            )
-            await self._reject(tag, requeue=True)
-            return
-        except Exception as exc:
-            log.error(
-                "queue %s: copy to %s refused (%s); rejecting the message to %s",
-                self.spec.queue,
-                queue,
-                exc,
-                self._parked,
-            )
-            await self._reject(tag, requeue=False)
-            return
-        self._acker.settle(tag)
+        requeue = isinstance(exc, PublishNacked)  # not taken (a quorum queue between leaders)
+        log.warning(
+            "queue %s: copy to %s refused (%s); %s",
+            self.spec.queue,
+            queue,
+            exc,
+            "requeueing the message" if requeue else f"rejecting the message to {self._parked}",
+        )
+        task = asyncio.get_running_loop().create_task(self._reject(tag, requeue=requeue))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def _reject(self, tag: int, *, requeue: bool) -> None:
         try:

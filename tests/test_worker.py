@@ -311,3 +311,24 @@ async def _one_unacked(admin: Admin, queue: str) -> Any:
             if message.delivery.__class__.__name__ == "GetOk":
                 return message
             await asyncio.sleep(0.02)
+
+
+async def test_stop_right_after_a_failure_leaves_exactly_one_copy(
+    make_app: Callable[..., App], admin: Admin
+) -> None:
+    app = make_app()
+    queue = unique("stopretry")
+    failed = asyncio.Event()
+
+    @app.consumer(queue, retries=2, delay=30, queue_type="classic")
+    async def handle(body: Any) -> None:
+        failed.set()
+        raise RuntimeError("try later")
+
+    await app.start()
+    await app.publish({"id": 1}, routing_key=queue)
+    await failed.wait()
+    await app.stop()  # the copy's confirm may still be on its way: stop waits for it
+
+    assert await admin.count(f"{queue}.retry.30s") == 1
+    assert await admin.count(queue) == 0  # the original was acked, not requeued

@@ -184,6 +184,44 @@ class AmqpChannel(Channel):
                 f"with routing key {routing_key!r}: {type(confirm).__name__}"
             )
 
+    def publish_nowait(
+        self,
+        body: bytes,
+        *,
+        exchange: str,
+        routing_key: str,
+        properties: Properties,
+        mandatory: bool = True,
+    ) -> asyncio.Future[None]:
+        pipeline = self._pipeline
+        if pipeline is None:
+            return super().publish_nowait(
+                body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=mandatory
+            )
+        result: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            confirm = pipeline.publish(body, exchange, routing_key, properties, mandatory)
+        except (amqp_errors.AMQPError, amqp_errors.ChannelInvalidStateError, ConnectionError) as exc:
+            result.set_exception(_translate(exc))
+            return result
+
+        def settle(confirm: asyncio.Future[object]) -> None:
+            if result.done():
+                return
+            if confirm.cancelled():
+                result.set_exception(ConnectionLost("publish cancelled before its confirm"))
+            elif (exc := confirm.exception()) is not None:
+                result.set_exception(_translate(exc))
+            elif not isinstance(confirm.result(), Basic.Ack):
+                result.set_exception(
+                    PublishNacked(f"the broker refused the publish to {exchange!r}/{routing_key!r}")
+                )
+            else:
+                result.set_result(None)
+
+        confirm.add_done_callback(settle)
+        return result
+
     async def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int) -> str:
         async def on_message(message: DeliveredMessage) -> None:
             frame: Basic.Deliver = message.delivery  # type: ignore[assignment]

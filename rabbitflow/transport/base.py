@@ -8,6 +8,7 @@ are pamqp's `Basic.Properties` in both, so nothing is converted on the hot path.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -150,6 +151,23 @@ class Channel(abc.ABC):
         mandatory: bool = True,
     ) -> None:
         """Publish and wait for the broker's confirm; `Unroutable` if a mandatory publish returns."""
+
+    def publish_nowait(
+        self,
+        body: bytes,
+        *,
+        exchange: str,
+        routing_key: str,
+        properties: Properties,
+        mandatory: bool = True,
+    ) -> asyncio.Future[None]:
+        """`publish` without waiting: the future resolves at the broker's confirm, or fails as
+        `publish` would."""
+        return asyncio.ensure_future(
+            self.publish(
+                body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=mandatory
+            )
+        )
 
     @abc.abstractmethod
     async def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int) -> str:
