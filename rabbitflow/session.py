@@ -75,7 +75,11 @@ class Session:
         channel = self._publisher
         if channel is None or not channel.is_open:
             channel = await self.publisher()
-        await self._watched(channel, body, exchange, routing_key, properties)
+        try:
+            await channel.publish(body, exchange=exchange, routing_key=routing_key, properties=properties)
+        except PublishNacked:
+            self._retire(channel)
+            raise
 
     def publish_nowait(
         self, body: bytes, exchange: str, routing_key: str, properties: Properties
@@ -96,11 +100,13 @@ class Session:
         return future
 
     def _retire_if_nacked(self, channel: Channel, future: asyncio.Future[None]) -> None:
-        # Seen on 3.10 after a failover: a channel whose quorum-queue client lost its leader keeps
-        # nacking every publish; a fresh channel gets through. Publishes still in flight on the old
-        # one are sent again by their callers.
-        if future.cancelled() or not isinstance(future.exception(), PublishNacked):
-            return
+        if not future.cancelled() and isinstance(future.exception(), PublishNacked):
+            self._retire(channel)
+
+    def _retire(self, channel: Channel) -> None:
+        """Seen on 3.10 after a failover: a channel whose quorum-queue client lost its leader keeps
+        nacking every publish; a fresh channel gets through. Publishes still in flight on the old
+        one are sent again by their callers."""
         if self._publisher is channel:
             self._publisher = None
             task = asyncio.get_running_loop().create_task(channel.close())
