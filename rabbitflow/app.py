@@ -21,9 +21,10 @@ from .consumer import ConsumerSpec, Handler, build_spec, check_name, check_posit
 from .errors import ConfigError, PublishNacked, PublishTimeout, StateError
 from .parking import ParkedMessage, peek, replay
 from .session import Session
+from .supervisor import SessionSettings, Supervisor
 from .topology.applier import Difference, apply_plan, check_plan
 from .topology.compiler import Plan, compile_plan
-from .transport.base import ChannelClosed, ConnectionLost, Properties, Transport, TransportError
+from .transport.base import ChannelClosed, Properties, TransportError
 from .urls import Endpoint, parse_urls
 from .worker import FailureHook
 
@@ -120,11 +121,9 @@ class App:
             connector=self._memory_connector() if self.endpoints[0].is_memory else None,
         )
         self._state = State.UNOPENED
-        self._session: Session | None = None
-        self._connected = asyncio.Event()
-        self._supervisor: asyncio.Task[None] | None = None
+        self._supervisor: Supervisor | None = None
+        self._started = asyncio.Event()  # set once start() finished; lifespan code may publish earlier
         self._lifespan_stack: contextlib.AsyncExitStack | None = None
-        self.reconnects = 0
         # Message ids: 64 random bits per app instance and a counter; unique, and cheaper than uuid4.
         self._on_failure: FailureHook | None = None  # set by rabbitflow.testing.TestClient
         self._id_prefix = f"{uuid.uuid4().hex[:16]}-"
@@ -244,27 +243,32 @@ class App:
         if self._state is not State.UNOPENED:
             raise StateError(f"App {self.name!r} is {self._state.value}; an app starts once")
         self._state = State.STARTING
-        self._connected = asyncio.Event()
+        supervisor = Supervisor(
+            self._manager,
+            SessionSettings(
+                self.name,
+                self._plan,
+                self.consumers,
+                self.prefetch,
+                self.concurrency,
+                self.session_timeout,
+                self._on_failure,
+            ),
+        )
         stack = contextlib.AsyncExitStack()
         try:
             if self.lifespan is not None:
                 await stack.enter_async_context(self.lifespan(self))
-            transport = await self._manager.connect(self.connect_budget)
-            try:
-                self._session = await self._open_session(transport)
-            except BaseException:
-                await transport.close()
-                raise
+            await supervisor.start(self.connect_budget)
         except BaseException:
-            await stack.aclose()
             self._state = State.CLOSED
+            self._started.set()  # publishes waiting for the start learn that it failed
+            await stack.aclose()
             raise
+        self._supervisor = supervisor
         self._lifespan_stack = stack
         self._state = State.RUNNING
-        self._connected.set()
-        self._supervisor = asyncio.get_running_loop().create_task(
-            self._supervise(), name=f"rabbitflow:{self.name}:supervisor"
-        )
+        self._started.set()
 
     async def stop(self) -> None:
         """Stop taking messages, let running handlers finish (up to graceful_timeout), close."""
@@ -274,17 +278,15 @@ class App:
             return
         self._state = State.STOPPING
         if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-        session, self._session = self._session, None
-        self._connected.clear()
-        if session is not None:
-            await session.stop(self.graceful_timeout)
-            await session.transport.close()
+            await self._supervisor.stop(self.graceful_timeout)
         if self._lifespan_stack is not None:
             await self._lifespan_stack.aclose()
         self._state = State.CLOSED
+
+    @property
+    def reconnects(self) -> int:
+        """How often the app failed over to a node since it started."""
+        return self._supervisor.reconnects if self._supervisor is not None else 0
 
     def run(self) -> None:
         """Run until SIGINT or SIGTERM, then stop gracefully. Uses uvloop when it is installed."""
@@ -313,79 +315,16 @@ class App:
             for sig in signals:
                 loop.remove_signal_handler(sig)
 
-    async def _open_session(self, transport: Transport) -> Session:
-        """Declare and subscribe on `transport`. Bounded: a node whose quorum queues are still
-        electing a leader can leave a declaration unanswered, and then the next node is better."""
-        session = Session(transport, self.name, self._on_failure)
-        try:
-            async with asyncio.timeout(self.session_timeout):
-                await session.open(
-                    self._plan, self.consumers, prefetch=self.prefetch, concurrency=self.concurrency
-                )
-        except TimeoutError:
-            raise ConnectionLost(
-                f"{transport.node} did not finish declaring the topology and subscribing within "
-                f"{self.session_timeout}s"
-            ) from None
-        return session
-
-    async def _supervise(self) -> None:
-        """Wait for the connection to go; fail over to the next node and resubscribe."""
-        while True:
-            session = self._session
-            assert session is not None
-            reason = await session.transport.wait_closed()
-            self._connected.clear()
-            log.warning(
-                "%s: connection to %s lost (%s); failing over",
-                self.name,
-                session.transport.node,
-                reason or "closed",
-            )
-            await session.abandon()
-            await session.transport.close()
-            self._session = await self._reopen()
-            self.reconnects += 1
-            self._connected.set()
-            log.info(
-                "%s: resumed on %s with %d consumer(s)",
-                self.name,
-                self._session.transport.node,
-                self._session.live_consumers,
-            )
-
-    async def _reopen(self) -> Session:
-        """A new session on the next node that accepts one; keeps trying until it gets one."""
-        failures = 0
-        while True:
-            transport = await self._manager.connect(None)
-            try:
-                return await self._open_session(transport)
-            except asyncio.CancelledError:
-                await transport.close()
-                raise
-            except Exception as exc:
-                failures += 1
-                log.error("%s: cannot resume on %s: %s", self.name, transport.node, exc)
-                await transport.close()
-                # The node answered but the session failed (a conflict, a channel error): pause
-                # before the next node, as the manager does after a failed cycle.
-                await asyncio.sleep(min(10.0, 0.2 * 2**failures))
-
     async def _current(self, deadline: float) -> Session:
-        """The live session, waiting for a reconnect until `deadline` (loop time)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            if self._state not in (State.RUNNING, State.STARTING):
-                raise StateError(f"App {self.name!r} is {self._state.value}; start it first")
-            session = self._session
-            if session is not None and self._connected.is_set() and session.transport.is_open:
-                return session
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._connected.wait(), remaining)
+        """The live session, waiting for the start (a publish from the lifespan) or a reconnect
+        until `deadline` (loop time)."""
+        if self._state is State.STARTING:
+            remaining = deadline - asyncio.get_running_loop().time()
+            await asyncio.wait_for(self._started.wait(), max(remaining, 0))
+        supervisor = self._supervisor
+        if self._state is not State.RUNNING or supervisor is None:
+            raise StateError(f"App {self.name!r} is {self._state.value}; start it first")
+        return await supervisor.wait_live(deadline)
 
     # -- publishing ------------------------------------------------------------------------
 
@@ -424,8 +363,9 @@ class App:
         nacks = 0
         try:
             while True:
-                session = self._session
-                if session is None or not self._connected.is_set() or not session.transport.is_open:
+                supervisor = self._supervisor
+                session = supervisor.live if supervisor is not None else None
+                if session is None or self._state is not State.RUNNING:
                     session = await self._current(deadline)
                 try:
                     async with asyncio.timeout_at(deadline):
@@ -535,8 +475,9 @@ class App:
 
     def health(self) -> dict[str, Any]:
         """The connected node, the blocked state and the live consumers."""
-        session = self._session
-        connected = session is not None and self._connected.is_set() and session.transport.is_open
+        supervisor = self._supervisor
+        session = supervisor.session if supervisor is not None else None
+        connected = supervisor is not None and supervisor.live is not None
         return {
             "service": self.name,
             "state": self._state.value,

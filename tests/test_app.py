@@ -289,3 +289,27 @@ async def test_a_nacked_publish_is_sent_again_until_its_timeout(
         elapsed = asyncio.get_running_loop().time() - started
     assert 0.9 <= elapsed <= 3
     assert await admin.count(full) == 0
+
+
+async def test_code_started_by_the_lifespan_may_publish_before_consuming_starts(
+    make_app: Callable[..., App],
+) -> None:
+    queue = unique("early")
+    got: list[Any] = []
+    publishing: list[asyncio.Task[None]] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: App) -> AsyncIterator[None]:
+        # Runs while the app is still starting: the publish waits until the app is connected.
+        publishing.append(asyncio.create_task(app.publish({"early": True}, routing_key=queue)))
+        yield
+
+    app = make_app(lifespan=lifespan)
+
+    @app.consumer(queue)
+    async def handle(body: Any) -> None:
+        got.append(body)
+
+    async with app:
+        await publishing[0]
+        await wait_for(lambda: got == [{"early": True}])

@@ -110,6 +110,16 @@ async def test_consumer_and_producer_survive_losing_their_nodes(
             )
             await asyncio.sleep(0.04)
 
+    async def until(what: str, predicate: Any, timeout: float = 60) -> None:
+        """wait_for, with the state of both apps in the failure: a cluster is slow to debug."""
+        try:
+            await wait_for(predicate, timeout=timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"{what} within {timeout}s; handled {len(handled)}/{total}; "
+                f"consumer {consumer.health()}; producer {producer.health()}"
+            ) from None
+
     def resumed_after(cut: float, reconnects: int) -> float:
         return min(t for t, r in stamps if r >= reconnects) - cut
 
@@ -117,14 +127,14 @@ async def test_consumer_and_producer_survive_losing_their_nodes(
     try:
         async with consumer, producer:
             feeding = asyncio.create_task(produce())
-            await wait_for(lambda: len(handled) >= 300, timeout=30)
+            await until("300 messages handled", lambda: len(handled) >= 300, timeout=30)
 
             # 1. The consumer's node goes down (clean shutdown).
             victim = node_of(consumer)
             cut = time.monotonic()
             await cluster("stop-node", str(victim))
             stopped.append(victim)
-            await wait_for(lambda: consumer.reconnects == 1 and stamps[-1][1] == 1, timeout=60)
+            await until("consumer resumed", lambda: consumer.reconnects == 1 and stamps[-1][1] == 1)
             consumer_resume = resumed_after(cut, 1)
             await cluster("start-node", str(victim))  # keep the quorum for the second loss
             stopped.remove(victim)
@@ -136,12 +146,12 @@ async def test_consumer_and_producer_survive_losing_their_nodes(
             cut = time.monotonic()
             await cluster("kill-node", str(victim))
             stopped.append(victim)
-            await wait_for(lambda: producer.reconnects == 1, timeout=60)
-            await wait_for(lambda: len(handled) > seen_before + window, timeout=60)
+            await until("producer reconnected", lambda: producer.reconnects == 1)
+            await until("messages flowing again", lambda: len(handled) > seen_before + window)
             producer_resume = time.monotonic() - cut
 
             await asyncio.wait_for(feeding, 120)
-            await wait_for(lambda: len(handled) == total, timeout=120)
+            await until("every message handled", lambda: len(handled) == total, timeout=120)
             await asyncio.sleep(1)  # late duplicates arrive now
     finally:
         for node in stopped:
