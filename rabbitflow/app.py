@@ -434,10 +434,7 @@ class App:
                     retries,
                 )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wait_lost(session), limit)
-
-    async def _wait_lost(self, session: Session) -> None:
-        await session.transport.wait_closed()
+                    await asyncio.wait_for(session.transport.wait_closed(), limit)
 
     async def declare(self) -> str:
         """Declare the plan on the first node that accepts, without consuming; returns the node."""

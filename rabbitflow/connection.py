@@ -72,7 +72,6 @@ class ConnectionManager:
         self._backoff = backoff
         self._ssl_context = ssl_context
         self._connector = connector or self._connect_amqp
-        self.connects = 0  # successful connections so far
 
     def with_endpoints(self, endpoints: Sequence[Endpoint], connector: Connector | None) -> ConnectionManager:
         return ConnectionManager(
@@ -119,7 +118,6 @@ class ConnectionManager:
                     failures[str(endpoint)] = reason
                     log.warning("cannot connect to %s: %s", endpoint, reason)
                     continue
-                self.connects += 1
                 log.info("connected to %s", endpoint)
                 return transport
             cycle += 1

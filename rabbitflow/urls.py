@@ -67,10 +67,9 @@ def _parse_one(entry: str, index: int) -> Endpoint:
     try:
         parts = urlsplit(entry)
         port = parts.port
-    except ValueError as exc:
+    except ValueError:
         # urlsplit's own message may quote the password; say it in our words.
         raise ConfigError(f"url entry {index} ({shown!r}) is malformed: bad host or port") from None
-        del exc
     scheme = parts.scheme.lower()
     if scheme not in _SCHEMES:
         raise ConfigError(
