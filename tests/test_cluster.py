@@ -86,7 +86,7 @@ def running_cluster() -> Iterator[None]:
 async def test_consumer_and_producer_survive_losing_their_nodes(
     running_cluster: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    total = 2000
+    at_least = 2000
     window = 10
     prefetch = 50
     queue = unique("cluster")
@@ -94,20 +94,26 @@ async def test_consumer_and_producer_survive_losing_their_nodes(
     producer = App(unique("producer"), url=[url(2), url(3), url(1)], heartbeat=2)
     handled: Counter[int] = Counter()
     stamps: list[tuple[float, int]] = []  # (time, consumer reconnects) per handled message
+    confirmed: set[int] = set()
+    both_nodes_lost = asyncio.Event()
+    next_n = 0
 
     @consumer.consumer(queue, queue_type="quorum")
     async def handle(body: dict[str, Any]) -> None:
         handled[body["n"]] += 1
         stamps.append((time.monotonic(), consumer.reconnects))
 
+    async def publish(n: int) -> None:
+        await producer.publish({"n": n}, routing_key=queue, timeout=60)
+        confirmed.add(n)
+
     async def produce() -> None:
-        for start in range(0, total, window):
-            await asyncio.gather(
-                *(
-                    producer.publish({"n": n}, routing_key=queue, timeout=60)
-                    for n in range(start, start + window)
-                )
-            )
+        """Windows of publishes until both losses are behind us and `at_least` went out: a fixed
+        count could be used up before the second loss on a slow machine."""
+        nonlocal next_n
+        while next_n < at_least or not both_nodes_lost.is_set():
+            await asyncio.gather(*(publish(n) for n in range(next_n, next_n + window)))
+            next_n += window
             await asyncio.sleep(0.04)
 
     async def until(what: str, predicate: Any, timeout: float = 60) -> None:
@@ -116,7 +122,7 @@ async def test_consumer_and_producer_survive_losing_their_nodes(
             await wait_for(predicate, timeout=timeout)
         except TimeoutError:
             raise AssertionError(
-                f"{what} within {timeout}s; handled {len(handled)}/{total}; "
+                f"{what} within {timeout}s; handled {len(handled)}/{next_n}; "
                 f"consumer {consumer.health()}; producer {producer.health()}"
             ) from None
 
@@ -134,7 +140,9 @@ async def test_consumer_and_producer_survive_losing_their_nodes(
             cut = time.monotonic()
             await cluster("stop-node", str(victim))
             stopped.append(victim)
-            await until("consumer resumed", lambda: consumer.reconnects == 1 and stamps[-1][1] == 1)
+            # ">= 1": a surviving node may drop the new connection too (541 INTERNAL_ERROR while the
+            # quorum queue elects its new leader); the consumer then fails over once more.
+            await until("consumer resumed", lambda: consumer.reconnects >= 1 and stamps[-1][1] >= 1)
             consumer_resume = resumed_after(cut, 1)
             await cluster("start-node", str(victim))  # keep the quorum for the second loss
             stopped.remove(victim)
@@ -142,15 +150,17 @@ async def test_consumer_and_producer_survive_losing_their_nodes(
 
             # 2. The producer's node crashes (SIGKILL, no goodbye).
             victim = node_of(producer)
-            seen_before = len(handled)
             cut = time.monotonic()
             await cluster("kill-node", str(victim))
             stopped.append(victim)
-            await until("producer reconnected", lambda: producer.reconnects == 1)
-            await until("messages flowing again", lambda: len(handled) > seen_before + window)
+            await until("producer reconnected", lambda: producer.reconnects >= 1)
+            first_after = next_n + window  # published after the reconnect, not before the kill
+            await until("the producer's messages flowing again", lambda: max(handled) >= first_after)
             producer_resume = time.monotonic() - cut
+            both_nodes_lost.set()
 
             await asyncio.wait_for(feeding, 120)
+            total = next_n
             await until("every message handled", lambda: len(handled) == total, timeout=120)
             await asyncio.sleep(1)  # late duplicates arrive now
     finally:
@@ -165,9 +175,11 @@ async def test_consumer_and_producer_survive_losing_their_nodes(
             f"consumer resumed {consumer_resume:.2f}s after its node stopped; producer's messages "
             f"flowed again {producer_resume:.2f}s after its node was killed"
         )
+    assert total >= at_least
+    assert confirmed == set(range(total))
     assert set(handled) == set(range(total))
     # Duplicates come only from deliveries in flight at a loss (prefetch) and re-sent publishes.
-    assert duplicates <= 2 * (prefetch + window)
+    assert duplicates <= 3 * (prefetch + window)
     assert consumer_resume < 30
     assert producer_resume < 30
 
