@@ -18,10 +18,10 @@ from collections import deque
 import aiormq
 from aiormq.abc import ChannelFrame
 from aiormq.channel import Returning
-from pamqp.body import ContentBody
 from pamqp.commands import Basic
 from pamqp.frame import marshal
-from pamqp.header import ContentHeader
+
+from .wire import body_frames, content_header_frame
 
 __all__ = ["Pipeline", "supported"]
 
@@ -78,15 +78,8 @@ class Pipeline:
             if len(self._methods) < 1024:
                 self._methods[key] = method
         chunks.append(method)
-        chunks.append(marshal(ContentHeader(0, len(body), properties), number))
-        limit = channel.max_content_size
-        if len(body) <= limit:
-            if body:
-                chunks.append(marshal(ContentBody(body), number))
-        else:
-            chunks.extend(
-                marshal(ContentBody(body[i : i + limit]), number) for i in range(0, len(body), limit)
-            )
+        chunks.append(content_header_frame(number, len(body), properties))
+        chunks.extend(body_frames(number, body, channel.max_content_size))
         return confirmation
 
     def _fail_pending(self, closing: asyncio.Future[object]) -> None:
