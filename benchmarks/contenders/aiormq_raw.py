@@ -10,6 +10,14 @@ message after its handler can do; it is reported as the client ceiling.
 
 publish: ``basic_publish`` on a confirm channel, windows of ``--window``
 publishes in flight awaited together with asyncio.gather.
+
+retry: the delayed-retry pattern written by hand, with the guarantees rabbitflow
+keeps: a ``{queue}.retry`` queue (TTL 50 ms, dead-lettering back to ``{queue}``
+through the default exchange); a failed delivery is copied there persistent and
+mandatory with an attempt header on a confirm channel, and acked only after the
+broker confirmed the copy. ``--mode fail_once`` fails every first attempt,
+``--mode all_ok`` none. No parking, no forged-header check, no ladder: the
+least a hand-rolled loop does.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from typing import Any  # noqa: E402
 import benchlib  # noqa: E402
 
 ACK_EVERY = 64
+RETRY_TTL_MS = 50
 
 
 async def handler(body: Any) -> None:
@@ -107,6 +116,67 @@ async def _publish(args: argparse.Namespace) -> dict[str, Any]:
     return benchlib.timing_result(args.n, t0, t_end)
 
 
+async def _retry(args: argparse.Namespace) -> dict[str, Any]:
+    import aiormq
+    import orjson
+
+    if args.mode not in ("fail_once", "all_ok"):
+        raise SystemExit(f"retry needs --mode fail_once|all_ok, got {args.mode!r}")
+    fail_once = args.mode == "fail_once"
+    counter = benchlib.Counter(args.n)
+    loads = orjson.loads
+    queue, retry_queue = args.queue, f"{args.queue}.retry"
+    Properties, Ack = aiormq.spec.Basic.Properties, aiormq.spec.Basic.Ack
+
+    t0 = benchlib.start_clock()
+    conn = await aiormq.connect(args.url)
+    ch = await conn.channel()
+    pub = await conn.channel(publisher_confirms=True)
+    await ch.queue_declare(
+        retry_queue,
+        durable=True,
+        arguments={
+            **benchlib.queue_arguments(args.queue_type),
+            "x-message-ttl": RETRY_TTL_MS,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": queue,
+        },
+    )
+    await ch.basic_qos(prefetch_count=args.prefetch)
+
+    async def on_message(msg: aiormq.abc.DeliveredMessage) -> None:
+        body = loads(msg.body)
+        props = msg.header.properties
+        headers = props.headers or {}
+        attempt = headers.get("x-attempt", 1)
+        if fail_once and attempt == 1:
+            copy = Properties(
+                content_type=props.content_type,
+                delivery_mode=2,
+                message_id=props.message_id,
+                headers={**headers, "x-attempt": attempt + 1},
+            )
+            confirm = await pub.basic_publish(
+                msg.body, exchange="", routing_key=retry_queue, properties=copy, mandatory=True
+            )
+            if not isinstance(confirm, Ack):
+                raise RuntimeError(f"retry copy not confirmed: {confirm!r}")
+            await ch.basic_ack(msg.delivery_tag)
+            return
+        await handler(body)
+        await ch.basic_ack(msg.delivery_tag)
+        counter.hit()
+
+    ok = await ch.basic_consume(queue, on_message)
+    t_end = await counter.done
+    result = benchlib.timing_result(args.n, t0, t_end, counter)
+
+    await ch.basic_cancel(ok.consumer_tag)
+    await ch.queue_delete(retry_queue)
+    await conn.close()
+    return result
+
+
 def main(name: str, batched: bool) -> None:
     async def consume(args: argparse.Namespace) -> dict[str, Any]:
         return await _consume(args, batched=batched, rss=False)
@@ -117,6 +187,7 @@ def main(name: str, batched: bool) -> None:
     scenarios: dict[str, benchlib.ScenarioFn] = {"consume": consume, "rss": rss}
     if not batched:
         scenarios["publish"] = _publish
+        scenarios["retry"] = _retry
     benchlib.contender_main(
         name,
         scenarios,
@@ -124,8 +195,10 @@ def main(name: str, batched: bool) -> None:
         notes=(
             f"ack every {ACK_EVERY}th tag with multiple=True (client ceiling)"
             if batched
-            else "basic_ack per message after the handler"
+            else "basic_ack per message after the handler; retry: the same delayed retry by hand "
+            f"(a {RETRY_TTL_MS} ms TTL queue, persistent mandatory copy, ack after its confirm)"
         ),
+        extra=None if batched else {"cleanup": {"queues": ["{queue}", "{queue}.retry"]}},
     )
 
 
