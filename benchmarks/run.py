@@ -108,7 +108,7 @@ FULL: dict[str, Any] = {
     "n": 10_000,
     "publish_n": 5_000,
     "retry_n": 5_000,
-    "rss_n": 100_000,
+    "rss_n": 200_000,  # the "RSS flat over 200,000 messages"
     "rss_rounds": 1,
     "import_rounds": 15,
     "publish_queue_types": ("classic", "quorum"),
