@@ -11,7 +11,6 @@ its own `TypeError` for what AMQP cannot carry.
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Callable
 from struct import Struct
 from typing import Any
@@ -19,6 +18,8 @@ from typing import Any
 from pamqp import encode
 from pamqp.commands import Basic
 from pamqp.common import FieldTable
+from pamqp.frame import marshal
+from pamqp.header import ContentHeader
 
 __all__ = ["body_frames", "content_header_frame"]
 
@@ -30,10 +31,11 @@ _BYTE = tuple(bytes((i,)) for i in range(256))  # one-byte lengths and octets, w
 
 
 def _short_string(value: str) -> bytes:
-    raw = value.encode() if type(value) is str else b"\x00" * 256
-    if len(raw) > 255:
-        return encode.short_string(value)  # pamqp's error: not a str, or too long for a shortstr
-    return _BYTE[len(raw)] + raw
+    if type(value) is str:
+        raw = value.encode()
+        if len(raw) <= 255:
+            return _BYTE[len(raw)] + raw
+    return encode.short_string(value)  # pamqp's error: not a str, or too long for a shortstr
 
 
 def _octet(value: int) -> bytes:
@@ -72,15 +74,11 @@ def _table(value: FieldTable) -> bytes:
     return _UINT32.pack(len(payload)) + payload
 
 
-def _timestamp(value: datetime.datetime) -> bytes:
-    return encode.timestamp(value)
-
-
 _ENCODERS: dict[str, Callable[[Any], bytes]] = {
     "shortstr": _short_string,
     "octet": _octet,
     "table": _table,
-    "timestamp": _timestamp,
+    "timestamp": encode.timestamp,
 }
 
 # (attribute, flag bit, encoder) in wire order, from pamqp's own description of the properties.
@@ -119,7 +117,4 @@ def body_frames(channel: int, body: bytes, frame_max: int) -> list[bytes]:
 
 
 def _pamqp_frame(channel: int, body_size: int, properties: Basic.Properties) -> bytes:
-    from pamqp.frame import marshal
-    from pamqp.header import ContentHeader
-
     return marshal(ContentHeader(0, body_size, properties), channel)
