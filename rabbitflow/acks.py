@@ -42,7 +42,7 @@ class Acker:
         self._pending: deque[int] = deque()
         self._done: dict[int, bool] = {}
         self._top = 0  # the highest tag of the settled prefix, not acked yet
-        self._settled = 0  # settled since the last ack
+        self._settled = 0  # tags settled since the last ack
         self._batch = max(1, prefetch // 4)
         self._linger = channel.ack_linger
         self._timer: asyncio.TimerHandle | None = None
@@ -58,6 +58,7 @@ class Acker:
         if not pending or pending[0] != tag:
             self._done[tag] = ack
             return
+        outstanding = len(pending)
         pending.popleft()
         top = tag if ack else 0
         done = self._done
@@ -68,7 +69,7 @@ class Acker:
         if not top:
             return  # never end a multiple-ack on a rejected tag: RabbitMQ would call it unknown
         self._top = top
-        self._settled += 1
+        self._settled += outstanding - len(pending)  # tags, not calls: one call may release a run
         if self._settled >= self._batch:
             self._flush()
         elif self._timer is None:

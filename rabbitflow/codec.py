@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 
-__all__ = ["DecodeError", "converter_for", "decode", "encode"]
+__all__ = ["DecodeError", "Reader", "decode", "encode", "reader_for"]
 
 JSON = "application/json"
 TEXT = "text/plain"
@@ -61,49 +60,55 @@ def decode(body: bytes, content_type: str | None) -> Any:
     return body
 
 
-Converter = Callable[[Any, bytes], Any]
+Reader = Callable[[bytes, str | None], Any]
 
 
-def converter_for(annotation: object) -> Converter | None:
-    """How to turn the decoded body into what the handler's first parameter asks for."""
-    if annotation in (typing.Any, object, None) or annotation is dataclasses.MISSING:
-        return None
+def reader_for(annotation: object) -> Reader:
+    """How to turn a delivered body (bytes and content type) into what the handler's first
+    parameter asks for; each body is read once, and only as far as the handler needs."""
     if annotation is bytes:
-        return lambda _value, raw: raw
+        return _raw
     if annotation is str:
-        return _to_str
+        return _text
     if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
-        return _dataclass_converter(annotation)
+        return _dataclass_reader(annotation)
     validate = getattr(annotation, "model_validate", None)  # pydantic v2 model
     if callable(validate):
-        return _pydantic_converter(validate)
-    return None
+        return _pydantic_reader(validate)
+    return decode  # unannotated, Any, object or a type rabbitflow does not convert
 
 
-def _to_str(value: Any, raw: bytes) -> str:
-    if isinstance(value, str):
-        return value
+def _raw(body: bytes, content_type: str | None) -> bytes:
+    return body
+
+
+def _text(body: bytes, content_type: str | None) -> str:
+    """`text/*` by its charset; any other body as UTF-8 (JSON text, say)."""
+    if content_type and content_type.startswith("text/"):
+        text: str = decode(body, content_type)
+        return text
     try:
-        return raw.decode()
+        return body.decode()
     except UnicodeDecodeError as exc:
         raise DecodeError(f"body is not UTF-8 text: {exc}") from None
 
 
-def _structured(value: Any, raw: bytes, what: str) -> Any:
-    """The decoded body, or the raw body parsed as JSON when its content type did not say so."""
+def _structured(body: bytes, content_type: str | None, what: str) -> Any:
+    """The JSON value of the body, also when its content type did not say JSON."""
+    value = decode(body, content_type)
     if not isinstance(value, bytes | str):
         return value
     try:
-        return orjson.loads(raw)
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise DecodeError(f"invalid JSON body for {what}: {exc}") from None
 
 
-def _dataclass_converter(cls: type) -> Converter:
+def _dataclass_reader(cls: type) -> Reader:
     names = {f.name for f in dataclasses.fields(cls) if f.init}
 
-    def convert(value: Any, raw: bytes) -> Any:
-        value = _structured(value, raw, cls.__name__)
+    def read(body: bytes, content_type: str | None) -> Any:
+        value = _structured(body, content_type, cls.__name__)
         if not isinstance(value, dict):
             raise DecodeError(f"expected a JSON object for {cls.__name__}, got {type(value).__name__}")
         unknown = value.keys() - names
@@ -114,15 +119,15 @@ def _dataclass_converter(cls: type) -> Converter:
         except TypeError as exc:
             raise DecodeError(f"cannot build {cls.__name__}: {exc}") from None
 
-    return convert
+    return read
 
 
-def _pydantic_converter(validate: Callable[[Any], Any]) -> Converter:
-    def convert(value: Any, raw: bytes) -> Any:
-        value = _structured(value, raw, "the model")
+def _pydantic_reader(validate: Callable[[Any], Any]) -> Reader:
+    def read(body: bytes, content_type: str | None) -> Any:
+        value = _structured(body, content_type, "the model")
         try:
             return validate(value)
         except ValueError as exc:  # pydantic.ValidationError is a ValueError
             raise DecodeError(str(exc)) from None
 
-    return convert
+    return read

@@ -113,7 +113,7 @@ class ConnectionManager:
                         raise self._failed(failures, budget)
                 try:
                     transport = await self._connector(endpoint, timeout)
-                except (OSError, TimeoutError, ConnectionError, Exception) as exc:
+                except Exception as exc:  # refused, timed out, TLS, auth: try the next node
                     reason = _describe(exc)
                     failures[str(endpoint)] = reason
                     log.warning("cannot connect to %s: %s", endpoint, reason)
@@ -121,14 +121,19 @@ class ConnectionManager:
                 log.info("connected to %s", endpoint)
                 return transport
             cycle += 1
-            low, high = self._backoff
-            pause = min(high, low * 2 ** (cycle - 1)) * random.uniform(0.5, 1.0)
+            pause = self.pause(cycle)
             if deadline is not None:
                 pause = min(pause, deadline - loop.time())
                 if pause <= 0:
                     raise self._failed(failures, budget)
             log.info("no node accepted a connection; trying again in %.1fs", pause)
             await asyncio.sleep(pause)
+
+    def pause(self, failures: int) -> float:
+        """The jittered exponential wait after `failures` failed rounds, within `backoff`."""
+        low, high = self._backoff
+        pause: float = min(high, low * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+        return pause
 
     def _failed(self, failures: dict[str, str], budget: float | None) -> ConnectionFailed:
         tried = "; ".join(f"{node}: {reason}" for node, reason in failures.items()) or "none"

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .codec import Converter, converter_for
+from .codec import Reader, reader_for
 from .errors import ConfigError
 from .message import Message
 from .retry import RetryPolicy
@@ -22,9 +22,9 @@ QUEUE_TYPES = ("quorum", "classic")
 
 @dataclass(frozen=True, slots=True)
 class HandlerSignature:
-    """How to call a handler: convert the body, and where (if anywhere) the Message goes."""
+    """How to call a handler: read the body, and where (if anywhere) the Message goes."""
 
-    convert: Converter | None
+    read: Reader
     message_param: str | None
     message_positional: bool
 
@@ -55,7 +55,7 @@ class HandlerSignature:
                     f"consumer {name}: parameter {p.name!r} has no default and is not annotated "
                     "`Message`; rabbitflow passes only the body and the Message"
                 )
-        return cls(converter_for(hints.get(positional[0].name)), message_param, message_positional)
+        return cls(reader_for(hints.get(positional[0].name)), message_param, message_positional)
 
 
 @dataclass(frozen=True, slots=True)

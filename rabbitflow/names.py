@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 __all__ = [
     "ATTEMPT",
-    "BROKER_DEATH_HEADERS",
+    "BROKER_HEADERS",
     "PARK_HEADERS",
+    "RABBITFLOW_HEADERS",
     "dead_letter_exchange",
     "delay_label",
     "parked_queue",
     "retry_prefix",
     "retry_queue",
+    "without",
 ]
 
 # rabbitflow's own attempt counter, carried on retried copies. x-death is no safe counter:
@@ -41,8 +46,9 @@ PARK_HEADERS = (
     LAST_FAILURE,
 )
 
-# Stripped from every copy rabbitflow republishes, so the broker starts a fresh death history.
-BROKER_DEATH_HEADERS = (
+# What the broker writes into headers; stripped from every copy rabbitflow republishes, so the
+# broker starts a fresh death history (and a quorum queue a fresh delivery count).
+BROKER_HEADERS = (
     "x-death",
     "x-first-death-exchange",
     "x-first-death-queue",
@@ -50,7 +56,19 @@ BROKER_DEATH_HEADERS = (
     "x-last-death-exchange",
     "x-last-death-queue",
     "x-last-death-reason",
+    "x-delivery-count",
 )
+# rabbitflow's own headers, dropped when a parked message is replayed as new.
+RABBITFLOW_HEADERS = (ATTEMPT, *PARK_HEADERS)
+
+
+def without(headers: Mapping[str, Any], *groups: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of `headers` without the keys in `groups`."""
+    copy = dict(headers)
+    for group in groups:
+        for key in group:
+            copy.pop(key, None)
+    return copy
 
 
 def dead_letter_exchange(service: str) -> str:

@@ -61,11 +61,10 @@ async def replay(transport: Transport, queue: str, limit: int | None = None) -> 
             delivery = await channel.get(names.parked_queue(queue))
             if delivery is None:
                 break
-            headers = dict(delivery.properties.headers or {})
-            exchange = str(headers.get(names.ORIGINAL_EXCHANGE, ""))
-            routing_key = str(headers.get(names.ORIGINAL_ROUTING_KEY, queue))
-            for key in (names.ATTEMPT, *names.PARK_HEADERS, *names.BROKER_DEATH_HEADERS, "x-delivery-count"):
-                headers.pop(key, None)
+            parked = delivery.properties.headers or {}
+            exchange = str(parked.get(names.ORIGINAL_EXCHANGE, ""))
+            routing_key = str(parked.get(names.ORIGINAL_ROUTING_KEY, queue))
+            headers = names.without(parked, names.RABBITFLOW_HEADERS, names.BROKER_HEADERS)
             await channel.publish(
                 delivery.body,
                 exchange=exchange,

@@ -141,4 +141,4 @@ class Supervisor:
                 await transport.close()
                 # The node answered but the session failed (a conflict, a channel error): pause
                 # before the next node, as the manager does after a failed cycle.
-                await asyncio.sleep(min(10.0, 0.2 * 2**failures))
+                await asyncio.sleep(self._manager.pause(failures))

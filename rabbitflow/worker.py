@@ -14,7 +14,7 @@ from typing import Any
 
 from . import names
 from .acks import Acker
-from .codec import DecodeError, decode
+from .codec import DecodeError
 from .consumer import ConsumerSpec
 from .errors import PublishNacked
 from .message import Message
@@ -164,10 +164,7 @@ class ConsumerWorker:
         headers = properties.headers or {}
         attempt = self._attempt(delivery, headers) if headers else 1
         try:
-            body = decode(delivery.body, properties.content_type)
-            convert = spec.signature.convert
-            if convert is not None:
-                body = convert(body, delivery.body)
+            body = spec.signature.read(delivery.body, properties.content_type)
         except DecodeError as exc:
             await self._park(delivery, "decode-error", attempt, exc)
             return
@@ -257,45 +254,40 @@ class ConsumerWorker:
             )
             await self._park(delivery, decision.reason, attempt, exc)
 
-    def _origin(
-        self, delivery: Delivery, headers: Mapping[str, Any], attempt: int
-    ) -> tuple[str, str, str | None]:
-        """(exchange, routing key, first failure) of the message as first published; a later
-        attempt is a copy that came back through a retry queue and carries them."""
+    def _copy_headers(
+        self, delivery: Delivery, attempt: int, now: str, drop: tuple[str, ...]
+    ) -> dict[str, Any]:
+        """The headers of a copy: the delivery's without the broker's (and `drop`), plus where the
+        message was first published and when it first failed. A later attempt is a copy that came
+        back through a retry queue and carries both already."""
+        headers = delivery.properties.headers or {}
+        copy = names.without(headers, names.BROKER_HEADERS, drop)
         if attempt > 1:
-            return (
-                str(headers.get(names.ORIGINAL_EXCHANGE, "")),
-                str(headers.get(names.ORIGINAL_ROUTING_KEY, delivery.routing_key)),
-                headers.get(names.FIRST_FAILURE),
+            copy[names.ORIGINAL_EXCHANGE] = str(headers.get(names.ORIGINAL_EXCHANGE, ""))
+            copy[names.ORIGINAL_ROUTING_KEY] = str(
+                headers.get(names.ORIGINAL_ROUTING_KEY, delivery.routing_key)
             )
-        return delivery.exchange, delivery.routing_key, None
+            copy[names.FIRST_FAILURE] = headers.get(names.FIRST_FAILURE) or now
+        else:
+            copy[names.ORIGINAL_EXCHANGE] = delivery.exchange
+            copy[names.ORIGINAL_ROUTING_KEY] = delivery.routing_key
+            copy[names.FIRST_FAILURE] = now
+        return copy
 
     async def _retry(self, delivery: Delivery, attempt: int, delay: float) -> None:
-        headers = delivery.properties.headers or {}
-        exchange, routing_key, first_failure = self._origin(delivery, headers, attempt)
-        copy = _strip(headers)
+        copy = self._copy_headers(delivery, attempt, _now(), drop=())
         copy[names.ATTEMPT] = attempt + 1
-        copy[names.ORIGINAL_EXCHANGE] = exchange
-        copy[names.ORIGINAL_ROUTING_KEY] = routing_key
-        copy[names.FIRST_FAILURE] = first_failure or _now()
         queue = names.retry_queue(self.spec.queue, delay)
         if delay not in self._planned_delays:
             await self._ensure_retry_queue(self.spec.queue, delay)
         self._send_copy(delivery, queue, copy)
 
     async def _park(self, delivery: Delivery, reason: str, attempt: int, exc: BaseException | None) -> None:
-        headers = delivery.properties.headers or {}
-        exchange, routing_key, first_failure = self._origin(delivery, headers, attempt)
         now = _now()
-        copy = _strip(headers)
-        for transit in (names.ATTEMPT, *names.PARK_HEADERS):
-            copy.pop(transit, None)
+        copy = self._copy_headers(delivery, attempt, now, drop=names.RABBITFLOW_HEADERS)
         copy[names.REASON] = reason
         copy[names.ATTEMPTS] = attempt
         copy[names.QUEUE] = self.spec.queue
-        copy[names.ORIGINAL_EXCHANGE] = exchange
-        copy[names.ORIGINAL_ROUTING_KEY] = routing_key
-        copy[names.FIRST_FAILURE] = first_failure or now
         copy[names.LAST_FAILURE] = now
         if exc is not None:
             copy[names.EXCEPTION] = f"{type(exc).__module__}.{type(exc).__qualname__}"
@@ -303,9 +295,9 @@ class ConsumerWorker:
             tb = "".join(traceback.format_exception(exc))
             copy[names.TRACEBACK] = tb[-_MAX_TRACEBACK:]
         elif reason == "delivery-limit":
+            count = _delivery_count(delivery.properties.headers or {})
             copy[names.ERROR] = (
-                f"delivered {_delivery_count(headers) + 1} times without being settled "
-                "(a handler that crashes its worker?)"
+                f"delivered {count + 1} times without being settled (a handler that crashes its worker?)"
             )
         self._send_copy(delivery, self._parked, copy)
 
@@ -352,15 +344,6 @@ class ConsumerWorker:
         except TransportError:
             return
         self._acker.settle(tag, ack=False)
-
-
-def _strip(headers: Mapping[str, Any]) -> dict[str, Any]:
-    """The headers minus the broker's death history (3.13+/4.x ignore a client-set x-death)."""
-    copy = dict(headers)
-    for key in names.BROKER_DEATH_HEADERS:
-        copy.pop(key, None)
-    copy.pop("x-delivery-count", None)
-    return copy
 
 
 def _delivery_count(headers: Mapping[str, Any]) -> int:

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from rabbitflow.codec import DecodeError, converter_for, decode, encode
+from rabbitflow.codec import DecodeError, decode, encode, reader_for
+
+JSON = "application/json"
 
 
 @dataclass
@@ -37,15 +39,17 @@ def test_decode_by_content_type() -> None:
 
 
 def test_dataclass_conversion_validates_fields() -> None:
-    convert = converter_for(Point)
-    assert convert is not None
-    assert convert({"x": 1, "y": 2}, b"") == Point(1, 2)
+    read = reader_for(Point)
+    assert read(b'{"x": 1, "y": 2}', JSON) == Point(1, 2)
+    assert read(b'{"x": 1, "y": 2}', None) == Point(1, 2)  # JSON without saying so
     with pytest.raises(DecodeError, match="unexpected fields for Point: z"):
-        convert({"x": 1, "y": 2, "z": 3}, b"")
+        read(b'{"x": 1, "y": 2, "z": 3}', JSON)
     with pytest.raises(DecodeError, match="cannot build Point"):
-        convert({"x": 1}, b"")
+        read(b'{"x": 1}', JSON)
     with pytest.raises(DecodeError, match="expected a JSON object"):
-        convert([1, 2], b"")
+        read(b"[1, 2]", JSON)
+    with pytest.raises(DecodeError, match="invalid JSON body for Point"):
+        read(b"x=1", "text/plain")
 
 
 def test_pydantic_model_conversion() -> None:
@@ -55,8 +59,18 @@ def test_pydantic_model_conversion() -> None:
         sku: str
         qty: int
 
-    convert = converter_for(Item)
-    assert convert is not None
-    assert convert({"sku": "a", "qty": "3"}, b"").qty == 3
+    read = reader_for(Item)
+    assert read(b'{"sku": "a", "qty": "3"}', JSON).qty == 3
     with pytest.raises(DecodeError, match="qty"):
-        convert({"sku": "a", "qty": "many"}, b"")
+        read(b'{"sku": "a", "qty": "many"}', JSON)
+
+
+def test_bytes_and_str_handlers_get_the_body_unparsed() -> None:
+    """A handler that asks for bytes or str gets them even when the body is not valid JSON:
+    nothing is parsed that the handler did not ask for, and nothing is parked for it."""
+    assert reader_for(bytes)(b"{not json", JSON) == b"{not json"
+    assert reader_for(str)(b"{not json", JSON) == "{not json"
+    assert reader_for(str)("hé".encode("latin-1"), "text/plain; charset=latin-1") == "hé"
+    with pytest.raises(DecodeError, match="not UTF-8"):
+        reader_for(str)(b"\xff", JSON)
+    assert reader_for(None)(b'{"a": 1}', JSON) == {"a": 1}

@@ -17,7 +17,6 @@ __all__ = [
     "access_refused",
     "assert_args_equivalence",
     "assert_field_equivalence",
-    "clone_properties",
     "compared_queue_args",
     "copy_table",
     "erl",
@@ -359,27 +358,3 @@ def _copy_value(value: Any) -> Any:
 def copy_table(table: Mapping[str, Any]) -> dict[str, Any]:
     """A deep copy of a decoded field table (dicts, lists and immutable leaves)."""
     return {key: _copy_value(value) for key, value in table.items()}
-
-
-def clone_properties(
-    p: Properties,
-    *,
-    headers: dict[str, Any] | None,
-    expiration: str | None,
-) -> Properties:
-    """A new Properties with these headers and expiration and every other field of `p`."""
-    return Basic.Properties(
-        content_type=p.content_type,
-        content_encoding=p.content_encoding,
-        headers=headers,
-        delivery_mode=p.delivery_mode,
-        priority=p.priority,
-        correlation_id=p.correlation_id,
-        reply_to=p.reply_to,
-        expiration=expiration,
-        message_id=p.message_id,
-        timestamp=p.timestamp,
-        message_type=p.message_type,
-        user_id=p.user_id,
-        app_id=p.app_id,
-    )

@@ -7,8 +7,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..transport.base import OnDelivery, Properties, QueueInfo
-from ._amqp import clone_properties, copy_table
+from ..transport.base import OnDelivery, Properties, QueueInfo, clone_properties
+from ._amqp import copy_table
 
 if TYPE_CHECKING:
     from ._channel import MemoryChannel
@@ -224,7 +224,7 @@ class MemoryQueue:
         # delivery); 3.10's basic.get adds it always, 0 on the first get.
         if self.is_quorum and not peek and (message.delivery_count or basic_get):
             headers = {**(headers or {}), "x-delivery-count": message.delivery_count}
-        return clone_properties(p, headers=headers, expiration=p.expiration)
+        return clone_properties(p, headers=headers, expiration=p.expiration, delivery_mode=p.delivery_mode)
 
     def next_consumer(self) -> Consumer | None:
         """The next consumer with room under its prefetch, round-robin as RabbitMQ does."""

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from ..transport.base import Delivery, Properties
-from ._amqp import clone_properties, not_found, resource_locked
+from ..transport.base import Delivery, Properties, clone_properties
+from ._amqp import not_found, resource_locked
 from ._deadletter import is_cycle, record_death
 from ._queue import Consumer, MemoryQueue, Message, Unacked
 from ._routing import MemoryExchange
@@ -270,7 +270,7 @@ class VHost:
             expiration=props.expiration,
         )
         # The per-message TTL does not travel on: x-death keeps it as original-expiration.
-        dead = clone_properties(props, headers=headers, expiration=None)
+        dead = clone_properties(props, headers=headers, expiration=None, delivery_mode=props.delivery_mode)
         targets = self.route(dlx, routing_key, dead)
         if reason != "rejected":
             # A loop back to a queue the message already died in, with no rejection on the way,

@@ -88,9 +88,19 @@ class _Translated:
 _translated = _Translated()
 
 
-class AmqpChannel(Channel):
-    __slots__ = ("_channel",)
+def _delivery(message: DeliveredMessage) -> Delivery:
+    frame = cast(Basic.Deliver | Basic.GetOk, message.delivery)
+    return Delivery(
+        message.body,
+        message.header.properties,
+        frame.delivery_tag or 0,
+        bool(frame.redelivered),
+        frame.exchange or "",
+        frame.routing_key or "",
+    )
 
+
+class AmqpChannel(Channel):
     def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
         self._channel = cast(aiormq.Channel, channel)
         self._pipeline = Pipeline(self._channel) if supported(self._channel) else None
@@ -165,24 +175,19 @@ class AmqpChannel(Channel):
         properties: Properties,
         mandatory: bool = True,
     ) -> None:
-        try:
+        # A nack and a returned mandatory publish arrive as aiormq exceptions on the confirm
+        # (DeliveryError, PublishError): translated here into PublishNacked and Unroutable.
+        async with _translated:
             if self._pipeline is not None:
-                confirm = await self._pipeline.publish(body, exchange, routing_key, properties, mandatory)
+                await self._pipeline.publish(body, exchange, routing_key, properties, mandatory)
             else:
-                confirm = await self._channel.basic_publish(
+                await self._channel.basic_publish(
                     body,
                     exchange=exchange,
                     routing_key=routing_key,
                     properties=properties,
                     mandatory=mandatory,
                 )
-        except (amqp_errors.AMQPError, amqp_errors.ChannelInvalidStateError, ConnectionError) as exc:
-            raise _translate(exc) from exc
-        if confirm is not None and not isinstance(confirm, Basic.Ack):
-            raise PublishNacked(
-                f"the broker refused the publish to exchange {exchange!r} "
-                f"with routing key {routing_key!r}: {type(confirm).__name__}"
-            )
 
     def publish_nowait(
         self,
@@ -212,10 +217,6 @@ class AmqpChannel(Channel):
                 result.set_exception(ConnectionLost("publish cancelled before its confirm"))
             elif (exc := confirm.exception()) is not None:
                 result.set_exception(_translate(exc))
-            elif not isinstance(confirm.result(), Basic.Ack):
-                result.set_exception(
-                    PublishNacked(f"the broker refused the publish to {exchange!r}/{routing_key!r}")
-                )
             else:
                 result.set_result(None)
 
@@ -224,17 +225,7 @@ class AmqpChannel(Channel):
 
     async def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int) -> str:
         async def on_message(message: DeliveredMessage) -> None:
-            frame: Basic.Deliver = message.delivery  # type: ignore[assignment]
-            await on_delivery(
-                Delivery(
-                    message.body,
-                    message.header.properties,
-                    frame.delivery_tag or 0,
-                    bool(frame.redelivered),
-                    frame.exchange or "",
-                    frame.routing_key or "",
-                )
-            )
+            await on_delivery(_delivery(message))
 
         async with _translated:
             await self._channel.basic_qos(prefetch_count=prefetch)
@@ -257,17 +248,7 @@ class AmqpChannel(Channel):
     async def get(self, queue: str) -> Delivery | None:
         async with _translated:
             message = await self._channel.basic_get(queue, no_ack=False)
-        delivery = message.delivery
-        if not isinstance(delivery, Basic.GetOk):
-            return None
-        return Delivery(
-            message.body,
-            message.header.properties,
-            delivery.delivery_tag or 0,
-            bool(delivery.redelivered),
-            delivery.exchange or "",
-            delivery.routing_key or "",
-        )
+        return _delivery(message) if isinstance(message.delivery, Basic.GetOk) else None
 
     async def close(self) -> None:
         if not self._channel.is_closed:
@@ -278,7 +259,6 @@ class AmqpChannel(Channel):
 class AmqpTransport(Transport):
     def __init__(self, endpoint: Endpoint, connection: aio_pika.abc.AbstractConnection) -> None:
         self.node = str(endpoint)
-        self.endpoint = endpoint
         self._connection = connection
         transport = connection.transport
         assert transport is not None

@@ -27,6 +27,7 @@ __all__ = [
     "QueueInfo",
     "Transport",
     "TransportError",
+    "clone_properties",
     "persistent_copy",
 ]
 
@@ -34,23 +35,31 @@ Properties = Basic.Properties
 Arguments = Mapping[str, Any]
 
 
-def persistent_copy(properties: Properties, headers: dict[str, Any] | None) -> Properties:
-    """`properties` with other headers, persistent: for the copies rabbitflow republishes."""
-    p = properties
+def clone_properties(
+    p: Properties, *, headers: dict[str, Any] | None, expiration: str | None, delivery_mode: int | None
+) -> Properties:
+    """A new Properties with these fields and every other field of `p`."""
     return Properties(
         content_type=p.content_type,
         content_encoding=p.content_encoding,
         headers=headers,
-        delivery_mode=2,
+        delivery_mode=delivery_mode,
         priority=p.priority,
         correlation_id=p.correlation_id,
         reply_to=p.reply_to,
+        expiration=expiration,
         message_id=p.message_id,
         timestamp=p.timestamp,
         message_type=p.message_type,
         user_id=p.user_id,
         app_id=p.app_id,
     )
+
+
+def persistent_copy(properties: Properties, headers: dict[str, Any] | None) -> Properties:
+    """`properties` with other headers, persistent and without a per-message expiration: for the
+    copies rabbitflow republishes (a retry copy waits its retry queue's TTL; a parked one stays)."""
+    return clone_properties(properties, headers=headers, expiration=None, delivery_mode=2)
 
 
 class TransportError(RabbitflowError):

@@ -21,6 +21,7 @@ from aiormq.channel import Returning
 from pamqp.commands import Basic
 from pamqp.frame import marshal
 
+from .base import ConnectionLost
 from .wire import body_frames, content_header_frame
 
 __all__ = ["Pipeline", "supported"]
@@ -84,8 +85,6 @@ class Pipeline:
 
     def _fail_pending(self, closing: asyncio.Future[object]) -> None:
         """The channel is gone: every unconfirmed publish has an unknown outcome, and says so."""
-        from .base import ConnectionLost
-
         reason = None if closing.cancelled() else closing.exception()
         error: BaseException = (
             reason  # the broker closed the channel (404, 406...): the caller learns why
