@@ -167,6 +167,8 @@ async def test_ensure_reruns_the_operation_on_the_new_node(
                 max_retries=3,
                 errback=lambda exc, n: errors.append((type(exc).__name__, n)),
             )
+            node = app.health()["node"]
+        assert node == "amqp://guest:**@127.0.0.1:5672/"  # the re-run went to the live node
         assert count == 0
         assert len(calls) == 2
         assert len(errors) == 1
@@ -184,7 +186,15 @@ def test_unknown_failover_strategy_is_a_config_error() -> None:
 async def test_shuffle_and_custom_strategies_reach_a_live_node(
     make_app: Callable[..., App], broker_url: str
 ) -> None:
-    for failover in ("shuffle", lambda nodes: iter(list(reversed(nodes)) * 1000)):
+    asked: list[int] = []
+
+    def live_first(nodes: Any) -> Any:
+        asked.append(len(nodes))
+        return iter(list(reversed(nodes)) * 1000)
+
+    for failover in ("shuffle", live_first):
         app = make_app(url=[DEAD, broker_url], failover=failover, connect_timeout=1)
         async with app:
             assert app.health()["connected"] is True
+            assert app.health()["node"] == "amqp://guest:**@127.0.0.1:5672/"
+    assert asked == [2]  # the custom strategy was given both nodes, and used

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import aiormq
 import pytest
 
 from rabbitflow import App, TopologyConflict
@@ -150,12 +151,18 @@ async def test_check_reports_a_differing_argument_and_changes_nothing(
     @app.consumer(queue, queue_type="classic")
     async def handle(body: Any) -> None: ...
 
+    await admin.publish(b"kept", routing_key=queue)
     _, differences = await app.check()
     drift = [d for d in differences if d.name == queue]
     assert len(drift) == 1
     assert drift[0].problem == "differs"
     assert "x-dead-letter-exchange" in drift[0].detail or "x-message-ttl" in drift[0].detail
-    assert await admin.count(queue) == 0
+    assert "inequivalent arg 'x-message-ttl'" in drift[0].detail  # the broker names the first it compares
+    assert await admin.count(queue) == 1  # the queue and its message are as they were
+    assert f"{queue}.parked" in {d.name for d in differences if d.problem == "missing"}
+    probe = await admin.channel.connection.channel()
+    with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):  # and nothing was declared
+        await probe.queue_declare(f"{queue}.parked", passive=True)
 
 
 async def test_redeclaring_with_other_arguments_is_a_topology_conflict(

@@ -149,6 +149,24 @@ async def test_invalid_json_is_parked_without_calling_the_handler(
     assert "invalid JSON" in parked.header.properties.headers["x-rf-error"]
 
 
+@pytest.mark.parametrize("queue_type", QUEUE_TYPES)
+async def test_a_bytes_handler_gets_any_body_as_it_came(
+    make_app: Callable[..., App], admin: Admin, queue_type: str
+) -> None:
+    app = make_app()
+    queue = unique("raw")
+    got: list[bytes] = []
+
+    @app.consumer(queue, queue_type=queue_type)
+    async def handle(body: bytes) -> None:
+        got.append(body)
+
+    async with app:
+        await admin.publish(b"{not json", routing_key=queue, content_type="application/json")
+        await wait_for(lambda: got == [b"{not json"])
+    assert await admin.count(f"{queue}.parked") == 0
+
+
 async def test_reject_parks_at_once_with_its_reason(make_app: Callable[..., App], admin: Admin) -> None:
     app = make_app()
     queue = unique("rej")
@@ -174,14 +192,21 @@ async def test_not_retryable_exception_parks_at_once(make_app: Callable[..., App
     app = make_app()
     queue = unique("nr")
 
+    calls = 0
+
     @app.consumer(queue, retries=3, delay=0.1, dont_retry=KeyError)
     async def handle(body: Any) -> None:
+        nonlocal calls
+        calls += 1
         raise KeyError("sku")
 
     async with app:
         await app.publish({}, routing_key=queue)
         parked = await _one(admin, f"{queue}.parked")
-    assert parked.header.properties.headers["x-rf-reason"] == "not-retryable"
+        await asyncio.sleep(0.3)  # a retry, had there been one, would have come back by now
+    headers = parked.header.properties.headers
+    assert headers["x-rf-reason"] == "not-retryable"
+    assert (calls, headers["x-rf-attempts"], headers["x-rf-exception"]) == (1, 1, "builtins.KeyError")
 
 
 async def test_retry_signal_with_an_unplanned_delay(make_app: Callable[..., App], admin: Admin) -> None:
@@ -195,10 +220,10 @@ async def test_retry_signal_with_an_unplanned_delay(make_app: Callable[..., App]
         if message.attempt == 1:
             raise Retry(delay=0.3)
 
+    admin.queues.add(f"{queue}.retry.300ms")  # declared on first use: deleted even if this fails
     async with app:
         await app.publish({}, routing_key=queue)
         await wait_for(lambda: len(stamps) == 2, timeout=10)
-    admin.queues.add(f"{queue}.retry.300ms")
     assert 0.25 <= stamps[1] - stamps[0] <= 2.0
 
 
