@@ -122,12 +122,21 @@ class RssSampler:
 
 
 _cpu0 = 0.0
+_cpu1: float | None = None
 
 
 def start_clock() -> float:
     """Start of the timed section: returns perf_counter(), remembers CPU time."""
     global _cpu0
     _cpu0 = time.process_time()
+    return time.perf_counter()
+
+
+def stop_clock() -> float:
+    """End of a timed section that has no Counter (publish): returns perf_counter(), remembers
+    CPU time, so that closing the connection afterwards is not counted as publishing."""
+    global _cpu1
+    _cpu1 = time.process_time()
     return time.perf_counter()
 
 
@@ -249,7 +258,10 @@ def timing_result(n: int, t0: float, t_end: float, counter: Counter | None = Non
     message; steady_rate: (N-1) / (first -> N-th); cpu_us_per_msg: this
     process's CPU time (user+sys) over the timed section, per message.
     """
-    cpu_end = counter.cpu_done if counter is not None and counter.cpu_done else time.process_time()
+    if counter is not None and counter.cpu_done:
+        cpu_end = counter.cpu_done
+    else:
+        cpu_end = _cpu1 if _cpu1 is not None else time.process_time()
     seconds = t_end - t0
     out: dict[str, Any] = {
         "seconds": seconds,

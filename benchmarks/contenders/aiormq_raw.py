@@ -31,7 +31,6 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import time  # noqa: E402
 from typing import Any  # noqa: E402
 
 import benchlib  # noqa: E402
@@ -110,7 +109,7 @@ async def _publish(args: argparse.Namespace) -> dict[str, Any]:
         for c in confirms:
             if not isinstance(c, aiormq.spec.Basic.Ack):
                 raise RuntimeError(f"publish not acked: {c!r}")
-    t_end = time.perf_counter()
+    t_end = benchlib.stop_clock()
 
     await conn.close()
     return benchlib.timing_result(args.n, t0, t_end)

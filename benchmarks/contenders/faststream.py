@@ -31,7 +31,6 @@ sys.path.insert(0, os.path.dirname(_HERE))
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import time  # noqa: E402
 from typing import Any  # noqa: E402
 
 import benchlib  # noqa: E402
@@ -106,7 +105,7 @@ async def publish(args: argparse.Namespace) -> dict[str, Any]:
     t0 = benchlib.start_clock()
     for start in range(0, len(docs), w):
         await asyncio.gather(*(broker.publish(d, queue=q, persist=True) for d in docs[start : start + w]))
-    t_end = time.perf_counter()
+    t_end = benchlib.stop_clock()
 
     await broker.stop()
     return benchlib.timing_result(args.n, t0, t_end)
