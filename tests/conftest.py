@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -12,9 +11,7 @@ import pytest
 
 from rabbitflow import App
 
-from .helpers import Admin, unique
-
-BROKER_URL = os.environ.get("RABBITFLOW_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/")
+from .helpers import BROKER_URL, Admin, unique
 
 
 @pytest.fixture(scope="session")

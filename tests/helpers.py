@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +11,12 @@ from typing import Any
 import aiormq
 
 from rabbitflow import App
+from rabbitflow.urls import parse_urls
+
+BROKER_URL = os.environ.get("RABBITFLOW_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/")
+_BROKER = parse_urls(BROKER_URL)[0]
+BROKER_HOST, BROKER_PORT = _BROKER.host, _BROKER.port
+BROKER_NODE = str(_BROKER)  # as `app.health()["node"]` shows it: the password masked
 
 
 def unique(prefix: str = "t") -> str:

@@ -14,7 +14,7 @@ import pytest
 from rabbitflow import App, ConfigError, Message, PublishTimeout, StateError, Unroutable
 from rabbitflow.transport.base import ChannelClosed
 
-from .helpers import Admin, unique, wait_for
+from .helpers import BROKER_HOST, BROKER_NODE, BROKER_PORT, BROKER_URL, Admin, unique, wait_for
 from .support.tcpproxy import TcpProxy
 
 
@@ -144,7 +144,7 @@ async def test_publish_before_start_and_after_stop_is_a_state_error(make_app: Ca
 
 
 async def test_publish_times_out_when_no_node_answers(make_app: Callable[..., App]) -> None:
-    async with TcpProxy(target_port=5672) as proxy:
+    async with TcpProxy(BROKER_PORT, BROKER_HOST) as proxy:
         app = make_app(url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/", connect_timeout=0.5)
         queue = unique("lost")
 
@@ -219,7 +219,7 @@ def test_repr_and_errors_never_show_the_password() -> None:
 
 
 async def test_health_reports_node_and_consumers(make_app: Callable[..., App]) -> None:
-    app = make_app(url="amqp://guest:guest@127.0.0.1:5672/")
+    app = make_app(url=BROKER_URL)
 
     @app.consumer(unique("h1"))
     async def one(body: Any) -> None: ...
@@ -231,7 +231,7 @@ async def test_health_reports_node_and_consumers(make_app: Callable[..., App]) -
     async with app:
         health = app.health()
         assert health["connected"] is True
-        assert health["node"] == "amqp://guest:**@127.0.0.1:5672/"
+        assert health["node"] == BROKER_NODE
         assert health["live_consumers"] == 2
         assert health["blocked"] is False
     assert app.health()["state"] == "closed"

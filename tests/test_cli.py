@@ -79,8 +79,7 @@ def service(tmp_path: Path, broker_url: str, admin: Admin) -> Iterator[Service]:
         if worker.process.poll() is None:
             worker.process.kill()
             worker.process.wait()
-    admin.queues.update({svc.queue, f"{svc.queue}.parked", f"{svc.queue}.retry.1s"})
-    admin.exchanges.add(f"{svc.env['RF_SERVICE']}.dlx")
+    forget_service(admin, svc.env)
 
 
 async def wait_consumers(admin: Admin, queue: str, count: int = 1, timeout: float = 20) -> None:
@@ -183,6 +182,14 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
+def forget_service(admin: Admin, env: dict[str, str]) -> None:
+    """Delete after the test whatever the test service declares, as its own plan names it."""
+    shown = run_cli("topology", SERVICE, "--format", "json", env={"RF_LOG": "/dev/null", **env})
+    plan = json.loads(shown.stdout)
+    admin.queues.update(q["name"] for q in plan["queues"])
+    admin.exchanges.update(e["name"] for e in plan["exchanges"] if e["name"])
+
+
 def test_help_reads_well() -> None:
     result = run_cli("--help")
     assert result.returncode == 0
@@ -225,8 +232,7 @@ def test_topology_apply_then_check_on_the_broker(broker_url: str, admin: Admin) 
         "RABBITFLOW_URL": broker_url,
     }
     queue = env["RF_QUEUE"]
-    admin.queues.update({queue, f"{queue}.parked", f"{queue}.retry.1s"})
-    admin.exchanges.add(f"{env['RF_SERVICE']}.dlx")
+    forget_service(admin, env)
 
     before = run_cli("topology", SERVICE, "--check", env=env)
     assert before.returncode == 1

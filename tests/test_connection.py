@@ -12,7 +12,7 @@ import pytest
 
 from rabbitflow import App, ConnectionFailed, Message
 
-from .helpers import Admin, unique, wait_for
+from .helpers import BROKER_HOST, BROKER_NODE, BROKER_PORT, Admin, unique, wait_for
 from .support.tcpproxy import TcpProxy
 
 DEAD = "amqp://guest:guest@127.0.0.1:1/"  # nothing listens on port 1: refused at once
@@ -32,7 +32,7 @@ async def test_dead_first_nodes_are_skipped(make_app: Callable[..., App], broker
         got.append(body)
 
     async with app:
-        assert app.health()["node"] == "amqp://guest:**@127.0.0.1:5672/"
+        assert app.health()["node"] == BROKER_NODE
         await app.publish({"ok": True}, routing_key=queue)
         await wait_for(lambda: got == [{"ok": True}])
 
@@ -64,7 +64,7 @@ async def test_reset_connection_fails_over_and_resubscribes(
     make_app: Callable[..., App], broker_url: str, admin: Admin, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    async with TcpProxy(target_port=5672) as proxy:
+    async with TcpProxy(BROKER_PORT, BROKER_HOST) as proxy:
         app = make_app(url=[via(proxy, "pw-in-proxy-url"), broker_url])
         # The proxy URL carries a wrong-looking password only in the URL text; RabbitMQ's guest
         # user is what logs in, through the proxy, so use guest's password there too.
@@ -87,7 +87,7 @@ async def test_reset_connection_fails_over_and_resubscribes(
                 await app.publish({"n": n}, routing_key=queue, timeout=20)
             await wait_for(lambda: len(set(seen)) == 200, timeout=20)
             health = app.health()
-            assert health["node"] == "amqp://guest:**@127.0.0.1:5672/"
+            assert health["node"] == BROKER_NODE
             assert health["reconnects"] == 1
             assert health["live_consumers"] == 1
     assert set(seen) == set(range(200))
@@ -97,7 +97,7 @@ async def test_reset_connection_fails_over_and_resubscribes(
 async def test_black_holed_node_is_detected_by_heartbeat(
     make_app: Callable[..., App], broker_url: str
 ) -> None:
-    async with TcpProxy(target_port=5672) as proxy:
+    async with TcpProxy(BROKER_PORT, BROKER_HOST) as proxy:
         app = make_app(url=[via(proxy), broker_url], heartbeat=1, connect_timeout=2)
         queue = unique("hole")
         seen: list[int] = []
@@ -123,7 +123,7 @@ async def test_black_holed_node_is_detected_by_heartbeat(
 
 
 async def test_publish_waits_for_the_failover(make_app: Callable[..., App], broker_url: str) -> None:
-    async with TcpProxy(target_port=5672) as proxy:
+    async with TcpProxy(BROKER_PORT, BROKER_HOST) as proxy:
         app = make_app(url=[via(proxy), broker_url])
         queue = unique("pubwait")
         seen: list[int] = []
@@ -145,7 +145,7 @@ async def test_publish_waits_for_the_failover(make_app: Callable[..., App], brok
 async def test_ensure_reruns_the_operation_on_the_new_node(
     make_app: Callable[..., App], broker_url: str, admin: Admin
 ) -> None:
-    async with TcpProxy(target_port=5672) as proxy:
+    async with TcpProxy(BROKER_PORT, BROKER_HOST) as proxy:
         app = make_app(url=[via(proxy), broker_url])
         queue = unique("ensure")
         admin.queues.add(queue)
@@ -168,7 +168,7 @@ async def test_ensure_reruns_the_operation_on_the_new_node(
                 errback=lambda exc, n: errors.append((type(exc).__name__, n)),
             )
             node = app.health()["node"]
-        assert node == "amqp://guest:**@127.0.0.1:5672/"  # the re-run went to the live node
+        assert node == BROKER_NODE  # the re-run went to the live node
         assert count == 0
         assert len(calls) == 2
         assert len(errors) == 1
@@ -196,5 +196,5 @@ async def test_shuffle_and_custom_strategies_reach_a_live_node(
         app = make_app(url=[DEAD, broker_url], failover=failover, connect_timeout=1)
         async with app:
             assert app.health()["connected"] is True
-            assert app.health()["node"] == "amqp://guest:**@127.0.0.1:5672/"
+            assert app.health()["node"] == BROKER_NODE
     assert asked == [2]  # the custom strategy was given both nodes, and used
