@@ -143,7 +143,7 @@ def stop_clock() -> float:
 class Counter:
     """Counts handled messages and resolves ``done`` at the N-th one."""
 
-    __slots__ = ("count", "cpu_done", "done", "first_at", "n", "on_warm", "warm_at")
+    __slots__ = ("count", "cpu_done", "cpu_first", "done", "first_at", "n", "on_warm", "warm_at")
 
     def __init__(self, n: int, on_warm: Callable[[], None] | None = None) -> None:
         self.n = n
@@ -153,12 +153,14 @@ class Counter:
         self.warm_at = max(1, n // 10)
         self.on_warm = on_warm
         self.cpu_done: float | None = None
+        self.cpu_first: float | None = None
 
     def hit(self) -> None:
         self.count += 1
         c = self.count
         if c == 1:
             self.first_at = time.perf_counter()
+            self.cpu_first = time.process_time()
         if c == self.warm_at and self.on_warm is not None:
             self.on_warm()
         if c == self.n and not self.done.done():
@@ -272,6 +274,13 @@ def timing_result(n: int, t0: float, t_end: float, counter: Counter | None = Non
         out["first_s"] = counter.first_at - t0
         if n > 1 and t_end > counter.first_at:
             out["steady_rate"] = (n - 1) / (t_end - counter.first_at)
+        if counter.cpu_first is not None and n:
+            # Split at the first handled message: in a failed-once run that is the first retry
+            # back, so before it lie the failures and after it the returns (the queue is FIFO).
+            out["first_cpu_us_per_msg"] = (counter.cpu_first - _cpu0) / n * 1e6
+        # perf_counter is CLOCK_MONOTONIC, shared by every process on Linux: the runner places its
+        # own samples of the broker's CPU on this time line.
+        out["clock"] = {"start": t0, "first": counter.first_at, "end": t_end}
     return out
 
 

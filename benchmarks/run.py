@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -211,6 +213,7 @@ class Scenario:
     higher_is_better: bool
     cases: Callable[[Config], list[Case]]
     prefill: bool = False  # runner pre-fills the queue with N messages before the contender starts
+    phases: bool = False  # trace the broker's CPU to split it at the first handled message
     consumes: bool = False  # contender consumes the queue: run the declare phase for own-topology contenders
     expected_depth: Callable[[Case], int] = lambda case: 0  # ready messages expected after the run
     run: Callable[[Runner, Case], Awaitable[Results]] | None = None  # custom runner (default: broker)
@@ -303,6 +306,7 @@ register(
         ],
         prefill=True,
         consumes=True,
+        phases=True,
         render=lambda runner, case, res: runner.render_retry(case, res),
         baseline=None,
     )
@@ -448,6 +452,67 @@ def _find_broker_pid() -> int | None:
     return None
 
 
+def _threads_cpu(pid: int, tids: list[str]) -> float:
+    """CPU-seconds of the given threads of `pid`, in nanoseconds' resolution (schedstat), where
+    /proc/<pid>/stat counts in 10 ms ticks."""
+    total = 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+                total += int(fh.read().split()[0])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
+class BrokerTrace:
+    """The broker's CPU time sampled every `interval` seconds on the perf_counter time line, so a
+    contender's own timestamps can split it into phases."""
+
+    def __init__(self, pid: int | None, interval: float = 0.01) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.pid is not None:
+            self._task = asyncio.get_running_loop().create_task(self._run(self.pid))
+
+    async def _run(self, pid: int) -> None:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return
+        while True:
+            self.samples.append((time.perf_counter(), _threads_cpu(pid, tids)))
+            await asyncio.sleep(self.interval)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            if self.pid is not None:
+                tids = os.listdir(f"/proc/{self.pid}/task")
+                self.samples.append((time.perf_counter(), _threads_cpu(self.pid, tids)))
+
+    def at(self, t: float) -> float | None:
+        """The broker's CPU time at `t`, interpolated between the samples around it."""
+        s = self.samples
+        if len(s) < 2 or not s[0][0] <= t <= s[-1][0]:
+            return None
+        i = bisect.bisect_left(s, (t, -1.0))
+        if s[i][0] == t or i == 0:
+            return s[i][1]
+        (t0, c0), (t1, c1) = s[i - 1], s[i]
+        return c0 + (c1 - c0) * (t - t0) / (t1 - t0)
+
+    def between(self, a: float, b: float) -> float | None:
+        ca, cb = self.at(a), self.at(b)
+        return None if ca is None or cb is None else cb - ca
+
+
 class Probe:
     """CPU accounting around one contender run: whatever the machine did that
     was not the broker, the contender or this runner is background noise (the
@@ -510,6 +575,37 @@ class Probe:
             f"steal median {statistics.median(st):.2f}; {self.unsettled} run(s) started on a busy machine "
             f"(up to {self.MAX_WAIT} s wait for < {self.QUIET} cores busy)"
         )
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Per message, medians over the rounds: wall time, client CPU and broker CPU (µs)."""
+
+    wall: float
+    client: float
+    broker: float
+
+    @property
+    def floor(self) -> float:
+        return max(self.client, self.broker, (self.client + self.broker) / 2)
+
+
+def _phase(ms: list[Measurement], n: int, part: int | None) -> Phase | None:
+    """The whole run (`part=None`) or one side of its split at the first handled message (0, 1)."""
+    walls, clients, brokers = [], [], []
+    for m in ms:
+        d = m.data
+        split, first = d.get("broker_phase_s"), d.get("first_s")
+        if not split or None in split or first is None or "first_cpu_us_per_msg" not in d:
+            continue
+        seconds = (d["seconds"], first, d["seconds"] - first)[0 if part is None else part + 1]
+        walls.append(seconds / n * 1e6)
+        first_cpu, cpu = d["first_cpu_us_per_msg"], d["cpu_us_per_msg"]
+        clients.append((cpu, first_cpu, cpu - first_cpu)[0 if part is None else part + 1])
+        brokers.append((sum(split) if part is None else split[part]) / n * 1e6)
+    if not walls:
+        return None
+    return Phase(statistics.median(walls), statistics.median(clients), statistics.median(brokers))
 
 
 # ---------------------------------------------------------------------------
@@ -621,10 +717,21 @@ class Runner:
         if sc.prefill:
             await self.admin.fill(queue, case.n, case.queue_type)
         await self.probe.settle()
+        trace = BrokerTrace(self.probe.broker_pid) if sc.phases else None
+        if trace:
+            trace.start()
         s0 = self.probe.snapshot()
         m = await self.run_contender(c, case, variant, queue)
+        if trace:
+            await trace.stop()
         if m.ok:
             m.data.update(self.probe.account(s0, float(m.data.get("cpu_total_s", 0.0))))
+            clock = m.data.get("clock") or {}
+            if trace and clock.get("first") is not None:
+                m.data["broker_phase_s"] = [
+                    trace.between(clock["start"], clock["first"]),
+                    trace.between(clock["first"], clock["end"]),
+                ]
             problem = await self.verify(sc, case, queue, queues)
             if problem:
                 return Measurement(False, m.data, error="check failed: " + problem)
@@ -910,7 +1017,58 @@ class Runner:
             lines.append(
                 f"| {c.name} | {r(ok)} | {r(bad)} | {bad['median'] / ok['median']:.2f}× | {cpu} | {broker} |"
             )
-        return lines
+        return lines + self.render_retry_phases(case, res)
+
+    def render_retry_phases(self, case: Case, res: Results) -> list[str]:
+        """The failed-once run split where the first retried message completes: the queue is
+        FIFO, so the failures of the pre-filled messages come first and their returns after. Per
+        phase, each side's CPU, and the floor both cores would reach if nothing ever waited."""
+        n = case.n
+        rows: list[str] = []
+        ratios: list[str] = []
+        for c in self.contenders:
+            ok, bad = res.get((c.name, "all_ok"), []), res.get((c.name, "fail_once"), [])
+            phases = [
+                ("all succeed", _phase(ok, n, None)),
+                ("fail once: the failures (start → first retry back)", _phase(bad, n, 0)),
+                ("fail once: the returns (first → last retry back)", _phase(bad, n, 1)),
+            ]
+            if not ok or not bad or any(p is None for _, p in phases):
+                continue
+            floors = []
+            for what, p in phases:
+                assert p is not None
+                floors.append(p.floor)
+                rows.append(
+                    f"| {c.name} | {what} | {p.wall:.0f} µs | {p.client:.0f} µs | {p.broker:.0f} µs "
+                    f"| {(p.client + p.broker) / p.wall:.2f} | {p.floor:.0f} µs |"
+                )
+            walls = [p.wall for _, p in phases if p is not None]
+            fail_floor = floors[1] + floors[2]
+            ratios.append(
+                f"- `{c.name}`: measured {(walls[1] + walls[2]) / walls[0]:.2f}×; at the floor "
+                f"{fail_floor:.0f} µs / {floors[0]:.0f} µs = **{fail_floor / floors[0]:.2f}×**"
+            )
+        if not rows:
+            return []
+        return [
+            "",
+            "Where a failed-once run spends its time (medians, per message). The failed-once run is split "
+            "where the first retried message completes: the queue is FIFO, so the N failures come first "
+            "and the N returns after them. Broker CPU is traced every 10 ms on the contender's own "
+            'clock. "cores busy" = (client + broker CPU) / wall time, out of the 2 cores they share. '
+            '"2-core floor" = max(client, broker, (client + broker) / 2): the wall time if the two '
+            "overlapped perfectly on the 2 cores and never waited; its ratio is the least a "
+            "failed-once message can cost, with that much CPU, on this machine.",
+            "",
+            "| contender | run / phase | wall | client CPU | broker CPU | cores busy | 2-core floor |",
+            "|---|---|---:|---:|---:|---:|---:|",
+            *rows,
+            "",
+            "Cost of a failed-once message / a succeeding one, measured and at the 2-core floor:",
+            "",
+            *ratios,
+        ]
 
     def render_rss(self, case: Case, res: Results) -> list[str]:
         lines = [
