@@ -6,15 +6,13 @@ import asyncio
 import functools
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
 
 from . import names
 from .consumer import ConsumerSpec
-from .errors import PublishNacked
-from .retry import RetryPolicy
+from .errors import PublishNacked, TopologyConflict
 from .topology.applier import apply_plan
-from .topology.compiler import Plan, compile_plan
-from .transport.base import Channel, ChannelClosed, Properties, Transport
+from .topology.compiler import Plan, retry_plan
+from .transport.base import Channel, Properties, Transport
 from .worker import ConsumerWorker, FailureHook
 
 __all__ = ["Session"]
@@ -34,6 +32,7 @@ class Session:
         self._publisher: Channel | None = None
         self._publisher_lock = asyncio.Lock()
         self._retry_queues: set[str] = set()
+        self._refused: dict[str, TopologyConflict] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
     async def open(
@@ -114,22 +113,21 @@ class Session:
             task.add_done_callback(self._closing.discard)
 
     async def ensure_retry_queue(self, queue: str, delay: float) -> None:
-        """Declare a retry queue for a `Retry(delay=...)` the policy did not plan for."""
+        """Declare a retry queue for a `Retry(delay=...)` the policy did not plan for. A queue the
+        broker refused (`TopologyConflict`) is refused again at once for the rest of the session."""
         name = names.retry_queue(queue, delay)
         if name in self._retry_queues:
             return
+        refused = self._refused.get(name)
+        if refused is not None:
+            raise refused
         spec = next(w.spec for w in self.workers if w.spec.queue == queue)
-        extra = compile_plan(self.service, [_with_delay(spec, delay)])
-        retry = extra.queue(name)
-        channel = await self.transport.channel()
         try:
-            await channel.declare_queue(name, durable=True, arguments=retry.arguments)
-            await channel.bind_queue(name, names.dead_letter_exchange(self.service), name)
-        except ChannelClosed as exc:
-            log.error("cannot declare retry queue %s: %s", name, exc)
+            await apply_plan(retry_plan(self.service, spec, delay), self.transport)
+        except TopologyConflict as exc:
+            log.error("queue %s: cannot declare its retry queue %s: %s", queue, name, exc)
+            self._refused[name] = exc
             raise
-        finally:
-            await channel.close()
         self._retry_queues.add(name)
 
     @property
@@ -143,9 +141,3 @@ class Session:
 
     async def abandon(self) -> None:
         await asyncio.gather(*(w.abandon() for w in self.workers))
-
-
-def _with_delay(spec: ConsumerSpec, delay: float) -> ConsumerSpec:
-    """`spec` with a one-rung policy of `delay`: compiles to just that retry queue's arguments."""
-    policy = RetryPolicy(1, (delay,), spec.policy.retry_on, spec.policy.dont_retry)
-    return replace(spec, policy=policy)

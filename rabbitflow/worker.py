@@ -16,12 +16,13 @@ from . import names
 from .acks import Acker
 from .codec import DecodeError
 from .consumer import ConsumerSpec
-from .errors import PublishNacked
+from .errors import PublishNacked, TopologyConflict
 from .message import Message
 from .retry import Decision, Outcome, decide
 from .topology.compiler import DELIVERY_LIMIT
 from .transport.base import (
     Channel,
+    ChannelClosed,
     ConnectionLost,
     Delivery,
     Properties,
@@ -275,11 +276,19 @@ class ConsumerWorker:
         return copy
 
     async def _retry(self, delivery: Delivery, attempt: int, delay: float) -> None:
-        copy = self._copy_headers(delivery, attempt, _now(), drop=())
-        copy[names.ATTEMPT] = attempt + 1
         queue = names.retry_queue(self.spec.queue, delay)
         if delay not in self._planned_delays:
-            await self._ensure_retry_queue(self.spec.queue, delay)
+            try:
+                await self._ensure_retry_queue(self.spec.queue, delay)
+            except ConnectionLost:
+                return  # not settled: the broker redelivers it on the next connection
+            except (TopologyConflict, ChannelClosed) as refused:
+                # No retry queue, no retry: park it with the broker's answer rather than
+                # leaving it unsettled, which would hold every later ack of this channel back.
+                await self._park(delivery, "not-retryable", attempt, refused)
+                return
+        copy = self._copy_headers(delivery, attempt, _now(), drop=())
+        copy[names.ATTEMPT] = attempt + 1
         self._send_copy(delivery, queue, copy)
 
     async def _park(self, delivery: Delivery, reason: str, attempt: int, exc: BaseException | None) -> None:

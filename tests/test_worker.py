@@ -227,6 +227,41 @@ async def test_retry_signal_with_an_unplanned_delay(make_app: Callable[..., App]
     assert 0.25 <= stamps[1] - stamps[0] <= 2.0
 
 
+async def test_a_retry_queue_the_broker_refuses_parks_the_message_and_consuming_goes_on(
+    make_app: Callable[..., App], admin: Admin
+) -> None:
+    app = make_app()
+    queue = unique("refused")
+    taken = f"{queue}.retry.300ms"
+    # Another service's queue of that name with another TTL: RabbitMQ answers 406 to ours.
+    admin.queues.add(taken)
+    await admin.channel.queue_declare(taken, durable=True, arguments={"x-message-ttl": 999})
+    seen: list[int] = []
+
+    @app.consumer(queue, retries=1, delay=30)
+    async def handle(body: Any) -> None:
+        seen.append(body["n"])
+        if body["n"] <= 2:
+            raise Retry(delay=0.3)
+
+    async with app:
+        await app.publish({"n": 1}, routing_key=queue)
+        first = await _one(admin, f"{queue}.parked")
+        await app.publish({"n": 2}, routing_key=queue)  # refused again, without a second 406
+        second = await _one(admin, f"{queue}.parked")
+        await app.publish({"n": 3}, routing_key=queue)
+        await wait_for(lambda: seen == [1, 2, 3])
+    assert await admin.count(queue) == 0
+    assert await admin.count(taken) == 0
+    for parked, n in ((first, 1), (second, 2)):
+        headers = parked.header.properties.headers
+        assert parked.body == f'{{"n":{n}}}'.encode()
+        assert (headers["x-rf-reason"], headers["x-rf-attempts"]) == ("not-retryable", 1)
+        assert headers["x-rf-exception"] == "rabbitflow.errors.TopologyConflict"
+        assert f"queue '{taken}'" in headers["x-rf-error"]
+        assert "'x-message-ttl'" in headers["x-rf-error"]
+
+
 @pytest.mark.parametrize(
     "headers",
     [

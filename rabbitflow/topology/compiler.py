@@ -26,6 +26,7 @@ __all__ = [
     "Plan",
     "QueuePlan",
     "compile_plan",
+    "retry_plan",
 ]
 
 # Quorum backstop: a message delivered this many times without being settled (a handler that
@@ -162,17 +163,9 @@ def compile_plan(service: str, consumers: Iterable[ConsumerSpec]) -> Plan:
             consume_args["x-delivery-limit"] = DELIVERY_LIMIT
         queues.append(QueuePlan(queue, "consume", True, _args(consume_args)))
         for delay in spec.policy.distinct_delays:
-            retry = names.retry_queue(queue, delay)
-            # Queue-level TTL, one queue per delay: RabbitMQ only expires the head of a queue.
-            # The dead-letter target is the default exchange and Q's name: Q alone gets it back.
-            retry_args = {
-                **typed,
-                "x-message-ttl": round(delay * 1000),
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": queue,
-            }
-            queues.append(QueuePlan(retry, "retry", True, _args(retry_args)))
-            bindings.append(Binding(dlx, retry, retry))
+            retry = _retry_queue(spec, delay)
+            queues.append(retry)
+            bindings.append(Binding(dlx, retry.name, retry.name))
         parked_args = {"x-queue-type": "quorum"} if spec.queue_type == "quorum" else {}
         queues.append(QueuePlan(parked, "parked", True, _args(parked_args)))
         bindings.append(Binding(dlx, parked, parked))
@@ -190,6 +183,27 @@ def compile_plan(service: str, consumers: Iterable[ConsumerSpec]) -> Plan:
     plan = Plan(service, tuple(exchanges.values()), tuple(queues), tuple(bindings), tuple(plans))
     _check_routes(plan)
     return plan
+
+
+def retry_plan(service: str, spec: ConsumerSpec, delay: float) -> Plan:
+    """What a `Retry(delay=...)` the policy did not plan for needs: the retry queue of `delay`,
+    bound to the service's exchange, exactly as `compile_plan` would have planned it."""
+    dlx = names.dead_letter_exchange(service)
+    retry = _retry_queue(spec, delay)
+    binding = Binding(dlx, retry.name, retry.name)
+    return Plan(service, (ExchangePlan(dlx, "direct"),), (retry,), (binding,), ())
+
+
+def _retry_queue(spec: ConsumerSpec, delay: float) -> QueuePlan:
+    # Queue-level TTL, one queue per delay: RabbitMQ only expires the head of a queue.
+    # The dead-letter target is the default exchange and Q's name: Q alone gets it back.
+    arguments = {
+        **_queue_type_args(spec.queue_type),
+        "x-message-ttl": round(delay * 1000),
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": spec.queue,
+    }
+    return QueuePlan(names.retry_queue(spec.queue, delay), "retry", True, _args(arguments))
 
 
 def _add_exchange(exchanges: dict[str, ExchangePlan], exchange: ExchangePlan) -> None:
