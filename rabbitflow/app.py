@@ -10,12 +10,12 @@ import logging
 import signal
 import ssl
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .codec import encode
+from .codec import outgoing
 from .connection import ConnectionManager, Connector, Failover
 from .consumer import ConsumerSpec, Handler, build_spec, check_name, check_positive
 from .errors import ConfigError, PublishNacked, PublishTimeout, StateError
@@ -24,7 +24,7 @@ from .session import Session
 from .supervisor import SessionSettings, Supervisor
 from .topology.applier import Difference, apply_plan, check_plan
 from .topology.compiler import Plan, compile_plan
-from .transport.base import ChannelClosed, Properties, TransportError
+from .transport.base import ChannelClosed, Transport, TransportError
 from .urls import Endpoint, parse_urls
 from .worker import FailureHook
 
@@ -348,14 +348,14 @@ class App:
         confirmed it within `timeout` (reconnects included: a publish whose outcome a lost
         connection made unknown is sent again — duplicates are possible, loss is not).
         """
-        data, ctype = encode(body, content_type)
-        properties = Properties(
-            content_type=ctype,
-            headers=headers or None,
-            delivery_mode=2 if persistent else 1,
+        data, properties = outgoing(
+            body,
             message_id=message_id or f"{self._id_prefix}{next(self._ids):x}",
+            content_type=content_type,
+            headers=headers,
             correlation_id=correlation_id,
             reply_to=reply_to,
+            persistent=persistent,
         )
         limit = self.publish_timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
@@ -438,35 +438,33 @@ class App:
 
     async def declare(self) -> str:
         """Declare the plan on the first node that accepts, without consuming; returns the node."""
-        transport = await self._manager.connect(self.connect_budget)
-        try:
+        async with self._operator_connection() as transport:
             await apply_plan(self._plan, transport)
             return transport.node
-        finally:
-            await transport.close()
 
     async def check(self) -> tuple[str, list[Difference]]:
         """Compare the plan with a live node, changing nothing; returns the node and the differences."""
-        transport = await self._manager.connect(self.connect_budget)
-        try:
+        async with self._operator_connection() as transport:
             return transport.node, await check_plan(self._plan, transport)
-        finally:
-            await transport.close()
 
     async def parked(self, queue: str, *, limit: int = 100) -> list[ParkedMessage]:
         """Up to `limit` messages parked for the consumer of `queue`, head first; they stay parked."""
-        transport = await self._manager.connect(self.connect_budget)
-        try:
+        async with self._operator_connection() as transport:
             return await peek(transport, queue, limit)
-        finally:
-            await transport.close()
 
     async def replay(self, queue: str, *, limit: int | None = None) -> int:
         """Send parked messages of `queue` back to where they were first published, to start
         again at attempt 1; each leaves the parking queue only once its copy is confirmed."""
+        async with self._operator_connection() as transport:
+            return await replay(transport, queue, limit)
+
+    @contextlib.asynccontextmanager
+    async def _operator_connection(self) -> AsyncIterator[Transport]:
+        """A connection of its own, to the first node that accepts, for one operator task; it
+        works whether or not the app is running."""
         transport = await self._manager.connect(self.connect_budget)
         try:
-            return await replay(transport, queue, limit)
+            yield transport
         finally:
             await transport.close()
 

@@ -8,7 +8,9 @@ from typing import Any
 
 import orjson
 
-__all__ = ["DecodeError", "Reader", "decode", "encode", "reader_for"]
+from .transport.base import Properties
+
+__all__ = ["DecodeError", "Reader", "decode", "encode", "outgoing", "reader_for"]
 
 JSON = "application/json"
 TEXT = "text/plain"
@@ -31,6 +33,30 @@ def encode(body: object, content_type: str | None = None) -> tuple[bytes, str]:
         return orjson.dumps(body, default=_to_json), JSON
     except TypeError as exc:
         raise TypeError(f"cannot encode {type(body).__name__} as JSON: {exc}") from None
+
+
+def outgoing(
+    body: object,
+    *,
+    message_id: str,
+    content_type: str | None = None,
+    headers: dict[str, Any] | None = None,
+    correlation_id: str | None = None,
+    reply_to: str | None = None,
+    persistent: bool = True,
+) -> tuple[bytes, Properties]:
+    """The bytes and properties of a message a producer publishes (`App.publish`, and the test
+    client's outside producer): the same for both, so a test sees what production sends."""
+    data, ctype = encode(body, content_type)
+    properties = Properties(
+        content_type=ctype,
+        headers=headers or None,
+        delivery_mode=2 if persistent else 1,
+        message_id=message_id,
+        correlation_id=correlation_id,
+        reply_to=reply_to,
+    )
+    return data, properties
 
 
 def _to_json(value: object) -> object:

@@ -10,7 +10,7 @@ from typing import Any
 
 from .. import names
 from ..app import App
-from ..codec import DecodeError, decode, encode
+from ..codec import DecodeError, decode, outgoing
 from ..errors import ConfigError, Reject, Retry
 from ..transport.base import Channel, Properties
 from .memory import MemoryBroker, use_broker
@@ -125,17 +125,10 @@ class TestClient:
     ) -> None:
         """Publish as an outside producer would (it does not show in `sent()`)."""
         assert self._channel is not None, "use the client inside `async with`"
-        raw, ctype = encode(body, content_type)
         message_id = message_id or f"test-{next(self._ids)}"
+        raw, properties = outgoing(body, message_id=message_id, content_type=content_type, headers=headers)
         self._own_ids.add(message_id)
-        await self._channel.publish(
-            raw,
-            exchange=exchange,
-            routing_key=routing_key,
-            properties=Properties(
-                content_type=ctype, headers=headers, delivery_mode=2, message_id=message_id
-            ),
-        )
+        await self._channel.publish(raw, exchange=exchange, routing_key=routing_key, properties=properties)
 
     async def drain(self, *, advance_clock: bool = True) -> None:
         """Run until nothing is left to do, jumping the clock to each pending expiry."""
