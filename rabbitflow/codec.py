@@ -142,7 +142,7 @@ def _dataclass_reader(cls: type) -> Reader:
             raise DecodeError(f"unexpected fields for {cls.__name__}: {', '.join(sorted(unknown))}")
         try:
             return cls(**value)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:  # missing fields; a __post_init__ that validates
             raise DecodeError(f"cannot build {cls.__name__}: {exc}") from None
 
     return read

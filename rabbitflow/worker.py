@@ -154,6 +154,17 @@ class ConsumerWorker:
                     if self._stopping:
                         return  # waited for a slot while stopping: never started, so requeued
                     await self._handle(delivery)
+        except Exception:
+            # A fault of rabbitflow's own: the handler's exceptions never get here. An unsettled
+            # delivery would hold back every later ack of this channel, so reject it: the queue
+            # dead-letters it to its parking queue, where nothing is lost.
+            log.exception(
+                "queue %s: internal error on delivery %d; rejecting it to %s",
+                self.spec.queue,
+                tag,
+                self._parked,
+            )
+            await self._reject(tag, requeue=False)
         finally:
             tasks.discard(task)
             if not tasks:

@@ -52,6 +52,23 @@ def test_dataclass_conversion_validates_fields() -> None:
         read(b"x=1", "text/plain")
 
 
+@dataclass
+class Quantity:
+    sku: str
+    qty: int
+
+    def __post_init__(self) -> None:
+        if self.qty <= 0:
+            raise ValueError(f"qty must be positive, got {self.qty}")
+
+
+def test_a_dataclass_that_refuses_its_values_is_a_decode_error() -> None:
+    read = reader_for(Quantity)
+    assert read(b'{"sku": "a", "qty": 2}', JSON) == Quantity("a", 2)
+    with pytest.raises(DecodeError, match="cannot build Quantity: qty must be positive, got 0"):
+        read(b'{"sku": "a", "qty": 0}', JSON)
+
+
 def test_pydantic_model_conversion() -> None:
     import pydantic
 

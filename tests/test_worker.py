@@ -6,11 +6,12 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from rabbitflow import App, Message, Reject, Retry
+from rabbitflow import App, Message, Reject, Retry, worker
 
 from .helpers import Admin, unique, wait_for
 
@@ -260,6 +261,77 @@ async def test_a_retry_queue_the_broker_refuses_parks_the_message_and_consuming_
         assert headers["x-rf-exception"] == "rabbitflow.errors.TopologyConflict"
         assert f"queue '{taken}'" in headers["x-rf-error"]
         assert "'x-message-ttl'" in headers["x-rf-error"]
+
+
+@dataclass
+class Order:
+    sku: str
+    qty: int
+
+    def __post_init__(self) -> None:
+        if self.qty <= 0:
+            raise ValueError(f"qty must be positive, got {self.qty}")
+
+
+async def test_a_body_its_dataclass_refuses_is_parked_and_consuming_goes_on(
+    make_app: Callable[..., App], admin: Admin
+) -> None:
+    app = make_app()
+    queue = unique("validate")
+    orders: list[Order] = []
+
+    @app.consumer(queue)
+    async def handle(order: Order) -> None:
+        orders.append(order)
+
+    async with app:
+        await app.publish({"sku": "a", "qty": 0}, routing_key=queue)
+        parked = await _one(admin, f"{queue}.parked")
+        await app.publish({"sku": "b", "qty": 2}, routing_key=queue)
+        await wait_for(lambda: len(orders) == 1)
+    assert orders == [Order("b", 2)]
+    headers = parked.header.properties.headers
+    assert parked.body == b'{"sku":"a","qty":0}'
+    assert headers["x-rf-reason"] == "decode-error"
+    assert "qty must be positive, got 0" in headers["x-rf-error"]
+    assert await admin.count(queue) == 0
+
+
+async def test_an_internal_fault_rejects_the_delivery_to_its_parking_queue_and_consuming_goes_on(
+    make_app: Callable[..., App],
+    admin: Admin,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = make_app()
+    queue = unique("fault")
+    seen: list[int] = []
+    real_decide = worker.decide
+
+    def decide_badly(policy: Any, attempt: int, exc: BaseException | None) -> Any:
+        if isinstance(exc, KeyError):
+            raise RuntimeError("a bug in rabbitflow")
+        return real_decide(policy, attempt, exc)
+
+    # Fault injection into rabbitflow's own failure path (not the broker's behaviour).
+    monkeypatch.setattr(worker, "decide", decide_badly)
+
+    @app.consumer(queue, retries=1, delay=30)
+    async def handle(body: Any) -> None:
+        seen.append(body["n"])
+        if body["n"] == 1:
+            raise KeyError("boom")
+
+    async with app:
+        await app.publish({"n": 1}, routing_key=queue)
+        parked = await _one(admin, f"{queue}.parked")
+        await app.publish({"n": 2}, routing_key=queue)
+        await wait_for(lambda: seen == [1, 2])
+    assert await admin.count(queue) == 0
+    assert parked.body == b'{"n":1}'
+    death = parked.header.properties.headers["x-death"][0]
+    assert (death["queue"], death["reason"]) == (queue, "rejected")
+    assert any("internal error on delivery" in r.getMessage() and r.exc_info for r in caplog.records)
 
 
 @pytest.mark.parametrize(
