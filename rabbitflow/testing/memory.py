@@ -163,12 +163,7 @@ class MemoryBroker:
             raise ValueError(f"advance({seconds!r}): the clock only moves forward")
         target = self.now + seconds
         budget = _Budget(max_steps)
-        await self._settle(budget)
-        while (due := self._vhost.next_expiry()) is not None and due <= target + 1e-9:
-            self._step(budget)
-            self._move_to(due)
-            self._vhost.expire_due()
-            await self._settle(budget)
+        await self._expire_until(target, budget)
         self._move_to(target)
         await self._settle(budget)
 
@@ -182,8 +177,15 @@ class MemoryBroker:
         test instead of hanging it.
         """
         budget = _Budget(max_steps)
+        if advance_clock:
+            await self._expire_until(None, budget)
+        else:
+            await self._settle(budget)
+
+    async def _expire_until(self, target: float | None, budget: _Budget) -> None:
+        """Settle, then jump to each expiry due by `target` (None: every one) and settle again."""
         await self._settle(budget)
-        while advance_clock and (due := self._vhost.next_expiry()) is not None:
+        while (due := self._vhost.next_expiry()) is not None and (target is None or due <= target + 1e-9):
             self._step(budget)
             self._move_to(due)
             self._vhost.expire_due()
