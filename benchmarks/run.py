@@ -92,6 +92,7 @@ class Config:
     window: int = benchlib.WINDOW
     queue_types: tuple[str, ...] = ("classic", "quorum")  # consume
     publish_queue_types: tuple[str, ...] = ("classic", "quorum")
+    retry_queue_types: tuple[str, ...] = ("classic", "quorum")
 
 
 # Sized for a 2-core machine: --quick ~1 minute, full ~5-6 minutes (when nothing else runs).
@@ -104,6 +105,7 @@ QUICK: dict[str, Any] = {
     "rss_rounds": 1,
     "import_rounds": 3,
     "publish_queue_types": ("classic",),
+    "retry_queue_types": ("classic",),
 }
 FULL: dict[str, Any] = {
     "rounds": 5,
@@ -114,6 +116,7 @@ FULL: dict[str, Any] = {
     "rss_rounds": 1,
     "import_rounds": 15,
     "publish_queue_types": ("classic", "quorum"),
+    "retry_queue_types": ("classic", "quorum"),
 }
 
 
@@ -302,7 +305,15 @@ register(
         unit="msg/s",
         higher_is_better=True,
         cases=lambda cfg: [
-            Case("retry", "retry/classic", cfg.retry_n, variants=("all_ok", "fail_once"), **_rounds(cfg))
+            Case(
+                "retry",
+                f"retry/{qt}",
+                cfg.retry_n,
+                queue_type=qt,
+                variants=("all_ok", "fail_once"),
+                **_rounds(cfg),
+            )
+            for qt in cfg.retry_queue_types
         ],
         prefill=True,
         consumes=True,
@@ -1213,6 +1224,7 @@ class Runner:
             "import": "import\n(time)",
             "rss/classic": "rss\n(peak RSS)",
             "retry/classic": "retry, fail once\nclassic",
+            "retry/quorum": "retry, fail once\nquorum",
         }
         ax.set_xticklabels([ticks.get(lbl, lbl.replace("/", "\n")) for lbl in labels])
         top = max((v for row in ratios.values() for v in row.values()), default=1.0)
@@ -1364,6 +1376,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         out=a.out,
         queue_types=qts or ("classic", "quorum"),
         publish_queue_types=qts or d["publish_queue_types"],
+        retry_queue_types=qts or d["retry_queue_types"],
     )
 
 

@@ -136,6 +136,12 @@ async def _retry(args: argparse.Namespace) -> dict[str, Any]:
         durable=True,
         arguments={
             **benchlib.queue_arguments(args.queue_type),
+            # as rabbitflow's quorum retry queues: dead-lettering back is at-least-once
+            **(
+                {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+                if args.queue_type == "quorum"
+                else {}
+            ),
             "x-message-ttl": RETRY_TTL_MS,
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": queue,
