@@ -112,21 +112,26 @@ class Session:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    async def ensure_retry_queue(self, queue: str, delay: float) -> None:
+    async def ensure_retry_queue(self, spec: ConsumerSpec, delay: float) -> None:
         """Declare a retry queue for a `Retry(delay=...)` the policy did not plan for. A queue the
         broker refused (`TopologyConflict`) is refused again at once for the rest of the session."""
-        name = names.retry_queue(queue, delay)
+        name = names.retry_queue(spec.queue, delay)
         if name in self._retry_queues:
             return
         refused = self._refused.get(name)
         if refused is not None:
-            raise refused
-        spec = next(w.spec for w in self.workers if w.spec.queue == queue)
+            # A new exception each time: re-raising one object would grow its traceback, and keep
+            # every refused delivery's frames alive with it.
+            raise TopologyConflict(
+                str(refused), kind=refused.kind, name=refused.name, argument=refused.argument
+            )
         try:
             await apply_plan(retry_plan(self.service, spec, delay), self.transport)
         except TopologyConflict as exc:
-            log.error("queue %s: cannot declare its retry queue %s: %s", queue, name, exc)
-            self._refused[name] = exc
+            log.error("queue %s: cannot declare its retry queue %s: %s", spec.queue, name, exc)
+            self._refused[name] = TopologyConflict(
+                str(exc), kind=exc.kind, name=exc.name, argument=exc.argument
+            )
             raise
         self._retry_queues.add(name)
 

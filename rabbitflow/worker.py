@@ -36,7 +36,7 @@ log = logging.getLogger("rabbitflow.worker")
 
 # (body, exchange, routing_key, properties) -> the broker's confirm, as a future
 Publish = Callable[[bytes, str, str, Properties], "asyncio.Future[None]"]
-EnsureRetryQueue = Callable[[str, float], Awaitable[None]]
+EnsureRetryQueue = Callable[[ConsumerSpec, float], Awaitable[None]]
 # (queue, attempt, exception) for every handler call that raised; the test client listens here.
 FailureHook = Callable[[str, int, BaseException], None]
 
@@ -155,9 +155,11 @@ class ConsumerWorker:
                         return  # waited for a slot while stopping: never started, so requeued
                     await self._handle(delivery)
         except Exception:
-            # A fault of rabbitflow's own: the handler's exceptions never get here. An unsettled
-            # delivery would hold back every later ack of this channel, so reject it: the queue
-            # dead-letters it to its parking queue, where nothing is lost.
+            # Not the handler's exceptions (those are retried or parked), but a fault on the way:
+            # a bug of ours, or user code outside the handler (a dataclass's __post_init__ raising
+            # something other than ValueError or TypeError, say). An unsettled delivery would hold
+            # back every later ack of this channel, so reject it: the queue dead-letters it to its
+            # parking queue, where nothing is lost.
             log.exception(
                 "queue %s: internal error on delivery %d; rejecting it to %s",
                 self.spec.queue,
@@ -261,7 +263,7 @@ class ConsumerWorker:
                 self.spec.queue,
                 attempt,
                 type(exc).__name__,
-                exc,
+                _describe(exc),
                 decision.reason,
             )
             await self._park(delivery, decision.reason, attempt, exc)
@@ -290,7 +292,7 @@ class ConsumerWorker:
         queue = names.retry_queue(self.spec.queue, delay)
         if delay not in self._planned_delays:
             try:
-                await self._ensure_retry_queue(self.spec.queue, delay)
+                await self._ensure_retry_queue(self.spec, delay)
             except ConnectionLost:
                 return  # not settled: the broker redelivers it on the next connection
             except (TopologyConflict, ChannelClosed) as refused:
@@ -311,7 +313,7 @@ class ConsumerWorker:
         copy[names.LAST_FAILURE] = now
         if exc is not None:
             copy[names.EXCEPTION] = f"{type(exc).__module__}.{type(exc).__qualname__}"
-            copy[names.ERROR] = str(exc)[:_MAX_ERROR]
+            copy[names.ERROR] = _describe(exc)[:_MAX_ERROR]
             tb = "".join(traceback.format_exception(exc))
             copy[names.TRACEBACK] = tb[-_MAX_TRACEBACK:]
         elif reason == "delivery-limit":
@@ -364,6 +366,14 @@ class ConsumerWorker:
         except TransportError:
             return
         self._acker.settle(tag, ack=False)
+
+
+def _describe(exc: BaseException) -> str:
+    """`str(exc)`, or what can be said of an exception whose `__str__` itself fails."""
+    try:
+        return str(exc)
+    except Exception as failure:
+        return f"<{type(exc).__name__}: str() failed with {type(failure).__name__}>"
 
 
 def _delivery_count(headers: Mapping[str, Any]) -> int:

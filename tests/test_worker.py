@@ -229,7 +229,7 @@ async def test_retry_signal_with_an_unplanned_delay(make_app: Callable[..., App]
 
 
 async def test_a_retry_queue_the_broker_refuses_parks_the_message_and_consuming_goes_on(
-    make_app: Callable[..., App], admin: Admin
+    make_app: Callable[..., App], admin: Admin, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = make_app()
     queue = unique("refused")
@@ -254,6 +254,8 @@ async def test_a_retry_queue_the_broker_refuses_parks_the_message_and_consuming_
         await wait_for(lambda: seen == [1, 2, 3])
     assert await admin.count(queue) == 0
     assert await admin.count(taken) == 0
+    asked = [r for r in caplog.records if "cannot declare its retry queue" in r.getMessage()]
+    assert len(asked) == 1  # the second refusal came from the session's memory
     for parked, n in ((first, 1), (second, 2)):
         headers = parked.header.properties.headers
         assert parked.body == f'{{"n":{n}}}'.encode()
@@ -261,6 +263,30 @@ async def test_a_retry_queue_the_broker_refuses_parks_the_message_and_consuming_
         assert headers["x-rf-exception"] == "rabbitflow.errors.TopologyConflict"
         assert f"queue '{taken}'" in headers["x-rf-error"]
         assert "'x-message-ttl'" in headers["x-rf-error"]
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+async def test_an_exception_whose_str_fails_is_still_parked_with_its_type(
+    make_app: Callable[..., App], admin: Admin
+) -> None:
+    app = make_app()
+    queue = unique("unprintable")
+
+    @app.consumer(queue, retries=0)
+    async def handle(body: Any) -> None:
+        raise Unprintable()
+
+    async with app:
+        await app.publish({"n": 1}, routing_key=queue)
+        parked = await _one(admin, f"{queue}.parked")
+    headers = parked.header.properties.headers
+    assert headers["x-rf-reason"] == "exhausted"
+    assert headers["x-rf-exception"].endswith("test_worker.Unprintable")
+    assert headers["x-rf-error"] == "<Unprintable: str() failed with RuntimeError>"
 
 
 @dataclass
