@@ -74,11 +74,7 @@ class Session:
         channel = self._publisher
         if channel is None or not channel.is_open:
             channel = await self.publisher()
-        try:
-            await channel.publish(body, exchange=exchange, routing_key=routing_key, properties=properties)
-        except PublishNacked:
-            self._retire(channel)
-            raise
+        await self._watched(channel, body, exchange, routing_key, properties)
 
     def publish_nowait(
         self, body: bytes, exchange: str, routing_key: str, properties: Properties
@@ -92,6 +88,7 @@ class Session:
     def _watched(
         self, channel: Channel, body: bytes, exchange: str, routing_key: str, properties: Properties
     ) -> asyncio.Future[None]:
+        """Publish on `channel`; a nack retires it (see `_retire`)."""
         future = channel.publish_nowait(
             body, exchange=exchange, routing_key=routing_key, properties=properties
         )

@@ -79,7 +79,8 @@ class ConsumerWorker:
         self._dlx = names.dead_letter_exchange(service)
         self._parked = names.parked_queue(spec.queue)
         self._retry_prefix = names.retry_prefix(spec.queue)
-        self._planned_delays = frozenset(spec.policy.distinct_delays)
+        # The planned retry queues by delay, named once rather than on every failure.
+        self._retry_queues = {d: names.retry_queue(spec.queue, d) for d in spec.policy.distinct_delays}
         self._channel = channel
         self._publish = publish
         self._ensure_retry_queue = ensure_retry_queue
@@ -289,8 +290,9 @@ class ConsumerWorker:
         return copy
 
     async def _retry(self, delivery: Delivery, attempt: int, delay: float) -> None:
-        queue = names.retry_queue(self.spec.queue, delay)
-        if delay not in self._planned_delays:
+        queue = self._retry_queues.get(delay)
+        if queue is None:
+            queue = names.retry_queue(self.spec.queue, delay)
             try:
                 await self._ensure_retry_queue(self.spec, delay)
             except ConnectionLost:

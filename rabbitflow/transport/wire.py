@@ -23,7 +23,7 @@ from pamqp.header import ContentHeader
 
 __all__ = ["body_frames", "content_header_frame"]
 
-_FRAME_HEAD = Struct(">BHI")  # frame type 2 (header), channel, payload size
+_FRAME_HEAD = Struct(">BHI")  # frame type (2 header, 3 body), channel, payload size
 _HEADER_HEAD = Struct(">HHQH")  # class 60 (basic), weight 0, body size, property flags
 _UINT32 = Struct(">I")
 _FRAME_END = b"\xce"
