@@ -74,7 +74,13 @@ class Session:
         channel = self._publisher
         if channel is None or not channel.is_open:
             channel = await self.publisher()
-        await self._watched(channel, body, exchange, routing_key, properties)
+        # Awaited directly, not through `_watched`: App.publish's path, a future and two callbacks
+        # per message cheaper.
+        try:
+            await channel.publish(body, exchange=exchange, routing_key=routing_key, properties=properties)
+        except PublishNacked:
+            self._retire(channel)
+            raise
 
     def publish_nowait(
         self, body: bytes, exchange: str, routing_key: str, properties: Properties
