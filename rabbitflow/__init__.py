@@ -2,8 +2,11 @@
 queues and cluster failover."""
 
 from .app import App as App
+from .errors import ChannelClosed as ChannelClosed
 from .errors import ConfigError as ConfigError
 from .errors import ConnectionFailed as ConnectionFailed
+from .errors import ConnectionLost as ConnectionLost
+from .errors import LoginRefused as LoginRefused
 from .errors import PublishNacked as PublishNacked
 from .errors import PublishTimeout as PublishTimeout
 from .errors import RabbitflowError as RabbitflowError
@@ -11,8 +14,10 @@ from .errors import Reject as Reject
 from .errors import Retry as Retry
 from .errors import StateError as StateError
 from .errors import TopologyConflict as TopologyConflict
+from .errors import TransportError as TransportError
 from .errors import Unroutable as Unroutable
 from .message import Message as Message
+from .middleware import Middleware as Middleware
 from .parking import ParkedMessage as ParkedMessage
 from .retry import RetryPolicy as RetryPolicy
 from .topology.compiler import Plan as Plan
@@ -21,9 +26,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "App",
+    "ChannelClosed",
     "ConfigError",
     "ConnectionFailed",
+    "ConnectionLost",
+    "LoginRefused",
     "Message",
+    "Middleware",
     "ParkedMessage",
     "Plan",
     "PublishNacked",
@@ -34,5 +43,6 @@ __all__ = [
     "RetryPolicy",
     "StateError",
     "TopologyConflict",
+    "TransportError",
     "Unroutable",
 ]

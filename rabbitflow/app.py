@@ -1,4 +1,5 @@
-"""The App: consumers, lifecycle, publishing and failover for one service."""
+"""The App: what a service declares — its settings, its consumers and their topology — and the
+door to running it (`runtime.Runtime`) and operating it (`admin.Admin`)."""
 
 from __future__ import annotations
 
@@ -10,23 +11,25 @@ import logging
 import signal
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from types import TracebackType
 from typing import Any, TypeVar
 
+from .admin import Admin
 from .codec import outgoing
-from .connection import ConnectionManager, Connector, Failover
-from .consumer import ConsumerSpec, Handler, build_spec, check_name, check_positive
-from .errors import ConfigError, PublishNacked, PublishTimeout, StateError
-from .parking import ParkedMessage, peek, replay
-from .session import Session
-from .supervisor import SessionSettings, Supervisor
-from .topology.applier import Difference, apply_plan, check_plan
+from .connection import ConnectionManager, Failover
+from .errors import ConfigError, StateError, TransportError
+from .middleware import Middleware
+from .parking import ParkedMessage
+from .publisher import publish
+from .runtime import Runtime
+from .settings import Lifespan, Settings
+from .spec import ConsumerSpec, Handler, build_spec
+from .topology.applier import Difference
 from .topology.compiler import Plan, compile_plan
-from .transport.base import ChannelClosed, Transport, TransportError
-from .urls import Endpoint, parse_urls
-from .worker import FailureHook
+from .transport.base import Broker
+from .urls import parse_urls
 
 __all__ = ["App"]
 
@@ -34,7 +37,6 @@ log = logging.getLogger("rabbitflow")
 
 H = TypeVar("H", bound=Handler)
 T = TypeVar("T")
-Lifespan = Callable[["App"], AbstractAsyncContextManager[Any]]
 
 
 class State(enum.Enum):
@@ -45,6 +47,17 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+def _default_broker(settings: Settings) -> Broker:
+    """The broker behind the URL: the in-memory one for memory://, else a real RabbitMQ."""
+    if settings.endpoints[0].is_memory:
+        from .testing.memory import MemoryBroker  # the one import of the test double, on request
+
+        return MemoryBroker(realtime=True)
+    from .transport.amqp import AmqpBroker
+
+    return AmqpBroker()
+
+
 class App:
     """A rabbitflow service.
 
@@ -53,11 +66,16 @@ class App:
         url: one broker URL, a `;`-separated list of the cluster's nodes, or a list. Defaults to
             the environment variable RABBITFLOW_URL, then `amqp://guest:guest@localhost:5672/`.
             `memory://` selects the in-memory broker of `rabbitflow.testing`.
+        broker: where connections come from (default: a real RabbitMQ, or for `memory://` an
+            in-memory broker following real time); pass a `rabbitflow.testing.MemoryBroker` to
+            run on a virtual clock.
         failover: the order in which nodes are tried: "round-robin", "shuffle", or a function
             that takes the list of nodes and yields them forever.
         prefetch: unacknowledged deliveries per consumer (AMQP basic.qos), unless the consumer
             sets its own.
         concurrency: handlers of one consumer running at once, unless the consumer sets its own.
+        handler_timeout: seconds a handler may run before it is cancelled and its attempt fails
+            with TimeoutError (None: no limit), unless the consumer sets its own.
         graceful_timeout: seconds a stop waits for running handlers before cancelling them.
         heartbeat: AMQP heartbeat in seconds; a silent node is declared dead after about
             (heartbeat + 1) * 3 seconds.
@@ -66,6 +84,7 @@ class App:
         publish_timeout: default seconds `publish()` waits for a confirm, across reconnects.
         lifespan: `lifespan(app)` returns an async context manager for the service's own
             resources, entered before consuming starts and exited after the last handler finished.
+        middleware: `rabbitflow.middleware.Middleware` instances whose hooks see each attempt.
         ssl_context: TLS settings for `amqps://` nodes (default: the system's trust store).
     """
 
@@ -74,70 +93,78 @@ class App:
         name: str,
         url: str | Sequence[str] | None = None,
         *,
+        broker: Broker | None = None,
         failover: Failover = "round-robin",
         prefetch: int = 64,
         concurrency: int = 32,
+        handler_timeout: float | None = None,
         graceful_timeout: float = 30.0,
         heartbeat: int = 5,
         connect_timeout: float = 5.0,
         connect_budget: float = 30.0,
         publish_timeout: float = 10.0,
         lifespan: Lifespan | None = None,
+        middleware: Sequence[Middleware] = (),
         ssl_context: ssl.SSLContext | None = None,
         **unknown: Any,
     ) -> None:
         if unknown:
             raise ConfigError(f"App({name!r}): unknown option(s) {', '.join(sorted(unknown))}")
-        try:
-            self.name = check_name("name", name)
-            self.endpoints: tuple[Endpoint, ...] = parse_urls(url)
-            self.prefetch = check_positive("prefetch", prefetch, optional=False) or 1
-            self.concurrency = check_positive("concurrency", concurrency, optional=False) or 1
-            self.heartbeat = check_positive("heartbeat", heartbeat, optional=False) or 1
-            for what, value in (
-                ("graceful_timeout", graceful_timeout),
-                ("connect_timeout", connect_timeout),
-                ("connect_budget", connect_budget),
-                ("publish_timeout", publish_timeout),
-            ):
-                if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                    raise ConfigError(f"{what}={value!r}: expected a number of seconds > 0")
-        except ConfigError as exc:
-            raise ConfigError(f"App({name!r}): {exc}") from None
-        self.graceful_timeout = float(graceful_timeout)
-        self.connect_budget = float(connect_budget)
-        self.publish_timeout = float(publish_timeout)
-        self.session_timeout = max(10.0, 2 * float(connect_timeout))
-        self.lifespan = lifespan
+        self.settings = Settings.build(
+            name,
+            url,
+            failover=failover,
+            prefetch=prefetch,
+            concurrency=concurrency,
+            handler_timeout=handler_timeout,
+            graceful_timeout=graceful_timeout,
+            heartbeat=heartbeat,
+            connect_timeout=connect_timeout,
+            connect_budget=connect_budget,
+            publish_timeout=publish_timeout,
+            lifespan=lifespan,
+            ssl_context=ssl_context,
+        )
+        self.name = self.settings.name
+        self.middleware = tuple(middleware)
+        self._broker = broker
         self._consumers: dict[str, ConsumerSpec] = {}
         self._plan = compile_plan(self.name, ())
-        self._manager = ConnectionManager(
-            self.endpoints,
-            failover=failover,
-            connect_timeout=connect_timeout,
-            heartbeat=self.heartbeat,
-            name=self.name,
-            ssl_context=ssl_context,
-            connector=self._memory_connector() if self.endpoints[0].is_memory else None,
-        )
         self._state = State.UNOPENED
-        self._supervisor: Supervisor | None = None
+        self._runtime: Runtime | None = None
         self._started = asyncio.Event()  # set once start() finished; lifespan code may publish earlier
         self._lifespan_stack: contextlib.AsyncExitStack | None = None
         # Message ids: 64 random bits per app instance and a counter; unique, and cheaper than uuid4.
-        self._on_failure: FailureHook | None = None  # set by rabbitflow.testing.TestClient
         self._id_prefix = f"{uuid.uuid4().hex[:16]}-"
         self._ids = itertools.count(1)
 
+    @property
+    def endpoints(self) -> tuple[Any, ...]:
+        return self.settings.endpoints
+
+    @property
+    def broker(self) -> Broker:
+        """Where the app's connections come from (made from the URL on first use)."""
+        if self._broker is None:
+            self._broker = _default_broker(self.settings)
+        return self._broker
+
     def use_url(self, url: str | Sequence[str]) -> None:
         """Point the app at other nodes before it starts (the CLI's `--url`)."""
-        if self._state is not State.UNOPENED:
-            raise StateError("the URL can only change before the app starts")
-        self.endpoints = parse_urls(url)
-        self._manager = self._manager.with_endpoints(
-            self.endpoints,
-            connector=self._memory_connector() if self.endpoints[0].is_memory else None,
-        )
+        self._unopened("the URL")
+        endpoints = parse_urls(url)
+        if endpoints[0].is_memory != self.settings.endpoints[0].is_memory:
+            self._broker = None  # the URL chose another kind of broker
+        self.settings = replace(self.settings, endpoints=endpoints)
+
+    def use_broker(self, broker: Broker) -> None:
+        """Hand the app the broker to connect through before it starts (a `MemoryBroker`, say)."""
+        self._unopened("the broker")
+        self._broker = broker
+
+    def _unopened(self, what: str) -> None:
+        if self._state not in (State.UNOPENED, State.CLOSED):
+            raise StateError(f"{what} can only change while the app is not running")
 
     def __repr__(self) -> str:
         nodes = ";".join(str(e) for e in self.endpoints)
@@ -159,6 +186,7 @@ class App:
         queue_type: str = "quorum",
         prefetch: int | None = None,
         concurrency: int | None = None,
+        handler_timeout: float | None = None,
         **unknown: Any,
     ) -> Callable[[H], H]:
         """Register an async function as the consumer of `queue`.
@@ -176,6 +204,8 @@ class App:
             queue_type: "quorum" (default; at-least-once dead-lettering) or "classic".
             prefetch: this consumer's prefetch (default: the app's).
             concurrency: handlers of this consumer running at once (default: the app's).
+            handler_timeout: seconds before a running handler is cancelled and its attempt fails
+                with TimeoutError (default: the app's).
 
         Every option is checked here, when the module is imported: a bad value, an unknown
         option or a second consumer of the same queue raises `ConfigError`.
@@ -195,6 +225,7 @@ class App:
                 queue_type=queue_type,
                 prefetch=prefetch,
                 concurrency=concurrency,
+                handler_timeout=handler_timeout,
                 unknown=unknown,
             )
             if spec.queue in self._consumers:
@@ -239,54 +270,47 @@ class App:
         await self.stop()
 
     async def start(self) -> None:
-        """Enter the lifespan, connect, declare the topology and start every consumer."""
-        if self._state is not State.UNOPENED:
-            raise StateError(f"App {self.name!r} is {self._state.value}; an app starts once")
+        """Enter the lifespan, connect, declare the topology and start every consumer. An app
+        that stopped may start again."""
+        if self._state not in (State.UNOPENED, State.CLOSED):
+            raise StateError(f"App {self.name!r} is {self._state.value}; stop it before starting it again")
         self._state = State.STARTING
-        supervisor = Supervisor(
-            self._manager,
-            SessionSettings(
-                self.name,
-                self._plan,
-                self.consumers,
-                self.prefetch,
-                self.concurrency,
-                self.session_timeout,
-                self._on_failure,
-            ),
-        )
+        self._started = asyncio.Event()
+        runtime = Runtime(self.settings, self._plan, self.consumers, self.broker, self.middleware)
         stack = contextlib.AsyncExitStack()
         try:
-            if self.lifespan is not None:
-                await stack.enter_async_context(self.lifespan(self))
-            await supervisor.start(self.connect_budget)
+            if self.settings.lifespan is not None:
+                await stack.enter_async_context(self.settings.lifespan(self))
+            await runtime.start(self.settings.connect_budget)
         except BaseException:
             self._state = State.CLOSED
             self._started.set()  # publishes waiting for the start learn that it failed
             await stack.aclose()
             raise
-        self._supervisor = supervisor
+        self._runtime = runtime
         self._lifespan_stack = stack
         self._state = State.RUNNING
         self._started.set()
 
     async def stop(self) -> None:
         """Stop taking messages, let running handlers finish (up to graceful_timeout), close."""
-        if self._state is State.UNOPENED:
-            self._state = State.CLOSED  # never started: it cannot start later either
         if self._state is not State.RUNNING:
             return
         self._state = State.STOPPING
-        if self._supervisor is not None:
-            await self._supervisor.stop(self.graceful_timeout)
-        if self._lifespan_stack is not None:
-            await self._lifespan_stack.aclose()
-        self._state = State.CLOSED
+        try:
+            if self._runtime is not None:
+                await self._runtime.stop(self.settings.graceful_timeout)
+            if self._lifespan_stack is not None:
+                await self._lifespan_stack.aclose()
+        finally:
+            self._runtime = None
+            self._lifespan_stack = None
+            self._state = State.CLOSED
 
     @property
     def reconnects(self) -> int:
         """How often the app failed over to a node since it started."""
-        return self._supervisor.reconnects if self._supervisor is not None else 0
+        return self._runtime.reconnects if self._runtime is not None else 0
 
     def run(self) -> None:
         """Run until SIGINT or SIGTERM, then stop gracefully. Uses uvloop when it is installed."""
@@ -315,16 +339,16 @@ class App:
             for sig in signals:
                 loop.remove_signal_handler(sig)
 
-    async def _current(self, deadline: float) -> Session:
-        """The live session, waiting for the start (a publish from the lifespan) or a reconnect
-        until `deadline` (loop time)."""
+    async def _running(self, deadline: float) -> Runtime:
+        """The runtime, waiting for the start to finish (a publish from the lifespan) until
+        `deadline` (loop time)."""
         if self._state is State.STARTING:
             remaining = deadline - asyncio.get_running_loop().time()
             await asyncio.wait_for(self._started.wait(), max(remaining, 0))
-        supervisor = self._supervisor
-        if self._state is not State.RUNNING or supervisor is None:
+        runtime = self._runtime
+        if self._state is not State.RUNNING or runtime is None:
             raise StateError(f"App {self.name!r} is {self._state.value}; start it first")
-        return await supervisor.wait_live(deadline)
+        return runtime
 
     # -- publishing ------------------------------------------------------------------------
 
@@ -344,9 +368,10 @@ class App:
     ) -> None:
         """Publish and return once the broker confirmed it.
 
-        Raises `Unroutable` when no queue is bound for it, and `PublishTimeout` when no node
-        confirmed it within `timeout` (reconnects included: a publish whose outcome a lost
-        connection made unknown is sent again — duplicates are possible, loss is not).
+        Raises `Unroutable` when no queue is bound for it, `ChannelClosed` when the broker refused
+        it (a missing exchange: 404), and `PublishTimeout` when no node confirmed it within
+        `timeout` (reconnects included: a publish whose outcome a lost connection made unknown is
+        sent again — duplicates are possible, loss is not).
         """
         data, properties = outgoing(
             body,
@@ -357,44 +382,20 @@ class App:
             reply_to=reply_to,
             persistent=persistent,
         )
-        limit = self.publish_timeout if timeout is None else timeout
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit
-        nacks = 0
-        try:
-            while True:
-                supervisor = self._supervisor
-                session = supervisor.live if supervisor is not None else None
-                if session is None or self._state is not State.RUNNING:
-                    session = await self._current(deadline)
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        if session.transport.blocked:
-                            await session.transport.wait_unblocked()
-                        await session.publish(data, exchange, routing_key, properties)
-                    return
-                except ChannelClosed:
-                    raise
-                except TransportError as exc:
-                    log.info("publish to %r/%r interrupted (%s); sending again", exchange, routing_key, exc)
-                    await asyncio.sleep(0)
-                except PublishNacked as exc:
-                    # The broker did not take it (a quorum queue without a leader during a failover,
-                    # say): certainly not stored, so sending it again is safe.
-                    nacks += 1
-                    log.info("publish to %r/%r nacked (%s); sending again", exchange, routing_key, exc)
-                    await asyncio.sleep(min(1.0, 0.02 * 2**nacks))
-        except TimeoutError:
-            raise PublishTimeout(
-                f"publish to exchange {exchange!r} with routing key {routing_key!r} was not "
-                f"confirmed within {limit}s ("
-                + (
-                    f"nacked {nacks} time(s) by the broker"
-                    if nacks
-                    else "nodes down or connection blocked by a resource alarm"
-                )
-                + ")"
-            ) from None
+        await publish(
+            self._publisher,
+            data,
+            exchange,
+            routing_key,
+            properties,
+            timeout=self.settings.publish_timeout if timeout is None else timeout,
+        )
+
+    async def _publisher(self, deadline: float) -> Any:
+        runtime = self._runtime
+        if runtime is None or self._state is not State.RUNNING:
+            runtime = await self._running(deadline)
+        return await runtime.publisher(deadline)
 
     async def ensure(
         self,
@@ -408,19 +409,21 @@ class App:
         connection is lost meanwhile, wait for the failover and run it again on the new node
         (kombu's `ensure`). `errback(exc, retry_number)` is called before each retry."""
         loop = asyncio.get_running_loop()
-        limit = self.connect_budget if timeout is None else timeout
+        limit = self.settings.connect_budget if timeout is None else timeout
         retries = 0
         while True:
-            session = await self._current(loop.time() + limit)
+            deadline = loop.time() + limit
+            session = await (await self._running(deadline)).wait_live(deadline)
+            transport = session.links.publish
             try:
-                channel = await session.transport.native_channel()
+                channel = await transport.native_channel()
                 try:
                     return await fn(channel, *args)
                 finally:
                     with contextlib.suppress(Exception):
                         await channel.close()
             except Exception as exc:
-                if session.transport.is_open and not isinstance(exc, TransportError):
+                if transport.is_open and not isinstance(exc, TransportError):
                     raise  # the operation failed on a healthy connection: not ours to retry
                 retries += 1
                 if max_retries is not None and retries > max_retries:
@@ -434,57 +437,60 @@ class App:
                     retries,
                 )
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(session.transport.wait_closed(), limit)
+                    await asyncio.wait_for(transport.wait_closed(), limit)
+
+    # -- operating -------------------------------------------------------------------------
+
+    def admin(self) -> Admin:
+        """Operator work on this service's objects, on connections of its own."""
+        s = self.settings
+        manager = ConnectionManager(
+            s.endpoints,
+            self.broker,
+            failover=s.failover,
+            connect_timeout=s.connect_timeout,
+            heartbeat=s.heartbeat,
+            name=s.name,
+            ssl_context=s.ssl_context,
+        )
+        return Admin(self._plan, manager, budget=s.connect_budget)
 
     async def declare(self) -> str:
         """Declare the plan on the first node that accepts, without consuming; returns the node."""
-        async with self._operator_connection() as transport:
-            await apply_plan(self._plan, transport)
-            return transport.node
+        return await self.admin().declare()
 
     async def check(self) -> tuple[str, list[Difference]]:
         """Compare the plan with a live node, changing nothing; returns the node and the differences."""
-        async with self._operator_connection() as transport:
-            return transport.node, await check_plan(self._plan, transport)
+        return await self.admin().check()
 
     async def parked(self, queue: str, *, limit: int = 100) -> list[ParkedMessage]:
         """Up to `limit` messages parked for the consumer of `queue`, head first; they stay parked."""
-        async with self._operator_connection() as transport:
-            return await peek(transport, queue, limit)
+        return await self.admin().parked(queue, limit=limit)
 
     async def replay(self, queue: str, *, limit: int | None = None) -> int:
         """Send parked messages of `queue` back to where they were first published, to start
         again at attempt 1; each leaves the parking queue only once its copy is confirmed."""
-        async with self._operator_connection() as transport:
-            return await replay(transport, queue, limit)
-
-    @contextlib.asynccontextmanager
-    async def _operator_connection(self) -> AsyncIterator[Transport]:
-        """A connection of its own, to the first node that accepts, for one operator task; it
-        works whether or not the app is running."""
-        transport = await self._manager.connect(self.connect_budget)
-        try:
-            yield transport
-        finally:
-            await transport.close()
+        return await self.admin().replay(queue, limit=limit)
 
     def health(self) -> dict[str, Any]:
-        """The connected node, the blocked state and the live consumers."""
-        supervisor = self._supervisor
-        session = supervisor.session if supervisor is not None else None
-        connected = supervisor is not None and supervisor.live is not None
-        return {
-            "service": self.name,
-            "state": self._state.value,
-            "connected": connected,
-            "node": session.transport.node if session is not None and connected else None,
-            "blocked": bool(session is not None and session.transport.blocked),
-            "consumers": len(self._consumers),
-            "live_consumers": session.live_consumers if session is not None else 0,
-            "reconnects": self.reconnects,
-        }
-
-    def _memory_connector(self) -> Connector:
-        from .testing.memory import memory_connector
-
-        return memory_connector(self)
+        """The truth about the running service: connected node, blocked state, and per consumer
+        whether it is subscribed, its deliveries in flight, the age of its oldest unsettled one
+        and the time of its last settled one. `healthy` is false while the app is not running,
+        not connected, or any consumer is cancelled or stalled."""
+        runtime = self._runtime
+        report: dict[str, Any] = {"service": self.name, "state": self._state.value}
+        if runtime is None:
+            report.update(
+                connected=False,
+                node=None,
+                blocked=False,
+                server_version=None,
+                reconnects=0,
+                healthy=False,
+                consumers=[],
+            )
+        else:
+            report.update(runtime.health())
+            report["healthy"] = report["healthy"] and self._state is State.RUNNING
+        report["live_consumers"] = sum(c["subscribed"] for c in report["consumers"])
+        return report

@@ -7,19 +7,20 @@ import logging
 import random
 import ssl
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, TypeVar
 
-from .errors import ConfigError, ConnectionFailed
-from .transport.base import Transport
+from .errors import ConfigError, ConnectionFailed, LoginRefused
+from .transport.base import Broker, Transport
 from .urls import Endpoint, mask
 
-__all__ = ["ConnectionManager", "Connector", "Failover"]
+__all__ = ["ConnectionManager", "Failover", "Links", "strategy"]
 
 log = logging.getLogger("rabbitflow.connection")
 
 Strategy = Callable[[Sequence[Endpoint]], Iterator[Endpoint]]
 Failover = Literal["round-robin", "shuffle"] | Strategy
-Connector = Callable[[Endpoint, float], Awaitable[Transport]]
+T = TypeVar("T")
 
 
 def round_robin(endpoints: Sequence[Endpoint]) -> Iterator[Endpoint]:
@@ -34,7 +35,7 @@ def shuffle(endpoints: Sequence[Endpoint]) -> Iterator[Endpoint]:
         yield from order
 
 
-def _strategy(failover: object) -> Strategy:
+def strategy(failover: object) -> Strategy:
     if failover == "round-robin":
         return round_robin
     if failover == "shuffle":
@@ -47,6 +48,36 @@ def _strategy(failover: object) -> Strategy:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Links:
+    """Two connections to one node. RabbitMQ blocks every connection that publishes during a
+    resource alarm, acks included; a consuming connection that never publishes keeps acking."""
+
+    consume: Transport
+    publish: Transport
+
+    @property
+    def node(self) -> str:
+        return self.consume.node
+
+    @property
+    def is_open(self) -> bool:
+        return self.consume.is_open and self.publish.is_open
+
+    async def wait_closed(self) -> BaseException | None:
+        """Until either connection goes; returns why."""
+        waits = [asyncio.ensure_future(t.wait_closed()) for t in (self.consume, self.publish)]
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return done.pop().result()
+
+    async def close(self) -> None:
+        await asyncio.gather(self.consume.close(), self.publish.close())
+
+
 class ConnectionManager:
     """Connects to the next node of the cluster; sleeps with jittered exponential backoff only
     after a whole cycle of nodes failed (as kombu does)."""
@@ -54,6 +85,7 @@ class ConnectionManager:
     def __init__(
         self,
         endpoints: Sequence[Endpoint],
+        broker: Broker,
         *,
         failover: Failover = "round-robin",
         connect_timeout: float = 5.0,
@@ -61,44 +93,45 @@ class ConnectionManager:
         name: str = "rabbitflow",
         backoff: tuple[float, float] = (0.2, 10.0),
         ssl_context: ssl.SSLContext | None = None,
-        connector: Connector | None = None,
     ) -> None:
         self.endpoints = tuple(endpoints)
-        self._failover = failover
-        self._order = _strategy(failover)(self.endpoints)
+        self.broker = broker
+        self._order = strategy(failover)(self.endpoints)
         self._connect_timeout = connect_timeout
         self._heartbeat = heartbeat
         self._name = name
         self._backoff = backoff
         self._ssl_context = ssl_context
-        self._connector = connector or self._connect_amqp
 
-    def with_endpoints(self, endpoints: Sequence[Endpoint], connector: Connector | None) -> ConnectionManager:
-        return ConnectionManager(
-            endpoints,
-            failover=self._failover,
-            connect_timeout=self._connect_timeout,
-            heartbeat=self._heartbeat,
-            name=self._name,
-            backoff=self._backoff,
-            ssl_context=self._ssl_context,
-            connector=connector,
-        )
-
-    async def _connect_amqp(self, endpoint: Endpoint, timeout: float) -> Transport:
-        from .transport.amqp import connect
-
-        return await connect(
+    async def _open(self, endpoint: Endpoint, timeout: float, role: str) -> Transport:
+        return await self.broker.connect(
             endpoint,
             timeout=timeout,
             heartbeat=self._heartbeat,
-            name=self._name,
+            name=f"{self._name}:{role}",
             ssl_context=self._ssl_context,
         )
 
+    async def connect_links(self, budget: float | None) -> Links:
+        """A consuming and a publishing connection to the first node that accepts both."""
+
+        async def both(endpoint: Endpoint, timeout: float) -> Links:
+            consume = await self._open(endpoint, timeout, "consume")
+            try:
+                publish = await self._open(endpoint, timeout, "publish")
+            except BaseException:
+                await consume.close()
+                raise
+            return Links(consume, publish)
+
+        return await self._cycle(budget, both)
+
     async def connect(self, budget: float | None) -> Transport:
         """A transport to the first node that accepts; `ConnectionFailed` once `budget` seconds
-        are spent (None: keep trying)."""
+        are spent (None: keep trying). A refused login fails at once (`LoginRefused`)."""
+        return await self._cycle(budget, lambda endpoint, timeout: self._open(endpoint, timeout, "operator"))
+
+    async def _cycle(self, budget: float | None, open: Callable[[Endpoint, float], Awaitable[T]]) -> T:
         loop = asyncio.get_running_loop()
         deadline = None if budget is None else loop.time() + budget
         failures: dict[str, str] = {}
@@ -112,7 +145,9 @@ class ConnectionManager:
                     if timeout <= 0:
                         raise self._failed(failures, budget)
                 try:
-                    transport = await self._connector(endpoint, timeout)
+                    transport = await open(endpoint, timeout)
+                except LoginRefused:
+                    raise
                 except Exception as exc:  # refused, timed out, TLS, auth: try the next node
                     reason = _describe(exc)
                     failures[str(endpoint)] = reason

@@ -1,155 +1,481 @@
-"""Consumer specs: what `@app.consumer` records, validated when the decorator runs."""
+"""The consumer: one queue on one channel, from each delivery to its settlement.
+
+Hot path: `_on_delivery` and `_handle` run once per message; the consume benchmark
+(`benchmarks/`, scenarios consume and mixed) measures them against a plain aiormq loop. They
+avoid per-message tasks, timers and allocations they do not need (no timeout scope without a
+handler timeout, no semaphore when prefetch already bounds concurrency, no Message unless the
+handler asks for one).
+"""
 
 from __future__ import annotations
 
-import inspect
-import typing
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
-from .codec import Reader, reader_for
-from .errors import ConfigError
+from . import names
+from .codec import DecodeError
+from .errors import ChannelClosed, ConnectionLost, TopologyConflict, TransportError, Unroutable
 from .message import Message
-from .retry import RetryPolicy
+from .middleware import Middleware
+from .publisher import Publisher
+from .retry import Decision, Outcome, decide
+from .settlement import Settlement
+from .spec import ConsumerSpec
+from .transport.base import Channel, Delivery, persistent_copy
 
-__all__ = ["EXCHANGE_TYPES", "QUEUE_TYPES", "ConsumerSpec", "Handler", "HandlerSignature"]
+__all__ = ["Consumer"]
 
-Handler = Callable[..., Awaitable[Any]]
-EXCHANGE_TYPES = ("direct", "fanout", "topic", "headers")
-QUEUE_TYPES = ("quorum", "classic")
+log = logging.getLogger("rabbitflow.consumer")
+
+EnsureRetryQueue = Callable[[ConsumerSpec, float], Awaitable[None]]
+Redeclare = Callable[[ConsumerSpec], Awaitable[None]]
+
+# Park a message ourselves, with full headers, before the quorum queue's own backstop would.
+PARK_AFTER_DELIVERIES = names.DELIVERY_LIMIT // 2
+_MAX_ERROR = 1000
+_MAX_TRACEBACK = 4000
 
 
-@dataclass(frozen=True, slots=True)
-class HandlerSignature:
-    """How to call a handler: read the body, and where (if anywhere) the Message goes."""
+_second: tuple[int, str] = (0, "")
 
-    read: Reader
-    message_param: str | None
-    message_positional: bool
 
-    @classmethod
-    def of(cls, handler: Handler) -> HandlerSignature:
-        name = getattr(handler, "__qualname__", repr(handler))
-        if not inspect.iscoroutinefunction(handler):
-            raise ConfigError(f"consumer {name}: the handler must be an `async def` function")
+def _now() -> str:
+    """ISO 8601 UTC with milliseconds; the formatting of the current second is reused."""
+    global _second
+    now = time.time()
+    whole = int(now)
+    if _second[0] != whole:
+        _second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{_second[1]}.{int((now - whole) * 1000):03d}Z"
+
+
+class Consumer:
+    """Consumes `spec.queue` on `channel`: acks after the handler, retries and parks through
+    copies on the session's copy publisher, and subscribes again when the broker cancels it."""
+
+    def __init__(
+        self,
+        spec: ConsumerSpec,
+        *,
+        service: str,
+        channel: Channel,
+        copies: Publisher,
+        ensure_retry_queue: EnsureRetryQueue,
+        redeclare: Redeclare,
+        prefetch: int,
+        concurrency: int,
+        handler_timeout: float | None,
+        middleware: tuple[Middleware, ...] = (),
+    ) -> None:
+        self.spec = spec
+        self._dlx = names.dead_letter_exchange(service)
+        self._parked = names.parked_queue(spec.queue)
+        self._retry_prefix = names.retry_prefix(spec.queue)
+        # The planned retry queues by delay, named once rather than on every failure.
+        self._retry_queues = {d: names.retry_queue(spec.queue, d) for d in spec.policy.distinct_delays}
+        self._channel = channel
+        self._copies = copies
+        self._ensure_retry_queue = ensure_retry_queue
+        self._redeclare = redeclare
+        self._prefetch = prefetch
+        self._timeout = handler_timeout
+        self._middleware = middleware
+        # Prefetch already bounds how many deliveries run at once; a semaphore only when tighter.
+        self._limit = asyncio.Semaphore(concurrency) if concurrency < prefetch else None
+        self.settlement = Settlement(channel, prefetch=prefetch)
+        self._tag: str | None = None
+        self.cancelled_since: float | None = None  # loop time the broker cancelled us
+        self.resubscribed = 0
+        self._stopping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._pending: set[asyncio.Future[Any]] = set()  # copies awaiting the broker
+        self._resubscribing: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def subscribed(self) -> bool:
+        return self._tag is not None and self._channel.is_open and not self._stopping
+
+    @property
+    def running(self) -> int:
+        """Handlers running now."""
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        self._tag = await self._channel.consume(
+            self.spec.queue, self._on_delivery, prefetch=self._prefetch, on_cancel=self._on_cancel
+        )
+
+    async def stop(self, timeout: float) -> None:
+        """Take no new deliveries, let running handlers finish within `timeout`, then close."""
+        self._stopping = True
+        if self._resubscribing is not None:
+            self._resubscribing.cancel()
+        if self._tag is not None and self._channel.is_open:
+            with contextlib.suppress(TransportError):
+                await self._channel.cancel(self._tag)
         try:
-            hints = typing.get_type_hints(handler)
-        except Exception as exc:
-            raise ConfigError(f"consumer {name}: cannot resolve its type hints: {exc}") from None
-        params = list(inspect.signature(handler).parameters.values())
-        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        if not positional or hints.get(positional[0].name) is Message:
-            raise ConfigError(
-                f"consumer {name}: the first parameter receives the message body; "
-                "write `async def handler(body, message: Message)`"
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            log.warning(
+                "queue %s: %d handler(s) still running after %.1fs; cancelling them, their messages "
+                "go back to the queue",
+                self.spec.queue,
+                len(self._tasks),
+                timeout,
             )
-        message_param = None
-        message_positional = False
-        for p in params[1:]:
-            if hints.get(p.name) is Message:
-                message_param = p.name
-                message_positional = p.kind == p.POSITIONAL_ONLY
-            elif p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                raise ConfigError(
-                    f"consumer {name}: parameter {p.name!r} has no default and is not annotated "
-                    "`Message`; rabbitflow passes only the body and the Message"
-                )
-        return cls(reader_for(hints.get(positional[0].name)), message_param, message_positional)
+            await self._cancel_handlers()
+        if self._pending:
+            # Copies still waiting for their confirm: their originals are acked once it comes.
+            await asyncio.wait(set(self._pending), timeout=timeout)
+        await self.settlement.flush()
+        await self._channel.close()
 
+    async def abandon(self) -> None:
+        """The session is gone: cancel running handlers; their messages come back anyway."""
+        self._stopping = True
+        if self._resubscribing is not None:
+            self._resubscribing.cancel()
+        await self._cancel_handlers()
+        for future in list(self._pending):
+            future.cancel()
 
-@dataclass(frozen=True, slots=True)
-class ConsumerSpec:
-    """One consumer of one queue, as the decorator validated it."""
+    async def _cancel_handlers(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    queue: str
-    handler: Handler = field(compare=False)
-    signature: HandlerSignature = field(compare=False)
-    policy: RetryPolicy
-    exchange: str | None = None
-    exchange_type: str = "direct"
-    routing_key: str | None = None
-    queue_type: str = "quorum"
-    prefetch: int | None = None
-    concurrency: int | None = None
+    # -- the broker cancelled us ---------------------------------------------------------------
 
-    @property
-    def handler_name(self) -> str:
-        module = getattr(self.handler, "__module__", "")
-        qualname = getattr(self.handler, "__qualname__", repr(self.handler))
-        return f"{module}.{qualname}" if module else qualname
-
-    @property
-    def binding_key(self) -> str:
-        return self.queue if self.routing_key is None else self.routing_key
-
-
-def check_name(what: str, value: object, *, allow_empty: bool = False) -> str:
-    if not isinstance(value, str) or (not value and not allow_empty):
-        raise ConfigError(f"{what}={value!r}: expected a non-empty string")
-    if len(value.encode()) > 255:
-        raise ConfigError(f"{what}={value[:40]!r}...: AMQP names are at most 255 bytes")
-    return value
-
-
-def check_positive(what: str, value: object, *, optional: bool = True) -> int | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{what}={value!r}: expected a whole number >= 1")
-    return value
-
-
-def build_spec(
-    handler: Handler,
-    queue: object,
-    *,
-    exchange: object,
-    exchange_type: object,
-    routing_key: object,
-    retries: object,
-    delay: object,
-    retry_on: object,
-    dont_retry: object,
-    queue_type: object,
-    prefetch: object,
-    concurrency: object,
-    unknown: dict[str, Any],
-) -> ConsumerSpec:
-    """Validate the decorator's options into a spec; every problem is a ConfigError."""
-    where = f"@app.consumer({queue!r})"
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown option(s) {', '.join(sorted(unknown))}; known: exchange, "
-            "exchange_type, routing_key, retries, delay, retry_on, dont_retry, queue_type, "
-            "prefetch, concurrency"
+    def _on_cancel(self) -> None:
+        """basic.cancel from the broker: the queue was deleted, or (4.3) a consumer timeout or a
+        leader move. Deliveries already made stay ours to settle; consuming starts again once the
+        consumer's topology is declared again."""
+        self._tag = None
+        if self._stopping or self._resubscribing is not None:
+            return
+        self.cancelled_since = asyncio.get_running_loop().time()
+        log.warning("queue %s: the broker cancelled the consumer; declaring it again", self.spec.queue)
+        self._resubscribing = asyncio.get_running_loop().create_task(
+            self._resubscribe(), name=f"rabbitflow:{self.spec.queue}:resubscribe"
         )
+
+    async def _resubscribe(self) -> None:
+        failures = 0
+        try:
+            while not self._stopping and self._channel.is_open:
+                try:
+                    await self._redeclare(self.spec)
+                    await self.start()
+                except (TransportError, TopologyConflict) as exc:
+                    failures += 1
+                    log.error("queue %s: cannot subscribe again: %s", self.spec.queue, exc)
+                    await asyncio.sleep(min(10.0, 0.2 * 2**failures))
+                    continue
+                self.resubscribed += 1
+                self.cancelled_since = None
+                log.info("queue %s: consuming again", self.spec.queue)
+                return
+        finally:
+            self._resubscribing = None
+
+    # -- the hot path --------------------------------------------------------------------------
+
+    async def _on_delivery(self, delivery: Delivery) -> None:
+        tag = delivery.delivery_tag
+        settlement = self.settlement
+        settlement.received(tag)
+        if self._stopping:
+            settlement.requeue(tag)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        tasks = self._tasks
+        if not tasks:
+            self._idle.clear()
+        tasks.add(task)
+        try:
+            if self._limit is None:
+                await self._handle(delivery)
+            else:
+                async with self._limit:
+                    if self._stopping:
+                        settlement.requeue(tag)  # waited for a slot while stopping: never started
+                        return
+                    await self._handle(delivery)
+        except asyncio.CancelledError:
+            settlement.requeue(tag)  # a shutdown or a lost session cancelled the handler
+            raise
+        except Exception:
+            # Not the handler's exceptions (those are retried or parked), but a fault on the way:
+            # a bug of ours, or user code outside the handler. Reject it: the queue dead-letters
+            # it to its parking queue, where nothing is lost.
+            log.exception(
+                "queue %s: internal error on delivery %d; rejecting it to %s",
+                self.spec.queue,
+                tag,
+                self._parked,
+            )
+            settlement.reject(tag)
+        finally:
+            tasks.discard(task)
+            if not tasks:
+                self._idle.set()
+
+    async def _handle(self, delivery: Delivery) -> None:
+        """Run the handler once and carry out the decision; every path ends the delivery in
+        `settlement`, at once or when its copy is answered."""
+        spec = self.spec
+        properties = delivery.properties
+        headers = properties.headers or {}
+        attempt = self._attempt(delivery, headers) if headers else 1
+        try:
+            body = spec.signature.read(delivery.body, properties.content_type)
+        except DecodeError as exc:
+            self._park(delivery, "decode-error", attempt, exc)
+            return
+        if delivery.redelivered and _delivery_count(headers) >= PARK_AFTER_DELIVERIES:
+            self._park(delivery, "delivery-limit", attempt, None)
+            return
+        scope = None
+        try:
+            if self._timeout is None:
+                await self._call(delivery, body, headers, attempt)
+            else:
+                async with (scope := asyncio.timeout(self._timeout)):
+                    await self._call(delivery, body, headers, attempt)
+        except BaseException as exc:
+            # Any exception of the handler's, BaseExceptions included, is a failed attempt; only
+            # a cancellation of our own (a shutdown, a lost session) is not.
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+                raise
+            if scope is not None and scope.expired():
+                exc = TimeoutError(f"handler still running after its handler_timeout of {self._timeout}s")
+            await self._fail(delivery, attempt, exc)
+            return
+        self.settlement.ack(delivery.delivery_tag)
+
+    async def _call(self, delivery: Delivery, body: Any, headers: Mapping[str, Any], attempt: int) -> None:
+        spec = self.spec
+        signature = spec.signature
+        if signature.message_param is None:
+            await spec.handler(body)
+            return
+        message = self._message(delivery, headers, attempt)
+        if signature.message_positional:
+            await spec.handler(body, message)
+        else:
+            await spec.handler(body, **{signature.message_param: message})
+
+    # -- the failure path ----------------------------------------------------------------------
+
+    def _attempt(self, delivery: Delivery, headers: Mapping[str, Any]) -> int:
+        """Which attempt this is. rabbitflow's header counts only on a copy that came back through
+        one of this queue's retry queues; a forged header on any other message is ignored."""
+        if not self._came_back(delivery, headers):
+            return 1
+        value = headers.get(names.RETRY_ATTEMPT)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            return min(value, self.spec.policy.retries + 1)
+        return 1
+
+    def _came_back(self, delivery: Delivery, headers: Mapping[str, Any]) -> bool:
+        if delivery.exchange != "" or delivery.routing_key != self.spec.queue:
+            return False
+        # The broker's own newest death record: 3.13+ writes x-last-death-*, older ones only x-death.
+        last_queue = headers.get("x-last-death-queue")
+        if last_queue is None:
+            deaths = headers.get("x-death")
+            if not isinstance(deaths, list) or not deaths or not isinstance(deaths[0], dict):
+                return False
+            last_queue, reason = deaths[0].get("queue"), deaths[0].get("reason")
+        else:
+            reason = headers.get("x-last-death-reason")
+        return (
+            reason == "expired" and isinstance(last_queue, str) and last_queue.startswith(self._retry_prefix)
+        )
+
+    def _message(self, delivery: Delivery, headers: Mapping[str, Any], attempt: int) -> Message:
+        p = delivery.properties
+        return Message(
+            body=delivery.body,
+            headers=headers,
+            attempt=attempt,
+            message_id=p.message_id,
+            routing_key=delivery.routing_key,
+            exchange=delivery.exchange,
+            redelivered=delivery.redelivered,
+            content_type=p.content_type,
+            correlation_id=p.correlation_id,
+            reply_to=p.reply_to,
+            queue=self.spec.queue,
+        )
+
+    async def _fail(self, delivery: Delivery, attempt: int, exc: BaseException) -> None:
+        for middleware in self._middleware:
+            middleware.attempt_failed(self.spec.queue, attempt, exc)
+        decision: Decision = decide(self.spec.policy, attempt, exc)
+        if decision.outcome is Outcome.RETRY:
+            log.info(
+                "queue %s: message %s attempt %d failed with %s: %s; retrying in %ss",
+                self.spec.queue,
+                delivery.properties.message_id or "-",
+                attempt,
+                type(exc).__name__,
+                _describe(exc)[:200],
+                decision.delay,
+            )
+            await self._retry(delivery, attempt, decision.delay)
+        else:
+            log.warning(
+                "queue %s: message %s attempt %d failed with %s: %s; parking it (%s)",
+                self.spec.queue,
+                delivery.properties.message_id or "-",
+                attempt,
+                type(exc).__name__,
+                _describe(exc)[:200],
+                decision.reason,
+            )
+            self._park(delivery, decision.reason, attempt, exc)
+
+    def _copy_headers(
+        self, delivery: Delivery, attempt: int, now: str, drop: tuple[str, ...]
+    ) -> dict[str, Any]:
+        """The headers of a copy: the delivery's without the broker's (and `drop`), plus where the
+        message was first published and when it first failed. A later attempt is a copy that came
+        back through a retry queue and carries both already."""
+        headers = delivery.properties.headers or {}
+        copy = names.without(headers, names.BROKER_HEADERS, drop)
+        if attempt > 1:
+            copy[names.ORIGINAL_EXCHANGE] = str(headers.get(names.ORIGINAL_EXCHANGE, ""))
+            copy[names.ORIGINAL_ROUTING_KEY] = str(
+                headers.get(names.ORIGINAL_ROUTING_KEY, delivery.routing_key)
+            )
+            copy[names.FIRST_FAILURE] = headers.get(names.FIRST_FAILURE) or now
+        else:
+            copy[names.ORIGINAL_EXCHANGE] = delivery.exchange
+            copy[names.ORIGINAL_ROUTING_KEY] = delivery.routing_key
+            copy[names.FIRST_FAILURE] = now
+        return copy
+
+    async def _retry(self, delivery: Delivery, attempt: int, delay: float) -> None:
+        queue = self._retry_queues.get(delay)
+        if queue is None:
+            queue = names.retry_queue(self.spec.queue, delay)
+            try:
+                await self._ensure_retry_queue(self.spec, delay)
+            except ConnectionLost:
+                self.settlement.requeue(delivery.delivery_tag)  # the session is ending
+                return
+            except (TopologyConflict, ChannelClosed) as refused:
+                # No retry queue, no retry: park it with the broker's answer.
+                self._park(delivery, "not-retryable", attempt, refused)
+                return
+        copy = self._copy_headers(delivery, attempt, _now(), drop=())
+        copy[names.RETRY_ATTEMPT] = attempt + 1
+        self._send_copy(delivery, queue, copy)
+
+    def _park(self, delivery: Delivery, reason: str, attempt: int, exc: BaseException | None) -> None:
+        now = _now()
+        copy = self._copy_headers(delivery, attempt, now, drop=names.RABBITFLOW_HEADERS)
+        copy[names.REASON] = reason
+        copy[names.PARKED_ATTEMPTS] = attempt
+        copy[names.QUEUE] = self.spec.queue
+        copy[names.LAST_FAILURE] = now
+        if exc is not None:
+            copy[names.EXCEPTION] = f"{type(exc).__module__}.{type(exc).__qualname__}"
+            copy[names.ERROR] = _describe(exc)[:_MAX_ERROR]
+            tb = "".join(traceback.format_exception(exc))
+            copy[names.TRACEBACK] = tb[-_MAX_TRACEBACK:]
+        elif reason == "delivery-limit":
+            count = _delivery_count(delivery.properties.headers or {})
+            copy[names.ERROR] = (
+                f"delivered {count + 1} times without being settled (a handler that crashes its worker?)"
+            )
+        self._send_copy(delivery, self._parked, copy)
+
+    # -- copies: the original ends when the broker answered its copy ---------------------------
+
+    def _send_copy(self, delivery: Delivery, queue: str, headers: dict[str, Any]) -> None:
+        """Publish the copy; the original is settled when the broker answers, without keeping the
+        handler's task (or its concurrency slot) for it."""
+        properties = persistent_copy(delivery.properties, headers)
+        future = self._copies.send(delivery.body, self._dlx, queue, properties)
+        self._pending.add(future)
+        future.add_done_callback(functools.partial(self._copy_answered, delivery, queue, properties))
+
+    def _copy_answered(
+        self, delivery: Delivery, queue: str, properties: Any, future: asyncio.Future[None]
+    ) -> None:
+        self._pending.discard(future)
+        if future.cancelled():
+            self.settlement.requeue(delivery.delivery_tag)
+            return
+        failure = future.exception()
+        if failure is None:
+            self.settlement.ack(delivery.delivery_tag)
+            return
+        # Anything else is sent again under the publish rules (backoff after a nack, a fresh channel
+        # after a neighbour's channel error, the topology re-declared once for a missing exchange).
+        again = asyncio.ensure_future(self._copy_again(delivery, queue, properties, failure))
+        self._pending.add(again)
+        again.add_done_callback(self._pending.discard)
+
+    async def _copy_again(
+        self, delivery: Delivery, queue: str, properties: Any, failure: BaseException
+    ) -> None:
+        tag = delivery.delivery_tag
+        try:
+            await self._copies.publish(delivery.body, self._dlx, queue, properties, after=failure)
+        except ConnectionLost:
+            self.settlement.requeue(tag)  # the session is ending: the broker redelivers it
+            return
+        except asyncio.CancelledError:
+            self.settlement.requeue(tag)
+            raise
+        except (ChannelClosed, Unroutable) as refused:
+            # The broker refuses this copy for good (a user_id it does not let us publish, say):
+            # reject the original instead, which its queue dead-letters to the parking queue with
+            # every property intact.
+            log.error(
+                "queue %s: message %s: copy to %s refused (%s); rejecting it to %s",
+                self.spec.queue,
+                delivery.properties.message_id or "-",
+                queue,
+                refused,
+                self._parked,
+            )
+            self.settlement.reject(tag)
+            return
+        except Exception:
+            log.exception(
+                "queue %s: copy to %s failed; rejecting the message to %s",
+                self.spec.queue,
+                queue,
+                self._parked,
+            )
+            self.settlement.reject(tag)
+            return
+        self.settlement.ack(tag)
+
+
+def _describe(exc: BaseException) -> str:
+    """`str(exc)`, or what can be said of an exception whose `__str__` itself fails."""
     try:
-        queue = check_name("queue", queue)
-        if queue.startswith("amq."):
-            raise ConfigError(f"queue={queue!r}: names starting with 'amq.' are reserved by RabbitMQ")
-        if exchange is not None:
-            exchange = check_name("exchange", exchange)
-        if exchange_type not in EXCHANGE_TYPES:
-            raise ConfigError(f"exchange_type={exchange_type!r}: expected one of {', '.join(EXCHANGE_TYPES)}")
-        if routing_key is not None:
-            routing_key = check_name("routing_key", routing_key, allow_empty=True)
-            if exchange is None:
-                raise ConfigError(f"routing_key={routing_key!r} needs exchange=...: it binds to one")
-        if queue_type not in QUEUE_TYPES:
-            raise ConfigError(f"queue_type={queue_type!r}: expected 'quorum' or 'classic'")
-        policy = RetryPolicy.build(retries, delay, retry_on, dont_retry)
-        return ConsumerSpec(
-            queue=queue,
-            handler=handler,
-            signature=HandlerSignature.of(handler),
-            policy=policy,
-            exchange=exchange,
-            exchange_type=str(exchange_type),
-            routing_key=routing_key,
-            queue_type=str(queue_type),
-            prefetch=check_positive("prefetch", prefetch),
-            concurrency=check_positive("concurrency", concurrency),
-        )
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        return str(exc)
+    except Exception as failure:
+        return f"<{type(exc).__name__}: str() failed with {type(failure).__name__}>"
+
+
+def _delivery_count(headers: Mapping[str, Any]) -> int:
+    value = headers.get("x-delivery-count", 0)
+    return value if isinstance(value, int) else 0

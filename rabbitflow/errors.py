@@ -4,10 +4,14 @@ RabbitflowError
 ├── ConfigError           bad options, found when the decorator or App() runs
 ├── TopologyConflict      the broker refused a declaration (406 PRECONDITION_FAILED)
 ├── ConnectionFailed      no node of the cluster could be reached within the budget
+│   └── LoginRefused      a node refused the user name or password (ACCESS_REFUSED)
 ├── PublishTimeout        a publish was not confirmed within its timeout
 ├── Unroutable            the broker returned a mandatory publish: no queue is bound
 ├── PublishNacked         the broker refused a publish (basic.nack)
-└── StateError            a lifecycle call in the wrong state (start twice, publish before start)
+├── StateError            a lifecycle call in the wrong state (start twice, publish before start)
+└── TransportError        a broker operation failed because its channel or connection went away
+    ├── ConnectionLost    the connection to the node is gone; unconfirmed outcomes are unknown
+    └── ChannelClosed     the broker closed the channel (404 NOT_FOUND, 406 PRECONDITION_FAILED...)
 
 Retry, Reject             raised by handlers to steer a delivery; not errors
 """
@@ -15,8 +19,11 @@ Retry, Reject             raised by handlers to steer a delivery; not errors
 from __future__ import annotations
 
 __all__ = [
+    "ChannelClosed",
     "ConfigError",
     "ConnectionFailed",
+    "ConnectionLost",
+    "LoginRefused",
     "PublishNacked",
     "PublishTimeout",
     "RabbitflowError",
@@ -24,6 +31,7 @@ __all__ = [
     "Retry",
     "StateError",
     "TopologyConflict",
+    "TransportError",
     "Unroutable",
 ]
 
@@ -50,6 +58,10 @@ class ConnectionFailed(RabbitflowError):
     """No node of the cluster accepted a connection within the budget."""
 
 
+class LoginRefused(ConnectionFailed):
+    """A node refused the connection's user name or password; trying again will not help."""
+
+
 class PublishTimeout(RabbitflowError, TimeoutError):
     """A publish was not confirmed by the broker within its timeout."""
 
@@ -73,6 +85,23 @@ class PublishNacked(RabbitflowError):
 
 class StateError(RabbitflowError, RuntimeError):
     """A lifecycle method was called in a state that does not allow it."""
+
+
+class TransportError(RabbitflowError):
+    """A broker operation failed because its channel or connection went away."""
+
+
+class ConnectionLost(TransportError):
+    """The connection to the broker node is gone; outcomes of unconfirmed work are unknown."""
+
+
+class ChannelClosed(TransportError):
+    """The broker closed the channel (for example 404 NOT_FOUND or 406 PRECONDITION_FAILED)."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(f"{code} {text}")
+        self.code = code
+        self.text = text
 
 
 class Retry(Exception):

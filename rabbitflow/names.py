@@ -6,10 +6,12 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
-    "ATTEMPT",
     "BROKER_HEADERS",
+    "DELIVERY_LIMIT",
+    "PARKED_ATTEMPTS",
     "PARK_HEADERS",
     "RABBITFLOW_HEADERS",
+    "RETRY_ATTEMPT",
     "dead_letter_exchange",
     "delay_label",
     "parked_queue",
@@ -18,12 +20,15 @@ __all__ = [
     "without",
 ]
 
-# rabbitflow's own attempt counter, carried on retried copies. x-death is no safe counter:
-# 3.13+/4.x never interpret a client-set x-death on republished copies.
-ATTEMPT = "x-rf-attempt"
+# rabbitflow's own attempt counter: the attempt a retried copy comes back as. x-death is no safe
+# counter: 3.13+/4.x never interpret a client-set x-death on republished copies.
+RETRY_ATTEMPT = "x-rf-attempt"
+# Quorum backstop: a message delivered this many times without being settled (a handler that
+# kills its worker, say) is dead-lettered by the broker to the parking queue.
+DELIVERY_LIMIT = 20
 
 REASON = "x-rf-reason"
-ATTEMPTS = "x-rf-attempts"
+PARKED_ATTEMPTS = "x-rf-attempts"  # on a parked message: how many attempts it had
 EXCEPTION = "x-rf-exception"
 ERROR = "x-rf-error"
 TRACEBACK = "x-rf-traceback"
@@ -35,7 +40,7 @@ LAST_FAILURE = "x-rf-last-failure"
 
 PARK_HEADERS = (
     REASON,
-    ATTEMPTS,
+    PARKED_ATTEMPTS,
     EXCEPTION,
     ERROR,
     TRACEBACK,
@@ -59,7 +64,7 @@ BROKER_HEADERS = (
     "x-delivery-count",
 )
 # rabbitflow's own headers, dropped when a parked message is replayed as new.
-RABBITFLOW_HEADERS = (ATTEMPT, *PARK_HEADERS)
+RABBITFLOW_HEADERS = (RETRY_ATTEMPT, *PARK_HEADERS)
 
 
 def without(headers: Mapping[str, Any], *groups: tuple[str, ...]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ class ParkedMessage:
             headers=headers,
             message_id=delivery.properties.message_id,
             reason=str(headers.get(names.REASON, "")),
-            attempts=int(headers.get(names.ATTEMPTS, 0) or 0),
+            attempts=int(headers.get(names.PARKED_ATTEMPTS, 0) or 0),
             error=str(headers.get(names.ERROR, "")),
         )
 

@@ -112,8 +112,16 @@ def decide(policy: RetryPolicy, attempt: int, exc: BaseException | None) -> Deci
             return Decision(Outcome.PARK, reason="exhausted")
         delay = policy.delay_for(attempt) if exc.delay is None else exc.delay
         return Decision(Outcome.RETRY, delay=delay)
-    if isinstance(exc, policy.dont_retry) or not isinstance(exc, policy.retry_on):
+    if isinstance(exc, policy.dont_retry) or not _retried(policy, exc):
         return Decision(Outcome.PARK, reason="not-retryable")
     if attempt > policy.retries:
         return Decision(Outcome.PARK, reason="exhausted")
     return Decision(Outcome.RETRY, delay=policy.delay_for(attempt))
+
+
+def _retried(policy: RetryPolicy, exc: BaseException) -> bool:
+    if isinstance(exc, policy.retry_on):
+        return True
+    # A BaseException that is no Exception (a cancelled inner task's CancelledError, GeneratorExit)
+    # is retried like one whenever Exception is: the default policy retries it.
+    return not isinstance(exc, Exception) and any(issubclass(Exception, t) for t in policy.retry_on)

@@ -1,19 +1,20 @@
-"""A session: what the app holds on one connection — the publisher channel and the workers."""
+"""A session: what the app holds on one node — a consuming and a publishing connection."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from collections.abc import Sequence
 
 from . import names
-from .consumer import ConsumerSpec
-from .errors import PublishNacked, TopologyConflict
+from .connection import Links
+from .consumer import Consumer
+from .errors import TopologyConflict
+from .middleware import Middleware
+from .publisher import Publisher
+from .settings import Settings
+from .spec import ConsumerSpec
 from .topology.applier import apply_plan
-from .topology.compiler import Plan, retry_plan
-from .transport.base import Channel, Properties, Transport
-from .worker import ConsumerWorker, FailureHook
+from .topology.compiler import Plan, compile_plan, retry_plan
 
 __all__ = ["Session"]
 
@@ -21,99 +22,66 @@ log = logging.getLogger("rabbitflow.session")
 
 
 class Session:
-    """Everything bound to one connection. A lost connection ends the session; the app opens
-    a new one on the next node, and nothing of the old one (channels, delivery tags) is reused."""
+    """Everything bound to one pair of connections. A lost connection ends the session; the
+    runtime opens a new one on the next node, and nothing of the old one is reused."""
 
-    def __init__(self, transport: Transport, service: str, on_failure: FailureHook | None = None) -> None:
-        self.transport = transport
-        self.service = service
-        self._on_failure = on_failure
-        self.workers: list[ConsumerWorker] = []
-        self._publisher: Channel | None = None
-        self._publisher_lock = asyncio.Lock()
+    def __init__(
+        self,
+        links: Links,
+        settings: Settings,
+        plan: Plan,
+        specs: tuple[ConsumerSpec, ...],
+        middleware: tuple[Middleware, ...] = (),
+    ) -> None:
+        self.links = links
+        self.settings = settings
+        self.plan = plan
+        self._specs = specs
+        self._middleware = middleware
+        self.publisher = Publisher(links.publish)  # the app's own publishes
+        self.copies = Publisher(links.publish, repair=self._repair)  # retry and parked copies
+        self.consumers: list[Consumer] = []
         self._retry_queues: set[str] = set()
         self._refused: dict[str, TopologyConflict] = {}
-        self._closing: set[asyncio.Task[None]] = set()
+        self._repairing: asyncio.Task[None] | None = None
 
-    async def open(
-        self,
-        plan: Plan,
-        specs: Sequence[ConsumerSpec],
-        *,
-        prefetch: int,
-        concurrency: int,
-    ) -> None:
+    @property
+    def node(self) -> str:
+        return self.links.node
+
+    async def open(self) -> None:
         """Declare the whole plan before any consumer starts, then subscribe every consumer."""
-        await apply_plan(plan, self.transport)
-        await self.publisher()
-        for spec in specs:
-            channel = await self.transport.channel()
-            worker = ConsumerWorker(
+        await apply_plan(self.plan, self.links.publish)
+        await self.publisher.channel()
+        await self.copies.channel()
+        s = self.settings
+        for spec in self._specs:
+            channel = await self.links.consume.channel()
+            consumer = Consumer(
                 spec,
-                service=self.service,
+                service=s.name,
                 channel=channel,
-                publish=self.publish_nowait,
+                copies=self.copies,
                 ensure_retry_queue=self.ensure_retry_queue,
-                prefetch=spec.prefetch or prefetch,
-                concurrency=spec.concurrency or concurrency,
-                on_failure=self._on_failure,
+                redeclare=self._redeclare,
+                prefetch=spec.prefetch or s.prefetch,
+                concurrency=spec.concurrency or s.concurrency,
+                handler_timeout=spec.handler_timeout or s.handler_timeout,
+                middleware=self._middleware,
             )
-            await worker.start()
-            self.workers.append(worker)
+            await consumer.start()
+            self.consumers.append(consumer)
 
-    async def publisher(self) -> Channel:
-        channel = self._publisher
-        if channel is not None and channel.is_open:
-            return channel
-        async with self._publisher_lock:
-            if self._publisher is None or not self._publisher.is_open:
-                self._publisher = await self.transport.channel()
-            return self._publisher
+    async def _repair(self) -> None:
+        """The broker refused a copy for a missing exchange or route (an operator deleted the
+        service's exchange, say): declare the plan again, once for all the copies that ask."""
+        if self._repairing is None or self._repairing.done():
+            self._repairing = asyncio.ensure_future(apply_plan(self.plan, self.links.publish))
+        await asyncio.shield(self._repairing)
 
-    async def publish(self, body: bytes, exchange: str, routing_key: str, properties: Properties) -> None:
-        channel = self._publisher
-        if channel is None or not channel.is_open:
-            channel = await self.publisher()
-        # Awaited directly, not through `_watched`: App.publish's path, a future and two callbacks
-        # per message cheaper.
-        try:
-            await channel.publish(body, exchange=exchange, routing_key=routing_key, properties=properties)
-        except PublishNacked:
-            self._retire(channel)
-            raise
-
-    def publish_nowait(
-        self, body: bytes, exchange: str, routing_key: str, properties: Properties
-    ) -> asyncio.Future[None]:
-        """The publish's confirm as a future, without a task when the publisher channel is open."""
-        channel = self._publisher
-        if channel is None or not channel.is_open:
-            return asyncio.ensure_future(self.publish(body, exchange, routing_key, properties))
-        return self._watched(channel, body, exchange, routing_key, properties)
-
-    def _watched(
-        self, channel: Channel, body: bytes, exchange: str, routing_key: str, properties: Properties
-    ) -> asyncio.Future[None]:
-        """Publish on `channel`; a nack retires it (see `_retire`)."""
-        future = channel.publish_nowait(
-            body, exchange=exchange, routing_key=routing_key, properties=properties
-        )
-        future.add_done_callback(functools.partial(self._retire_if_nacked, channel))
-        return future
-
-    def _retire_if_nacked(self, channel: Channel, future: asyncio.Future[None]) -> None:
-        if not future.cancelled() and isinstance(future.exception(), PublishNacked):
-            self._retire(channel)
-
-    def _retire(self, channel: Channel) -> None:
-        """Seen on 3.10 after a failover: a channel whose quorum-queue client lost its leader keeps
-        nacking every publish; a fresh channel gets through. Publishes still in flight on the old
-        one are sent again by their callers."""
-        if self._publisher is channel:
-            self._publisher = None
-            task = asyncio.get_running_loop().create_task(channel.close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+    async def _redeclare(self, spec: ConsumerSpec) -> None:
+        """A consumer the broker cancelled: its own part of the plan, declared again."""
+        await apply_plan(compile_plan(self.settings.name, (spec,)), self.links.consume)
 
     async def ensure_retry_queue(self, spec: ConsumerSpec, delay: float) -> None:
         """Declare a retry queue for a `Retry(delay=...)` the policy did not plan for. A queue the
@@ -129,7 +97,7 @@ class Session:
                 str(refused), kind=refused.kind, name=refused.name, argument=refused.argument
             )
         try:
-            await apply_plan(retry_plan(self.service, spec, delay), self.transport)
+            await apply_plan(retry_plan(self.settings.name, spec, delay), self.links.publish)
         except TopologyConflict as exc:
             log.error("queue %s: cannot declare its retry queue %s: %s", spec.queue, name, exc)
             self._refused[name] = TopologyConflict(
@@ -138,14 +106,9 @@ class Session:
             raise
         self._retry_queues.add(name)
 
-    @property
-    def live_consumers(self) -> int:
-        return sum(worker.live for worker in self.workers)
-
     async def stop(self, graceful_timeout: float) -> None:
-        await asyncio.gather(*(w.stop(graceful_timeout) for w in self.workers))
-        if self._publisher is not None:
-            await self._publisher.close()
+        await asyncio.gather(*(c.stop(graceful_timeout) for c in self.consumers))
+        await asyncio.gather(self.publisher.close(), self.copies.close())
 
     async def abandon(self) -> None:
-        await asyncio.gather(*(w.abandon() for w in self.workers))
+        await asyncio.gather(*(c.abandon() for c in self.consumers))

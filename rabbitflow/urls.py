@@ -14,7 +14,10 @@ __all__ = ["DEFAULT_URL", "Endpoint", "mask", "parse_urls"]
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 _SCHEMES = {"amqp": 5672, "amqps": 5671, "memory": 0}
-_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@;\s]*:)(?P<password>[^@;\s]*)(?=@)", re.I)
+# The password runs to the last "@" before the host: it may itself hold "@" or ";".
+_PASSWORD = re.compile(
+    r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@;\s]*:)(?P<password>[^\s/]*?)(?=@[^@\s/;]*(?:[/;\s]|$))", re.I
+)
 
 
 def mask(text: str) -> str:
@@ -31,6 +34,7 @@ class Endpoint:
     host: str
     port: int
     vhost: str
+    user: str = ""
 
     def __str__(self) -> str:
         return mask(self.url)
@@ -82,4 +86,5 @@ def _parse_one(entry: str, index: int) -> Endpoint:
         raise ConfigError(f"url entry {index} ({shown!r}) has no host; write amqp://user:pass@host:5672/")
     path = parts.path[1:] if parts.path.startswith("/") else parts.path
     vhost = unquote(path) if path else "/"
-    return Endpoint(entry, scheme, parts.hostname, port or _SCHEMES[scheme], vhost)
+    user = unquote(parts.username or "guest")
+    return Endpoint(entry, scheme, parts.hostname, port or _SCHEMES[scheme], vhost, user)

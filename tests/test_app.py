@@ -139,8 +139,28 @@ async def test_publish_before_start_and_after_stop_is_a_state_error(make_app: Ca
         pass
     with pytest.raises(StateError):
         await app.publish({"x": 1}, routing_key="q")
-    with pytest.raises(StateError, match="starts once"):
-        await app.start()
+
+
+async def test_an_app_that_stopped_starts_again_and_consumes(make_app: Callable[..., App]) -> None:
+    app = make_app()
+    queue = unique("again")
+    got: list[int] = []
+
+    @app.consumer(queue, queue_type="classic")
+    async def handle(body: dict[str, int]) -> None:
+        got.append(body["n"])
+
+    async with app:
+        await app.publish({"n": 1}, routing_key=queue)
+        await wait_for(lambda: got == [1])
+    assert app.state == "closed"
+    async with app:
+        assert app.health()["healthy"]
+        await app.publish({"n": 2}, routing_key=queue)
+        await wait_for(lambda: got == [1, 2])
+    with pytest.raises(StateError, match="stop it before"):
+        async with app:
+            await app.start()
 
 
 async def test_publish_times_out_when_no_node_answers(make_app: Callable[..., App]) -> None:

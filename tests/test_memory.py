@@ -16,12 +16,8 @@ from rabbitflow.testing._routing import topic_match
 from rabbitflow.testing.memory import (
     MemoryBroker,
     MemoryChannel,
-    broker_for,
-    memory_connector,
-    use_broker,
 )
 from rabbitflow.transport.base import ChannelClosed, ConnectionLost, Delivery
-from rabbitflow.urls import parse_urls
 
 EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -814,15 +810,19 @@ async def test_realtime_broker_expires_on_its_own() -> None:
     assert bodies(broker, "out") == [b"m"]
 
 
-async def test_an_app_on_memory_talks_to_its_broker() -> None:
+async def test_an_app_on_memory_talks_to_the_broker_it_was_handed() -> None:
     app = App("svc", url="memory://")
-    assert broker_for(app) is broker_for(app)
-    assert broker_for(app).realtime
-    mine = use_broker(app, MemoryBroker())
-    transport = await memory_connector(app)(parse_urls("memory://")[0], 1.0)
-    channel = await transport.channel()
-    await channel.declare_queue("seen")
-    assert mine.queue_names() == ["seen"]
+    default = app.broker
+    assert isinstance(default, MemoryBroker)
+    assert app.broker is default
+    assert default.realtime
+    mine = MemoryBroker()
+    app.use_broker(mine)
+    async with app:
+        assert app.health()["healthy"]
+    assert mine.queue_names() == []  # a service without consumers declares nothing on it
+    assert mine.exchanges.keys() >= {"svc.dlx"}
+    assert default.exchanges.keys().isdisjoint({"svc.dlx"})
 
 
 async def test_a_thousand_messages_failing_twice_run_in_well_under_a_second(

@@ -10,9 +10,13 @@ def test_all_is_sorted_and_complete() -> None:
     assert rabbitflow.__all__ == sorted(rabbitflow.__all__)
     assert set(rabbitflow.__all__) == {
         "App",
+        "ChannelClosed",
         "ConfigError",
         "ConnectionFailed",
+        "ConnectionLost",
+        "LoginRefused",
         "Message",
+        "Middleware",
         "ParkedMessage",
         "Plan",
         "PublishNacked",
@@ -23,6 +27,7 @@ def test_all_is_sorted_and_complete() -> None:
         "RetryPolicy",
         "StateError",
         "TopologyConflict",
+        "TransportError",
         "Unroutable",
     }
     for name in rabbitflow.__all__:
@@ -37,3 +42,8 @@ def test_errors_form_one_hierarchy_and_signals_stay_outside() -> None:
         else:
             assert issubclass(cls, errors.RabbitflowError)
             assert cls.__doc__
+
+
+def test_every_error_a_user_can_catch_is_exported() -> None:
+    for name in errors.__all__:
+        assert name in rabbitflow.__all__, f"rabbitflow.errors.{name} is not exported from rabbitflow"

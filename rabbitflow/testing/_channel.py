@@ -13,6 +13,7 @@ from ..transport.base import (
     ChannelClosed,
     ConnectionLost,
     Delivery,
+    OnCancel,
     OnDelivery,
     Properties,
     QueueInfo,
@@ -268,14 +269,16 @@ class MemoryChannel(Channel):
                 )
         await asyncio.sleep(0)
 
-    async def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int) -> str:
+    async def consume(
+        self, queue: str, on_delivery: OnDelivery, *, prefetch: int, on_cancel: OnCancel | None = None
+    ) -> str:
         if prefetch < 0:
             raise ValueError(f"prefetch={prefetch!r}: expected a count >= 0 (0 = unlimited)")
         with self._method() as vhost:
             q = vhost.queue(queue, self._transport)
             tag = vhost.new_name("amq.ctag-")
             # basic.qos(prefetch) before basic.consume: the limit applies per consumer.
-            consumer = Consumer(tag, self, q, on_delivery, prefetch)
+            consumer = Consumer(tag, self, q, on_delivery, prefetch, on_cancel=on_cancel)
             q.consumers.append(consumer)
             self._consumers[tag] = consumer
             vhost.touch(q)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,7 @@ class Consumer:
     on_delivery: OnDelivery
     prefetch: int  # 0: unlimited
     unacked: int = 0
+    on_cancel: Callable[[], None] | None = None
 
     @property
     def has_capacity(self) -> bool:

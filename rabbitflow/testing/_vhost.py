@@ -92,6 +92,10 @@ class VHost:
             exchange.unbind_queue(q.name)
         for consumer in list(q.consumers):
             consumer.channel._forget_consumer(consumer.tag)
+            if consumer.on_cancel is not None:
+                # RabbitMQ sends basic.cancel to the consumers of a deleted queue (its
+                # consumer_cancel_notify capability, which aiormq announces).
+                consumer.on_cancel()
         q.clear()
         self._dirty.pop(q, None)
 

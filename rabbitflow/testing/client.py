@@ -12,8 +12,9 @@ from .. import names
 from ..app import App
 from ..codec import DecodeError, decode, outgoing
 from ..errors import ConfigError, Reject, Retry
+from ..middleware import Middleware
 from ..transport.base import Channel, Properties
-from .memory import MemoryBroker, use_broker
+from .memory import MemoryBroker
 
 __all__ = ["Failure", "Parked", "Sent", "TestClient"]
 
@@ -55,6 +56,16 @@ class Failure:
     time: float
 
 
+class _Recorder(Middleware):
+    """What the client listens with: the middleware seam any user has."""
+
+    def __init__(self, client: TestClient) -> None:
+        self._client = client
+
+    def attempt_failed(self, queue: str, attempt: int, exception: BaseException) -> None:
+        self._client._record(queue, attempt, exception)
+
+
 def _decoded(properties: Properties, raw: bytes) -> Any:
     try:
         return decode(raw, properties.content_type)
@@ -92,8 +103,8 @@ class TestClient:
         self._ids = itertools.count(1)
 
     async def __aenter__(self) -> TestClient:
-        use_broker(self.app, self.broker)
-        self.app._on_failure = self._record
+        self.app.use_broker(self.broker)
+        self.app.middleware = (*self.app.middleware, _Recorder(self))
         await self.app.start()
         transport = await self.broker.connect()
         self._channel = await transport.channel()
@@ -104,6 +115,7 @@ class TestClient:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.app.stop()
+        self.app.middleware = tuple(m for m in self.app.middleware if not isinstance(m, _Recorder))
 
     def _record(self, queue: str, attempt: int, exc: BaseException) -> None:
         self.failures.append(Failure(queue, attempt, exc, self.broker.now))
@@ -165,7 +177,7 @@ class TestClient:
                     headers=headers,
                     message_id=properties.message_id,
                     reason=str(headers.get(names.REASON, "")),
-                    attempts=int(headers.get(names.ATTEMPTS, 0)),
+                    attempts=int(headers.get(names.PARKED_ATTEMPTS, 0)),
                     exception=headers.get(names.EXCEPTION),
                     error=headers.get(names.ERROR),
                 )

@@ -10,28 +10,27 @@ calls `advance()` or `drain()`, so a 60 s retry delay costs nothing:
     ...
     await broker.drain()  # deliver, expire and dead-letter until nothing is left to happen
 
-An App with `url="memory://"` talks to `broker_for(app)`; `use_broker(app, MemoryBroker())`
-before it starts gives it a broker on a virtual clock (the default one follows real time, so
-`rabbitflow run app:app --url memory://` retries on schedule).
+A MemoryBroker is a `rabbitflow.transport.base.Broker`: hand it to an App with
+`App(..., url="memory://", broker=MemoryBroker())` or `app.use_broker(broker)` before it starts.
+An App with `url="memory://"` and no broker gets one that follows real time, so
+`rabbitflow run app:app --url memory://` retries on schedule.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
+import ssl
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ..transport.base import ConnectionLost, Delivery, OnDelivery, Properties, Transport
+from ..transport.base import ConnectionLost, Delivery, OnDelivery, Properties
 from ._channel import MemoryChannel, MemoryTransport
 from ._queue import Consumer, MemoryQueue
 from ._routing import MemoryExchange
 from ._vhost import Dropped, Published, VHost
 
 if TYPE_CHECKING:
-    from ..app import App
-    from ..connection import Connector
     from ..urls import Endpoint
 
 __all__ = [
@@ -42,8 +41,6 @@ __all__ = [
     "MemoryQueue",
     "MemoryTransport",
     "Published",
-    "broker_for",
-    "memory_connector",
     "use_broker",
 ]
 
@@ -136,7 +133,16 @@ class MemoryBroker:
 
     # -- connections ---------------------------------------------------------------------------
 
-    async def connect(self) -> MemoryTransport:
+    async def connect(
+        self,
+        endpoint: Endpoint | None = None,
+        *,
+        timeout: float = 0.0,
+        heartbeat: int = 0,
+        name: str = "",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> MemoryTransport:
+        """A connection, as `Broker.connect`; the endpoint and the options do not matter here."""
         if not self.accepting:
             raise ConnectionRefusedError("memory:// refuses connections (MemoryBroker.accepting is False)")
         if self.realtime and self._loop is None:
@@ -305,29 +311,7 @@ class MemoryBroker:
             raise ExceptionGroup(f"{len(errors)} on_delivery callbacks failed", errors)
 
 
-# -- the broker behind App(url="memory://") --------------------------------------------------------
-
-_brokers: weakref.WeakKeyDictionary[App, MemoryBroker] = weakref.WeakKeyDictionary()
-
-
-def broker_for(app: App) -> MemoryBroker:
-    """The broker an App with url="memory://" talks to (made on first use, following real time)."""
-    broker = _brokers.get(app)
-    if broker is None:
-        broker = _brokers[app] = MemoryBroker(realtime=True)
+def use_broker(app: Any, broker: MemoryBroker) -> MemoryBroker:
+    """`app.use_broker(broker)`, returning the broker; kept for tests written before that."""
+    app.use_broker(broker)
     return broker
-
-
-def use_broker(app: App, broker: MemoryBroker) -> MemoryBroker:
-    """Make `app` talk to `broker` from its next connect on; several apps may share one broker."""
-    _brokers[app] = broker
-    return broker
-
-
-def memory_connector(app: App) -> Connector:
-    """The connector App uses for memory://: a connection to `broker_for(app)`."""
-
-    async def connect(endpoint: Endpoint, timeout: float) -> Transport:
-        return await broker_for(app).connect()
-
-    return connect

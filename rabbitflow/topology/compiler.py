@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import names
-from ..consumer import ConsumerSpec
 from ..errors import ConfigError
+from ..spec import ConsumerSpec
 
 __all__ = [
     "DELIVERY_LIMIT",
@@ -29,9 +29,7 @@ __all__ = [
     "retry_plan",
 ]
 
-# Quorum backstop: a message delivered this many times without being settled (a handler that
-# kills its worker, say) is dead-lettered by the broker to the parking queue.
-DELIVERY_LIMIT = 20
+DELIVERY_LIMIT = names.DELIVERY_LIMIT
 
 Args = tuple[tuple[str, Any], ...]
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import aio_pika
 import aiormq
 import aiormq.exceptions as amqp_errors
 from aiormq.abc import DeliveredMessage
+from pamqp.base import Frame
 from pamqp.commands import Basic
 
-from ..errors import PublishNacked, Unroutable
+from ..errors import LoginRefused, PublishNacked, Unroutable
 from ..urls import Endpoint
 from .base import (
     Arguments,
@@ -22,6 +23,7 @@ from .base import (
     ChannelClosed,
     ConnectionLost,
     Delivery,
+    OnCancel,
     OnDelivery,
     Properties,
     QueueInfo,
@@ -29,7 +31,7 @@ from .base import (
 )
 from .pipeline import Pipeline, supported
 
-__all__ = ["AmqpChannel", "AmqpTransport", "connect"]
+__all__ = ["AmqpBroker", "AmqpChannel", "AmqpTransport", "connect"]
 
 _CODES: Mapping[type[BaseException], int] = {
     amqp_errors.ChannelAccessRefused: 403,
@@ -223,25 +225,56 @@ class AmqpChannel(Channel):
         confirm.add_done_callback(settle)
         return result
 
-    async def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int) -> str:
+    async def consume(
+        self, queue: str, on_delivery: OnDelivery, *, prefetch: int, on_cancel: OnCancel | None = None
+    ) -> str:
         async def on_message(message: DeliveredMessage) -> None:
             await on_delivery(_delivery(message))
 
         async with _translated:
             await self._channel.basic_qos(prefetch_count=prefetch)
             ok = await self._channel.basic_consume(queue, on_message)
-        return str(ok.consumer_tag)
+        tag = str(ok.consumer_tag)
+        if on_cancel is not None:
+
+            def cancelled(frame: Basic.Cancel) -> None:
+                if frame.consumer_tag == tag:
+                    on_cancel()
+
+            self._channel.on_consumer_cancel_callbacks.add(cancelled)
+        return tag
 
     async def cancel(self, consumer_tag: str) -> None:
         async with _translated:
             await self._channel.basic_cancel(consumer_tag)
 
+    # Acks and rejects go through the pipeline when there is one, so they leave in the order they
+    # were made: a single ack overtaken by a `multiple` one covering it would be a 406.
+    def _methods(self, frames: Sequence[Frame]) -> None:
+        assert self._pipeline is not None
+        try:
+            self._pipeline.methods(frames)
+        except (amqp_errors.AMQPError, amqp_errors.ChannelInvalidStateError, ConnectionError) as exc:
+            raise _translate(exc) from exc
+
     async def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
+        if self._pipeline is not None:
+            self._methods((Basic.Ack(delivery_tag=delivery_tag, multiple=multiple),))
+            return
         async with _translated:
             await self._channel.basic_ack(delivery_tag, multiple=multiple, wait=False)
 
+    async def ack_each(self, delivery_tags: Sequence[int]) -> None:
+        if self._pipeline is None:
+            await super().ack_each(delivery_tags)
+            return
+        self._methods([Basic.Ack(delivery_tag=tag) for tag in delivery_tags])
+
     async def reject(self, delivery_tag: int, *, requeue: bool) -> None:
         # basic.reject, not nack: from 4.3 only reject counts towards a quorum delivery limit.
+        if self._pipeline is not None:
+            self._methods((Basic.Reject(delivery_tag=delivery_tag, requeue=requeue),))
+            return
         async with _translated:
             await self._channel.basic_reject(delivery_tag, requeue=requeue, wait=False)
 
@@ -267,6 +300,11 @@ class AmqpTransport(Transport):
     @property
     def is_open(self) -> bool:
         return not self._amqp.is_closed
+
+    @property
+    def server_version(self) -> str:
+        version = (getattr(self._amqp, "server_properties", None) or {}).get("version", "")
+        return version.decode() if isinstance(version, bytes) else str(version)
 
     @property
     def blocked(self) -> bool:
@@ -322,5 +360,31 @@ async def connect(
     # certfile, keyfile, no_verify_ssl.
     if ssl_context is not None:
         kwargs["ssl_context"] = ssl_context
-    connection = await asyncio.wait_for(aio_pika.connect(endpoint.url, **kwargs), timeout)
+    try:
+        connection = await asyncio.wait_for(aio_pika.connect(endpoint.url, **kwargs), timeout)
+    except (amqp_errors.ProbableAuthenticationError, amqp_errors.AuthenticationError) as exc:
+        raise LoginRefused(
+            f"{endpoint} refused the login of user {endpoint.user!r} (ACCESS_REFUSED): check the user "
+            "name and password in url= or RABBITFLOW_URL"
+        ) from exc
     return AmqpTransport(endpoint, connection)
+
+
+class AmqpBroker:
+    """A real RabbitMQ, reached over AMQP 0-9-1 with aiormq: the default broker of an App."""
+
+    def __repr__(self) -> str:
+        return "AmqpBroker()"
+
+    async def connect(
+        self,
+        endpoint: Endpoint,
+        *,
+        timeout: float,
+        heartbeat: int,
+        name: str,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> Transport:
+        return await connect(
+            endpoint, timeout=timeout, heartbeat=heartbeat, name=name, ssl_context=ssl_context
+        )

@@ -1,23 +1,29 @@
 """The transport interface: the few broker operations rabbitflow needs.
 
-Two implementations: `amqp.AmqpTransport` (aiormq, a real broker) and
-`rabbitflow.testing.memory.MemoryTransport` (the in-memory broker). Message properties
-are pamqp's `Basic.Properties` in both, so nothing is converted on the hot path.
+A `Broker` opens connections (`Transport`) to a node; the App is handed one (httpx's
+`transport=` seam). Two implementations: `amqp.AmqpBroker` (aiormq, a real RabbitMQ) and
+`rabbitflow.testing.MemoryBroker` (the in-memory broker). Message properties are pamqp's
+`Basic.Properties` in both, so nothing is converted on the hot path.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+import ssl
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pamqp.commands import Basic
 
-from ..errors import RabbitflowError
+from ..errors import ChannelClosed, ConnectionLost, TransportError
+
+if TYPE_CHECKING:
+    from ..urls import Endpoint
 
 __all__ = [
+    "Broker",
     "Channel",
     "ChannelClosed",
     "ConnectionLost",
@@ -62,23 +68,6 @@ def persistent_copy(properties: Properties, headers: dict[str, Any] | None) -> P
     return clone_properties(properties, headers=headers, expiration=None, delivery_mode=2)
 
 
-class TransportError(RabbitflowError):
-    """A broker operation failed because its channel or connection went away."""
-
-
-class ConnectionLost(TransportError):
-    """The connection to the broker node is gone; outcomes of unconfirmed work are unknown."""
-
-
-class ChannelClosed(TransportError):
-    """The broker closed the channel (for example 404 NOT_FOUND or 406 PRECONDITION_FAILED)."""
-
-    def __init__(self, code: int, text: str) -> None:
-        super().__init__(f"{code} {text}")
-        self.code = code
-        self.text = text
-
-
 @dataclass(slots=True)
 class Delivery:
     """One message as the broker delivered it."""
@@ -99,6 +88,7 @@ class QueueInfo:
 
 
 OnDelivery = Callable[[Delivery], Awaitable[None]]
+OnCancel = Callable[[], None]
 
 
 class Channel(abc.ABC):
@@ -179,14 +169,22 @@ class Channel(abc.ABC):
         )
 
     @abc.abstractmethod
-    async def consume(self, queue: str, on_delivery: OnDelivery, *, prefetch: int) -> str:
-        """Start consuming with manual acks and this prefetch; returns the consumer tag."""
+    async def consume(
+        self, queue: str, on_delivery: OnDelivery, *, prefetch: int, on_cancel: OnCancel | None = None
+    ) -> str:
+        """Start consuming with manual acks and this prefetch; returns the consumer tag.
+        `on_cancel()` runs when the broker cancels the consumer (queue deleted, say)."""
 
     @abc.abstractmethod
     async def cancel(self, consumer_tag: str) -> None: ...
 
     @abc.abstractmethod
     async def ack(self, delivery_tag: int, *, multiple: bool = False) -> None: ...
+
+    async def ack_each(self, delivery_tags: Sequence[int]) -> None:
+        """Ack each of these tags on its own (not `multiple`)."""
+        for tag in delivery_tags:
+            await self.ack(tag)
 
     @abc.abstractmethod
     async def reject(self, delivery_tag: int, *, requeue: bool) -> None: ...
@@ -226,6 +224,27 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
+    @property
+    def server_version(self) -> str:
+        """The broker's version as its server properties say ("3.10.8"), or "" when unknown."""
+        return ""
+
     async def native_channel(self) -> Any:
         """A channel of the underlying client library (aio-pika), for `App.ensure`."""
         raise NotImplementedError(f"{type(self).__name__} has no native channel")
+
+
+class Broker(Protocol):
+    """Where connections come from: a real RabbitMQ (`AmqpBroker`) or the in-memory one."""
+
+    async def connect(
+        self,
+        endpoint: Endpoint,
+        *,
+        timeout: float,
+        heartbeat: int,
+        name: str,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> Transport:
+        """Open a connection to `endpoint` within `timeout` seconds."""
+        ...

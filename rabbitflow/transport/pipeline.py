@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import deque
+from collections.abc import Sequence
 
 import aiormq
 from aiormq.abc import ChannelFrame
 from aiormq.channel import Returning
+from pamqp.base import Frame
 from pamqp.commands import Basic
 from pamqp.frame import marshal
 
@@ -82,6 +84,19 @@ class Pipeline:
         chunks.append(content_header_frame(number, len(body), properties))
         chunks.extend(body_frames(number, body, channel.max_content_size))
         return confirmation
+
+    def methods(self, frames: Sequence[Frame]) -> None:
+        """Queue method frames (acks, rejects) for this turn's write, in order with everything
+        else the channel sends: an ack of tag 7 never overtakes a `multiple` ack covering it. A
+        flush's acks behind an unsettled delivery then cost one syscall, not one per tag."""
+        channel = self._channel
+        if channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+        chunks = self._chunks
+        if not chunks:
+            self._loop.call_soon(self._flush)
+        number = channel.number
+        chunks.extend(marshal(frame, number) for frame in frames)
 
     def _fail_pending(self, closing: asyncio.Future[object]) -> None:
         """The channel is gone: every unconfirmed publish has an unknown outcome, and says so."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from rabbitflow import App, Message, Reject, Retry, worker
+from rabbitflow import App, Message, Reject, Retry, consumer
 
 from .helpers import Admin, unique, wait_for
 
@@ -285,7 +285,7 @@ async def test_an_exception_whose_str_fails_is_still_parked_with_its_type(
         parked = await _one(admin, f"{queue}.parked")
     headers = parked.header.properties.headers
     assert headers["x-rf-reason"] == "exhausted"
-    assert headers["x-rf-exception"].endswith("test_worker.Unprintable")
+    assert headers["x-rf-exception"].endswith("test_consumer.Unprintable")
     assert headers["x-rf-error"] == "<Unprintable: str() failed with RuntimeError>"
 
 
@@ -332,7 +332,7 @@ async def test_an_internal_fault_rejects_the_delivery_to_its_parking_queue_and_c
     app = make_app()
     queue = unique("fault")
     seen: list[int] = []
-    real_decide = worker.decide
+    real_decide = consumer.decide
 
     def decide_badly(policy: Any, attempt: int, exc: BaseException | None) -> Any:
         if isinstance(exc, KeyError):
@@ -340,7 +340,7 @@ async def test_an_internal_fault_rejects_the_delivery_to_its_parking_queue_and_c
         return real_decide(policy, attempt, exc)
 
     # Fault injection into rabbitflow's own failure path (not the broker's behaviour).
-    monkeypatch.setattr(worker, "decide", decide_badly)
+    monkeypatch.setattr(consumer, "decide", decide_badly)
 
     @app.consumer(queue, retries=1, delay=30)
     async def handle(body: Any) -> None:

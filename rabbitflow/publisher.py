@@ -1,0 +1,222 @@
+"""Publishing: every rule of a publish in one place.
+
+- Confirms: a publish is done when the broker confirmed it; `Unroutable` when it was returned.
+- A nack retires the channel (seen on 3.10 after a failover: a channel whose quorum-queue client
+  lost its leader keeps nacking; a fresh one gets through) and the publish is sent again after a
+  backoff: the broker certainly did not store it.
+- A channel error is the fault of one publish (RabbitMQ names the exchange or the user_id it
+  refused); the others in flight on that channel lost their channel, not their right to be
+  published, and are sent again on a fresh one. Only the culprit's caller sees the error.
+- While the broker blocks the connection (a resource alarm) publishes wait.
+- `publish()` sends again across reconnects until the caller's deadline: a publish whose outcome
+  a lost connection made unknown may be stored twice, never lost.
+
+A `Publisher` is one channel of the session's publishing connection, which never consumes. The
+session has two: one for the app's publishes and one for the retry and parked copies, so a
+user's bad publish never takes a copy down with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from .errors import ChannelClosed, ConnectionLost, PublishNacked, PublishTimeout, Unroutable
+from .transport.base import Channel, Properties, Transport
+
+__all__ = ["Publisher", "publish"]
+
+log = logging.getLogger("rabbitflow.publisher")
+
+# Sends after a channel error that named another publish, before this one counts as the culprit.
+_NEIGHBOUR_CLOSES = 3
+_BACKOFF_CAP = 2.0
+
+
+def backoff(failures: int) -> float:
+    """The pause before the next send after `failures` nacks in a row: 40 ms doubling to 2 s."""
+    return float(min(_BACKOFF_CAP, 0.02 * 2**failures))
+
+
+def caused_by(error: ChannelClosed, exchange: str, properties: Properties) -> bool:
+    """Whether the broker closed the channel because of this publish. RabbitMQ's reply text names
+    what it refused: "NOT_FOUND - no exchange 'x' in vhost '/'", "ACCESS_REFUSED - access to
+    exchange 'x' ...", "PRECONDITION_FAILED - user_id property set to 'u' but ..."."""
+    text = error.text
+    if exchange and f"exchange '{exchange}'" in text:
+        return True
+    user_id = properties.user_id
+    return bool(user_id) and "user_id" in text and f"'{user_id}'" in text
+
+
+@dataclass(slots=True)
+class Tally:
+    nacks: int = 0
+
+
+class Publisher:
+    """One confirm-mode channel of a publishing connection, reopened when it goes.
+
+    `repair`, when given, is awaited once per publish that the broker refused as unroutable or
+    for a missing exchange, before it is sent again: the session re-declares its topology there,
+    for copies to the service's own exchange that an operator deleted.
+    """
+
+    def __init__(self, transport: Transport, *, repair: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.transport = transport
+        self._repair = repair
+        self._channel: Channel | None = None
+        self._opening = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def channel(self) -> Channel:
+        channel = self._channel
+        if channel is not None and channel.is_open:
+            return channel
+        async with self._opening:
+            if self._channel is None or not self._channel.is_open:
+                self._channel = await self.transport.channel()
+            return self._channel
+
+    def send(
+        self, body: bytes, exchange: str, routing_key: str, properties: Properties
+    ) -> asyncio.Future[None]:
+        """One try, as a future of the broker's answer: the fast path of the copies, without a
+        task while the channel is open. A failed try is handed to `publish(..., after=...)`."""
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            return asyncio.ensure_future(self._send_on_new(body, exchange, routing_key, properties))
+        future = channel.publish_nowait(
+            body, exchange=exchange, routing_key=routing_key, properties=properties
+        )
+        future.add_done_callback(functools.partial(self._answered, channel))
+        return future
+
+    async def _send_on_new(
+        self, body: bytes, exchange: str, routing_key: str, properties: Properties
+    ) -> None:
+        channel = await self.channel()
+        try:
+            await channel.publish(body, exchange=exchange, routing_key=routing_key, properties=properties)
+        except PublishNacked:
+            self._retire(channel)
+            raise
+
+    def _answered(self, channel: Channel, future: asyncio.Future[None]) -> None:
+        if not future.cancelled() and isinstance(future.exception(), PublishNacked):
+            self._retire(channel)
+
+    async def publish(
+        self,
+        body: bytes,
+        exchange: str,
+        routing_key: str,
+        properties: Properties,
+        *,
+        after: BaseException | None = None,
+        tally: Tally | None = None,
+    ) -> None:
+        """Publish on this connection until the broker confirms it (`after`: how a first try
+        ended; `tally` counts the nacks, for the caller's error message). Raises `Unroutable` or `ChannelClosed` when the broker refused this publish,
+        `ConnectionLost` when the connection went, and nothing else of its own: bound it with a
+        timeout."""
+        nacks = closes = 0
+        repaired = False
+        failure = after
+        while True:
+            if failure is not None:
+                if isinstance(failure, PublishNacked):
+                    nacks += 1
+                    if tally is not None:
+                        tally.nacks += 1
+                    log.info("publish to %r/%r nacked (%s); sending again", exchange, routing_key, failure)
+                    await asyncio.sleep(backoff(nacks))
+                elif isinstance(failure, Unroutable | ChannelClosed):
+                    culprit = isinstance(failure, Unroutable) or caused_by(failure, exchange, properties)
+                    missing = isinstance(failure, Unroutable) or (culprit and failure.code == 404)
+                    if missing and self._repair is not None and not repaired:
+                        repaired = True
+                        log.warning(
+                            "publish to %r/%r: %s; re-declaring the topology", exchange, routing_key, failure
+                        )
+                        await self._repair()
+                    elif culprit:
+                        raise failure
+                    else:
+                        closes += 1
+                        if closes >= _NEIGHBOUR_CLOSES:
+                            raise failure
+                elif isinstance(failure, ConnectionLost):
+                    if not self.transport.is_open:
+                        raise failure
+                    await asyncio.sleep(0)  # only the channel went (retired after a nack, say)
+                else:
+                    raise failure
+            if self.transport.blocked:
+                await self.transport.wait_unblocked()
+            channel = self._channel
+            if channel is None or not channel.is_open:
+                channel = await self.channel()
+            try:
+                await channel.publish(body, exchange=exchange, routing_key=routing_key, properties=properties)
+                return
+            except PublishNacked as exc:
+                self._retire(channel)
+                failure = exc
+            except (Unroutable, ChannelClosed, ConnectionLost) as exc:
+                failure = exc
+
+    def _retire(self, channel: Channel) -> None:
+        """Take a nacking channel out of use; publishes still in flight on it are sent again."""
+        if self._channel is channel:
+            self._channel = None
+            task = asyncio.get_running_loop().create_task(channel.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+async def publish(
+    current: Callable[[float], Awaitable[Publisher]],
+    body: bytes,
+    exchange: str,
+    routing_key: str,
+    properties: Properties,
+    *,
+    timeout: float,
+) -> None:
+    """Publish through whichever session is live, sending again after a lost connection, until
+    confirmed or `timeout` seconds passed (`PublishTimeout`). `current(deadline)` waits for a
+    live session's publisher until the deadline (loop time)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    tally = Tally()
+    try:
+        async with asyncio.timeout_at(deadline):
+            while True:
+                publisher = await current(deadline)
+                try:
+                    await publisher.publish(body, exchange, routing_key, properties, tally=tally)
+                    return
+                except ConnectionLost as exc:
+                    log.info("publish to %r/%r interrupted (%s); sending again", exchange, routing_key, exc)
+                    await asyncio.sleep(0)
+    except TimeoutError:
+        why = (
+            f"nacked {tally.nacks} time(s) by the broker"
+            if tally.nacks
+            else "nodes down or connection blocked by a resource alarm"
+        )
+        raise PublishTimeout(
+            f"publish to exchange {exchange!r} with routing key {routing_key!r} was not confirmed "
+            f"within {timeout}s ({why})"
+        ) from None

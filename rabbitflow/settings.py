@@ -1,0 +1,102 @@
+"""The App's options as one frozen object, and the checks every option goes through."""
+
+from __future__ import annotations
+
+import math
+import ssl
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
+from .urls import Endpoint, parse_urls
+
+if TYPE_CHECKING:
+    from .connection import Failover
+
+__all__ = ["Settings", "check_name", "check_positive", "check_seconds"]
+
+Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
+
+# Seconds a consumer may hold deliveries without settling any before health calls it stalled,
+# when it has no handler timeout; with one, the timeout plus this much for the copy's confirm.
+STALL_AFTER = 60.0
+STALL_GRACE = 10.0
+
+
+def check_name(what: str, value: object, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str) or (not value and not allow_empty):
+        raise ConfigError(f"{what}={value!r}: expected a non-empty string")
+    if len(value.encode()) > 255:
+        raise ConfigError(f"{what}={value[:40]!r}...: AMQP names are at most 255 bytes")
+    return value
+
+
+def check_positive(what: str, value: object, *, optional: bool = True) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what}={value!r}: expected a whole number >= 1")
+    return value
+
+
+def check_seconds(what: str, value: object, *, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"{what}={value!r}: expected a finite number of seconds > 0")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything `App(...)` was given, validated."""
+
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    failover: Failover = "round-robin"
+    prefetch: int = 64
+    concurrency: int = 32
+    handler_timeout: float | None = None
+    graceful_timeout: float = 30.0
+    heartbeat: int = 5
+    connect_timeout: float = 5.0
+    connect_budget: float = 30.0
+    publish_timeout: float = 10.0
+    lifespan: Lifespan | None = field(default=None, compare=False)
+    ssl_context: ssl.SSLContext | None = field(default=None, compare=False)
+
+    @classmethod
+    def build(cls, name: object, url: str | Sequence[str] | None, **options: Any) -> Settings:
+        """Validate `App(name, url, **options)`; every problem is a ConfigError naming the option."""
+        try:
+            checked_name = check_name("name", name)
+            endpoints = parse_urls(url)
+            if "failover" in options:
+                from .connection import strategy
+
+                strategy(options["failover"])
+            for what in ("prefetch", "concurrency", "heartbeat"):
+                if what in options:
+                    check_positive(what, options[what], optional=False)
+            for what in ("graceful_timeout", "connect_timeout", "connect_budget", "publish_timeout"):
+                if what in options:
+                    options[what] = check_seconds(what, options[what])
+            if "handler_timeout" in options:
+                options["handler_timeout"] = check_seconds(
+                    "handler_timeout", options["handler_timeout"], optional=True
+                )
+        except ConfigError as exc:
+            raise ConfigError(f"App({name!r}): {exc}") from None
+        return cls(checked_name, endpoints, **options)
+
+    def stall_after(self, handler_timeout: float | None) -> float:
+        """How long a consumer holding deliveries may settle none before it counts as stalled."""
+        timeout = self.handler_timeout if handler_timeout is None else handler_timeout
+        return STALL_AFTER if timeout is None else timeout + STALL_GRACE

@@ -1,0 +1,143 @@
+"""Consumer specs: what `@app.consumer` records, validated when the decorator runs."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .codec import Reader, reader_for
+from .errors import ConfigError
+from .message import Message
+from .retry import RetryPolicy
+from .settings import check_name, check_positive, check_seconds
+
+__all__ = ["EXCHANGE_TYPES", "QUEUE_TYPES", "ConsumerSpec", "Handler", "HandlerSignature"]
+
+Handler = Callable[..., Awaitable[Any]]
+EXCHANGE_TYPES = ("direct", "fanout", "topic", "headers")
+QUEUE_TYPES = ("quorum", "classic")
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSignature:
+    """How to call a handler: read the body, and where (if anywhere) the Message goes."""
+
+    read: Reader
+    message_param: str | None
+    message_positional: bool
+
+    @classmethod
+    def of(cls, handler: Handler) -> HandlerSignature:
+        name = getattr(handler, "__qualname__", repr(handler))
+        if not inspect.iscoroutinefunction(handler):
+            raise ConfigError(f"consumer {name}: the handler must be an `async def` function")
+        try:
+            hints = typing.get_type_hints(handler)
+        except Exception as exc:
+            raise ConfigError(f"consumer {name}: cannot resolve its type hints: {exc}") from None
+        params = list(inspect.signature(handler).parameters.values())
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if not positional or hints.get(positional[0].name) is Message:
+            raise ConfigError(
+                f"consumer {name}: the first parameter receives the message body; "
+                "write `async def handler(body, message: Message)`"
+            )
+        message_param = None
+        message_positional = False
+        for p in params[1:]:
+            if hints.get(p.name) is Message:
+                message_param = p.name
+                message_positional = p.kind == p.POSITIONAL_ONLY
+            elif p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise ConfigError(
+                    f"consumer {name}: parameter {p.name!r} has no default and is not annotated "
+                    "`Message`; rabbitflow passes only the body and the Message"
+                )
+        return cls(reader_for(hints.get(positional[0].name)), message_param, message_positional)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerSpec:
+    """One consumer of one queue, as the decorator validated it."""
+
+    queue: str
+    handler: Handler = field(compare=False)
+    signature: HandlerSignature = field(compare=False)
+    policy: RetryPolicy
+    exchange: str | None = None
+    exchange_type: str = "direct"
+    routing_key: str | None = None
+    queue_type: str = "quorum"
+    prefetch: int | None = None
+    concurrency: int | None = None
+    handler_timeout: float | None = None
+
+    @property
+    def handler_name(self) -> str:
+        module = getattr(self.handler, "__module__", "")
+        qualname = getattr(self.handler, "__qualname__", repr(self.handler))
+        return f"{module}.{qualname}" if module else qualname
+
+    @property
+    def binding_key(self) -> str:
+        return self.queue if self.routing_key is None else self.routing_key
+
+
+def build_spec(
+    handler: Handler,
+    queue: object,
+    *,
+    exchange: object,
+    exchange_type: object,
+    routing_key: object,
+    retries: object,
+    delay: object,
+    retry_on: object,
+    dont_retry: object,
+    queue_type: object,
+    prefetch: object,
+    concurrency: object,
+    handler_timeout: object,
+    unknown: dict[str, Any],
+) -> ConsumerSpec:
+    """Validate the decorator's options into a spec; every problem is a ConfigError."""
+    where = f"@app.consumer({queue!r})"
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown option(s) {', '.join(sorted(unknown))}; known: exchange, "
+            "exchange_type, routing_key, retries, delay, retry_on, dont_retry, queue_type, "
+            "prefetch, concurrency, handler_timeout"
+        )
+    try:
+        queue = check_name("queue", queue)
+        if queue.startswith("amq."):
+            raise ConfigError(f"queue={queue!r}: names starting with 'amq.' are reserved by RabbitMQ")
+        if exchange is not None:
+            exchange = check_name("exchange", exchange)
+        if exchange_type not in EXCHANGE_TYPES:
+            raise ConfigError(f"exchange_type={exchange_type!r}: expected one of {', '.join(EXCHANGE_TYPES)}")
+        if routing_key is not None:
+            routing_key = check_name("routing_key", routing_key, allow_empty=True)
+            if exchange is None:
+                raise ConfigError(f"routing_key={routing_key!r} needs exchange=...: it binds to one")
+        if queue_type not in QUEUE_TYPES:
+            raise ConfigError(f"queue_type={queue_type!r}: expected 'quorum' or 'classic'")
+        policy = RetryPolicy.build(retries, delay, retry_on, dont_retry)
+        return ConsumerSpec(
+            queue=queue,
+            handler=handler,
+            signature=HandlerSignature.of(handler),
+            policy=policy,
+            exchange=exchange,
+            exchange_type=str(exchange_type),
+            routing_key=routing_key,
+            queue_type=str(queue_type),
+            prefetch=check_positive("prefetch", prefetch),
+            concurrency=check_positive("concurrency", concurrency),
+            handler_timeout=check_seconds("handler_timeout", handler_timeout, optional=True),
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
