@@ -120,9 +120,9 @@ class Publisher:
         tally: Tally | None = None,
     ) -> None:
         """Publish on this connection until the broker confirms it (`after`: how a first try
-        ended; `tally` counts the nacks, for the caller's error message). Raises `Unroutable` or `ChannelClosed` when the broker refused this publish,
-        `ConnectionLost` when the connection went, and nothing else of its own: bound it with a
-        timeout."""
+        ended; `tally` counts the nacks, for the caller's error message). Raises `Unroutable` or
+        `ChannelClosed` when the broker refused this publish, `ConnectionLost` when the connection
+        went, and nothing else of its own: bound it with a timeout."""
         nacks = closes = 0
         repaired = False
         failure = after
