@@ -48,6 +48,18 @@ def make_messages(n: int) -> list[dict[str, Any]]:
     return [make_message(i) for i in range(n)]
 
 
+# mixed: 1 handler in SLOW_EVERY (message id % SLOW_EVERY == 0, ids 0..N-1 as filled by the
+# runner) awaits SLOW_SECONDS; the rest do nothing.
+SLOW_EVERY = 500
+SLOW_SECONDS = 0.1
+
+
+async def mixed_handler(body: dict[str, Any]) -> None:
+    """The mixed scenario's user handler, the same function for every contender."""
+    if body["id"] % SLOW_EVERY == 0:
+        await asyncio.sleep(SLOW_SECONDS)
+
+
 def queue_arguments(queue_type: str) -> dict[str, Any]:
     if queue_type not in ("classic", "quorum"):
         raise ValueError(f"unknown queue type {queue_type!r}")

@@ -2,7 +2,7 @@
 """The benchmark runner: rabbitflow vs. aiormq / aio-pika / FastStream.
 
     python benchmarks/run.py [--quick] [--rounds R] [--n N] [--rss-n N]
-                             [--only consume,publish,retry,rss,import]
+                             [--only import,publish,consume,mixed,retry,rss]
                              [--contenders aiormq_raw,aio_pika,...]
                              [--out docs/benchmarks.md]
 
@@ -80,6 +80,7 @@ class Config:
     rounds: int  # measured rounds (the warm-up round comes on top)
     warmup: int
     n: int  # messages per consume measurement
+    mixed_n: int
     publish_n: int
     retry_n: int
     rss_n: int
@@ -90,15 +91,17 @@ class Config:
     out: Path | None
     prefetch: int = benchlib.PREFETCH
     window: int = benchlib.WINDOW
-    queue_types: tuple[str, ...] = ("classic", "quorum")  # consume
+    queue_types: tuple[str, ...] = ("classic", "quorum")  # consume, mixed
     publish_queue_types: tuple[str, ...] = ("classic", "quorum")
     retry_queue_types: tuple[str, ...] = ("classic", "quorum")
 
 
-# Sized for a 2-core machine: --quick ~1 minute, full ~5-6 minutes (when nothing else runs).
+# Sized for a 2-core machine: --quick ~2 minutes, full ~10 minutes (when nothing else runs; mixed
+# takes about a minute of --quick and 4-5 minutes of the full run).
 QUICK: dict[str, Any] = {
     "rounds": 2,
     "n": 2_000,
+    "mixed_n": 5_000,
     "publish_n": 2_000,
     "retry_n": 2_000,
     "rss_n": 20_000,
@@ -110,6 +113,7 @@ QUICK: dict[str, Any] = {
 FULL: dict[str, Any] = {
     "rounds": 5,
     "n": 10_000,
+    "mixed_n": 20_000,  # 40 slow handlers; one measurement takes a few seconds
     "publish_n": 5_000,
     "retry_n": 5_000,
     "rss_n": 200_000,  # the issue's "RSS flat over 200,000 messages"
@@ -283,6 +287,30 @@ register(
         higher_is_better=True,
         cases=lambda cfg: [
             Case("consume", f"consume/{qt}", cfg.n, queue_type=qt, **_rounds(cfg)) for qt in cfg.queue_types
+        ],
+        prefill=True,
+        consumes=True,
+    )
+)
+
+register(
+    Scenario(
+        name="mixed",
+        title="Mixed latency: 1 slow handler in 500",
+        description="As consume (queue pre-filled with N persistent JSON messages, prefetch 256, timing from "
+        "starting the consumer until the N-th message was handled, ack after the handler), but 1 handler in "
+        f"{benchlib.SLOW_EVERY} (message id % {benchlib.SLOW_EVERY} == 0, the id is in the body) awaits "
+        f"`asyncio.sleep({benchlib.SLOW_SECONDS})`; the others only orjson-decode. Up to 256 handlers run at "
+        "once; `aiormq_raw` acks each message on its own from aiormq's per-delivery task after its handler, "
+        "so a sleeping handler holds back only its own ack. The runner checks that the queue is empty "
+        "afterwards (all N acked). The ratio depends on the machine: a client that holds back the acks "
+        "behind a sleeping handler idles once the window is full, and the faster it handles the other "
+        "messages, the larger that idle share of its time (client CPU/msg × msg/s = its busy cores).",
+        metric="rate",
+        unit="msg/s",
+        higher_is_better=True,
+        cases=lambda cfg: [
+            Case("mixed", f"mixed/{qt}", cfg.mixed_n, queue_type=qt, **_rounds(cfg)) for qt in cfg.queue_types
         ],
         prefill=True,
         consumes=True,
@@ -1132,6 +1160,7 @@ class Runner:
         out.append(f"| interference | {self.probe.summary()} |")
         out.append(
             f"| settings | {'quick' if cfg.quick else 'full'} mode; N = {cfg.n:,} (consume), "
+            f"{cfg.mixed_n:,} (mixed), "
             f"{cfg.publish_n:,} (publish), {cfg.retry_n:,} (retry), {cfg.rss_n:,} (rss) messages; "
             f"{cfg.rounds} measured rounds + {cfg.warmup} warm-up "
             f"(rss: {cfg.rss_rounds} run, import: {cfg.import_rounds} rounds); prefetch {cfg.prefetch}; "
@@ -1196,7 +1225,8 @@ class Runner:
             "messages left and no consumer, i.e. every message was acked; publish: exactly N arrived, "
             "persistent, content type application/json), and "
             "deletes. Leftovers with the run's prefix are swept at the end.",
-            "- The same prefetch (256) for every contender; handlers do no work; bodies are decoded with "
+            "- The same prefetch (256) for every contender; handlers do no work (mixed: 1 in "
+            f"{benchlib.SLOW_EVERY} awaits asyncio.sleep({benchlib.SLOW_SECONDS})); bodies are decoded with "
             "orjson (FastStream uses orjson when installed). The default asyncio event loop (no uvloop) "
             "for every contender.",
             "- No assertion is made on any timing; a watchdog only kills a contender that hangs.",
@@ -1234,6 +1264,8 @@ class Runner:
             "rss/classic": "rss\n(peak RSS)",
             "retry/classic": "retry, fail once\nclassic",
             "retry/quorum": "retry, fail once\nquorum",
+            "mixed/classic": "mixed latency\nclassic",
+            "mixed/quorum": "mixed latency\nquorum",
         }
         ax.set_xticklabels([ticks.get(lbl, lbl.replace("/", "\n")) for lbl in labels])
         top = max((v for row in ratios.values() for v in row.values()), default=1.0)
@@ -1342,17 +1374,18 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="small N and few rounds (~1 minute)")
+    p.add_argument("--quick", action="store_true", help="small N and few rounds (~2 minutes)")
     p.add_argument("--rounds", type=int, help="measured rounds per case (a warm-up round comes on top)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up rounds, discarded (default 1)")
-    p.add_argument("--n", type=int, help="messages per consume/publish/retry measurement (all three)")
+    p.add_argument("--n", type=int, help="messages per consume/mixed/publish/retry measurement (all four)")
     p.add_argument("--rss-n", type=int, help="messages for the rss scenario")
     p.add_argument("--import-rounds", type=int, help="rounds for the import scenario")
     p.add_argument("--only", help=f"comma-separated scenarios: {','.join(SCENARIOS)}")
     p.add_argument("--contenders", help=f"comma-separated contenders: {','.join(CONTENDER_ORDER)}")
     p.add_argument(
         "--queue-types",
-        help="for consume and publish (default classic,quorum; --quick: publish classic only)",
+        help="for consume, mixed, publish and retry (default classic,quorum; --quick: publish and retry "
+        "classic only)",
     )
     p.add_argument("--out", type=Path, help="write the markdown report here (and a PNG chart next to it)")
     a = p.parse_args(argv)
@@ -1375,6 +1408,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         rounds=a.rounds or d["rounds"],
         warmup=a.warmup,
         n=a.n or d["n"],
+        mixed_n=a.n or d["mixed_n"],
         publish_n=a.n or d["publish_n"],
         retry_n=a.n or d["retry_n"],
         rss_n=a.rss_n or d["rss_n"],

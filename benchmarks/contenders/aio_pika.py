@@ -5,6 +5,9 @@ consume: ``connect_robust`` -> channel with ``set_qos(prefetch)`` ->
 where cb does ``async with message.process():`` around orjson-decode + the
 no-op handler (ack on exit, reject on exception).
 
+mixed: the same, with ``benchlib.mixed_handler`` as the handler (1 message in
+500 awaits ``asyncio.sleep(0.1)``); each delivery runs in its own task.
+
 publish: ``channel.default_exchange.publish(Message(...))`` on a confirm
 channel (aio-pika's default), windows of publishes awaited with gather.
 """
@@ -29,19 +32,20 @@ async def handler(body: Any) -> None:
     """The user's handler: does no work."""
 
 
-async def _consume(args: argparse.Namespace, rss: bool) -> dict[str, Any]:
+async def _consume(args: argparse.Namespace, rss: bool, mixed: bool = False) -> dict[str, Any]:
     import aio_pika
     import orjson
 
     sampler = benchlib.RssSampler() if rss else None
     counter = benchlib.Counter(args.n, on_warm=sampler.mark_warm if sampler else None)
     loads = orjson.loads
+    handle = benchlib.mixed_handler if mixed else handler
     if sampler:
         sampler.start()
 
     async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
         async with message.process():
-            await handler(loads(message.body))
+            await handle(loads(message.body))
         counter.hit()
 
     t0 = benchlib.start_clock()
@@ -68,6 +72,10 @@ async def consume(args: argparse.Namespace) -> dict[str, Any]:
 
 async def rss(args: argparse.Namespace) -> dict[str, Any]:
     return await _consume(args, rss=True)
+
+
+async def mixed(args: argparse.Namespace) -> dict[str, Any]:
+    return await _consume(args, rss=False, mixed=True)
 
 
 async def publish(args: argparse.Namespace) -> dict[str, Any]:
@@ -101,7 +109,7 @@ async def publish(args: argparse.Namespace) -> dict[str, Any]:
 if __name__ == "__main__":
     benchlib.contender_main(
         "aio_pika",
-        {"consume": consume, "publish": publish, "rss": rss},
+        {"consume": consume, "mixed": mixed, "publish": publish, "rss": rss},
         import_module="aio_pika",
         notes="connect_robust; async with message.process() (ack after handler)",
     )

@@ -3,6 +3,10 @@
 consume: basic_consume with a callback that orjson-decodes the body, awaits a
 no-op handler and then ``await channel.basic_ack(tag)`` for every message.
 
+mixed: the same loop (each delivery runs in aiormq's own callback task), with
+``benchlib.mixed_handler`` as the handler: 1 message in 500 awaits
+``asyncio.sleep(0.1)``; each message is acked on its own after its handler.
+
 The ``aiormq_batched`` contender (see aiormq_batched.py) reuses this file with
 ``BATCHED = True``: it acks every 64th delivery tag with ``multiple=True`` (and
 the remainder at the end).  That is not something a framework that acks each
@@ -43,7 +47,7 @@ async def handler(body: Any) -> None:
     """The user's handler: does no work."""
 
 
-async def _consume(args: argparse.Namespace, batched: bool, rss: bool) -> dict[str, Any]:
+async def _consume(args: argparse.Namespace, batched: bool, rss: bool, mixed: bool = False) -> dict[str, Any]:
     import aiormq
     import orjson
 
@@ -51,6 +55,7 @@ async def _consume(args: argparse.Namespace, batched: bool, rss: bool) -> dict[s
     counter = benchlib.Counter(args.n, on_warm=sampler.mark_warm if sampler else None)
     loads = orjson.loads
     n = args.n
+    handle = benchlib.mixed_handler if mixed else handler
     if sampler:
         sampler.start()
 
@@ -64,7 +69,7 @@ async def _consume(args: argparse.Namespace, batched: bool, rss: bool) -> dict[s
 
         async def on_message(msg: aiormq.abc.DeliveredMessage) -> None:
             nonlocal handled
-            await handler(loads(msg.body))
+            await handle(loads(msg.body))
             handled += 1  # no await between the handler and this line
             c = handled
             if c % ACK_EVERY == 0 or c == n:
@@ -74,7 +79,7 @@ async def _consume(args: argparse.Namespace, batched: bool, rss: bool) -> dict[s
     else:
 
         async def on_message(msg: aiormq.abc.DeliveredMessage) -> None:
-            await handler(loads(msg.body))
+            await handle(loads(msg.body))
             await ch.basic_ack(msg.delivery_tag)
             counter.hit()
 
@@ -190,7 +195,12 @@ def main(name: str, batched: bool) -> None:
         return await _consume(args, batched=batched, rss=True)
 
     scenarios: dict[str, benchlib.ScenarioFn] = {"consume": consume, "rss": rss}
-    if not batched:
+    if not batched:  # batched would ack a sleeping handler's tag with multiple=True
+
+        async def mixed(args: argparse.Namespace) -> dict[str, Any]:
+            return await _consume(args, batched=False, rss=False, mixed=True)
+
+        scenarios["mixed"] = mixed
         scenarios["publish"] = _publish
         scenarios["retry"] = _retry
     benchlib.contender_main(

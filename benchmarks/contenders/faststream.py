@@ -16,6 +16,10 @@ message ("Received"/"Processed").  By default this contender passes
 is compared against); set ``BENCH_FASTSTREAM_LOGGING=1`` to keep FastStream's
 default logger (the runner sends contender stderr to a pipe it discards).
 
+mixed: the same subscriber, awaiting ``benchlib.mixed_handler(body)`` (1
+message in 500 awaits ``asyncio.sleep(0.1)``); FastStream consumes through
+aio-pika's callback, one task per delivery, so 256 handlers run at once.
+
 publish: ``await broker.publish(doc, queue=q, persist=True)`` with the
 default channel's publisher confirms, windows awaited with gather.
 """
@@ -61,7 +65,7 @@ def _broker(args: argparse.Namespace) -> Any:
     return RabbitBroker(args.url, **kwargs)
 
 
-async def _consume(args: argparse.Namespace, rss: bool) -> dict[str, Any]:
+async def _consume(args: argparse.Namespace, rss: bool, mixed: bool = False) -> dict[str, Any]:
     _import()
     from faststream.rabbit import QueueType, RabbitQueue
 
@@ -70,9 +74,20 @@ async def _consume(args: argparse.Namespace, rss: bool) -> dict[str, Any]:
     broker = _broker(args)
     qtype = QueueType.QUORUM if args.queue_type == "quorum" else QueueType.CLASSIC
 
-    @broker.subscriber(RabbitQueue(args.queue, queue_type=qtype, durable=True))
-    async def handle(body: dict) -> None:  # type: ignore[type-arg]
-        counter.hit()
+    sub = broker.subscriber(RabbitQueue(args.queue, queue_type=qtype, durable=True))
+    if mixed:
+        work = benchlib.mixed_handler
+
+        @sub
+        async def handle_mixed(body: dict) -> None:  # type: ignore[type-arg]
+            await work(body)
+            counter.hit()
+
+    else:
+
+        @sub
+        async def handle(body: dict) -> None:  # type: ignore[type-arg]
+            counter.hit()
 
     if sampler:
         sampler.start()
@@ -95,6 +110,10 @@ async def rss(args: argparse.Namespace) -> dict[str, Any]:
     return await _consume(args, rss=True)
 
 
+async def mixed(args: argparse.Namespace) -> dict[str, Any]:
+    return await _consume(args, rss=False, mixed=True)
+
+
 async def publish(args: argparse.Namespace) -> dict[str, Any]:
     docs = benchlib.make_messages(args.n)
     broker = _broker(args)
@@ -114,7 +133,7 @@ async def publish(args: argparse.Namespace) -> dict[str, Any]:
 if __name__ == "__main__":
     benchlib.contender_main(
         "faststream",
-        {"consume": consume, "publish": publish, "rss": rss},
+        {"consume": consume, "mixed": mixed, "publish": publish, "rss": rss},
         import_module="faststream.rabbit",
         notes=(
             "RabbitBroker subscriber, default ack policy (REJECT_ON_ERROR: ack after handler); "

@@ -12,6 +12,10 @@ The count is taken inside the handler; leaving ``async with app:`` is
 expected to drain in-flight handlers and their acks (the runner checks that
 the queue is empty afterwards).
 
+mixed: the same consumer (same topology as consume), with
+``benchlib.mixed_handler`` awaited in the handler: 1 message in 500 awaits
+``asyncio.sleep(0.1)``.
+
 retry: the handler also takes ``message: Message``; with ``--mode fail_once``
 it raises on ``message.attempt == 1`` and succeeds on the (delayed) retry;
 with ``--mode all_ok`` the same handler never raises.  Timing ends when N
@@ -80,6 +84,15 @@ def _consumer_app(rf: Any, args: argparse.Namespace, counter: benchlib.Counter |
             if counter is not None:
                 counter.hit()
 
+    elif mode == "mixed":
+        work = benchlib.mixed_handler
+
+        @deco
+        async def handle_mixed(body: dict) -> None:  # type: ignore[type-arg]
+            await work(body)
+            if counter is not None:
+                counter.hit()
+
     else:
         fail_once = mode == "fail_once"
 
@@ -97,7 +110,7 @@ def _consumer_app(rf: Any, args: argparse.Namespace, counter: benchlib.Counter |
 
 async def declare(args: argparse.Namespace) -> dict[str, Any]:
     rf = _import()
-    mode = "consume" if args.scenario in ("consume", "rss") else args.mode or "all_ok"
+    mode = "consume" if args.scenario in ("consume", "rss", "mixed") else args.mode or "all_ok"
     app = _consumer_app(rf, args, None, mode)
     async with app:
         pass
@@ -128,6 +141,10 @@ async def rss(args: argparse.Namespace) -> dict[str, Any]:
     return await _consume(args, "consume", rss=True)
 
 
+async def mixed(args: argparse.Namespace) -> dict[str, Any]:
+    return await _consume(args, "mixed", rss=False)
+
+
 async def retry(args: argparse.Namespace) -> dict[str, Any]:
     if args.mode not in ("fail_once", "all_ok"):
         raise SystemExit(f"retry needs --mode fail_once|all_ok, got {args.mode!r}")
@@ -153,7 +170,7 @@ async def publish(args: argparse.Namespace) -> dict[str, Any]:
 if __name__ == "__main__":
     benchlib.contender_main(
         "rabbitflow",
-        {"consume": consume, "publish": publish, "retry": retry, "rss": rss},
+        {"consume": consume, "mixed": mixed, "publish": publish, "retry": retry, "rss": rss},
         import_module="rabbitflow",
         declares_own_queue=True,
         declare=declare,
