@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast lint typecheck bench docs broker cluster-up cluster-down clean
+.PHONY: run test test-unit test-fast lint typecheck bench docs broker cluster-up cluster-down clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ typecheck: $(STAMP)
 test: $(STAMP) broker lint typecheck
 	scripts/cluster.sh start
 	$(BIN)/python -m pytest -p no:cacheprovider; status=$$?; scripts/cluster.sh stop; exit $$status
+
+# The tests that need no broker, alone, in seconds.
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -m unit -q -p no:cacheprovider
 
 # Everything but the cluster tests, for a quick loop while editing.
 test-fast: $(STAMP) broker

@@ -19,15 +19,14 @@ from typing import Any, TypeVar
 from .admin import Admin
 from .codec import outgoing
 from .connection import ConnectionManager, Failover
-from .errors import ConfigError, StateError, TransportError
+from .errors import ConfigError, StateError
 from .middleware import Middleware
 from .parking import ParkedMessage
 from .publisher import publish
+from .registry import Registry
 from .runtime import Runtime
 from .settings import Lifespan, Settings
-from .spec import ConsumerSpec, Handler, build_spec
 from .topology.applier import Difference
-from .topology.compiler import Plan, compile_plan
 from .transport.base import Broker
 from .urls import parse_urls
 
@@ -35,7 +34,6 @@ __all__ = ["App"]
 
 log = logging.getLogger("rabbitflow")
 
-H = TypeVar("H", bound=Handler)
 T = TypeVar("T")
 
 
@@ -58,7 +56,7 @@ def _default_broker(settings: Settings) -> Broker:
     return AmqpBroker()
 
 
-class App:
+class App(Registry):
     """A rabbitflow service.
 
     Args:
@@ -125,11 +123,9 @@ class App:
             lifespan=lifespan,
             ssl_context=ssl_context,
         )
-        self.name = self.settings.name
+        super().__init__(self.settings.name)
         self.middleware = tuple(middleware)
         self._broker = broker
-        self._consumers: dict[str, ConsumerSpec] = {}
-        self._plan = compile_plan(self.name, ())
         self._state = State.UNOPENED
         self._runtime: Runtime | None = None
         self._started = asyncio.Event()  # set once start() finished; lifespan code may publish earlier
@@ -162,6 +158,10 @@ class App:
         self._unopened("the broker")
         self._broker = broker
 
+    def _registering(self) -> None:
+        if self._state is not State.UNOPENED:
+            raise StateError("consumers must be registered before the app starts")
+
     def _unopened(self, what: str) -> None:
         if self._state not in (State.UNOPENED, State.CLOSED):
             raise StateError(f"{what} can only change while the app is not running")
@@ -169,87 +169,6 @@ class App:
     def __repr__(self) -> str:
         nodes = ";".join(str(e) for e in self.endpoints)
         return f"App({self.name!r}, url={nodes!r}, state={self._state.value})"
-
-    # -- declaring consumers ---------------------------------------------------------------
-
-    def consumer(
-        self,
-        queue: str,
-        *,
-        exchange: str | None = None,
-        exchange_type: str = "direct",
-        routing_key: str | None = None,
-        retries: int = 3,
-        delay: float | Sequence[float] = 10.0,
-        retry_on: type[BaseException] | tuple[type[BaseException], ...] = (Exception,),
-        dont_retry: type[BaseException] | tuple[type[BaseException], ...] = (),
-        queue_type: str = "quorum",
-        prefetch: int | None = None,
-        concurrency: int | None = None,
-        handler_timeout: float | None = None,
-        **unknown: Any,
-    ) -> Callable[[H], H]:
-        """Register an async function as the consumer of `queue`.
-
-        Args:
-            queue: the queue's name, used verbatim.
-            exchange: declare this durable exchange and bind the queue to it.
-            exchange_type: "direct", "fanout", "topic" or "headers".
-            routing_key: the binding key (default: the queue's name).
-            retries: retries after the first attempt; the handler runs at most retries + 1 times.
-            delay: seconds before a retry: a number, or a ladder [d1, d2, ...] where retry k
-                waits d_k and the last value repeats. Each distinct delay is one TTL queue.
-            retry_on: exceptions that are retried; others park the message at once.
-            dont_retry: exceptions that are never retried, even when they match `retry_on`.
-            queue_type: "quorum" (default; at-least-once dead-lettering) or "classic".
-            prefetch: this consumer's prefetch (default: the app's).
-            concurrency: handlers of this consumer running at once (default: the app's).
-            handler_timeout: seconds before a running handler is cancelled and its attempt fails
-                with TimeoutError (default: the app's).
-
-        Every option is checked here, when the module is imported: a bad value, an unknown
-        option or a second consumer of the same queue raises `ConfigError`.
-        """
-
-        def register(handler: H) -> H:
-            spec = build_spec(
-                handler,
-                queue,
-                exchange=exchange,
-                exchange_type=exchange_type,
-                routing_key=routing_key,
-                retries=retries,
-                delay=delay,
-                retry_on=retry_on,
-                dont_retry=dont_retry,
-                queue_type=queue_type,
-                prefetch=prefetch,
-                concurrency=concurrency,
-                handler_timeout=handler_timeout,
-                unknown=unknown,
-            )
-            if spec.queue in self._consumers:
-                raise ConfigError(
-                    f"@app.consumer({spec.queue!r}): queue {spec.queue!r} already has a consumer "
-                    f"({self._consumers[spec.queue].handler_name}); one queue, one consumer"
-                )
-            plan = compile_plan(self.name, [*self._consumers.values(), spec])
-            if self._state is not State.UNOPENED:
-                raise StateError("consumers must be registered before the app starts")
-            self._consumers[spec.queue] = spec
-            self._plan = plan
-            return handler
-
-        return register
-
-    @property
-    def consumers(self) -> tuple[ConsumerSpec, ...]:
-        return tuple(self._consumers.values())
-
-    @property
-    def plan(self) -> Plan:
-        """The topology this service needs (pure; no broker involved)."""
-        return self._plan
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -408,36 +327,9 @@ class App:
         """Run `fn(channel, *args)` on a fresh aio-pika channel of the current node; if the
         connection is lost meanwhile, wait for the failover and run it again on the new node
         (kombu's `ensure`). `errback(exc, retry_number)` is called before each retry."""
-        loop = asyncio.get_running_loop()
         limit = self.settings.connect_budget if timeout is None else timeout
-        retries = 0
-        while True:
-            deadline = loop.time() + limit
-            session = await (await self._running(deadline)).wait_live(deadline)
-            transport = session.links.publish
-            try:
-                channel = await transport.native_channel()
-                try:
-                    return await fn(channel, *args)
-                finally:
-                    with contextlib.suppress(Exception):
-                        await channel.close()
-            except Exception as exc:
-                if transport.is_open and not isinstance(exc, TransportError):
-                    raise  # the operation failed on a healthy connection: not ours to retry
-                retries += 1
-                if max_retries is not None and retries > max_retries:
-                    raise
-                if errback is not None:
-                    errback(exc, retries)
-                log.info(
-                    "%s: operation interrupted by %s; retry %d on the next node",
-                    self.name,
-                    type(exc).__name__,
-                    retries,
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(transport.wait_closed(), limit)
+        runtime = await self._running(asyncio.get_running_loop().time() + limit)
+        return await runtime.ensure(fn, *args, max_retries=max_retries, errback=errback, timeout=limit)
 
     # -- operating -------------------------------------------------------------------------
 

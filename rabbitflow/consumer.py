@@ -13,13 +13,10 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
-import traceback
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
-from . import names
+from . import copies, names
 from .codec import DecodeError
 from .errors import ChannelClosed, ConnectionLost, TopologyConflict, TransportError, Unroutable
 from .message import Message
@@ -39,21 +36,6 @@ Redeclare = Callable[[ConsumerSpec], Awaitable[None]]
 
 # Park a message ourselves, with full headers, before the quorum queue's own backstop would.
 PARK_AFTER_DELIVERIES = names.DELIVERY_LIMIT // 2
-_MAX_ERROR = 1000
-_MAX_TRACEBACK = 4000
-
-
-_second: tuple[int, str] = (0, "")
-
-
-def _now() -> str:
-    """ISO 8601 UTC with milliseconds; the formatting of the current second is reused."""
-    global _second
-    now = time.time()
-    whole = int(now)
-    if _second[0] != whole:
-        _second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
-    return f"{_second[1]}.{int((now - whole) * 1000):03d}Z"
 
 
 class Consumer:
@@ -242,7 +224,7 @@ class Consumer:
         except DecodeError as exc:
             self._park(delivery, "decode-error", attempt, exc)
             return
-        if delivery.redelivered and _delivery_count(headers) >= PARK_AFTER_DELIVERIES:
+        if delivery.redelivered and copies.delivery_count(headers) >= PARK_AFTER_DELIVERIES:
             self._park(delivery, "delivery-limit", attempt, None)
             return
         scope = None
@@ -331,7 +313,7 @@ class Consumer:
                 delivery.properties.message_id or "-",
                 attempt,
                 type(exc).__name__,
-                _describe(exc)[:200],
+                copies.describe(exc)[:200],
                 decision.delay,
             )
             await self._retry(delivery, attempt, decision.delay)
@@ -342,30 +324,10 @@ class Consumer:
                 delivery.properties.message_id or "-",
                 attempt,
                 type(exc).__name__,
-                _describe(exc)[:200],
+                copies.describe(exc)[:200],
                 decision.reason,
             )
             self._park(delivery, decision.reason, attempt, exc)
-
-    def _copy_headers(
-        self, delivery: Delivery, attempt: int, now: str, drop: tuple[str, ...]
-    ) -> dict[str, Any]:
-        """The headers of a copy: the delivery's without the broker's (and `drop`), plus where the
-        message was first published and when it first failed. A later attempt is a copy that came
-        back through a retry queue and carries both already."""
-        headers = delivery.properties.headers or {}
-        copy = names.without(headers, names.BROKER_HEADERS, drop)
-        if attempt > 1:
-            copy[names.ORIGINAL_EXCHANGE] = str(headers.get(names.ORIGINAL_EXCHANGE, ""))
-            copy[names.ORIGINAL_ROUTING_KEY] = str(
-                headers.get(names.ORIGINAL_ROUTING_KEY, delivery.routing_key)
-            )
-            copy[names.FIRST_FAILURE] = headers.get(names.FIRST_FAILURE) or now
-        else:
-            copy[names.ORIGINAL_EXCHANGE] = delivery.exchange
-            copy[names.ORIGINAL_ROUTING_KEY] = delivery.routing_key
-            copy[names.FIRST_FAILURE] = now
-        return copy
 
     async def _retry(self, delivery: Delivery, attempt: int, delay: float) -> None:
         queue = self._retry_queues.get(delay)
@@ -380,28 +342,11 @@ class Consumer:
                 # No retry queue, no retry: park it with the broker's answer.
                 self._park(delivery, "not-retryable", attempt, refused)
                 return
-        copy = self._copy_headers(delivery, attempt, _now(), drop=())
-        copy[names.RETRY_ATTEMPT] = attempt + 1
-        self._send_copy(delivery, queue, copy)
+        self._send_copy(delivery, queue, copies.retry_headers(delivery, attempt))
 
     def _park(self, delivery: Delivery, reason: str, attempt: int, exc: BaseException | None) -> None:
-        now = _now()
-        copy = self._copy_headers(delivery, attempt, now, drop=names.RABBITFLOW_HEADERS)
-        copy[names.REASON] = reason
-        copy[names.PARKED_ATTEMPTS] = attempt
-        copy[names.QUEUE] = self.spec.queue
-        copy[names.LAST_FAILURE] = now
-        if exc is not None:
-            copy[names.EXCEPTION] = f"{type(exc).__module__}.{type(exc).__qualname__}"
-            copy[names.ERROR] = _describe(exc)[:_MAX_ERROR]
-            tb = "".join(traceback.format_exception(exc))
-            copy[names.TRACEBACK] = tb[-_MAX_TRACEBACK:]
-        elif reason == "delivery-limit":
-            count = _delivery_count(delivery.properties.headers or {})
-            copy[names.ERROR] = (
-                f"delivered {count + 1} times without being settled (a handler that crashes its worker?)"
-            )
-        self._send_copy(delivery, self._parked, copy)
+        headers = copies.park_headers(delivery, reason, attempt, self.spec.queue, exc)
+        self._send_copy(delivery, self._parked, headers)
 
     # -- copies: the original ends when the broker answered its copy ---------------------------
 
@@ -466,16 +411,3 @@ class Consumer:
             self.settlement.reject(tag)
             return
         self.settlement.ack(tag)
-
-
-def _describe(exc: BaseException) -> str:
-    """`str(exc)`, or what can be said of an exception whose `__str__` itself fails."""
-    try:
-        return str(exc)
-    except Exception as failure:
-        return f"<{type(exc).__name__}: str() failed with {type(failure).__name__}>"
-
-
-def _delivery_count(headers: Mapping[str, Any]) -> int:
-    value = headers.get("x-delivery-count", 0)
-    return value if isinstance(value, int) else 0

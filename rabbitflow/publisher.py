@@ -4,6 +4,9 @@
 - A nack retires the channel (seen on 3.10 after a failover: a channel whose quorum-queue client
   lost its leader keeps nacking; a fresh one gets through) and the publish is sent again after a
   backoff: the broker certainly did not store it.
+- A publish to an exchange this connection has not seen yet is preceded by a passive declare on
+  a channel of its own: a missing exchange (a typo, an exchange an operator deleted) is the 404
+  of that publish alone, and never closes the channel the other publishes share.
 - A channel error is the fault of one publish (RabbitMQ names the exchange or the user_id it
   refused); the others in flight on that channel lost their channel, not their right to be
   published, and are sent again on a fresh one. Only the culprit's caller sees the error.
@@ -21,7 +24,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from .errors import ChannelClosed, ConnectionLost, PublishNacked, PublishTimeout, Unroutable
@@ -31,9 +35,10 @@ __all__ = ["Publisher", "publish"]
 
 log = logging.getLogger("rabbitflow.publisher")
 
-# Sends after a channel error that named another publish, before this one counts as the culprit.
+# Channel errors naming no publish that one publish may meet before it counts as their cause.
 _NEIGHBOUR_CLOSES = 3
 _BACKOFF_CAP = 2.0
+_KNOWN_MAX = 10_000
 
 
 def backoff(failures: int) -> float:
@@ -41,15 +46,18 @@ def backoff(failures: int) -> float:
     return float(min(_BACKOFF_CAP, 0.02 * 2**failures))
 
 
-def caused_by(error: ChannelClosed, exchange: str, properties: Properties) -> bool:
-    """Whether the broker closed the channel because of this publish. RabbitMQ's reply text names
-    what it refused: "NOT_FOUND - no exchange 'x' in vhost '/'", "ACCESS_REFUSED - access to
-    exchange 'x' ...", "PRECONDITION_FAILED - user_id property set to 'u' but ..."."""
-    text = error.text
-    if exchange and f"exchange '{exchange}'" in text:
-        return True
-    user_id = properties.user_id
-    return bool(user_id) and "user_id" in text and f"'{user_id}'" in text
+_NAMED = re.compile(r"(?:exchange|user_id property set to) '((?:[^'\\]|\\.)*)'")
+
+
+def caused_by(error: ChannelClosed, exchange: str, properties: Properties) -> bool | None:
+    """Whether the broker closed the channel because of this publish: True, False when it named
+    another exchange or user_id, None when its reply text names neither. RabbitMQ's texts:
+    "NOT_FOUND - no exchange 'x' in vhost '/'", "ACCESS_REFUSED - access to exchange 'x' ...",
+    "PRECONDITION_FAILED - user_id property set to 'u' but authenticated user was 'guest'"."""
+    named = _NAMED.findall(error.text)
+    if not named:
+        return None
+    return exchange in named or (properties.user_id is not None and properties.user_id in named)
 
 
 @dataclass(slots=True)
@@ -65,8 +73,15 @@ class Publisher:
     for copies to the service's own exchange that an operator deleted.
     """
 
-    def __init__(self, transport: Transport, *, repair: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        known: Iterable[str] = (),
+        repair: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.transport = transport
+        self._known = {"", *known}  # exchanges that exist, as far as this connection knows
         self._repair = repair
         self._channel: Channel | None = None
         self._opening = asyncio.Lock()
@@ -126,6 +141,8 @@ class Publisher:
         nacks = closes = 0
         repaired = False
         failure = after
+        if exchange not in self._known:
+            await self._probe(exchange)
         while True:
             if failure is not None:
                 if isinstance(failure, PublishNacked):
@@ -135,8 +152,10 @@ class Publisher:
                     log.info("publish to %r/%r nacked (%s); sending again", exchange, routing_key, failure)
                     await asyncio.sleep(backoff(nacks))
                 elif isinstance(failure, Unroutable | ChannelClosed):
+                    if isinstance(failure, ChannelClosed) and failure.code == 404:
+                        self._known.difference_update(_NAMED.findall(failure.text))
                     culprit = isinstance(failure, Unroutable) or caused_by(failure, exchange, properties)
-                    missing = isinstance(failure, Unroutable) or (culprit and failure.code == 404)
+                    missing = isinstance(failure, Unroutable) or (culprit is True and failure.code == 404)
                     if missing and self._repair is not None and not repaired:
                         repaired = True
                         log.warning(
@@ -145,10 +164,11 @@ class Publisher:
                         await self._repair()
                     elif culprit:
                         raise failure
-                    else:
-                        closes += 1
+                    elif culprit is None:
+                        closes += 1  # nobody named: after a few, this one is the likeliest
                         if closes >= _NEIGHBOUR_CLOSES:
                             raise failure
+                    # else another publish's fault: this one lost only its channel
                 elif isinstance(failure, ConnectionLost):
                     if not self.transport.is_open:
                         raise failure
@@ -168,6 +188,16 @@ class Publisher:
                 failure = exc
             except (Unroutable, ChannelClosed, ConnectionLost) as exc:
                 failure = exc
+
+    async def _probe(self, exchange: str) -> None:
+        """Raise the broker's 404 for a missing `exchange` on a channel of its own."""
+        channel = await self.transport.channel()
+        try:
+            await channel.declare_exchange(exchange, passive=True)
+        finally:
+            await channel.close()
+        if len(self._known) < _KNOWN_MAX:
+            self._known.add(exchange)
 
     def _retire(self, channel: Channel) -> None:
         """Take a nacking channel out of use; publishes still in flight on it are sent again."""

@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from .connection import ConnectionManager, Links
 from .consumer import Consumer
-from .errors import ConnectionLost
+from .errors import ConnectionLost, TransportError
 from .middleware import Middleware
 from .publisher import Publisher
 from .session import Session
@@ -23,6 +24,8 @@ from .transport.base import Broker
 __all__ = ["Runtime"]
 
 log = logging.getLogger("rabbitflow")
+
+T = TypeVar("T")
 
 # A session that dies sooner than this after it opened counts as a failed connect: the next one
 # waits with the manager's backoff (a message that kills the connection must not loop at once).
@@ -186,6 +189,47 @@ class Runtime:
                 # before the next node, as the manager does after a failed cycle.
                 await asyncio.sleep(self.manager.pause(failures))
 
+    async def ensure(
+        self,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        max_retries: int | None,
+        errback: Callable[[BaseException, int], Any] | None,
+        timeout: float,
+    ) -> T:
+        """`App.ensure`: `fn(channel, *args)` on a fresh aio-pika channel, run again on the next
+        node when the connection goes meanwhile."""
+        loop = asyncio.get_running_loop()
+        limit = timeout
+        retries = 0
+        while True:
+            deadline = loop.time() + limit
+            session = await self.wait_live(deadline)
+            transport = session.links.publish
+            try:
+                channel = await transport.native_channel()
+                try:
+                    return await fn(channel, *args)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
+            except Exception as exc:
+                if transport.is_open and not isinstance(exc, TransportError):
+                    raise  # the operation failed on a healthy connection: not ours to retry
+                retries += 1
+                if max_retries is not None and retries > max_retries:
+                    raise
+                if errback is not None:
+                    errback(exc, retries)
+                log.info(
+                    "%s: operation interrupted by %s; retry %d on the next node",
+                    self.settings.name,
+                    type(exc).__name__,
+                    retries,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(transport.wait_closed(), limit)
+
     # -- health ----------------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
@@ -215,6 +259,7 @@ class Runtime:
             "queue": consumer.spec.queue,
             "subscribed": consumer.subscribed,
             "cancelled_since": _wall(consumer.cancelled_since, loop_now),
+            "resubscribed": consumer.resubscribed,
             "in_flight": settlement.held,
             "running": consumer.running,
             "oldest_unsettled_age": None if oldest is None else round(loop_now - oldest, 3),

@@ -38,8 +38,9 @@ class Session:
         self.plan = plan
         self._specs = specs
         self._middleware = middleware
-        self.publisher = Publisher(links.publish)  # the app's own publishes
-        self.copies = Publisher(links.publish, repair=self._repair)  # retry and parked copies
+        known = [exchange.name for exchange in plan.exchanges]
+        self.publisher = Publisher(links.publish, known=known)  # the app's own publishes
+        self.copies = Publisher(links.publish, known=known, repair=self._repair)  # retry, parked copies
         self.consumers: list[Consumer] = []
         self._retry_queues: set[str] = set()
         self._refused: dict[str, TopologyConflict] = {}

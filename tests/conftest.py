@@ -62,3 +62,16 @@ def make_app(broker_url: str, admin: Admin) -> Callable[..., App]:
     yield make  # type: ignore[misc]
     for app in apps:
         admin.forget_app(app)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that reaches RabbitMQ (through the `broker_url` fixture, the contract suite's
+    "rabbitmq" parameter, or on the 3-node cluster) is `broker`; every other one is `unit` and runs alone in seconds (`make test-unit`)."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        callspec = getattr(item, "callspec", None)
+        on_rabbitmq = callspec is not None and "rabbitmq" in callspec.params.values()
+        if "broker_url" in fixtures or on_rabbitmq or item.get_closest_marker("cluster") is not None:
+            item.add_marker(pytest.mark.broker)
+        else:
+            item.add_marker(pytest.mark.unit)

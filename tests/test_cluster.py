@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from rabbitflow import App, PublishTimeout
+from rabbitflow import App, Message, PublishTimeout
 
 from .helpers import unique, wait_for
 
@@ -227,3 +227,77 @@ async def test_a_resource_alarm_blocks_publishes_visibly(running_cluster: None) 
             await wait_for(lambda: 3 in got, timeout=15)
     finally:
         await _delete(app)
+
+
+async def test_acks_flow_during_a_memory_alarm(running_cluster: None) -> None:
+    """Publishing and consuming use their own connections: an alarm that blocks the publishing
+    one leaves the consumer draining its queue."""
+    app = App(unique("drain"), url=url(1), prefetch=8)
+    queue = unique("drain")
+    gate = asyncio.Event()
+    got: list[int] = []
+
+    @app.consumer(queue, queue_type="classic")
+    async def handle(body: dict[str, int]) -> None:
+        await gate.wait()
+        got.append(body["n"])
+
+    try:
+        async with app:
+            for n in range(100):
+                await app.publish({"n": n}, routing_key=queue)
+            await cluster("ctl", "1", "set_vm_memory_high_watermark", "0.0000001")
+            try:
+                with pytest.raises(PublishTimeout):
+                    await app.publish({"n": -1}, routing_key=queue, timeout=1)  # now blocked
+                gate.set()
+                # 100 messages through a prefetch of 8: only acks sent during the alarm get there.
+                await wait_for(lambda: len(got) == 100, timeout=20)
+                await wait_for(lambda: app.health()["consumers"][0]["in_flight"] == 0)
+                assert app.health()["blocked"] is True
+            finally:
+                await cluster("ctl", "1", "set_vm_memory_high_watermark", "0.4")
+    finally:
+        await _delete(app)
+    assert sorted(got) == list(range(100))
+
+
+async def test_a_nacked_copy_is_sent_again_not_requeued(running_cluster: None) -> None:
+    """The broker nacks copies into a full retry queue (a policy: max-length 0, reject-publish):
+    the copy is published again with backoff until it is taken; the handler is not called again
+    meanwhile."""
+    app = App(unique("nack"), url=url(1))
+    queue = unique("nack")
+    calls: list[int] = []
+
+    @app.consumer(queue, queue_type="classic", retries=2, delay=0.2)
+    async def handle(body: dict[str, int], message: Message) -> None:
+        calls.append(message.attempt)
+        if message.attempt == 1:
+            raise RuntimeError("once")
+
+    policy = unique("full")
+    try:
+        async with app:
+            await cluster(
+                "ctl",
+                "1",
+                "set_policy",
+                "--apply-to",
+                "queues",
+                policy,
+                f"^{queue}\\.retry\\.",
+                '{"max-length": 0, "overflow": "reject-publish"}',
+            )
+            try:
+                await app.publish({"n": 1}, routing_key=queue)
+                await asyncio.sleep(3)  # the copy is nacked, again and again
+                assert calls == [1]
+                assert app.health()["consumers"][0]["in_flight"] == 1
+            finally:
+                await cluster("ctl", "1", "clear_policy", policy)
+            await wait_for(lambda: calls == [1, 2], timeout=15)
+            await wait_for(lambda: app.health()["consumers"][0]["in_flight"] == 0)
+    finally:
+        await _delete(app)
+    assert calls == [1, 2]

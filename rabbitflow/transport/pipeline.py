@@ -35,6 +35,14 @@ def supported(channel: aiormq.Channel) -> bool:
     return channel.publisher_confirms and all(hasattr(channel, name) for name in _NEEDED)
 
 
+def _closing(channel: aiormq.Channel) -> bool:
+    """Closed, or closing: aiormq answers the broker's channel.close (queueing close-ok) before
+    `is_closed` turns true, and a frame written after that close-ok is a connection error (504
+    CHANNEL_ERROR) that takes every channel down. aiormq's own methods check the same event."""
+    event = getattr(channel, "_Channel__close_event", None)
+    return channel.is_closed or (isinstance(event, asyncio.Event) and event.is_set())
+
+
 class Pipeline:
     __slots__ = ("_channel", "_chunks", "_draining", "_loop", "_methods", "_outbox")
 
@@ -52,7 +60,7 @@ class Pipeline:
     ) -> asyncio.Future[object]:
         """Queue the publish for this turn's write; the future resolves with the broker's confirm."""
         channel = self._channel
-        if channel.is_closed:
+        if _closing(channel):
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         message_id = properties.message_id
         if not message_id:
@@ -90,7 +98,7 @@ class Pipeline:
         else the channel sends: an ack of tag 7 never overtakes a `multiple` ack covering it. A
         flush's acks behind an unsettled delivery then cost one syscall, not one per tag."""
         channel = self._channel
-        if channel.is_closed:
+        if _closing(channel):
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         chunks = self._chunks
         if not chunks:
@@ -120,8 +128,8 @@ class Pipeline:
 
     def _flush(self) -> None:
         chunks, self._chunks = self._chunks, []
-        if not chunks or self._channel.is_closed:
-            return
+        if not chunks or _closing(self._channel):
+            return  # their confirmations fail with the channel (`_fail_pending`)
         chunk = ChannelFrame(payload=b"".join(chunks), should_close=False)
         if self._draining is None:
             try:
@@ -136,7 +144,8 @@ class Pipeline:
     async def _drain(self) -> None:
         """Hand over, in order, what did not fit in the connection's write queue."""
         try:
-            while self._outbox:
+            while self._outbox and not _closing(self._channel):
                 await self._channel.write_queue.put(self._outbox.popleft())
+            self._outbox.clear()
         finally:
             self._draining = None

@@ -1,0 +1,264 @@
+"""Every delivery ends, whatever the handler does or the broker answers (SPEC §5), on RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from rabbitflow import App, ChannelClosed, LoginRefused, Message, Middleware
+
+from .helpers import BROKER_HOST, BROKER_PORT, Admin, unique, wait_for
+
+
+class Attempts(Middleware):
+    """Every failed handler call, as the middleware seam reports it."""
+
+    def __init__(self) -> None:
+        self.failed: list[tuple[int, BaseException]] = []
+
+    def attempt_failed(self, queue: str, attempt: int, exception: BaseException) -> None:
+        self.failed.append((attempt, exception))
+
+
+def consumer_health(app: App) -> dict[str, Any]:
+    (only,) = app.health()["consumers"]
+    return dict(only)
+
+
+async def test_handlers_publishing_to_a_missing_exchange_stop_nothing(
+    make_app: Callable[..., App], admin: Admin
+) -> None:
+    """1 in 10 handlers publishes to an exchange that does not exist, 1 in 3 fails once, and the
+    app publishes elsewhere meanwhile: every message is handled, every other publish confirmed."""
+    app = make_app()
+    queue, side = unique("mix"), unique("side")
+    missing = unique("missing")
+    handled: set[int] = set()
+    refused: list[int] = []
+    calls: Counter[int] = Counter()
+
+    @app.consumer(queue, retries=2, delay=0.2, queue_type="classic", prefetch=32)
+    async def handle(body: dict[str, int], message: Message) -> None:
+        n = body["n"]
+        calls[n] += 1
+        if n % 10 == 0 and message.attempt == 1:
+            try:
+                await app.publish({"from": n}, exchange=missing, routing_key="k")
+            except ChannelClosed as exc:
+                refused.append(n if exc.code == 404 else -1)
+        if n % 3 == 0 and message.attempt == 1:
+            raise RuntimeError("fails once")
+        handled.add(n)
+
+    side_got: list[int] = []
+
+    @app.consumer(side, queue_type="classic")
+    async def on_side(body: dict[str, int]) -> None:
+        side_got.append(body["n"])
+
+    async with app:
+
+        async def elsewhere() -> None:
+            for i in range(200):
+                await app.publish({"n": i}, routing_key=side)
+
+        others = asyncio.create_task(elsewhere())
+        await asyncio.gather(*(app.publish({"n": n}, routing_key=queue) for n in range(400)))
+        await others
+        await wait_for(lambda: len(handled) == 400 and len(side_got) == 200, timeout=30)
+        await wait_for(lambda: all(c["in_flight"] == 0 for c in app.health()["consumers"]))
+        assert app.health()["healthy"]
+    assert sorted(refused) == list(range(0, 400, 10))
+    # The missing exchange never closed the channel the other publishes share: none was sent twice.
+    assert sorted(side_got) == list(range(200))
+    assert max(calls.values()) <= 2
+    assert await admin.count(queue) == 0
+    assert await admin.count(f"{queue}.parked") == 0
+
+
+async def test_one_slow_handler_holds_back_no_other_ack(make_app: Callable[..., App], admin: Admin) -> None:
+    app = make_app()
+    queue = unique("slow")
+    release = asyncio.Event()
+    done: list[int] = []
+
+    @app.consumer(queue, queue_type="classic", prefetch=16, concurrency=8)
+    async def handle(body: dict[str, int]) -> None:
+        if body["n"] == 0:
+            await release.wait()
+        done.append(body["n"])
+
+    async with app:
+        await asyncio.gather(*(app.publish({"n": n}, routing_key=queue) for n in range(2000)))
+        # Everything but the held one is handled and acked while it still runs.
+        await wait_for(lambda: len(done) == 1999, timeout=20)
+        await wait_for(lambda: consumer_health(app)["in_flight"] == 1)
+        assert await admin.count(queue) == 0
+        health = consumer_health(app)
+        assert health["running"] == 1
+        assert health["oldest_unsettled_age"] > 0
+        assert health["healthy"]  # holding one slow delivery while settling others is progress
+        release.set()
+        await wait_for(lambda: consumer_health(app)["in_flight"] == 0)
+    assert sorted(done) == list(range(2000))
+
+
+@pytest.mark.parametrize(
+    "signal",
+    [
+        asyncio.CancelledError,
+        GeneratorExit,
+        SystemExit,
+        KeyboardInterrupt,
+        type("Custom", (BaseException,), {}),
+    ],
+    ids=lambda cls: cls.__name__,
+)
+async def test_a_base_exception_from_a_handler_is_a_failed_attempt(
+    make_app: Callable[..., App], admin: Admin, signal: type[BaseException]
+) -> None:
+    attempts = Attempts()
+    app = make_app(middleware=[attempts])
+    queue = unique("base")
+    handled: list[int] = []
+
+    @app.consumer(queue, retries=1, delay=0.1, queue_type="classic", prefetch=4)
+    async def handle(body: dict[str, int], message: Message) -> None:
+        if message.attempt == 1 and body["n"] < 4:
+            raise signal("from the handler")
+        handled.append(body["n"])
+
+    async with app:
+        for n in range(12):  # three times the prefetch: a stalled consumer would stop at 4
+            await app.publish({"n": n}, routing_key=queue)
+        await wait_for(lambda: len(handled) == 12, timeout=15)
+        assert app.health()["healthy"]
+    assert sorted(handled) == list(range(12))
+    assert [type(exc) for _, exc in attempts.failed] == [signal] * 4
+    assert await admin.count(f"{queue}.parked") == 0
+
+
+async def test_a_hanging_handler_is_cancelled_at_its_handler_timeout(
+    make_app: Callable[..., App], admin: Admin
+) -> None:
+    attempts = Attempts()
+    app = make_app(middleware=[attempts], handler_timeout=0.3)
+    queue, stuck = unique("hang"), unique("stuck")
+    handled: list[int] = []
+
+    @app.consumer(queue, retries=1, delay=0.1, queue_type="classic")
+    async def handle(body: dict[str, int], message: Message) -> None:
+        if message.attempt == 1:
+            await asyncio.Event().wait()  # never returns
+        handled.append(body["n"])
+
+    @app.consumer(stuck, retries=0, queue_type="classic", handler_timeout=0.2)
+    async def never(body: Any) -> None:
+        await asyncio.Event().wait()
+
+    async with app:
+        await app.publish({"n": 1}, routing_key=queue)
+        await app.publish({"n": 2}, routing_key=stuck)
+        await wait_for(lambda: handled == [1], timeout=10)
+        parked = await _one(admin, f"{stuck}.parked")
+    headers = parked.header.properties.headers
+    assert headers["x-rf-exception"] == "builtins.TimeoutError"
+    assert "handler_timeout of 0.2s" in headers["x-rf-error"]
+    assert isinstance(attempts.failed[0][1], TimeoutError)
+
+
+async def test_a_deleted_service_exchange_is_declared_again_for_the_retry(
+    make_app: Callable[..., App], admin: Admin
+) -> None:
+    app = make_app()
+    queue = unique("dlx")
+    attempts: list[int] = []
+
+    @app.consumer(queue, retries=2, delay=0.2, queue_type="classic")
+    async def handle(body: Any, message: Message) -> None:
+        attempts.append(message.attempt)
+        if message.attempt == 1:
+            raise RuntimeError("once")
+
+    async with app:
+        await admin.channel.exchange_delete(f"{app.name}.dlx")  # an operator's mistake
+        await app.publish({}, routing_key=queue)
+        await wait_for(lambda: attempts == [1, 2], timeout=10)
+        await asyncio.sleep(0.3)
+        assert app.health()["healthy"]
+    assert attempts == [1, 2]
+    assert await admin.count(queue) == 0
+
+
+async def test_the_queue_deleted_under_the_consumer_is_declared_and_consumed_again(
+    make_app: Callable[..., App], admin: Admin
+) -> None:
+    app = make_app()
+    queue = unique("gone")
+    got: list[int] = []
+
+    @app.consumer(queue, queue_type="classic")
+    async def handle(body: dict[str, int]) -> None:
+        got.append(body["n"])
+
+    async with app:
+        await app.publish({"n": 1}, routing_key=queue)
+        await wait_for(lambda: got == [1])
+        await admin.channel.queue_delete(queue)  # the broker sends basic.cancel
+        await wait_for(lambda: consumer_health(app)["resubscribed"] == 1, timeout=10)
+        assert consumer_health(app)["subscribed"]
+        await app.publish({"n": 2}, routing_key=queue)
+        await wait_for(lambda: got == [1, 2])
+        assert app.health()["healthy"]
+
+
+async def test_a_refused_login_fails_at_once_without_the_password(make_app: Callable[..., App]) -> None:
+    app = make_app(url=f"amqp://guest:Wr0ng-s3cret@{BROKER_HOST}:{BROKER_PORT}/", connect_budget=30)
+    started = time.monotonic()
+    with pytest.raises(LoginRefused) as refused:
+        await app.start()
+    assert time.monotonic() - started < 5  # not the whole 30 s budget
+    assert "refused the login of user 'guest'" in str(refused.value)
+    assert "Wr0ng-s3cret" not in str(refused.value)
+    assert app.state == "closed"
+
+
+async def test_fifteen_hundred_consumers_start_and_consume(
+    make_app: Callable[..., App], admin: Admin
+) -> None:
+    app = make_app()
+    prefix = unique("many")
+    got: set[int] = set()
+
+    for n in range(1500):
+
+        @app.consumer(f"{prefix}.{n}", queue_type="classic", retries=0, prefetch=1)
+        async def handle(body: dict[str, int]) -> None:
+            got.add(body["n"])
+
+    async with app:
+        assert len(app.health()["consumers"]) == 1500
+        assert app.health()["healthy"]
+        for n in (0, 749, 1499):
+            await app.publish({"n": n}, routing_key=f"{prefix}.{n}")
+        await wait_for(lambda: got == {0, 749, 1499}, timeout=10)
+
+
+async def _one(admin: Admin, queue: str, timeout: float = 10) -> Any:
+    found: list[Any] = []
+
+    async def arrived() -> None:
+        while not found:
+            message = await admin.get(queue)
+            if message is not None:
+                found.append(message)
+            else:
+                await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(arrived(), timeout)
+    return found[0]
