@@ -66,7 +66,8 @@ def make_app(broker_url: str, admin: Admin) -> Callable[..., App]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that reaches RabbitMQ (through the `broker_url` fixture, the contract suite's
-    "rabbitmq" parameter, or on the 3-node cluster) is `broker`; every other one is `unit` and runs alone in seconds (`make test-unit`)."""
+    "rabbitmq" parameter, or on the 3-node cluster) is `broker`; every other one is `unit` and
+    runs alone in seconds (`make test-unit`)."""
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
         callspec = getattr(item, "callspec", None)
