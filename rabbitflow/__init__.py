@@ -15,6 +15,7 @@ from .errors import Retry as Retry
 from .errors import StateError as StateError
 from .errors import TopologyConflict as TopologyConflict
 from .errors import TransportError as TransportError
+from .errors import UnencodableMessage as UnencodableMessage
 from .errors import Unroutable as Unroutable
 from .message import Message as Message
 from .middleware import Middleware as Middleware
@@ -44,5 +45,6 @@ __all__ = [
     "StateError",
     "TopologyConflict",
     "TransportError",
+    "UnencodableMessage",
     "Unroutable",
 ]

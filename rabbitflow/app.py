@@ -265,7 +265,7 @@ class App(Registry):
             remaining = deadline - asyncio.get_running_loop().time()
             await asyncio.wait_for(self._started.wait(), max(remaining, 0))
         runtime = self._runtime
-        if self._state is not State.RUNNING or runtime is None:
+        if self._state not in (State.RUNNING, State.STOPPING) or runtime is None:
             raise StateError(f"App {self.name!r} is {self._state.value}; start it first")
         return runtime
 
@@ -312,8 +312,10 @@ class App(Registry):
 
     async def _publisher(self, deadline: float) -> Any:
         runtime = self._runtime
-        if runtime is None or self._state is not State.RUNNING:
+        if runtime is None:
             runtime = await self._running(deadline)
+        # While stopping too: handlers finishing within graceful_timeout may still publish; the
+        # runtime closes its publishers only after the last of them.
         return await runtime.publisher(deadline)
 
     async def ensure(

@@ -137,6 +137,8 @@ class ConnectionManager:
         failures: dict[str, str] = {}
         cycle = 0
         while True:
+            refused: LoginRefused | None = None
+            refusals = 0
             for _ in self.endpoints:
                 endpoint = next(self._order)
                 timeout = self._connect_timeout
@@ -146,8 +148,12 @@ class ConnectionManager:
                         raise self._failed(failures, budget)
                 try:
                     transport = await open(endpoint, timeout)
-                except LoginRefused:
-                    raise
+                except LoginRefused as exc:
+                    # Nodes may have credentials of their own: the next one may accept.
+                    refused, refusals = exc, refusals + 1
+                    failures[str(endpoint)] = "login refused"
+                    log.warning("%s refused the login", endpoint)
+                    continue
                 except Exception as exc:  # refused, timed out, TLS, auth: try the next node
                     reason = _describe(exc)
                     failures[str(endpoint)] = reason
@@ -155,6 +161,8 @@ class ConnectionManager:
                     continue
                 log.info("connected to %s", endpoint)
                 return transport
+            if refused is not None and refusals == len(self.endpoints):
+                raise refused  # every node refused it: trying again will not help
             cycle += 1
             pause = self.pause(cycle)
             if deadline is not None:

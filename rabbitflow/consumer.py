@@ -18,7 +18,14 @@ from typing import Any
 
 from . import copies, names
 from .codec import DecodeError
-from .errors import ChannelClosed, ConnectionLost, TopologyConflict, TransportError, Unroutable
+from .errors import (
+    ChannelClosed,
+    ConnectionLost,
+    TopologyConflict,
+    TransportError,
+    UnencodableMessage,
+    Unroutable,
+)
 from .message import Message
 from .middleware import Middleware
 from .publisher import Publisher
@@ -129,6 +136,9 @@ class Consumer:
         await self._cancel_handlers()
         for future in list(self._pending):
             future.cancel()
+        # The consuming connection may be the one still up (the publishing one went): what is
+        # acked already should not come back as a duplicate.
+        await self.settlement.flush()
 
     async def _cancel_handlers(self) -> None:
         for task in list(self._tasks):
@@ -380,17 +390,26 @@ class Consumer:
     ) -> None:
         tag = delivery.delivery_tag
         try:
-            await self._copies.publish(delivery.body, self._dlx, queue, properties, after=failure)
+            try:
+                await self._copies.publish(delivery.body, self._dlx, queue, properties, after=failure)
+            except UnencodableMessage:
+                lean = copies.lean(properties.headers or {})
+                if lean is None:
+                    raise
+                # The producer's headers and ours do not fit a frame: drop our traceback and error
+                # text (the first to go; x-rf-exception still says what failed) and try again.
+                properties = persistent_copy(delivery.properties, lean)
+                await self._copies.publish(delivery.body, self._dlx, queue, properties)
         except ConnectionLost:
             self.settlement.requeue(tag)  # the session is ending: the broker redelivers it
             return
         except asyncio.CancelledError:
             self.settlement.requeue(tag)
             raise
-        except (ChannelClosed, Unroutable) as refused:
-            # The broker refuses this copy for good (a user_id it does not let us publish, say):
-            # reject the original instead, which its queue dead-letters to the parking queue with
-            # every property intact.
+        except (ChannelClosed, Unroutable, UnencodableMessage) as refused:
+            # The broker refuses this copy for good (a user_id it does not let us publish, say),
+            # or it cannot be written: reject the original instead, which its queue dead-letters
+            # to the parking queue with every property and header intact.
             log.error(
                 "queue %s: message %s: copy to %s refused (%s); rejecting it to %s",
                 self.spec.queue,
@@ -402,12 +421,8 @@ class Consumer:
             self.settlement.reject(tag)
             return
         except Exception:
-            log.exception(
-                "queue %s: copy to %s failed; rejecting the message to %s",
-                self.spec.queue,
-                queue,
-                self._parked,
-            )
-            self.settlement.reject(tag)
+            # Not a refusal we know: back to the queue rather than a reject that could be lost.
+            log.exception("queue %s: copy to %s failed; requeueing the message", self.spec.queue, queue)
+            self.settlement.requeue(tag)
             return
         self.settlement.ack(tag)

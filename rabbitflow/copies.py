@@ -14,7 +14,7 @@ from typing import Any
 from . import names
 from .transport.base import Delivery
 
-__all__ = ["delivery_count", "describe", "park_headers", "retry_headers"]
+__all__ = ["delivery_count", "describe", "lean", "park_headers", "retry_headers"]
 
 _MAX_ERROR = 1000
 _MAX_TRACEBACK = 4000
@@ -91,3 +91,11 @@ def describe(exc: BaseException) -> str:
 def delivery_count(headers: Mapping[str, Any]) -> int:
     value = headers.get("x-delivery-count", 0)
     return value if isinstance(value, int) else 0
+
+
+def lean(headers: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A copy's headers without rabbitflow's long texts (traceback, error), for a copy that does
+    not fit the broker's frame; None when it has none to drop."""
+    if names.TRACEBACK not in headers and names.ERROR not in headers:
+        return None
+    return names.without(headers, (names.TRACEBACK, names.ERROR))

@@ -8,6 +8,7 @@ RabbitflowError
 ├── PublishTimeout        a publish was not confirmed within its timeout
 ├── Unroutable            the broker returned a mandatory publish: no queue is bound
 ├── PublishNacked         the broker refused a publish (basic.nack)
+├── UnencodableMessage    properties or headers that cannot be encoded or do not fit a frame
 ├── StateError            a lifecycle call in the wrong state (start twice, publish before start)
 └── TransportError        a broker operation failed because its channel or connection went away
     ├── ConnectionLost    the connection to the node is gone; unconfirmed outcomes are unknown
@@ -32,6 +33,7 @@ __all__ = [
     "StateError",
     "TopologyConflict",
     "TransportError",
+    "UnencodableMessage",
     "Unroutable",
 ]
 
@@ -81,6 +83,11 @@ class Unroutable(RabbitflowError):
 
 class PublishNacked(RabbitflowError):
     """The broker answered a publish with basic.nack (it could not take responsibility)."""
+
+
+class UnencodableMessage(RabbitflowError, ValueError):
+    """A message's properties or headers cannot be encoded, or do not fit the broker's frame
+    size; nothing of it was sent."""
 
 
 class StateError(RabbitflowError, RuntimeError):

@@ -39,6 +39,7 @@ log = logging.getLogger("rabbitflow.publisher")
 _NEIGHBOUR_CLOSES = 3
 _BACKOFF_CAP = 2.0
 _KNOWN_MAX = 10_000
+_RETIRE_GRACE = 5.0  # seconds a retired channel keeps answering its publishes in flight
 
 
 def backoff(failures: int) -> float:
@@ -175,16 +176,18 @@ class Publisher:
                     await asyncio.sleep(0)  # only the channel went (retired after a nack, say)
                 else:
                     raise failure
-            if self.transport.blocked:
-                await self.transport.wait_unblocked()
-            channel = self._channel
-            if channel is None or not channel.is_open:
-                channel = await self.channel()
+            channel = None
             try:
+                if self.transport.blocked:
+                    await self.transport.wait_unblocked()
+                channel = self._channel
+                if channel is None or not channel.is_open:
+                    channel = await self.channel()
                 await channel.publish(body, exchange=exchange, routing_key=routing_key, properties=properties)
                 return
             except PublishNacked as exc:
-                self._retire(channel)
+                if channel is not None:
+                    self._retire(channel)
                 failure = exc
             except (Unroutable, ChannelClosed, ConnectionLost) as exc:
                 failure = exc
@@ -200,17 +203,28 @@ class Publisher:
             self._known.add(exchange)
 
     def _retire(self, channel: Channel) -> None:
-        """Take a nacking channel out of use; publishes still in flight on it are sent again."""
+        """Take a nacking channel out of use. It is closed only after a grace period: publishes
+        still in flight on it get their own answers (a confirm, or a nack that is certain)
+        instead of an unknown outcome that would have them sent, and perhaps stored, twice."""
         if self._channel is channel:
             self._channel = None
-            task = asyncio.get_running_loop().create_task(channel.close())
+            task = asyncio.get_running_loop().create_task(self._close_later(channel))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _close_later(channel: Channel) -> None:
+        try:
+            await asyncio.sleep(_RETIRE_GRACE)
+        finally:
+            await channel.close()
 
     async def close(self) -> None:
         channel, self._channel = self._channel, None
         if channel is not None:
             await channel.close()
+        for task in self._closing:
+            task.cancel()  # closes its channel now
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 

@@ -98,10 +98,11 @@ class Runtime:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
-        session, self.session = self.session, None
-        self._up.clear()
+        session = self.session
         if session is not None:
-            await session.stop(graceful_timeout)
+            await session.stop(graceful_timeout)  # still live: finishing handlers may publish
+            self._up.clear()
+            self.session = None
             await session.links.close()
 
     async def wait_live(self, deadline: float) -> Session:

@@ -301,3 +301,63 @@ async def test_a_nacked_copy_is_sent_again_not_requeued(running_cluster: None) -
     finally:
         await _delete(app)
     assert calls == [1, 2]
+
+
+async def _connection_pid(node: int, connection_name: str) -> str:
+    """The pid `rabbitmqctl close_connection` takes, of the connection with this client name."""
+    process = await asyncio.create_subprocess_exec(
+        str(SCRIPT),
+        "ctl",
+        str(node),
+        "list_connections",
+        "pid",
+        "client_properties",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await process.communicate()
+    wanted = f'{{"connection_name","{connection_name}"}}'
+    (pid,) = [line.split("\t", 1)[0] for line in out.decode().splitlines() if wanted in line]
+    return pid
+
+
+async def test_losing_only_the_publishing_connection_loses_and_parks_nothing(
+    running_cluster: None,
+) -> None:
+    """The broker closes the publishing connection while retry copies are in flight: the
+    session fails over with both connections; no message is parked or lost for it."""
+    app = App(unique("publoss"), url=url(1))
+    queue = unique("publoss")
+    handled: set[int] = set()
+
+    @app.consumer(queue, queue_type="quorum", retries=3, delay=0.2)
+    async def handle(body: dict[str, int], message: Message) -> None:
+        if message.attempt == 1:
+            raise RuntimeError("every message fails once")
+        handled.add(body["n"])
+
+    try:
+        async with app:
+            for n in range(300):
+                await app.publish({"n": n}, routing_key=queue)
+            await wait_for(lambda: len(handled) >= 50, timeout=20)
+            pid = await _connection_pid(1, f"{app.name}:publish")
+            await cluster("ctl", "1", "close_connection", pid, "test: the publishing connection only")
+            await wait_for(lambda: app.reconnects == 1, timeout=20)
+            await wait_for(lambda: len(handled) == 300, timeout=30)
+            parked = await _count(f"{queue}.parked")
+    finally:
+        await _delete(app)
+    assert parked == 0
+
+
+async def _count(queue: str) -> int:
+    import aiormq
+
+    connection = await aiormq.connect(url(1))
+    try:
+        channel = await connection.channel()
+        ok = await channel.queue_declare(queue, passive=True)
+        return int(ok.message_count or 0)
+    finally:
+        await connection.close()

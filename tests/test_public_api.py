@@ -28,6 +28,7 @@ def test_all_is_sorted_and_complete() -> None:
         "StateError",
         "TopologyConflict",
         "TransportError",
+        "UnencodableMessage",
         "Unroutable",
     }
     for name in rabbitflow.__all__:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from rabbitflow import App, ChannelClosed, LoginRefused, Message, Middleware
+from rabbitflow import App, ChannelClosed, LoginRefused, Message, Middleware, UnencodableMessage
 
 from .helpers import BROKER_HOST, BROKER_PORT, Admin, unique, wait_for
 
@@ -262,3 +262,85 @@ async def _one(admin: Admin, queue: str, timeout: float = 10) -> Any:
 
     await asyncio.wait_for(arrived(), timeout)
     return found[0]
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_copies_near_the_frame_size_never_take_the_connection_down(
+    make_app: Callable[..., App], admin: Admin, queue_type: str
+) -> None:
+    """A producer's headers near frame_max (131,072 bytes): a copy that would not fit with
+    rabbitflow's headers is parked without its traceback, or, when even that cannot fit, the
+    original is rejected to the parking queue as it came; the connection stays up."""
+    app = make_app()
+    queue = unique("big")
+    calls: Counter[str] = Counter()
+
+    @app.consumer(queue, retries=1, delay=0.1, queue_type=queue_type)
+    async def handle(body: dict[str, str], message: Message) -> None:
+        calls[body["kind"]] += 1
+        if body["kind"] != "plain":
+            raise RuntimeError("x" * 900)
+
+    async with app:
+        near = {"pad": "p" * 129_500}  # a retry copy fits; the parked copy's traceback does not
+        at = {"pad": "p" * 130_900}  # not even a retry copy fits
+        await admin.publish(
+            b'{"kind":"near"}', routing_key=queue, content_type="application/json", headers=near
+        )
+        await admin.publish(b'{"kind":"at"}', routing_key=queue, content_type="application/json", headers=at)
+        await app.publish({"kind": "plain"}, routing_key=queue)
+        parked = [await _one(admin, f"{queue}.parked"), await _one(admin, f"{queue}.parked")]
+        await wait_for(lambda: calls["plain"] == 1)
+        assert app.reconnects == 0
+    by_kind = {m.body: m.header.properties.headers for m in parked}
+    lean = by_kind[b'{"kind":"near"}']
+    assert lean["x-rf-reason"] == "exhausted"
+    assert lean["x-rf-exception"] == "builtins.RuntimeError"
+    assert "x-rf-traceback" not in lean
+    assert lean["pad"] == near["pad"]
+    rejected = by_kind[b'{"kind":"at"}']
+    assert rejected["pad"] == at["pad"]  # as the producer sent it, dead-lettered by the broker
+    assert rejected["x-death"][0]["reason"] == "rejected"
+    assert calls == {"near": 2, "at": 1, "plain": 1}
+
+
+async def test_a_publish_too_large_for_a_frame_is_refused_before_it_is_sent(
+    make_app: Callable[..., App],
+) -> None:
+    app = make_app()
+    queue = unique("toolarge")
+    got: list[int] = []
+
+    @app.consumer(queue, queue_type="classic")
+    async def handle(body: dict[str, int]) -> None:
+        got.append(body["n"])
+
+    async with app:
+        with pytest.raises(UnencodableMessage, match="frame size of 131072"):
+            await app.publish({"n": 0}, routing_key=queue, headers={"pad": "p" * 140_000})
+        await app.publish({"n": 1}, routing_key=queue)
+        await wait_for(lambda: got == [1])
+        assert app.reconnects == 0
+
+
+async def test_handlers_finishing_during_a_graceful_stop_may_publish(
+    make_app: Callable[..., App], admin: Admin
+) -> None:
+    app = make_app()
+    queue, results = unique("finish"), unique("results")
+    started = asyncio.Event()
+
+    @app.consumer(queue, queue_type="classic")
+    async def handle(body: dict[str, int]) -> None:
+        started.set()
+        await asyncio.sleep(0.5)  # still running when the stop begins
+        await app.publish({"done": body["n"]}, routing_key=results)
+
+    await admin.channel.queue_declare(results)
+    admin.queues.add(results)
+    async with app:
+        await app.publish({"n": 7}, routing_key=queue)
+        await started.wait()
+    done = await _one(admin, results)
+    assert done.body == b'{"done":7}'
+    assert await admin.count(f"{queue}.retry.10s") == 0

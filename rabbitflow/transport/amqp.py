@@ -15,7 +15,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp.base import Frame
 from pamqp.commands import Basic
 
-from ..errors import LoginRefused, PublishNacked, Unroutable
+from ..errors import LoginRefused, PublishNacked, UnencodableMessage, Unroutable
 from ..urls import Endpoint
 from .base import (
     Arguments,
@@ -208,6 +208,9 @@ class AmqpChannel(Channel):
         result: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
             confirm = pipeline.publish(body, exchange, routing_key, properties, mandatory)
+        except UnencodableMessage as exc:
+            result.set_exception(exc)
+            return result
         except (amqp_errors.AMQPError, amqp_errors.ChannelInvalidStateError, ConnectionError) as exc:
             result.set_exception(_translate(exc))
             return result
@@ -317,8 +320,13 @@ class AmqpTransport(Transport):
             await self._amqp.ready()
 
     async def channel(self) -> Channel:
+        if self._amqp.is_closed:
+            raise ConnectionLost(f"the connection to {self.node} is closed")
         async with _translated:
-            channel = await self._amqp.channel(publisher_confirms=True, on_return_raises=True)
+            try:
+                channel = await self._amqp.channel(publisher_confirms=True, on_return_raises=True)
+            except RuntimeError as exc:  # aiormq: "<Connection ...> closed", between its states
+                raise ConnectionLost(f"the connection to {self.node} is closed") from exc
         return AmqpChannel(channel)
 
     async def native_channel(self) -> aio_pika.abc.AbstractChannel:

@@ -23,12 +23,16 @@ from pamqp.base import Frame
 from pamqp.commands import Basic
 from pamqp.frame import marshal
 
+from ..errors import UnencodableMessage
 from .base import ConnectionLost
 from .wire import body_frames, content_header_frame
 
 __all__ = ["Pipeline", "supported"]
 
 _NEEDED = ("confirmations", "message_id_delivery_tag", "delivery_tag", "write_queue", "max_content_size")
+
+
+_FRAME_OVERHEAD = 8  # frame type, channel, size and end octet around a frame's payload
 
 
 def supported(channel: aiormq.Channel) -> bool:
@@ -66,6 +70,18 @@ class Pipeline:
         if not message_id:
             # aiormq matches a returned message to its publish by message id.
             message_id = properties.message_id = uuid.uuid4().hex
+        # Encoded and measured before anything is queued: a header that cannot be written leaves
+        # nothing half-sent (a method frame without its header is a 505 that drops the connection).
+        try:
+            header = content_header_frame(channel.number, len(body), properties)
+        except Exception as exc:
+            raise UnencodableMessage(f"cannot encode the message's properties or headers: {exc}") from exc
+        frame_max = channel.max_content_size + _FRAME_OVERHEAD
+        if len(header) > frame_max:
+            raise UnencodableMessage(
+                f"the message's properties and headers take {len(header)} bytes, more than the "
+                f"broker's frame size of {frame_max}; send less in headers"
+            )
         channel.delivery_tag += 1
         tag = channel.delivery_tag
         # A plain future: `_fail_pending` rejects it if the channel goes, so aiormq's future store
@@ -89,7 +105,7 @@ class Pipeline:
             if len(self._methods) < 1024:
                 self._methods[key] = method
         chunks.append(method)
-        chunks.append(content_header_frame(number, len(body), properties))
+        chunks.append(header)
         chunks.extend(body_frames(number, body, channel.max_content_size))
         return confirmation
 
