@@ -20,9 +20,9 @@ __all__ = ["Settings", "check_name", "check_positive", "check_seconds"]
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
 
 # Seconds a consumer may hold deliveries without settling any before health calls it stalled,
-# when it has no handler timeout; with one, the timeout plus this much for the copy's confirm.
+# when it has no handler timeout; with one, twice the timeout and a second (the handler, then a
+# copy that may take as long to be confirmed).
 STALL_AFTER = 60.0
-STALL_GRACE = 10.0
 
 
 def check_name(what: str, value: object, *, allow_empty: bool = False) -> str:
@@ -99,4 +99,4 @@ class Settings:
     def stall_after(self, handler_timeout: float | None) -> float:
         """How long a consumer holding deliveries may settle none before it counts as stalled."""
         timeout = self.handler_timeout if handler_timeout is None else handler_timeout
-        return STALL_AFTER if timeout is None else timeout + STALL_GRACE
+        return STALL_AFTER if timeout is None else 2 * timeout + 1.0

@@ -266,7 +266,7 @@ async def test_a_nacked_copy_is_sent_again_not_requeued(running_cluster: None) -
     """The broker nacks copies into a full retry queue (a policy: max-length 0, reject-publish):
     the copy is published again with backoff until it is taken; the handler is not called again
     meanwhile."""
-    app = App(unique("nack"), url=url(1))
+    app = App(unique("nack"), url=url(1), handler_timeout=0.5)
     queue = unique("nack")
     calls: list[int] = []
 
@@ -293,11 +293,16 @@ async def test_a_nacked_copy_is_sent_again_not_requeued(running_cluster: None) -
                 await app.publish({"n": 1}, routing_key=queue)
                 await asyncio.sleep(3)  # the copy is nacked, again and again
                 assert calls == [1]
-                assert app.health()["consumers"][0]["in_flight"] == 1
+                health = app.health()
+                assert health["consumers"][0]["in_flight"] == 1
+                # Holding a delivery it cannot settle for longer than 2 x 0.5 + 1 s: stalled.
+                assert health["consumers"][0]["stalled"] is True
+                assert health["healthy"] is False
             finally:
                 await cluster("ctl", "1", "clear_policy", policy)
             await wait_for(lambda: calls == [1, 2], timeout=15)
             await wait_for(lambda: app.health()["consumers"][0]["in_flight"] == 0)
+            assert app.health()["healthy"] is True
     finally:
         await _delete(app)
     assert calls == [1, 2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -9,6 +10,8 @@ import pytest
 
 from rabbitflow import App, ConfigError, Message, Reject
 from rabbitflow.testing import TestClient
+
+from .helpers import wait_for
 
 
 async def test_retried_after_60s_and_parked_after_3_attempts_in_virtual_time() -> None:
@@ -122,3 +125,30 @@ def test_client_refuses_an_app_on_a_real_broker() -> None:
     app = App("real", url="amqp://guest:guest@localhost/")
     with pytest.raises(ConfigError, match="url='memory://'"):
         TestClient(app)
+
+
+async def test_acks_behind_a_held_delivery_go_out_on_the_memory_broker() -> None:
+    """The settlement rule without a broker: a held delivery holds back no other ack."""
+    from rabbitflow.testing import MemoryBroker
+
+    broker = MemoryBroker(realtime=True)  # drain() would wait for the held handler forever
+    app = App("held", url="memory://", broker=broker, prefetch=8)
+    release = asyncio.Event()
+    done: list[int] = []
+
+    @app.consumer("held.q", queue_type="classic")
+    async def handle(body: dict[str, int]) -> None:
+        if body["n"] == 0:
+            await release.wait()
+        done.append(body["n"])
+
+    async with TestClient(app, broker=broker) as client:
+        for n in range(40):
+            await client.publish({"n": n}, routing_key="held.q")
+        await wait_for(lambda: len(done) == 39 and broker.queues["held.q"].unacked_count == 1)
+        assert sorted(done) == list(range(1, 40))
+        health = app.health()["consumers"][0]
+        assert (health["in_flight"], health["running"]) == (1, 1)
+        release.set()
+        await wait_for(lambda: broker.queues["held.q"].unacked_count == 0)
+    assert sorted(done) == list(range(40))
