@@ -2,6 +2,7 @@
 queues and cluster failover."""
 
 from .app import App as App
+from .breaker import Breaker as Breaker
 from .errors import ChannelClosed as ChannelClosed
 from .errors import ConfigError as ConfigError
 from .errors import ConnectionFailed as ConnectionFailed
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "App",
+    "Breaker",
     "ChannelClosed",
     "ConfigError",
     "ConnectionFailed",

@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from .admin import Admin
+from .breaker import Breaker
 from .codec import outgoing
 from .connection import ConnectionManager, Failover
 from .errors import ConfigError, StateError
@@ -74,6 +75,7 @@ class App(Registry):
         concurrency: handlers of one consumer running at once, unless the consumer sets its own.
         handler_timeout: seconds a handler may run before it is cancelled and its attempt fails
             with TimeoutError (None: no limit), unless the consumer sets its own.
+        breaker: the `Breaker` of every consumer that does not set its own (default: none).
         graceful_timeout: seconds a stop waits for running handlers before cancelling them.
         heartbeat: AMQP heartbeat in seconds; a silent node is declared dead after about
             (heartbeat + 1) * 3 seconds.
@@ -96,6 +98,7 @@ class App(Registry):
         prefetch: int = 64,
         concurrency: int = 32,
         handler_timeout: float | None = None,
+        breaker: Breaker | None = None,
         graceful_timeout: float = 30.0,
         heartbeat: int = 5,
         connect_timeout: float = 5.0,
@@ -115,6 +118,7 @@ class App(Registry):
             prefetch=prefetch,
             concurrency=concurrency,
             handler_timeout=handler_timeout,
+            breaker=breaker,
             graceful_timeout=graceful_timeout,
             heartbeat=heartbeat,
             connect_timeout=connect_timeout,

@@ -13,10 +13,11 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from . import copies, names
+from .breaker import Breaker, BreakerState, Circuit
 from .codec import DecodeError
 from .errors import (
     ChannelClosed,
@@ -61,6 +62,7 @@ class Consumer:
         prefetch: int,
         concurrency: int,
         handler_timeout: float | None,
+        breaker: Breaker | None = None,
         middleware: tuple[Middleware, ...] = (),
     ) -> None:
         self.spec = spec
@@ -86,6 +88,9 @@ class Consumer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending: set[asyncio.Future[Any]] = set()  # copies awaiting the broker
         self._resubscribing: asyncio.Task[None] | None = None
+        self.circuit = Circuit(breaker) if breaker is not None else None
+        self._switching: asyncio.Task[None] | None = None  # the breaker pausing or resuming us
+        self._probe_timer: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -98,14 +103,23 @@ class Consumer:
         """Handlers running now."""
         return len(self._tasks)
 
-    async def start(self) -> None:
+    @property
+    def paused(self) -> bool:
+        """The breaker is open (or probing): not taking messages on purpose."""
+        return self.circuit is not None and self.circuit.state is not BreakerState.CLOSED
+
+    async def start(self, *, prefetch: int | None = None) -> None:
         self._tag = await self._channel.consume(
-            self.spec.queue, self._on_delivery, prefetch=self._prefetch, on_cancel=self._on_cancel
+            self.spec.queue,
+            self._on_delivery,
+            prefetch=self._prefetch if prefetch is None else prefetch,
+            on_cancel=self._on_cancel,
         )
 
     async def stop(self, timeout: float) -> None:
         """Take no new deliveries, let running handlers finish within `timeout`, then close."""
         self._stopping = True
+        self._quiet_breaker()
         if self._resubscribing is not None:
             self._resubscribing.cancel()
         if self._tag is not None and self._channel.is_open:
@@ -131,6 +145,7 @@ class Consumer:
     async def abandon(self) -> None:
         """The session is gone: cancel running handlers; their messages come back anyway."""
         self._stopping = True
+        self._quiet_breaker()
         if self._resubscribing is not None:
             self._resubscribing.cancel()
         await self._cancel_handlers()
@@ -144,6 +159,80 @@ class Consumer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- the breaker ---------------------------------------------------------------------------
+
+    def _attempted(self, exc: BaseException | None) -> None:
+        """Feed the breaker one attempt's outcome and carry out what it decides."""
+        circuit = self.circuit
+        assert circuit is not None
+        loop = asyncio.get_running_loop()
+        before = circuit.state
+        after = circuit.record(loop.time(), exc)
+        if after is before or self._stopping:
+            return
+        if after is BreakerState.OPEN:
+            log.warning(
+                "queue %s: breaker open (%s); pausing for %gs, messages wait in the queue",
+                self.spec.queue,
+                circuit.reason,
+                circuit.breaker.cooldown,
+            )
+            self._switch(self._pause())
+        elif after is BreakerState.CLOSED:
+            log.info("queue %s: the probe succeeded; breaker closed, consuming again", self.spec.queue)
+            self._switch(self._resume())
+
+    def _switch(self, change: Coroutine[Any, Any, None]) -> None:
+        previous = self._switching
+
+        async def after_previous() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            await change
+
+        self._switching = asyncio.get_running_loop().create_task(after_previous())
+
+    async def _pause(self) -> None:
+        """Stop taking deliveries; those in flight follow their retry policy as usual."""
+        tag, self._tag = self._tag, None
+        if tag is not None and self._channel.is_open:
+            with contextlib.suppress(TransportError):
+                await self._channel.cancel(tag)
+        circuit = self.circuit
+        assert circuit is not None
+        if not self._stopping:
+            self._probe_timer = asyncio.get_running_loop().call_later(
+                circuit.breaker.cooldown, lambda: self._switch(self._probe())
+            )
+
+    async def _probe(self) -> None:
+        """Half-open: one delivery at a time until one attempt tells whether the downstream is back."""
+        circuit = self.circuit
+        assert circuit is not None
+        self._probe_timer = None
+        if self._stopping or not self._channel.is_open:
+            return
+        circuit.half_open()
+        log.info("queue %s: breaker half-open; letting one message through", self.spec.queue)
+        with contextlib.suppress(TransportError):
+            await self.start(prefetch=1)
+
+    async def _resume(self) -> None:
+        tag, self._tag = self._tag, None
+        if self._stopping or not self._channel.is_open:
+            return
+        with contextlib.suppress(TransportError):
+            if tag is not None:
+                await self._channel.cancel(tag)  # the probe's consumer, with a prefetch of 1
+            await self.start()
+
+    def _quiet_breaker(self) -> None:
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+            self._probe_timer = None
+        if self._switching is not None:
+            self._switching.cancel()
 
     # -- the broker cancelled us ---------------------------------------------------------------
 
@@ -252,9 +341,13 @@ class Consumer:
                 raise
             if scope is not None and scope.expired():
                 exc = TimeoutError(f"handler still running after its handler_timeout of {self._timeout}s")
+            if self.circuit is not None:
+                self._attempted(exc)
             await self._fail(delivery, attempt, exc)
             return
         self.settlement.ack(delivery.delivery_tag)
+        if self.circuit is not None:
+            self._attempted(None)
 
     async def _call(self, delivery: Delivery, body: Any, headers: Mapping[str, Any], attempt: int) -> None:
         spec = self.spec

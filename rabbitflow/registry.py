@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from .breaker import Breaker
 from .errors import ConfigError
 from .spec import ConsumerSpec, Handler, build_spec
 from .topology.compiler import Plan, compile_plan
@@ -41,6 +42,7 @@ class Registry:
         prefetch: int | None = None,
         concurrency: int | None = None,
         handler_timeout: float | None = None,
+        breaker: Breaker | None = None,
         **unknown: Any,
     ) -> Callable[[H], H]:
         """Register an async function as the consumer of `queue`.
@@ -60,6 +62,8 @@ class Registry:
             concurrency: handlers of this consumer running at once (default: the app's).
             handler_timeout: seconds before a running handler is cancelled and its attempt fails
                 with TimeoutError (default: the app's).
+            breaker: a `Breaker` that pauses this consumer while most attempts fail (its
+                downstream is down), so an outage parks nothing (default: the app's, if any).
 
         Every option is checked here, when the module is imported: a bad value, an unknown
         option or a second consumer of the same queue raises `ConfigError`.
@@ -81,6 +85,7 @@ class Registry:
                 concurrency=concurrency,
                 handler_timeout=handler_timeout,
                 unknown=unknown,
+                breaker=breaker,
             )
             if spec.queue in self._consumers:
                 raise ConfigError(

@@ -268,8 +268,22 @@ class Runtime:
             "settled": settlement.settled,
             "stalled": stalled,
             "stall_after": bound,
-            "healthy": consumer.subscribed and not stalled,
+            "breaker": _breaker(consumer, loop_now),
+            # A consumer its breaker paused is where it should be while its downstream is down.
+            "healthy": (consumer.subscribed or consumer.paused) and not stalled,
         }
+
+
+def _breaker(consumer: Consumer, loop_now: float) -> dict[str, Any] | None:
+    circuit = consumer.circuit
+    if circuit is None:
+        return None
+    return {
+        "state": circuit.state.value,
+        "since": _wall(circuit.opened_at, loop_now),
+        "reason": circuit.reason or None,
+        "trips": circuit.trips,
+    }
 
 
 def _wall(loop_time: float | None, loop_now: float) -> str | None:

@@ -68,6 +68,7 @@ class Session:
                 prefetch=spec.prefetch or s.prefetch,
                 concurrency=spec.concurrency or s.concurrency,
                 handler_timeout=spec.handler_timeout or s.handler_timeout,
+                breaker=spec.breaker or s.breaker,
                 middleware=self._middleware,
             )
             await consumer.start()

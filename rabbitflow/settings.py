@@ -9,6 +9,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .breaker import Breaker
 from .errors import ConfigError
 from .urls import Endpoint, parse_urls
 
@@ -69,6 +70,7 @@ class Settings:
     connect_timeout: float = 5.0
     connect_budget: float = 30.0
     publish_timeout: float = 10.0
+    breaker: Breaker | None = None
     lifespan: Lifespan | None = field(default=None, compare=False)
     ssl_context: ssl.SSLContext | None = field(default=None, compare=False)
 
@@ -88,6 +90,8 @@ class Settings:
             for what in ("graceful_timeout", "connect_timeout", "connect_budget", "publish_timeout"):
                 if what in options:
                     options[what] = check_seconds(what, options[what])
+            if options.get("breaker") is not None and not isinstance(options["breaker"], Breaker):
+                raise ConfigError(f"breaker={options['breaker']!r}: expected rabbitflow.Breaker(...) or None")
             if "handler_timeout" in options:
                 options["handler_timeout"] = check_seconds(
                     "handler_timeout", options["handler_timeout"], optional=True

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .breaker import Breaker
 from .codec import Reader, reader_for
 from .errors import ConfigError
 from .message import Message
@@ -74,6 +75,7 @@ class ConsumerSpec:
     prefetch: int | None = None
     concurrency: int | None = None
     handler_timeout: float | None = None
+    breaker: Breaker | None = None
 
     @property
     def handler_name(self) -> str:
@@ -102,6 +104,7 @@ def build_spec(
     concurrency: object,
     handler_timeout: object,
     unknown: dict[str, Any],
+    breaker: object = None,
 ) -> ConsumerSpec:
     """Validate the decorator's options into a spec; every problem is a ConfigError."""
     where = f"@app.consumer({queue!r})"
@@ -109,7 +112,7 @@ def build_spec(
         raise ConfigError(
             f"{where}: unknown option(s) {', '.join(sorted(unknown))}; known: exchange, "
             "exchange_type, routing_key, retries, delay, retry_on, dont_retry, queue_type, "
-            "prefetch, concurrency, handler_timeout"
+            "prefetch, concurrency, handler_timeout, breaker"
         )
     try:
         queue = check_name("queue", queue)
@@ -138,6 +141,13 @@ def build_spec(
             prefetch=check_positive("prefetch", prefetch),
             concurrency=check_positive("concurrency", concurrency),
             handler_timeout=check_seconds("handler_timeout", handler_timeout, optional=True),
+            breaker=_breaker(breaker),
         )
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _breaker(value: object) -> Breaker | None:
+    if value is None or isinstance(value, Breaker):
+        return value
+    raise ConfigError(f"breaker={value!r}: expected rabbitflow.Breaker(...) or None")

@@ -10,6 +10,7 @@ def test_all_is_sorted_and_complete() -> None:
     assert rabbitflow.__all__ == sorted(rabbitflow.__all__)
     assert set(rabbitflow.__all__) == {
         "App",
+        "Breaker",
         "ChannelClosed",
         "ConfigError",
         "ConnectionFailed",

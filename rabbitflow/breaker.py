@@ -1,0 +1,153 @@
+"""The circuit breaker: a consumer whose downstream is down stops taking messages, so an outage
+parks nothing.
+
+Closed (consuming) → open (paused: the consumer is cancelled, messages wait in the queue) when
+the share of failed attempts in the last `window` seconds reaches `threshold` over at least
+`min_attempts` attempts → half-open after `cooldown` seconds (one delivery at a time: a probe)
+→ closed when the probe succeeds, open again when it fails. Pure: the consumer feeds it outcomes
+and the loop's clock, and carries out what it says.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from .errors import ConfigError, Reject, Retry
+
+__all__ = ["Breaker", "BreakerState", "Circuit"]
+
+
+class BreakerState(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
+
+
+@dataclass(frozen=True, slots=True)
+class Breaker:
+    """When to pause a consumer (`@app.consumer(..., breaker=Breaker())`, or `App(breaker=...)`).
+
+    Args:
+        threshold: the share of failed attempts (0 < threshold <= 1) that trips it.
+        window: seconds of attempts it looks back over.
+        min_attempts: fewer attempts than this in the window never trip it.
+        cooldown: seconds it stays open before it lets one probe through.
+        trip_on: exceptions that count as failures (like `retry_on`); others count as successes.
+        ignore: exceptions that never count, even when they match `trip_on`.
+
+    `Reject` and undecodable bodies never count: they say nothing about a downstream.
+    """
+
+    threshold: float = 0.5
+    window: float = 30.0
+    min_attempts: int = 20
+    cooldown: float = 15.0
+    trip_on: tuple[type[BaseException], ...] = (Exception,)
+    ignore: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.threshold, int | float) and 0 < self.threshold <= 1):
+            raise ConfigError(f"Breaker(threshold={self.threshold!r}): expected a share in (0, 1]")
+        for what in ("window", "cooldown"):
+            value = getattr(self, what)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise ConfigError(f"Breaker({what}={value!r}): expected a finite number of seconds > 0")
+        if (
+            isinstance(self.min_attempts, bool)
+            or not isinstance(self.min_attempts, int)
+            or self.min_attempts < 1
+        ):
+            raise ConfigError(f"Breaker(min_attempts={self.min_attempts!r}): expected a whole number >= 1")
+        for what in ("trip_on", "ignore"):
+            value = getattr(self, what)
+            items = value if isinstance(value, tuple) else (value,)
+            if not all(isinstance(t, type) and issubclass(t, BaseException) for t in items):
+                raise ConfigError(f"Breaker({what}={value!r}): expected exception classes")
+            object.__setattr__(self, what, items)
+
+    def counts(self, exc: BaseException | None) -> bool | None:
+        """True: a failure; False: a success; None: not counted."""
+        if exc is None:
+            return False
+        if isinstance(exc, (Reject, *self.ignore)):
+            return None
+        if isinstance(exc, Retry):
+            return True  # the handler asked to come back later: its downstream is not ready
+        return isinstance(exc, self.trip_on)
+
+
+class Circuit:
+    """One consumer's breaker state, fed with each attempt's outcome and the time."""
+
+    __slots__ = ("_attempts", "_failures", "breaker", "opened_at", "reason", "state", "trips")
+
+    def __init__(self, breaker: Breaker) -> None:
+        self.breaker = breaker
+        self.state = BreakerState.CLOSED
+        self._attempts: deque[tuple[float, bool]] = deque()  # (time, failed), oldest first
+        self._failures = 0
+        self.opened_at: float | None = None
+        self.reason = ""
+        self.trips = 0
+
+    def record(self, now: float, exc: BaseException | None) -> BreakerState:
+        """An attempt ended with `exc` (None: success); returns the state after it."""
+        failed = self.breaker.counts(exc)
+        if failed is None:
+            return self.state
+        if self.state is BreakerState.HALF_OPEN:
+            if failed:
+                self._open(now, exc)
+            else:
+                self.state = BreakerState.CLOSED
+                self.opened_at = None
+                self._attempts.clear()
+                self._failures = 0
+            return self.state
+        if self.state is BreakerState.OPEN:
+            return self.state  # a delivery that was in flight when it tripped
+        self._attempts.append((now, failed))
+        self._failures += failed
+        self._forget(now)
+        count = len(self._attempts)
+        if count >= self.breaker.min_attempts and self._failures >= self.breaker.threshold * count:
+            self._open(now, exc)
+        return self.state
+
+    def probe_due(self, now: float) -> bool:
+        return (
+            self.state is BreakerState.OPEN
+            and self.opened_at is not None
+            and now - self.opened_at >= self.breaker.cooldown
+        )
+
+    def half_open(self) -> None:
+        self.state = BreakerState.HALF_OPEN
+
+    def _open(self, now: float, exc: BaseException | None) -> None:
+        self.state = BreakerState.OPEN
+        self.opened_at = now
+        self.trips += 1
+        window = len(self._attempts)
+        self.reason = (
+            f"{self._failures} of {window} attempts failed in {self.breaker.window:g}s"
+            if window
+            else "the probe failed"
+        ) + (f"; last: {type(exc).__name__}: {exc}" if exc is not None else "")
+        self._attempts.clear()
+        self._failures = 0
+
+    def _forget(self, now: float) -> None:
+        attempts = self._attempts
+        horizon = now - self.breaker.window
+        while attempts and attempts[0][0] < horizon:
+            _, failed = attempts.popleft()
+            self._failures -= failed

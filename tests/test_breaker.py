@@ -1,0 +1,190 @@
+"""The circuit breaker: pure state, then a real downstream going away (SPEC §1, outage mode)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from rabbitflow import App, Breaker, ConfigError, Message, Reject, Retry
+from rabbitflow.breaker import BreakerState, Circuit
+from rabbitflow.testing import MemoryBroker
+
+from .helpers import Admin, unique, wait_for
+
+
+def test_it_trips_at_the_threshold_once_enough_attempts_were_seen() -> None:
+    circuit = Circuit(Breaker(threshold=0.5, window=10, min_attempts=4, cooldown=5))
+    assert circuit.record(0.0, RuntimeError("down")) is BreakerState.CLOSED  # 1 of 1, too few
+    assert circuit.record(0.1, None) is BreakerState.CLOSED
+    assert circuit.record(0.2, RuntimeError("down")) is BreakerState.CLOSED
+    assert circuit.record(0.3, RuntimeError("down")) is BreakerState.OPEN  # 3 of 4
+    assert "3 of 4 attempts failed" in circuit.reason
+    assert "RuntimeError: down" in circuit.reason
+    assert not circuit.probe_due(4.0)
+    assert circuit.probe_due(5.3)
+
+
+def test_old_attempts_leave_the_window() -> None:
+    circuit = Circuit(Breaker(threshold=0.5, window=1, min_attempts=3, cooldown=5))
+    for t in (0.0, 0.1):
+        circuit.record(t, RuntimeError())
+    for t in (2.0, 2.1, 2.2):
+        circuit.record(t, None)
+    assert circuit.record(2.3, RuntimeError()) is BreakerState.CLOSED  # 1 of 4 in the window
+
+
+def test_rejects_and_ignored_exceptions_never_count_and_retry_does() -> None:
+    circuit = Circuit(Breaker(threshold=1.0, min_attempts=2, ignore=(KeyError,)))
+    for t in range(5):
+        circuit.record(float(t), Reject("bad message"))
+        circuit.record(float(t), KeyError("not the downstream"))
+    assert circuit.state is BreakerState.CLOSED
+    circuit.record(9.0, Retry(1))
+    assert circuit.record(9.1, Retry(1)) is BreakerState.OPEN
+
+
+def test_the_probe_closes_or_opens_it_again() -> None:
+    circuit = Circuit(Breaker(threshold=1.0, min_attempts=1, cooldown=1))
+    circuit.record(0.0, OSError())
+    circuit.half_open()
+    assert circuit.record(1.5, OSError()) is BreakerState.OPEN
+    assert circuit.opened_at == 1.5
+    assert circuit.trips == 2
+    circuit.half_open()
+    assert circuit.record(3.0, None) is BreakerState.CLOSED
+    assert circuit.opened_at is None
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"threshold": 0}, {"threshold": 1.5}, {"window": 0}, {"cooldown": float("inf")}, {"min_attempts": 0}],
+)
+def test_bad_settings_are_a_config_error(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="Breaker"):
+        Breaker(**options)
+
+
+def test_a_breaker_that_is_not_one_is_a_config_error_at_import() -> None:
+    app = App("svc", url="memory://")
+    with pytest.raises(ConfigError, match="breaker="):
+
+        @app.consumer("q", breaker={"threshold": 0.5})  # type: ignore[arg-type]
+        async def handle(body: Any) -> None: ...
+
+
+class Downstream:
+    """A small HTTP service on localhost that the test turns off (its port refuses) and on."""
+
+    def __init__(self) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self._server: asyncio.Server | None = None
+        self.served = 0
+
+    async def on(self) -> None:
+        self._server = await asyncio.start_server(self._answer, "127.0.0.1", self.port, reuse_address=True)
+
+    async def off(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        self.served += 1
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    async def call(self) -> None:
+        """GET /, as a handler would call its downstream; OSError while it is off."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        try:
+            writer.write(b"GET / HTTP/1.1\r\nhost: downstream\r\n\r\n")
+            status = await reader.readline()
+            if not status.startswith(b"HTTP/1.1 200"):
+                raise OSError(f"downstream answered {status!r}")
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def downstream() -> AsyncIterator[Downstream]:
+    service = Downstream()
+    await service.on()
+    try:
+        yield service
+    finally:
+        await service.off()
+
+
+BREAKER = pytest.mark.parametrize("with_breaker", [True, False], ids=["breaker", "no-breaker"])
+
+
+@BREAKER
+async def test_an_outage_parks_nothing_with_the_breaker_on_rabbitmq(
+    make_app: Callable[..., App], admin: Admin, with_breaker: bool
+) -> None:
+    await _outage(make_app(), admin, with_breaker)
+
+
+@BREAKER
+async def test_an_outage_parks_nothing_with_the_breaker_on_the_memory_broker(with_breaker: bool) -> None:
+    await _outage(App(unique("svc"), url="memory://", broker=MemoryBroker(realtime=True)), None, with_breaker)
+
+
+async def _outage(app: App, admin: Admin | None, with_breaker: bool) -> None:
+    """500 messages while the downstream is off for 3 s, retries=2 with 0.2 s delays. Without the
+    breaker the ladder parks every message whose three attempts fell into the outage; with it,
+    the consumer pauses, nothing is parked, and all 500 are handled once the downstream is back."""
+    queue = unique("outage")
+    breaker = Breaker(threshold=0.5, window=2, min_attempts=10, cooldown=0.5) if with_breaker else None
+    handled: set[int] = set()
+    parked: list[str] = []
+
+    class Parks:
+        def attempt_failed(self, queue: str, attempt: int, exception: BaseException) -> None:
+            if attempt == 3:
+                parked.append(str(exception))
+
+    app.middleware = (Parks(),)  # type: ignore[assignment]
+    async with downstream() as service:
+
+        @app.consumer(queue, retries=2, delay=0.2, queue_type="classic", prefetch=16, breaker=breaker)
+        async def handle(body: dict[str, int], message: Message) -> None:
+            await service.call()
+            handled.add(body["n"])
+
+        async with app:
+            await service.off()
+            for n in range(500):
+                await app.publish({"n": n}, routing_key=queue)
+            await asyncio.sleep(3)
+            if with_breaker:
+                consumer = app.health()["consumers"][0]
+                assert consumer["breaker"]["state"] in ("open", "half-open")
+                assert (
+                    "attempts failed" in consumer["breaker"]["reason"]
+                    or "probe" in consumer["breaker"]["reason"]
+                )
+                assert app.health()["healthy"]  # paused on purpose is not unhealthy
+            await service.on()
+            if with_breaker:
+                await wait_for(lambda: len(handled) == 500, timeout=30)
+                assert app.health()["consumers"][0]["breaker"]["state"] == "closed"
+            else:
+                await wait_for(lambda: len(handled) + len(parked) >= 500, timeout=30)
+    if with_breaker:
+        assert parked == []
+    else:
+        assert len(parked) > 400  # nearly every message exhausted its ladder inside the outage
+    if admin is not None:
+        assert await admin.count(f"{queue}.parked") == len(parked)
+        admin.forget_app(app)
