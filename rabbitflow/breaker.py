@@ -4,20 +4,26 @@ parks nothing.
 Closed (consuming) → open (paused: the consumer is cancelled, messages wait in the queue) when
 the share of failed attempts in the last `window` seconds reaches `threshold` over at least
 `min_attempts` attempts → half-open after `cooldown` seconds (one delivery at a time: a probe)
-→ closed when the probe succeeds, open again when it fails. Pure: the consumer feeds it outcomes
-and the loop's clock, and carries out what it says.
+→ closed when the probe succeeds, open again when it fails. `Circuit` is pure: fed outcomes and the
+loop's clock, it says the state. `Switch` carries its changes out on a consumer, one at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import logging
 import math
 from collections import deque
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ConfigError, Reject, Retry
 
-__all__ = ["Breaker", "BreakerState", "Circuit"]
+__all__ = ["Breaker", "BreakerState", "Circuit", "Switch"]
+
+log = logging.getLogger("rabbitflow.breaker")
 
 
 class BreakerState(enum.Enum):
@@ -151,3 +157,76 @@ class Circuit:
         while attempts and attempts[0][0] < horizon:
             _, failed = attempts.popleft()
             self._failures -= failed
+
+
+class Switch:
+    """Carries out a circuit's changes on one consumer: `pause()` cancels its subscription,
+    `consume(prefetch)` subscribes again (1 for the probe, None for the consumer's own)."""
+
+    def __init__(
+        self,
+        circuit: Circuit,
+        queue: str,
+        *,
+        pause: Callable[[], Coroutine[Any, Any, None]],
+        consume: Callable[[int | None], Coroutine[Any, Any, None]],
+    ) -> None:
+        self.circuit = circuit
+        self._queue = queue
+        self._pause = pause
+        self._consume = consume
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._quiet = False
+
+    def attempted(self, exc: BaseException | None) -> None:
+        """An attempt ended with `exc` (None: success)."""
+        circuit = self.circuit
+        before = circuit.state
+        after = circuit.record(asyncio.get_running_loop().time(), exc)
+        if after is before or self._quiet:
+            return
+        if after is BreakerState.OPEN:
+            log.warning(
+                "queue %s: breaker open (%s); pausing for %gs, messages wait in the queue",
+                self._queue,
+                circuit.reason,
+                circuit.breaker.cooldown,
+            )
+            self._then(self._open())
+        elif after is BreakerState.CLOSED:
+            log.info("queue %s: the probe succeeded; breaker closed, consuming again", self._queue)
+            self._then(self._consume(None))
+
+    def quiet(self) -> None:
+        """The consumer stops: no more changes."""
+        self._quiet = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+    def _then(self, change: Coroutine[Any, Any, None]) -> None:
+        previous = self._task
+
+        async def in_order() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            await change
+
+        self._task = asyncio.get_running_loop().create_task(in_order())
+
+    async def _open(self) -> None:
+        await self._pause()
+        if not self._quiet:
+            self._timer = asyncio.get_running_loop().call_later(
+                self.circuit.breaker.cooldown, lambda: self._then(self._probe())
+            )
+
+    async def _probe(self) -> None:
+        self._timer = None
+        if self._quiet:
+            return
+        self.circuit.half_open()
+        log.info("queue %s: breaker half-open; letting one message through", self._queue)
+        await self._consume(1)

@@ -155,7 +155,7 @@ class ConnectionManager:
                     log.warning("%s refused the login", endpoint)
                     continue
                 except Exception as exc:  # refused, timed out, TLS, auth: try the next node
-                    reason = _describe(exc)
+                    reason = _reason(exc)
                     failures[str(endpoint)] = reason
                     log.warning("cannot connect to %s: %s", endpoint, reason)
                     continue
@@ -186,7 +186,8 @@ class ConnectionManager:
         )
 
 
-def _describe(exc: BaseException) -> str:
+def _reason(exc: BaseException) -> str:
+    """Why a connect failed, in a few words, with any password in it masked."""
     text = str(exc) or type(exc).__name__
     if isinstance(exc, TimeoutError):
         text = "timed out"

@@ -13,11 +13,11 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from . import copies, names
-from .breaker import Breaker, BreakerState, Circuit
+from .breaker import Breaker, BreakerState, Circuit, Switch
 from .codec import DecodeError
 from .errors import (
     ChannelClosed,
@@ -68,7 +68,6 @@ class Consumer:
         self.spec = spec
         self._dlx = names.dead_letter_exchange(service)
         self._parked = names.parked_queue(spec.queue)
-        self._retry_prefix = names.retry_prefix(spec.queue)
         # The planned retry queues by delay, named once rather than on every failure.
         self._retry_queues = {d: names.retry_queue(spec.queue, d) for d in spec.policy.distinct_delays}
         self._channel = channel
@@ -89,8 +88,11 @@ class Consumer:
         self._pending: set[asyncio.Future[Any]] = set()  # copies awaiting the broker
         self._resubscribing: asyncio.Task[None] | None = None
         self.circuit = Circuit(breaker) if breaker is not None else None
-        self._switching: asyncio.Task[None] | None = None  # the breaker pausing or resuming us
-        self._probe_timer: asyncio.TimerHandle | None = None
+        self._switch = (
+            Switch(self.circuit, spec.queue, pause=self._pause, consume=self._consume)
+            if self.circuit is not None
+            else None
+        )
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -119,7 +121,8 @@ class Consumer:
     async def stop(self, timeout: float) -> None:
         """Take no new deliveries, let running handlers finish within `timeout`, then close."""
         self._stopping = True
-        self._quiet_breaker()
+        if self._switch is not None:
+            self._switch.quiet()
         if self._resubscribing is not None:
             self._resubscribing.cancel()
         if self._tag is not None and self._channel.is_open:
@@ -145,7 +148,8 @@ class Consumer:
     async def abandon(self) -> None:
         """The session is gone: cancel running handlers; their messages come back anyway."""
         self._stopping = True
-        self._quiet_breaker()
+        if self._switch is not None:
+            self._switch.quiet()
         if self._resubscribing is not None:
             self._resubscribing.cancel()
         await self._cancel_handlers()
@@ -162,77 +166,21 @@ class Consumer:
 
     # -- the breaker ---------------------------------------------------------------------------
 
-    def _attempted(self, exc: BaseException | None) -> None:
-        """Feed the breaker one attempt's outcome and carry out what it decides."""
-        circuit = self.circuit
-        assert circuit is not None
-        loop = asyncio.get_running_loop()
-        before = circuit.state
-        after = circuit.record(loop.time(), exc)
-        if after is before or self._stopping:
-            return
-        if after is BreakerState.OPEN:
-            log.warning(
-                "queue %s: breaker open (%s); pausing for %gs, messages wait in the queue",
-                self.spec.queue,
-                circuit.reason,
-                circuit.breaker.cooldown,
-            )
-            self._switch(self._pause())
-        elif after is BreakerState.CLOSED:
-            log.info("queue %s: the probe succeeded; breaker closed, consuming again", self.spec.queue)
-            self._switch(self._resume())
-
-    def _switch(self, change: Coroutine[Any, Any, None]) -> None:
-        previous = self._switching
-
-        async def after_previous() -> None:
-            if previous is not None:
-                await asyncio.gather(previous, return_exceptions=True)
-            await change
-
-        self._switching = asyncio.get_running_loop().create_task(after_previous())
-
     async def _pause(self) -> None:
-        """Stop taking deliveries; those in flight follow their retry policy as usual."""
         tag, self._tag = self._tag, None
         if tag is not None and self._channel.is_open:
             with contextlib.suppress(TransportError):
                 await self._channel.cancel(tag)
-        circuit = self.circuit
-        assert circuit is not None
-        if not self._stopping:
-            self._probe_timer = asyncio.get_running_loop().call_later(
-                circuit.breaker.cooldown, lambda: self._switch(self._probe())
-            )
 
-    async def _probe(self) -> None:
-        """Half-open: one delivery at a time until one attempt tells whether the downstream is back."""
-        circuit = self.circuit
-        assert circuit is not None
-        self._probe_timer = None
-        if self._stopping or not self._channel.is_open:
-            return
-        circuit.half_open()
-        log.info("queue %s: breaker half-open; letting one message through", self.spec.queue)
-        with contextlib.suppress(TransportError):
-            await self.start(prefetch=1)
-
-    async def _resume(self) -> None:
+    async def _consume(self, prefetch: int | None) -> None:
+        """Subscribe (again) with this prefetch, after a pause; the probe's consumer goes first."""
         tag, self._tag = self._tag, None
         if self._stopping or not self._channel.is_open:
             return
         with contextlib.suppress(TransportError):
             if tag is not None:
-                await self._channel.cancel(tag)  # the probe's consumer, with a prefetch of 1
-            await self.start()
-
-    def _quiet_breaker(self) -> None:
-        if self._probe_timer is not None:
-            self._probe_timer.cancel()
-            self._probe_timer = None
-        if self._switching is not None:
-            self._switching.cancel()
+                await self._channel.cancel(tag)
+            await self.start(prefetch=prefetch)
 
     # -- the broker cancelled us ---------------------------------------------------------------
 
@@ -317,7 +265,7 @@ class Consumer:
         spec = self.spec
         properties = delivery.properties
         headers = properties.headers or {}
-        attempt = self._attempt(delivery, headers) if headers else 1
+        attempt = copies.attempt(delivery, headers, spec.queue, spec.policy.retries) if headers else 1
         try:
             body = spec.signature.read(delivery.body, properties.content_type)
         except DecodeError as exc:
@@ -341,13 +289,13 @@ class Consumer:
                 raise
             if scope is not None and scope.expired():
                 exc = TimeoutError(f"handler still running after its handler_timeout of {self._timeout}s")
-            if self.circuit is not None:
-                self._attempted(exc)
+            if self._switch is not None:
+                self._switch.attempted(exc)
             await self._fail(delivery, attempt, exc)
             return
         self.settlement.ack(delivery.delivery_tag)
-        if self.circuit is not None:
-            self._attempted(None)
+        if self._switch is not None:
+            self._switch.attempted(None)
 
     async def _call(self, delivery: Delivery, body: Any, headers: Mapping[str, Any], attempt: int) -> None:
         spec = self.spec
@@ -362,32 +310,6 @@ class Consumer:
             await spec.handler(body, **{signature.message_param: message})
 
     # -- the failure path ----------------------------------------------------------------------
-
-    def _attempt(self, delivery: Delivery, headers: Mapping[str, Any]) -> int:
-        """Which attempt this is. rabbitflow's header counts only on a copy that came back through
-        one of this queue's retry queues; a forged header on any other message is ignored."""
-        if not self._came_back(delivery, headers):
-            return 1
-        value = headers.get(names.RETRY_ATTEMPT)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
-            return min(value, self.spec.policy.retries + 1)
-        return 1
-
-    def _came_back(self, delivery: Delivery, headers: Mapping[str, Any]) -> bool:
-        if delivery.exchange != "" or delivery.routing_key != self.spec.queue:
-            return False
-        # The broker's own newest death record: 3.13+ writes x-last-death-*, older ones only x-death.
-        last_queue = headers.get("x-last-death-queue")
-        if last_queue is None:
-            deaths = headers.get("x-death")
-            if not isinstance(deaths, list) or not deaths or not isinstance(deaths[0], dict):
-                return False
-            last_queue, reason = deaths[0].get("queue"), deaths[0].get("reason")
-        else:
-            reason = headers.get("x-last-death-reason")
-        return (
-            reason == "expired" and isinstance(last_queue, str) and last_queue.startswith(self._retry_prefix)
-        )
 
     def _message(self, delivery: Delivery, headers: Mapping[str, Any], attempt: int) -> Message:
         p = delivery.properties

@@ -14,7 +14,7 @@ from typing import Any
 from . import names
 from .transport.base import Delivery
 
-__all__ = ["delivery_count", "describe", "lean", "park_headers", "retry_headers"]
+__all__ = ["attempt", "delivery_count", "describe", "lean", "park_headers", "retry_headers"]
 
 _MAX_ERROR = 1000
 _MAX_TRACEBACK = 4000
@@ -31,6 +31,37 @@ def _now() -> str:
     if _second[0] != whole:
         _second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
     return f"{_second[1]}.{int((now - whole) * 1000):03d}Z"
+
+
+def attempt(delivery: Delivery, headers: Mapping[str, Any], queue: str, retries: int) -> int:
+    """Which attempt `delivery` of `queue` is. rabbitflow's header counts only on a copy that came
+    back through one of this queue's own retry queues; a forged header on any other message is
+    ignored, and no header makes it more than the last attempt."""
+    if not _came_back(delivery, headers, queue):
+        return 1
+    value = headers.get(names.RETRY_ATTEMPT)
+    if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+        return min(value, retries + 1)
+    return 1
+
+
+def _came_back(delivery: Delivery, headers: Mapping[str, Any], queue: str) -> bool:
+    if delivery.exchange != "" or delivery.routing_key != queue:
+        return False
+    # The broker's own newest death record: 3.13+ writes x-last-death-*, older ones only x-death.
+    last_queue = headers.get("x-last-death-queue")
+    if last_queue is None:
+        deaths = headers.get("x-death")
+        if not isinstance(deaths, list) or not deaths or not isinstance(deaths[0], dict):
+            return False
+        last_queue, reason = deaths[0].get("queue"), deaths[0].get("reason")
+    else:
+        reason = headers.get("x-last-death-reason")
+    return (
+        reason == "expired"
+        and isinstance(last_queue, str)
+        and last_queue.startswith(names.retry_prefix(queue))
+    )
 
 
 def retry_headers(delivery: Delivery, attempt: int) -> dict[str, Any]:
