@@ -67,18 +67,23 @@ def _run(args: argparse.Namespace) -> int:
     if args.workers > 1:
         return _run_workers(args)
     app = load_app(args.app)
-    if args.url:
+    if args.url_from_env:  # a worker of `--workers N`: the parent's --url, kept out of `ps`
+        app.use_url(os.environ["RABBITFLOW_URL"])
+    elif args.url:
         app.use_url(args.url)
     app.run()
     return 0
 
 
 def _run_workers(args: argparse.Namespace) -> int:
-    """N worker processes, each a whole app; signals are passed on, the exit waits for all."""
+    """N worker processes, each a whole app; signals are passed on, the exit waits for all.
+    The URL goes to them in the environment: a command line is visible to every user in `ps`."""
     command = [sys.executable, "-m", "rabbitflow", "run", args.app, "--log-level", args.log_level]
+    env = None
     if args.url:
-        command += ["--url", args.url]
-    children = [subprocess.Popen(command) for _ in range(args.workers)]
+        command.append("--url-from-env")
+        env = {**os.environ, "RABBITFLOW_URL": args.url}
+    children = [subprocess.Popen(command, env=env) for _ in range(args.workers)]
     log.info("started %d workers: %s", len(children), ", ".join(str(c.pid) for c in children))
 
     def forward(signum: int, _frame: object) -> None:
@@ -152,7 +157,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "app", metavar="MODULE:APP", help="dotted module or file path, and the App's name (default: app)"
     )
-    run.add_argument("--url", help="broker URL(s), ';'-separated; overrides the app's own")
+    run.add_argument(
+        "--url",
+        help="broker URL(s), ';'-separated; overrides the app's own. A command line is visible to "
+        "every user in `ps`: prefer RABBITFLOW_URL in the environment for a password",
+    )
+    run.add_argument("--url-from-env", action="store_true", help=argparse.SUPPRESS)
     run.add_argument(
         "--workers", type=int, default=1, metavar="N", help="run N worker processes (default: 1)"
     )

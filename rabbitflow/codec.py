@@ -78,11 +78,13 @@ def decode(body: bytes, content_type: str | None) -> Any:
     if content_type.startswith("text/"):
         charset = "utf-8"
         if "charset=" in content_type:
-            charset = content_type.split("charset=", 1)[1].split(";", 1)[0].strip() or charset
+            charset = content_type.split("charset=", 1)[1].split(";", 1)[0].strip().strip('"') or charset
         try:
             return body.decode(charset)
-        except (UnicodeDecodeError, LookupError) as exc:
-            raise DecodeError(f"invalid {charset} text body: {exc}") from None
+        except LookupError:  # no such codec, or one that is no text encoding (rot13, base64)
+            raise DecodeError(f"charset {charset[:100]!r} is no text encoding Python knows") from None
+        except Exception as exc:  # a codec may raise UnicodeError, ValueError or anything else
+            raise DecodeError(f"invalid {charset[:100]} text body: {type(exc).__name__}: {exc}") from None
     return body
 
 
@@ -140,10 +142,7 @@ def _dataclass_reader(cls: type) -> Reader:
         unknown = value.keys() - names
         if unknown:
             raise DecodeError(f"unexpected fields for {cls.__name__}: {', '.join(sorted(unknown))}")
-        try:
-            return cls(**value)
-        except (TypeError, ValueError) as exc:  # missing fields; a __post_init__ that validates
-            raise DecodeError(f"cannot build {cls.__name__}: {exc}") from None
+        return _build(cls.__name__, cls, value)
 
     return read
 
@@ -151,9 +150,27 @@ def _dataclass_reader(cls: type) -> Reader:
 def _pydantic_reader(validate: Callable[[Any], Any]) -> Reader:
     def read(body: bytes, content_type: str | None) -> Any:
         value = _structured(body, content_type, "the model")
-        try:
-            return validate(value)
-        except ValueError as exc:  # pydantic.ValidationError is a ValueError
-            raise DecodeError(str(exc)) from None
+        return _build("the model", validate, value, keywords=False)
 
     return read
+
+
+def _build(what: str, make: Callable[..., Any], value: Any, *, keywords: bool = True) -> Any:
+    """`make(**value)` (a dataclass) or `make(value)` (a model's validation): whatever the user's
+    code raises there (a validator's TypeError, a __post_init__'s anything) is the body's fault."""
+    try:
+        return make(**value) if keywords else make(value)
+    except KeyboardInterrupt:  # a signal that landed here, not the body's doing
+        raise
+    except BaseException as exc:  # synchronous user code: never a cancellation of our own
+        if isinstance(exc, ValueError) and hasattr(exc, "errors"):  # pydantic.ValidationError
+            raise DecodeError(_describe(exc)) from None
+        kind = "" if type(exc) in (TypeError, ValueError) else f"{type(exc).__name__}: "
+        raise DecodeError(f"cannot build {what}: {kind}{_describe(exc)}") from None
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        return str(exc)[:1000]
+    except Exception:
+        return "<str() failed>"

@@ -19,6 +19,8 @@ Retry, Reject             raised by handlers to steer a delivery; not errors
 
 from __future__ import annotations
 
+from . import names
+
 __all__ = [
     "ChannelClosed",
     "ConfigError",
@@ -36,6 +38,13 @@ __all__ = [
     "UnencodableMessage",
     "Unroutable",
 ]
+
+
+# A delay is a retry queue's x-message-ttl, which RabbitMQ caps.
+TTL_LIMIT = (
+    f"the longest delay RabbitMQ can hold a message for, {names.MAX_DELAY}s "
+    f"(x-message-ttl={names.MAX_TTL_MS} ms, 2^32-1, about 49.7 days)"
+)
 
 
 class RabbitflowError(Exception):
@@ -115,8 +124,11 @@ class Retry(Exception):
     """Raised by a handler: retry this delivery after `delay` seconds (counts as an attempt)."""
 
     def __init__(self, delay: float | None = None, reason: str = "") -> None:
-        if delay is not None and not delay >= 0:
-            raise ConfigError(f"Retry(delay={delay!r}): delay must be a number of seconds >= 0")
+        if delay is not None:
+            if isinstance(delay, bool) or not isinstance(delay, int | float) or not delay >= 0:
+                raise ConfigError(f"Retry(delay={delay!r}): delay must be a number of seconds >= 0")
+            if not delay <= names.MAX_DELAY:  # inf too: the retry queue's x-message-ttl must fit
+                raise ConfigError(f"Retry(delay={delay!r}): longer than {TTL_LIMIT}")
         super().__init__(reason or (f"retry requested (delay={delay}s)" if delay else "retry requested"))
         self.delay = delay
         self.reason = reason

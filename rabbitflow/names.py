@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
     "BROKER_HEADERS",
     "DELIVERY_LIMIT",
+    "MAX_DELAY",
+    "MAX_NAME",
+    "MAX_QUEUE",
+    "MAX_SERVICE",
+    "MAX_TTL_MS",
+    "NAME_CHARACTERS",
     "PARKED_ATTEMPTS",
     "PARK_HEADERS",
     "RABBITFLOW_HEADERS",
     "RETRY_ATTEMPT",
     "dead_letter_exchange",
     "delay_label",
+    "derived_from",
     "parked_queue",
     "retry_prefix",
     "retry_queue",
@@ -100,3 +108,28 @@ def retry_queue(queue: str, seconds: float) -> str:
 def parked_queue(queue: str) -> str:
     """Where `queue`'s messages go after their last attempt."""
     return f"{queue}.parked"
+
+
+def derived_from(name: str) -> list[str]:
+    """The queues that `name` is a derived name of: `Q` for `Q.parked` and for any `Q.retry.*`
+    (a retry queue planned, or made later for a handler's `Retry(delay=...)`)."""
+    bases = [name[: -len(".parked")]] if name.endswith(".parked") else []
+    start = name.find(".retry.")
+    while start != -1:
+        bases.append(name[:start])
+        start = name.find(".retry.", start + 1)
+    return bases
+
+
+# What AMQP and RabbitMQ can take. Queue, exchange and routing key names are AMQP short strings:
+# at most 255 bytes of UTF-8.
+MAX_NAME = 255
+# pamqp (the frame library under aiormq) refuses a queue or exchange name with any other character.
+NAME_CHARACTERS = re.compile(r"[a-zA-Z0-9\-_.:@#,/+ ]*")
+# RabbitMQ's largest x-message-ttl: an Erlang timer of 2^32-1 ms (about 49.7 days).
+MAX_TTL_MS = 2**32 - 1
+MAX_DELAY = MAX_TTL_MS / 1000
+# A queue's longest derived name is its retry queue for the longest delay, `Q.retry.4294967295ms`:
+# a queue name leaves room for it, so any `Retry(delay=...)` a handler raises has a queue.
+MAX_QUEUE = MAX_NAME - len(retry_queue("", MAX_DELAY).encode())
+MAX_SERVICE = MAX_NAME - len(dead_letter_exchange("").encode())

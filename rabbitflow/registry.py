@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from . import names
 from .breaker import Breaker
 from .errors import ConfigError
 from .spec import ConsumerSpec, Handler, build_spec
@@ -22,6 +23,8 @@ class Registry:
     def __init__(self, name: str) -> None:
         self.name = name
         self._consumers: dict[str, ConsumerSpec] = {}
+        # Queue Q -> a consumer whose queue is one of Q's derived names (Q.parked, Q.retry.*).
+        self._derived: dict[str, ConsumerSpec] = {}
         self._plan = compile_plan(name, ())
 
     def _registering(self) -> None:
@@ -87,18 +90,42 @@ class Registry:
                 unknown=unknown,
                 breaker=breaker,
             )
-            if spec.queue in self._consumers:
-                raise ConfigError(
-                    f"@app.consumer({spec.queue!r}): queue {spec.queue!r} already has a consumer "
-                    f"({self._consumers[spec.queue].handler_name}); one queue, one consumer"
-                )
+            self._check_names(spec)
             plan = compile_plan(self.name, [*self._consumers.values(), spec])
             self._registering()
             self._consumers[spec.queue] = spec
+            for base in names.derived_from(spec.queue):
+                self._derived.setdefault(base, spec)
             self._plan = plan
             return handler
 
         return register
+
+    def _check_names(self, spec: ConsumerSpec) -> None:
+        """A new consumer's names may not be another's: its queue, or a name derived from it."""
+        where = f"@app.consumer({spec.queue!r})"
+        dlx = names.dead_letter_exchange(self.name)
+        if spec.exchange == dlx:
+            raise ConfigError(
+                f"{where}: exchange {dlx!r} is service {self.name!r}'s own dead-letter exchange, "
+                "which carries its retries and parked messages; bind to an exchange of your own"
+            )
+        other = self._consumers.get(spec.queue)
+        if other is not None:
+            raise ConfigError(
+                f"{where}: queue {spec.queue!r} already has a consumer ({other.handler_name}); "
+                "one queue, one consumer"
+            )
+        pairs = [(spec, self._consumers[q]) for q in names.derived_from(spec.queue) if q in self._consumers]
+        pairs += [(self._derived[spec.queue], spec)] if spec.queue in self._derived else []
+        if pairs:
+            derived, base = pairs[0]
+            raise ConfigError(
+                f"{where}: queue {derived.queue!r} (consumer {derived.handler_name}) is a name "
+                f"rabbitflow derives for queue {base.queue!r} (consumer {base.handler_name}): its "
+                f"parking queue is {names.parked_queue(base.queue)!r} and its retry queues are "
+                f"{names.retry_prefix(base.queue)}<delay>; rename one of the two queues"
+            )
 
     @property
     def consumers(self) -> tuple[ConsumerSpec, ...]:

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from .errors import ConfigError, Reject, Retry
+from . import names
+from .errors import TTL_LIMIT, ConfigError, Reject, Retry
 
 __all__ = ["Decision", "Outcome", "RetryPolicy", "decide"]
 
@@ -87,6 +88,8 @@ def _delays(delay: object) -> tuple[float, ...]:
             or value < 0
         ):
             raise ConfigError(f"delay={delay!r}: every delay must be a finite number of seconds >= 0")
+        if value > names.MAX_DELAY:  # the retry queue's x-message-ttl must fit
+            raise ConfigError(f"delay={delay!r}: {value}s is longer than {TTL_LIMIT}")
         if value * 1000 != round(value * 1000):
             raise ConfigError(f"delay={delay!r}: delays have millisecond resolution; round {value}")
         out.append(float(value))

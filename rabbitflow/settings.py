@@ -9,6 +9,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import names
 from .breaker import Breaker
 from .errors import ConfigError
 from .urls import Endpoint, parse_urls
@@ -16,7 +17,17 @@ from .urls import Endpoint, parse_urls
 if TYPE_CHECKING:
     from .connection import Failover
 
-__all__ = ["Settings", "check_name", "check_positive", "check_seconds"]
+__all__ = [
+    "AMQP_SHORT",
+    "Settings",
+    "check_name",
+    "check_positive",
+    "check_queue",
+    "check_seconds",
+    "check_text",
+]
+
+AMQP_SHORT = 2**16 - 1  # prefetch (basic.qos) and heartbeat are unsigned shorts on the wire
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
 
@@ -26,19 +37,62 @@ Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
 STALL_AFTER = 60.0
 
 
-def check_name(what: str, value: object, *, allow_empty: bool = False) -> str:
+def check_text(
+    what: str, value: object, *, allow_empty: bool = False, limit: int = names.MAX_NAME, why: str = ""
+) -> str:
+    """An AMQP short string (a routing key, say): UTF-8, at most `limit` bytes."""
     if not isinstance(value, str) or (not value and not allow_empty):
         raise ConfigError(f"{what}={value!r}: expected a non-empty string")
-    if len(value.encode()) > 255:
-        raise ConfigError(f"{what}={value[:40]!r}...: AMQP names are at most 255 bytes")
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError as exc:
+        raise ConfigError(
+            f"{what}={value!r}: not encodable as UTF-8 ({exc.reason} at position {exc.start}); "
+            "AMQP names are UTF-8 text"
+        ) from None
+    if size > limit:
+        why = why or f"AMQP names are at most {limit} bytes"
+        raise ConfigError(f"{what}={_head(value)}: {size} bytes; {why}")
     return value
 
 
-def check_positive(what: str, value: object, *, optional: bool = True) -> int | None:
+def check_name(what: str, value: object, *, limit: int = names.MAX_NAME, why: str = "") -> str:
+    """A queue or exchange name: a short string of the characters the AMQP client accepts."""
+    value = check_text(what, value, limit=limit, why=why)
+    if not names.NAME_CHARACTERS.fullmatch(value):
+        bad = "".join(sorted({c for c in value if not names.NAME_CHARACTERS.fullmatch(c)}))
+        raise ConfigError(
+            f"{what}={_head(value)}: {bad!r} cannot be in a queue or exchange name; use letters "
+            "a-z A-Z, digits, space and - _ . : @ # , / + (pamqp, aiormq's AMQP library, refuses others)"
+        )
+    return value
+
+
+def check_queue(what: str, value: object) -> str:
+    """A consumer's queue: a name that leaves room for the names derived from it."""
+    longest = names.retry_queue("Q", names.MAX_DELAY)
+    return check_name(
+        what,
+        value,
+        limit=names.MAX_QUEUE,
+        why=f"a queue name is at most {names.MAX_QUEUE} bytes, so that the names rabbitflow derives "
+        f"from it (Q.parked, and {longest} for the longest delay) fit AMQP's {names.MAX_NAME}",
+    )
+
+
+def _head(value: str) -> str:
+    return repr(value) if len(value) <= 60 else f"{value[:40]!r}... ({len(value)} characters)"
+
+
+def check_positive(
+    what: str, value: object, *, optional: bool = True, maximum: int | None = None
+) -> int | None:
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{what}={value!r}: expected a whole number >= 1")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{what}={value!r}: at most {maximum} (an AMQP unsigned short)")
     return value
 
 
@@ -78,7 +132,18 @@ class Settings:
     def build(cls, name: object, url: str | Sequence[str] | None, **options: Any) -> Settings:
         """Validate `App(name, url, **options)`; every problem is a ConfigError naming the option."""
         try:
-            checked_name = check_name("name", name)
+            checked_name = check_name(
+                "name",
+                name,
+                limit=names.MAX_SERVICE,
+                why=f"a service name is at most {names.MAX_SERVICE} bytes, so that its exchange "
+                f"<name>.dlx fits AMQP's {names.MAX_NAME}",
+            )
+            if checked_name.startswith("amq."):
+                raise ConfigError(
+                    f"name={checked_name!r}: RabbitMQ reserves exchange names starting with 'amq.', "
+                    f"and the service's exchange would be {names.dead_letter_exchange(checked_name)!r}"
+                )
             endpoints = parse_urls(url)
             if "failover" in options:
                 from .connection import strategy
@@ -86,7 +151,8 @@ class Settings:
                 strategy(options["failover"])
             for what in ("prefetch", "concurrency", "heartbeat"):
                 if what in options:
-                    check_positive(what, options[what], optional=False)
+                    maximum = None if what == "concurrency" else AMQP_SHORT
+                    check_positive(what, options[what], optional=False, maximum=maximum)
             for what in ("graceful_timeout", "connect_timeout", "connect_budget", "publish_timeout"):
                 if what in options:
                     options[what] = check_seconds(what, options[what])

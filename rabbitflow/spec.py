@@ -13,7 +13,7 @@ from .codec import Reader, reader_for
 from .errors import ConfigError
 from .message import Message
 from .retry import RetryPolicy
-from .settings import check_name, check_positive, check_seconds
+from .settings import AMQP_SHORT, check_name, check_positive, check_queue, check_seconds, check_text
 
 __all__ = ["EXCHANGE_TYPES", "QUEUE_TYPES", "ConsumerSpec", "Handler", "HandlerSignature"]
 
@@ -115,7 +115,7 @@ def build_spec(
             "prefetch, concurrency, handler_timeout, breaker"
         )
     try:
-        queue = check_name("queue", queue)
+        queue = check_queue("queue", queue)
         if queue.startswith("amq."):
             raise ConfigError(f"queue={queue!r}: names starting with 'amq.' are reserved by RabbitMQ")
         if exchange is not None:
@@ -123,7 +123,7 @@ def build_spec(
         if exchange_type not in EXCHANGE_TYPES:
             raise ConfigError(f"exchange_type={exchange_type!r}: expected one of {', '.join(EXCHANGE_TYPES)}")
         if routing_key is not None:
-            routing_key = check_name("routing_key", routing_key, allow_empty=True)
+            routing_key = check_text("routing_key", routing_key, allow_empty=True)
             if exchange is None:
                 raise ConfigError(f"routing_key={routing_key!r} needs exchange=...: it binds to one")
         if queue_type not in QUEUE_TYPES:
@@ -138,7 +138,7 @@ def build_spec(
             exchange_type=str(exchange_type),
             routing_key=routing_key,
             queue_type=str(queue_type),
-            prefetch=check_positive("prefetch", prefetch),
+            prefetch=check_positive("prefetch", prefetch, maximum=AMQP_SHORT),
             concurrency=check_positive("concurrency", concurrency),
             handler_timeout=check_seconds("handler_timeout", handler_timeout, optional=True),
             breaker=_breaker(breaker),

@@ -14,10 +14,17 @@ __all__ = ["DEFAULT_URL", "Endpoint", "mask", "parse_urls"]
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 _SCHEMES = {"amqp": 5672, "amqps": 5671, "memory": 0}
-# The password runs to the last "@" before the host: it may itself hold "@" or ";".
+# The password runs to the last "@" before the host: it may itself hold "@", ";" or "/" (never
+# "://", which starts the next URL). The host ends at "/", whitespace, the end, or a ";" that
+# starts the next URL of a list.
+_NEXT_URL = r";(?=\s*[a-z][a-z0-9+.-]*://)"
 _PASSWORD = re.compile(
-    r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@;\s]*:)(?P<password>[^\s/]*?)(?=@[^@\s/;]*(?:[/;\s]|$))", re.I
+    r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@;\s]*:)(?P<password>(?:(?!://)\S)*?)"
+    rf"(?=@[^@\s/;]*(?:[/\s]|{_NEXT_URL}|;?$))",
+    re.I,
 )
+# A ";" separates two URLs only where the next one starts: inside a password it is a character.
+_SEPARATOR = re.compile(_NEXT_URL, re.I)
 
 
 def mask(text: str) -> str:
@@ -52,7 +59,7 @@ def parse_urls(url: str | Sequence[str] | None) -> tuple[Endpoint, ...]:
     if url is None:
         url = os.environ.get("RABBITFLOW_URL") or DEFAULT_URL
     if isinstance(url, str):
-        entries = [part.strip() for part in url.split(";")]
+        entries = [part.strip().removesuffix(";").strip() for part in _SEPARATOR.split(url)]
     elif isinstance(url, Sequence):
         entries = [str(part).strip() for part in url]
     else:
@@ -84,6 +91,11 @@ def _parse_one(entry: str, index: int) -> Endpoint:
         return Endpoint(entry, scheme, "", 0, "/")
     if not parts.hostname:
         raise ConfigError(f"url entry {index} ({shown!r}) has no host; write amqp://user:pass@host:5672/")
+    if ";" in parts.hostname:
+        raise ConfigError(
+            f"url entry {index} ({shown!r}): ';' in the host; give every node of a list its own "
+            "scheme: amqp://host1;amqp://host2"
+        )
     path = parts.path[1:] if parts.path.startswith("/") else parts.path
     vhost = unquote(path) if path else "/"
     user = unquote(parts.username or "guest")

@@ -170,6 +170,57 @@ async def test_workers_option_runs_several_processes(service: Service, admin: Ad
         assert parent.wait(20) == 0
 
 
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def command_line(pid: int) -> str:
+    """What `ps` shows of process `pid` (its arguments, NUL-separated)."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+
+
+async def test_workers_get_the_url_in_the_environment_not_on_their_command_line(
+    service: Service, admin: Admin, broker_url: str
+) -> None:
+    """`ps` shows every user a process's command line: the password must not be on the workers'.
+    The URL list's second node carries a password of its own, which must not show either."""
+    secret = "s3cret;p@ss"
+    url = f"{broker_url};amqp://rf:{secret}@127.0.0.1:1/"
+    parent = subprocess.Popen(  # noqa: ASYNC220 - the test is the parent of the process
+        [sys.executable, "-m", "rabbitflow", "run", SERVICE, "--workers", "2", "--url", url],
+        cwd=ROOT,
+        # The workers' own environment points nowhere: only --url can bring them to the broker.
+        env={
+            **os.environ,
+            **service.env,
+            "RF_LOG": str(service.log),
+            "RABBITFLOW_URL": "amqp://127.0.0.1:1/",
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await wait_consumers(admin, service.queue, count=2)
+        children = children_of(parent.pid)
+        assert len(children) == 2
+        for child in children:
+            cmdline = command_line(child)
+            assert "rabbitflow" in cmdline
+            assert "s3cret" not in cmdline
+            assert "amqp://" not in cmdline
+    finally:
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(20) == 0
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "rabbitflow", *args],

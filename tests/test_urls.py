@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
-from rabbitflow import ConfigError
+from rabbitflow import App, ConfigError, ConnectionFailed
 from rabbitflow.urls import DEFAULT_URL, mask, parse_urls
 
 
@@ -64,3 +66,57 @@ def test_tls_options_stay_with_their_entry() -> None:
     assert (node.scheme, node.port, node.vhost) == ("amqps", 5671, "prod")
     assert node.url.endswith("?cafile=/etc/ca.pem&certfile=/etc/c.pem")
     assert str(node) == "amqps://app:**@rmq1:5671/prod?cafile=/etc/ca.pem&certfile=/etc/c.pem"
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("amqp://rf:p@ss;w0rd@127.0.0.1:1/", "amqp://rf:**@127.0.0.1:1/"),
+        ("amqp://u:at@the@end@@h/", "amqp://u:**@h/"),
+        ("amqp://u:sl/ash@h/", "amqp://u:**@h/"),
+        ("amqp://u:p;x@h1;amqps://v:q@h2", "amqp://u:**@h1;amqps://v:**@h2"),
+        ("amqp://rmq1:5672/;amqp://v:p@h/", "amqp://rmq1:5672/;amqp://v:**@h/"),
+        ("failed: Endpoint('amqp://u:s;e@cret@h') (refused)", "failed: Endpoint('amqp://u:**@h') (refused)"),
+    ],
+)
+def test_mask_hides_passwords_holding_at_semicolon_and_slash(text: str, masked: str) -> None:
+    assert mask(text) == masked
+
+
+def test_a_semicolon_inside_a_password_does_not_split_the_list() -> None:
+    nodes = parse_urls("amqp://rf:p@ss;w0rd@rmq1/;amqp://v:q;r@rmq2:5673/")
+    assert [(n.host, n.port, n.user) for n in nodes] == [("rmq1", 5672, "rf"), ("rmq2", 5673, "v")]
+    assert str(nodes[0]) == "amqp://rf:**@rmq1/"
+    with pytest.raises(ConfigError, match="';' in the host; give every node of a list its own scheme"):
+        parse_urls("amqp://rmq1;rmq2")
+
+
+# Pieces of one password, each checked on its own: a mask that stops at its "@" or ";" leaks the rest.
+PIECES = ("PWa", "PWb", "PWc")
+
+
+@pytest.mark.parametrize("password", ["PWa@PWb;PWc", "PWa;PWb@PWc@", "PWa@PWb@PWc"])
+@pytest.mark.parametrize("as_list", [True, False], ids=["list", "string"])
+async def test_no_password_in_repr_errors_or_debug_logs_of_a_failed_connect(
+    caplog: pytest.LogCaptureFixture, broker_url: str, password: str, as_list: bool
+) -> None:
+    broker = parse_urls(broker_url)[0]
+    urls = [
+        f"amqp://rf:{password}@127.0.0.1:1/",  # nothing listens: connection refused
+        f"amqp://{broker.user}:{password}@{broker.host}:{broker.port}/",  # the login is refused
+    ]
+    caplog.set_level(logging.DEBUG)
+    for name in ("rabbitflow", "aiormq", "aio_pika"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    app = App("svc", url=urls if as_list else ";".join(urls), connect_timeout=1, connect_budget=1.5)
+    assert len(app.endpoints) == 2
+    with pytest.raises(ConnectionFailed) as info:
+        await app.start()
+
+    assert "refused" in str(info.value)
+    assert any(r.name.startswith("aiormq") and r.levelno == logging.DEBUG for r in caplog.records)
+    shown = [repr(app), str(info.value), repr(info.value), caplog.text]
+    shown += [record.getMessage() for record in caplog.records]
+    for text in shown:
+        for piece in PIECES:
+            assert piece not in text, text
