@@ -366,8 +366,9 @@ class App(Registry):
         return await self.admin().parked(queue, limit=limit)
 
     async def replay(self, queue: str, *, limit: int | None = None) -> int:
-        """Send parked messages of `queue` back to where they were first published, to start
-        again at attempt 1; each leaves the parking queue only once its copy is confirmed."""
+        """Send parked messages of `queue` back to it (never to the other queues bound where they
+        were first published), to start again at attempt 1; each leaves the parking queue only
+        once its copy is confirmed, and only those parked when it began are taken."""
         return await self.admin().replay(queue, limit=limit)
 
     def health(self) -> dict[str, Any]:

@@ -132,7 +132,7 @@ def _parked(args: argparse.Namespace) -> int:
         app.use_url(args.url)
     if args.replay:
         count = asyncio.run(app.replay(args.queue, limit=args.limit))
-        print(f"sent {count} parked message(s) of {args.queue} back to where they were first published")
+        print(f"sent {count} parked message(s) back to {args.queue}")
         return 0
     messages = asyncio.run(app.parked(args.queue, limit=args.limit or 20))
     for m in messages:
@@ -196,8 +196,9 @@ def parser() -> argparse.ArgumentParser:
         "parked",
         help="list a queue's parked messages, or send them back (--replay)",
         description="Show the messages parked for the consumer of QUEUE with their reasons "
-        "(they stay parked), or with --replay send them back to the exchange and routing key they "
-        "were first published to, without rabbitflow's headers: they start again at attempt 1.",
+        "(they stay parked), or with --replay send them back to QUEUE itself (the default exchange, "
+        "routing key QUEUE; never the other queues bound where they were first published), without "
+        "rabbitflow's headers: they start again at attempt 1.",
     )
     parked.add_argument("app", metavar="MODULE:APP")
     parked.add_argument("queue", metavar="QUEUE", help="the consumer's queue (not the .parked one)")

@@ -254,6 +254,10 @@ class Consumer:
                 self._parked,
             )
             settlement.reject(tag)
+        except BaseException:
+            # KeyboardInterrupt or SystemExit from our own code: end the delivery, then let it go.
+            settlement.requeue(tag)
+            raise
         finally:
             tasks.discard(task)
             if not tasks:

@@ -51,24 +51,28 @@ async def peek(transport: Transport, queue: str, limit: int) -> list[ParkedMessa
 
 
 async def replay(transport: Transport, queue: str, limit: int | None = None) -> int:
-    """Send parked messages back to the exchange and routing key they were first published to,
-    without rabbitflow's headers, so they start again at attempt 1. Each one leaves the parking
-    queue only after the broker confirmed its copy. Returns how many were sent back."""
+    """Send parked messages back to the queue that parked them (the default exchange, routing key
+    `queue`: never to the other queues bound where they were first published, whatever their
+    headers say), without rabbitflow's headers, so they start again at attempt 1. It takes at most
+    the messages parked when it began: those parked again meanwhile wait for the next replay.
+    Each leaves the parking queue only after the broker confirmed its copy. Returns how many
+    were sent back."""
+    parked_queue = names.parked_queue(queue)
     channel = await transport.channel()
     sent = 0
     try:
-        while limit is None or sent < limit:
-            delivery = await channel.get(names.parked_queue(queue))
+        found = (await channel.declare_queue(parked_queue, passive=True)).message_count
+        count = found if limit is None else min(found, limit)
+        while sent < count:
+            delivery = await channel.get(parked_queue)
             if delivery is None:
                 break
             parked = delivery.properties.headers or {}
-            exchange = str(parked.get(names.ORIGINAL_EXCHANGE, ""))
-            routing_key = str(parked.get(names.ORIGINAL_ROUTING_KEY, queue))
             headers = names.without(parked, names.RABBITFLOW_HEADERS, names.BROKER_HEADERS)
             await channel.publish(
                 delivery.body,
-                exchange=exchange,
-                routing_key=routing_key,
+                exchange="",
+                routing_key=queue,
                 properties=persistent_copy(delivery.properties, headers or None),
             )
             await channel.ack(delivery.delivery_tag)

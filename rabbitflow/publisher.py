@@ -28,7 +28,14 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from .errors import ChannelClosed, ConnectionLost, PublishNacked, PublishTimeout, Unroutable
+from .errors import (
+    ChannelClosed,
+    ConnectionLost,
+    PublishNacked,
+    PublishTimeout,
+    UnencodableMessage,
+    Unroutable,
+)
 from .transport.base import Channel, Properties, Transport
 
 __all__ = ["Publisher", "publish"]
@@ -197,6 +204,8 @@ class Publisher:
         channel = await self.transport.channel()
         try:
             await channel.declare_exchange(exchange, passive=True)
+        except ValueError as exc:  # pamqp: a name it cannot put in a frame
+            raise UnencodableMessage(f"cannot encode the publish: exchange {exchange!r}: {exc}") from None
         finally:
             await channel.close()
         if len(self._known) < _KNOWN_MAX:

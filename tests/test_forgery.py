@@ -108,12 +108,6 @@ async def test_forged_headers_never_give_more_than_retries_plus_one_calls(
     assert parked_headers["x-rf-queue"] == queue
 
 
-@pytest.mark.xfail(
-    reason="parking.replay sends a parked message to its x-rf-original-exchange/-routing-key, which a "
-    "producer can forge on a message that claims to have come back from a retry queue; SPEC §2 says "
-    "a replay goes back to the queue that parked it (default exchange, routing key Q)",
-    strict=True,
-)
 async def test_a_forged_origin_cannot_steer_a_replay_to_another_queue(
     make_app: Callable[..., App], admin: Admin
 ) -> None:

@@ -344,3 +344,28 @@ async def test_handlers_finishing_during_a_graceful_stop_may_publish(
     done = await _one(admin, results)
     assert done.body == b'{"done":7}'
     assert await admin.count(f"{queue}.retry.10s") == 0
+
+
+async def test_a_publish_that_cannot_be_encoded_leaves_nothing_on_the_wire(
+    make_app: Callable[..., App],
+) -> None:
+    """Refused before a delivery tag is taken: the connection stays up and later publishes are
+    confirmed as themselves."""
+    app = make_app()
+    queue = unique("unencodable")
+    got: list[int] = []
+
+    @app.consumer(queue, queue_type="classic")
+    async def handle(body: dict[str, int]) -> None:
+        got.append(body["n"])
+
+    async with app:
+        for bad in ({"huge": 1e300}, {"thing": object()}):
+            with pytest.raises(UnencodableMessage, match="cannot encode"):
+                await app.publish({"n": 0}, routing_key=queue, headers=bad)
+        with pytest.raises(UnencodableMessage, match="cannot encode"):
+            await app.publish({"n": 0}, exchange="bad\nname", routing_key=queue)
+        await asyncio.gather(*(app.publish({"n": n}, routing_key=queue) for n in range(1, 51)))
+        await wait_for(lambda: len(got) == 50)
+        assert app.reconnects == 0
+    assert sorted(got) == list(range(1, 51))

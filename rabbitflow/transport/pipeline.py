@@ -70,12 +70,22 @@ class Pipeline:
         if not message_id:
             # aiormq matches a returned message to its publish by message id.
             message_id = properties.message_id = uuid.uuid4().hex
-        # Encoded and measured before anything is queued: a header that cannot be written leaves
-        # nothing half-sent (a method frame without its header is a 505 that drops the connection).
+        # Encoded and measured before a delivery tag is taken or anything is queued: a frame that
+        # cannot be written leaves nothing half-sent (a method frame without its header is a 505
+        # that drops the connection, a tag taken for nothing shifts every later confirm).
+        number = channel.number
+        key = (exchange, routing_key, mandatory)
         try:
-            header = content_header_frame(channel.number, len(body), properties)
+            method = self._methods.get(key)
+            if method is None:
+                # Retry and parking copies go to a handful of routes: marshal each method frame once.
+                publish = Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+                method = marshal(publish, number)
+                if len(self._methods) < 1024:
+                    self._methods[key] = method
+            header = content_header_frame(number, len(body), properties)
         except Exception as exc:
-            raise UnencodableMessage(f"cannot encode the message's properties or headers: {exc}") from exc
+            raise UnencodableMessage(f"cannot encode the publish, its properties or headers: {exc}") from exc
         frame_max = channel.max_content_size + _FRAME_OVERHEAD
         if len(header) > frame_max:
             raise UnencodableMessage(
@@ -94,16 +104,6 @@ class Pipeline:
         chunks = self._chunks
         if not chunks:
             self._loop.call_soon(self._flush)
-        number = channel.number
-        key = (exchange, routing_key, mandatory)
-        method = self._methods.get(key)
-        if method is None:
-            # Retry and parking copies go to a handful of routes: marshal each method frame once.
-            method = marshal(
-                Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory), number
-            )
-            if len(self._methods) < 1024:
-                self._methods[key] = method
         chunks.append(method)
         chunks.append(header)
         chunks.extend(body_frames(number, body, channel.max_content_size))
