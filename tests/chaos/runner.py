@@ -43,6 +43,7 @@ from .cluster import (
 WORKER = Path(__file__).resolve().parent / "worker.py"
 LOG_ROOT = Path(os.environ.get("CHAOS_LOG_DIR", "/tmp/rabbitflow-chaos"))
 
+ONCE = (F.FAIL_ONCE, F.CANCEL_ONCE, F.TIMEOUT_ONCE)  # these fail attempt 1 and return on attempt 2
 FAULTS = (
     "kill-consumer-node",
     "kill-other-node",
@@ -187,7 +188,7 @@ class Ledger:
         self.fates = fates
         self.confirmed: dict[int, float] = {}
         self.sent = 0
-        self.successes: dict[int, list[tuple[float, str]]] = defaultdict(list)
+        self.successes: dict[int, list[tuple[float, str, int]]] = defaultdict(list)
         self.attempts: Counter[int] = Counter()
         self.parked: dict[int | str, list[str]] = defaultdict(list)  # n or poison id -> reasons
         self.parked_detail: dict[int | str, list[dict[str, Any]]] = defaultdict(list)
@@ -197,10 +198,10 @@ class Ledger:
         return self.fates[n % len(self.fates)]
 
     def calls(self, worker: str, calls: list[list[Any]]) -> None:
-        for n, _attempt, ok, t in calls:
+        for n, attempt, ok, t in calls:
             self.attempts[n] += 1
             if ok:
-                self.successes[n].append((t, worker))
+                self.successes[n].append((t, worker, attempt))
 
     def confirmed_items(self, items: list[list[Any]]) -> None:
         for n, t in items:
@@ -224,11 +225,12 @@ class Ledger:
     def unaccounted(self) -> list[int | str]:
         return [key for key in self.expected() if not self.settled(key)]
 
-    def check(self) -> dict[str, Any]:
+    def check(self, retries: int) -> dict[str, Any]:
         handled = parked = duplicates = 0
         wrong: list[str] = []
         missing: list[int | str] = []
         by_fate: Counter[str] = Counter()
+        most = 0
         for key in self.expected():
             fate = F.POISON if isinstance(key, str) else self.fate(key)
             by_fate[fate] += 1
@@ -246,6 +248,13 @@ class Ledger:
                     wrong.append(
                         f"{key} ({fate}) parked as {reasons}, want {want}: {self.parked_detail[key]}"
                     )
+                if fate == F.FAIL_ALWAYS and reasons:
+                    counts = {d.get("x-rf-attempts") for d in self.parked_detail[key]}
+                    if counts != {retries + 1} or self.attempts[key] < retries + 1:
+                        wrong.append(
+                            f"{key} ({fate}) parked after {counts} attempt(s), {self.attempts[key]} call(s); "
+                            f"want {retries + 1}"
+                        )
                 if reasons:
                     duplicates += len(reasons) - 1
                 elif not succ:
@@ -253,8 +262,11 @@ class Ledger:
             else:
                 if reasons:
                     wrong.append(f"{key} ({fate}) parked as {reasons}: {self.parked_detail[key]}")
+                if fate in ONCE and any(a == 1 for _, _, a in self.successes[key]):
+                    wrong.append(f"{key} ({fate}) returned on attempt 1")
                 if succ:
                     duplicates += succ - 1
+                    most = max(most, succ)
                 elif not reasons:
                     missing.append(key)
         return {
@@ -266,6 +278,7 @@ class Ledger:
             "missing": missing,
             "wrong": wrong,
             "by_fate": dict(by_fate),
+            "most_handled": most,
         }
 
 
@@ -642,7 +655,7 @@ class Runner:
     # -- the report ------------------------------------------------------------------------------
 
     def report(self, end: dict[str, Any]) -> dict[str, Any]:
-        check = self.ledger.check()
+        check = self.ledger.check(self.o.retries)
         stuck = sum(end["counts"].values()) + end["in_flight"]
         lost = max(0, len(check["missing"]) - stuck)
         unhealthy = [name for name, h in end["health"].items() if not h["healthy"]]
@@ -660,8 +673,9 @@ class Runner:
             "missing": check["missing"][:50],
             "unhealthy": unhealthy,
             "by_fate": check["by_fate"],
+            "most_handled": check["most_handled"],
             "queues": end["counts"],
-            "faults": [self.fault_stats(f) for f in self.schedule],
+            "faults": [self.fault_stats(i) for i in range(len(self.schedule))],
             "rss": self.rss_growth(),
             "seconds": time.time() - self.t0,
             "logs": str(self.logs),
@@ -671,30 +685,29 @@ class Runner:
         print(format_report(result), flush=True)
         return result
 
-    def fault_stats(self, fault: Fault) -> dict[str, Any]:
-        """The longest pause in the service's handled messages, and in the target's own, from the
-        fault's start to 15 s after its end; and the duplicates handled meanwhile."""
-        window = (fault.start, fault.end + 15)
-        everyone = sorted(
-            t for s in self.ledger.successes.values() for t, _ in s if window[0] <= t <= window[1]
-        )
+    def fault_stats(self, i: int) -> dict[str, Any]:
+        """From the fault's start until the next fault (at most 15 s after its end): the longest
+        pause in the service's handled messages, and in its target's own (a consumer's handled
+        messages, the producer's confirms); and the duplicates handled meanwhile."""
+        fault = self.schedule[i]
+        stop = fault.end + 15
+        if i + 1 < len(self.schedule):
+            stop = min(stop, self.schedule[i + 1].start)
+        window = (fault.start, stop)
+
+        def inside(t: float) -> bool:
+            return window[0] <= t <= window[1]
+
+        successes = self.ledger.successes.values()
+        everyone = sorted(t for s in successes for t, _, _ in s if inside(t))
         mine: list[float]
         if fault.target == "producer":
-            mine = sorted(t for t in self.ledger.confirmed.values() if window[0] <= t <= window[1])
+            mine = sorted(t for t in self.ledger.confirmed.values() if inside(t))
         elif fault.target:
-            mine = sorted(
-                t
-                for s in self.ledger.successes.values()
-                for t, w in s
-                if w == fault.target and window[0] <= t <= window[1]
-            )
+            mine = sorted(t for s in successes for t, w, _ in s if w == fault.target and inside(t))
         else:
             mine = everyone
-        dup = 0
-        for successes in self.ledger.successes.values():
-            for t, _ in sorted(successes)[1:]:
-                if window[0] <= t <= window[1]:
-                    dup += 1
+        dup = sum(1 for s in successes for t, _, _ in sorted(s)[1:] if inside(t))
         return {
             "name": fault.name,
             "at": round(fault.start - self.t0, 1),
@@ -740,7 +753,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"| {r['sent']} | {r['confirmed']} | {r['handled']} | {r['parked']} | {r['duplicates']} "
         f"| {r['lost']} | {r['stuck']} |",
         "",
-        f"fates: {r['by_fate']}",
+        f"fates: {r['by_fate']}; at most {r['most_handled']} handler returns for one message",
         "",
         "| # | at (s) | fault | target | took (s) | service stall (s) | target stall (s) | dups | detail |",
         "|---:|---:|---|---|---:|---:|---:|---:|---|",
