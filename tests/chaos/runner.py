@@ -304,6 +304,7 @@ class Runner:
         self.poisons = 0
         self.deleted_with = 0  # messages deleted with the queue (a race with the drain check)
         self.t0 = 0.0
+        self.draining = float("inf")
         self.result: dict[str, Any] = {}
 
     def log(self, text: str) -> None:
@@ -624,6 +625,7 @@ class Runner:
             sampler = asyncio.get_running_loop().create_task(self.rss_sampler())
             await self.run_schedule()
             await asyncio.sleep(self.rng.uniform(*self.o.gap))
+            self.draining = time.time()
             self.log("schedule done; draining")
             end = await self.drain()
         finally:
@@ -693,6 +695,7 @@ class Runner:
         stop = fault.end + 15
         if i + 1 < len(self.schedule):
             stop = min(stop, self.schedule[i + 1].start)
+        stop = min(stop, self.draining)  # the producer stops there: no pause of the faults' own
         window = (fault.start, stop)
 
         def inside(t: float) -> bool:
