@@ -652,7 +652,8 @@ class Runner:
             queues, exchanges = self.plan_names()
             with contextlib.suppress(Exception):
                 async with Raw(self.live_node()) as raw:
-                    await raw.delete(queues, exchanges)
+                    # The producer app, with no consumer, still declares its own `<name>.dlx`.
+                    await raw.delete(queues, [*exchanges, f"{self.service}-producer.dlx"])
 
     # -- the report ------------------------------------------------------------------------------
 
