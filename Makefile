@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-unit test-fast lint typecheck bench docs broker cluster-up cluster-down clean
+.PHONY: run test test-unit test-fast lint typecheck bench docs broker cluster-up cluster-down clean chaos
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ bench: $(STAMP) broker
 docs: $(STAMP)
 	$(BIN)/pip install -q mkdocs pymdown-extensions
 	$(BIN)/mkdocs build --strict
+
+# The chaos soak (docs/reliability.md): faults on the 3-node cluster for CHAOS_MINUTES (10) and
+# CHAOS_MESSAGES (200000); CHAOS_SEED repeats a run (random and printed otherwise). Starts the
+# cluster when it does not run (and stops it after); fails when the ledger finds a lost or stuck message.
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos.runner
 
 cluster-up:
 	scripts/cluster.sh start
