@@ -15,9 +15,8 @@ import enum
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from .errors import ConfigError, Reject, Retry
 
@@ -160,22 +159,22 @@ class Circuit:
 
 
 class Switch:
-    """Carries out a circuit's changes on one consumer: `pause()` cancels its subscription,
-    `consume(prefetch)` subscribes again (1 for the probe, None for the consumer's own)."""
+    """Carries out a circuit's changes on one consumer: `pause()` has it unsubscribe,
+    `consume(prefetch)` subscribe again (1 for the probe, None for its own); the consumer runs
+    them one at a time."""
 
     def __init__(
         self,
         circuit: Circuit,
         queue: str,
         *,
-        pause: Callable[[], Coroutine[Any, Any, None]],
-        consume: Callable[[int | None], Coroutine[Any, Any, None]],
+        pause: Callable[[], None],
+        consume: Callable[[int | None], None],
     ) -> None:
         self.circuit = circuit
         self._queue = queue
         self._pause = pause
         self._consume = consume
-        self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._quiet = False
 
@@ -193,40 +192,25 @@ class Switch:
                 circuit.reason,
                 circuit.breaker.cooldown,
             )
-            self._then(self._open())
+            self._pause()
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = asyncio.get_running_loop().call_later(circuit.breaker.cooldown, self._probe)
         elif after is BreakerState.CLOSED:
             log.info("queue %s: the probe succeeded; breaker closed, consuming again", self._queue)
-            self._then(self._consume(None))
+            self._consume(None)
 
     def quiet(self) -> None:
         """The consumer stops: no more changes."""
         self._quiet = True
         if self._timer is not None:
             self._timer.cancel()
-        if self._task is not None:
-            self._task.cancel()
+            self._timer = None
 
-    def _then(self, change: Coroutine[Any, Any, None]) -> None:
-        previous = self._task
-
-        async def in_order() -> None:
-            if previous is not None:
-                await asyncio.gather(previous, return_exceptions=True)
-            await change
-
-        self._task = asyncio.get_running_loop().create_task(in_order())
-
-    async def _open(self) -> None:
-        await self._pause()
-        if not self._quiet:
-            self._timer = asyncio.get_running_loop().call_later(
-                self.circuit.breaker.cooldown, lambda: self._then(self._probe())
-            )
-
-    async def _probe(self) -> None:
+    def _probe(self) -> None:
         self._timer = None
         if self._quiet:
             return
         self.circuit.half_open()
         log.info("queue %s: breaker half-open; letting one message through", self._queue)
-        await self._consume(1)
+        self._consume(1)

@@ -44,6 +44,7 @@ Redeclare = Callable[[ConsumerSpec], Awaitable[None]]
 
 # Park a message ourselves, with full headers, before the quorum queue's own backstop would.
 PARK_AFTER_DELIVERIES = names.DELIVERY_LIMIT // 2
+_CANCEL_GRACE = 5.0  # seconds cancelled handlers get to end before a stop or failover goes on
 
 
 class Consumer:
@@ -59,6 +60,7 @@ class Consumer:
         copies: Publisher,
         ensure_retry_queue: EnsureRetryQueue,
         redeclare: Redeclare,
+        on_lost: Callable[[BaseException | None], None] = lambda reason: None,
         prefetch: int,
         concurrency: int,
         handler_timeout: float | None,
@@ -74,6 +76,7 @@ class Consumer:
         self._copies = copies
         self._ensure_retry_queue = ensure_retry_queue
         self._redeclare = redeclare
+        self._on_lost = on_lost
         self._prefetch = prefetch
         self._timeout = handler_timeout
         self._middleware = middleware
@@ -86,7 +89,7 @@ class Consumer:
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending: set[asyncio.Future[Any]] = set()  # copies awaiting the broker
-        self._resubscribing: asyncio.Task[None] | None = None
+        self._changing: asyncio.Task[None] | None = None  # the last subscription change
         self.circuit = Circuit(breaker) if breaker is not None else None
         self._switch = (
             Switch(self.circuit, spec.queue, pause=self._pause, consume=self._consume)
@@ -107,29 +110,43 @@ class Consumer:
 
     @property
     def paused(self) -> bool:
-        """The breaker is open (or probing): not taking messages on purpose."""
-        return self.circuit is not None and self.circuit.state is not BreakerState.CLOSED
+        """The breaker holds it (open, or probing) on a live channel: not taking messages on
+        purpose."""
+        return (
+            self.circuit is not None
+            and self.circuit.state is not BreakerState.CLOSED
+            and self._channel.is_open
+            and not self._stopping
+        )
 
     async def start(self, *, prefetch: int | None = None) -> None:
+        if self._tag is not None:
+            tag, self._tag = self._tag, None
+            await self._channel.cancel(tag)  # one subscription at a time
         self._tag = await self._channel.consume(
             self.spec.queue,
             self._on_delivery,
             prefetch=self._prefetch if prefetch is None else prefetch,
             on_cancel=self._on_cancel,
         )
+        self._channel.on_close(self._channel_closed)
 
     async def stop(self, timeout: float) -> None:
         """Take no new deliveries, let running handlers finish within `timeout`, then close."""
         self._stopping = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         if self._switch is not None:
             self._switch.quiet()
-        if self._resubscribing is not None:
-            self._resubscribing.cancel()
+        if self._changing is not None:
+            # Never cancelled: a cancelled basic.consume or basic.cancel makes aiormq close the
+            # channel, and that would cancel every handler still running. Its steps see `_stopping`.
+            await asyncio.wait({self._changing}, timeout=timeout)
         if self._tag is not None and self._channel.is_open:
             with contextlib.suppress(TransportError):
                 await self._channel.cancel(self._tag)
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
         except TimeoutError:
             log.warning(
                 "queue %s: %d handler(s) still running after %.1fs; cancelling them, their messages "
@@ -139,9 +156,12 @@ class Consumer:
                 timeout,
             )
             await self._cancel_handlers()
-        if self._pending:
-            # Copies still waiting for their confirm: their originals are acked once it comes.
-            await asyncio.wait(set(self._pending), timeout=timeout)
+        # Copies still waiting for their confirm (and copies sent again meanwhile): their originals
+        # are acked once it comes.
+        while self._pending and loop.time() < deadline + timeout:
+            await asyncio.wait(set(self._pending), timeout=deadline + timeout - loop.time())
+        for future in list(self._pending):
+            future.cancel()
         await self.settlement.flush()
         await self._channel.close()
 
@@ -150,8 +170,8 @@ class Consumer:
         self._stopping = True
         if self._switch is not None:
             self._switch.quiet()
-        if self._resubscribing is not None:
-            self._resubscribing.cancel()
+        if self._changing is not None:
+            self._changing.cancel()  # its channel is gone or going with the session
         await self._cancel_handlers()
         for future in list(self._pending):
             future.cancel()
@@ -160,61 +180,92 @@ class Consumer:
         await self.settlement.flush()
 
     async def _cancel_handlers(self) -> None:
+        """Cancel running handlers and wait a little for them; one that swallows its cancellation
+        is left behind (its delivery returns when the channel closes) rather than hold up a stop
+        or a failover."""
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _, stuck = await asyncio.wait(set(self._tasks), timeout=_CANCEL_GRACE)
+            if stuck:
+                log.error(
+                    "queue %s: %d handler(s) ignored their cancellation; leaving them behind",
+                    self.spec.queue,
+                    len(stuck),
+                )
 
-    # -- the breaker ---------------------------------------------------------------------------
+    def _channel_closed(self, reason: BaseException | None) -> None:
+        """The consumer's channel went while the session goes on (a consumer timeout on 3.13+, a
+        channel error): nothing would consume the queue again, so the session ends and the runtime
+        opens a new one."""
+        if not self._stopping:
+            log.error("queue %s: the broker closed the consumer's channel (%s)", self.spec.queue, reason)
+            self._on_lost(reason)
 
-    async def _pause(self) -> None:
+    # -- the subscription: one change at a time -------------------------------------------------
+
+    def _then(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run `step` after the subscription changes queued before it. Resubscribing after a
+        broker cancel and the breaker's pause, probe and resume all go through here, so two never
+        overlap on the channel."""
+        previous = self._changing
+
+        async def in_order() -> None:
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            if not self._stopping and self._channel.is_open:
+                await step()
+
+        self._changing = asyncio.get_running_loop().create_task(in_order())
+
+    def _pause(self) -> None:
+        self._then(self._unsubscribe)
+
+    def _consume(self, prefetch: int | None) -> None:
+        self._then(lambda: self._subscribe(prefetch))
+
+    async def _unsubscribe(self) -> None:
         tag, self._tag = self._tag, None
-        if tag is not None and self._channel.is_open:
+        if tag is not None:
             with contextlib.suppress(TransportError):
                 await self._channel.cancel(tag)
 
-    async def _consume(self, prefetch: int | None) -> None:
-        """Subscribe (again) with this prefetch, after a pause; the probe's consumer goes first."""
-        tag, self._tag = self._tag, None
-        if self._stopping or not self._channel.is_open:
+    async def _subscribe(self, prefetch: int | None) -> None:
+        """Subscribe with this prefetch (None: the consumer's own), declaring the consumer's
+        topology again first if the broker cancelled it; keeps trying with a backoff."""
+        failures = 0
+        while not self._stopping and self._channel.is_open:
+            try:
+                if self.cancelled_since is not None:
+                    await self._redeclare(self.spec)
+                await self.start(prefetch=prefetch)
+            except (TransportError, TopologyConflict) as exc:
+                failures += 1
+                log.error("queue %s: cannot subscribe: %s", self.spec.queue, exc)
+                await asyncio.sleep(min(10.0, 0.2 * 2**failures))
+                continue
+            if self.cancelled_since is not None:
+                self.resubscribed += 1
+                self.cancelled_since = None
+                log.info("queue %s: consuming again", self.spec.queue)
             return
-        with contextlib.suppress(TransportError):
-            if tag is not None:
-                await self._channel.cancel(tag)
-            await self.start(prefetch=prefetch)
-
-    # -- the broker cancelled us ---------------------------------------------------------------
 
     def _on_cancel(self) -> None:
         """basic.cancel from the broker: the queue was deleted, or (4.3) a consumer timeout or a
         leader move. Deliveries already made stay ours to settle; consuming starts again once the
-        consumer's topology is declared again."""
+        consumer's topology is declared again — unless the breaker holds it paused, in which
+        case its probe declares it."""
         self._tag = None
-        if self._stopping or self._resubscribing is not None:
+        if self._stopping:
             return
         self.cancelled_since = asyncio.get_running_loop().time()
+        circuit = self.circuit
+        if circuit is not None and circuit.state is BreakerState.OPEN:
+            log.warning("queue %s: the broker cancelled the paused consumer", self.spec.queue)
+            return
         log.warning("queue %s: the broker cancelled the consumer; declaring it again", self.spec.queue)
-        self._resubscribing = asyncio.get_running_loop().create_task(
-            self._resubscribe(), name=f"rabbitflow:{self.spec.queue}:resubscribe"
-        )
-
-    async def _resubscribe(self) -> None:
-        failures = 0
-        try:
-            while not self._stopping and self._channel.is_open:
-                try:
-                    await self._redeclare(self.spec)
-                    await self.start()
-                except (TransportError, TopologyConflict) as exc:
-                    failures += 1
-                    log.error("queue %s: cannot subscribe again: %s", self.spec.queue, exc)
-                    await asyncio.sleep(min(10.0, 0.2 * 2**failures))
-                    continue
-                self.resubscribed += 1
-                self.cancelled_since = None
-                log.info("queue %s: consuming again", self.spec.queue)
-                return
-        finally:
-            self._resubscribing = None
+        probing = circuit is not None and circuit.state is BreakerState.HALF_OPEN
+        self._consume(1 if probing else None)
 
     # -- the hot path --------------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ class Session:
         self._retry_queues: set[str] = set()
         self._refused: dict[str, TopologyConflict] = {}
         self._repairing: asyncio.Task[None] | None = None
+        self._ending: asyncio.Future[None] | None = None
 
     @property
     def node(self) -> str:
@@ -65,6 +66,7 @@ class Session:
                 copies=self.copies,
                 ensure_retry_queue=self.ensure_retry_queue,
                 redeclare=self._redeclare,
+                on_lost=self._lost,
                 prefetch=spec.prefetch or s.prefetch,
                 concurrency=spec.concurrency or s.concurrency,
                 handler_timeout=spec.handler_timeout or s.handler_timeout,
@@ -73,6 +75,12 @@ class Session:
             )
             await consumer.start()
             self.consumers.append(consumer)
+
+    def _lost(self, reason: BaseException | None) -> None:
+        """A consumer's channel is gone while the connection stays: end the session (close the
+        consuming connection), and the runtime opens a new one with every consumer subscribed."""
+        if self._ending is None:
+            self._ending = asyncio.ensure_future(self.links.consume.close())
 
     async def _repair(self) -> None:
         """The broker refused a copy for a missing exchange or route (an operator deleted the

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import aio_pika
@@ -106,6 +106,8 @@ class AmqpChannel(Channel):
     def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
         self._channel = cast(aiormq.Channel, channel)
         self._pipeline = Pipeline(self._channel) if supported(self._channel) else None
+        self._close_callbacks: list[Callable[[BaseException | None], None]] = []
+        self._cancel_callbacks: dict[str, Callable[[Basic.Cancel], None]] = {}
 
     @property
     def is_open(self) -> bool:
@@ -245,9 +247,13 @@ class AmqpChannel(Channel):
                     on_cancel()
 
             self._channel.on_consumer_cancel_callbacks.add(cancelled)
+            self._cancel_callbacks[tag] = cancelled
         return tag
 
     async def cancel(self, consumer_tag: str) -> None:
+        callback = self._cancel_callbacks.pop(consumer_tag, None)
+        if callback is not None:
+            self._channel.on_consumer_cancel_callbacks.discard(callback)
         async with _translated:
             await self._channel.basic_cancel(consumer_tag)
 
@@ -289,7 +295,19 @@ class AmqpChannel(Channel):
     async def close(self) -> None:
         if not self._channel.is_closed:
             with contextlib.suppress(TimeoutError, amqp_errors.AMQPError, ConnectionError):
-                await self._channel.close()
+                # Bounded: a blocked connection (a resource alarm) may never answer close-ok.
+                await asyncio.wait_for(self._channel.close(), 5)
+
+    def on_close(self, callback: Callable[[BaseException | None], None]) -> None:
+        if callback in self._close_callbacks:
+            return
+        self._close_callbacks.append(callback)
+
+        def closed(future: asyncio.Future[Any]) -> None:
+            reason = None if future.cancelled() else future.exception()
+            callback(_translate(reason) if reason is not None else None)
+
+        self._channel.closing.add_done_callback(closed)
 
 
 class AmqpTransport(Transport):

@@ -196,6 +196,11 @@ class Channel(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
+    @abc.abstractmethod
+    def on_close(self, callback: Callable[[BaseException | None], None]) -> None:
+        """`callback(reason)` once the channel is closed, by either side; registering the same
+        callback again does nothing."""
+
 
 class Transport(abc.ABC):
     """One connection to one broker node."""
