@@ -192,10 +192,6 @@ class MemoryChannel(Channel):
         elif name.startswith("amq."):
             raise access_refused(f"queue name '{name}' contains reserved prefix 'amq.*'")
         profile = vhost.profile
-        if profile.refuses_transient_nonexclusive and not durable and not exclusive:
-            # 4.3 denies the deprecated feature by default, with a connection error
-            # (https://github.com/rabbitmq/rabbitmq-server/releases/tag/v4.3.0)
-            self._deprecated("transient_nonexcl_queues")
         owner = self._transport if exclusive else None
         existing = vhost.queues.get(name)
         if existing is not None:
@@ -205,6 +201,11 @@ class MemoryChannel(Channel):
             keys = compared_queue_args(existing.queue_type)
             assert_args_equivalence("queue", name, existing.arguments, args, keys)
             return existing
+        if profile.refuses_transient_nonexclusive and not durable and not exclusive:
+            # 4.3 denies the deprecated feature by default, with a connection error
+            # (https://github.com/rabbitmq/rabbitmq-server/releases/tag/v4.3.0); a redeclaration
+            # of an existing queue is compared first (our assumption: not documented)
+            self._deprecated("transient_nonexcl_queues")
         validate_queue_arguments(name, args)
         kind = args.get("x-queue-type", "classic")
         if profile.refuses_queue_mode and kind == "classic" and "x-queue-mode" in args:
