@@ -68,8 +68,9 @@ def _queue_concerns(queue: QueuePlan, server_version: str, version: tuple[int, i
             f"{name}: RabbitMQ {server_version} gives quorum queues a default x-delivery-limit of "
             f"20; a message returned more often is {fate}"
             + (
-                " - each peek at a parking queue is such a return; declare it with "
-                "x-delivery-limit=-1 (unlimited from 4.0)"
+                " - each peek at a parking queue is such a return; give it an explicit, large "
+                "x-delivery-limit (-1 is unlimited from 4.0 only: 3.x drops at the first return), "
+                "or a policy's delivery-limit"
                 if queue.role == "parked"
                 else "; set x-delivery-limit explicitly"
             )

@@ -1578,7 +1578,8 @@ async def test_app_peek_leaves_parked_messages_parked(env: Env, request: pytest.
                 strict=True,
                 reason="4.0+: the quorum parking queue gets the default x-delivery-limit of 20 and has "
                 "no dead-letter exchange, so the 21st peek drops the parked message; "
-                "topology/compiler.py must declare parking queues with x-delivery-limit=-1 on 4.x",
+                "topology/compiler.py must give parking queues an explicit x-delivery-limit "
+                "(a large one on every version, or -1 on 4.x only)",
             )
         )
     app = env.app()

@@ -27,10 +27,11 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from ..transport.base import ConnectionLost, Delivery, OnDelivery, Properties
-from ._channel import MemoryChannel, MemoryTransport
+from ._channel import MemoryChannel
 from ._profile import VERSIONS, Profile, profile
 from ._queue import Consumer, MemoryQueue
 from ._routing import MemoryExchange
+from ._transport import MemoryTransport
 from ._vhost import Dropped, Published, VHost
 
 if TYPE_CHECKING:
