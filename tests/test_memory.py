@@ -857,3 +857,153 @@ async def test_a_thousand_messages_failing_twice_run_in_well_under_a_second(
     assert broker.now == 120
     assert bodies(broker, "work.parked") == []
     assert elapsed < 1.0
+
+
+# -- version profiles ------------------------------------------------------------------------------
+# The contract suite runs every profile against the same tests; these cover what the Transport
+# interface cannot reach (basic.nack, basic.qos global, consumer timeouts).
+
+VERSIONS = ["3.10", "3.13", "4.0", "4.3"]
+
+
+def test_an_unknown_version_is_refused_naming_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"'3\.10', '3\.13', '4\.0', '4\.3'"):
+        MemoryBroker(version="4.1")
+
+
+@pytest.mark.parametrize(
+    ("version", "server_version"),
+    [("3.10", "3.10.8"), ("3.13", "3.13.7"), ("4.0", "4.0.0"), ("4.3", "4.3.0")],
+)
+async def test_connections_report_the_profile_server_version(version: str, server_version: str) -> None:
+    broker = MemoryBroker(version=version)
+    transport = await broker.connect()
+    assert (broker.version, transport.server_version) == (version, server_version)
+    assert MemoryBroker().version == "3.10"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_nack_counts_towards_the_delivery_limit_until_4_3(version: str) -> None:
+    broker = MemoryBroker(version=version)
+    channel = await (await broker.connect()).channel()
+    await channel.declare_queue("q", arguments={**QUORUM, "x-delivery-limit": 2})
+    await channel.publish(b"m", exchange="", routing_key="q", properties=props())
+
+    gets: list[Delivery] = []
+    while len(gets) < 5 and (delivery := await channel.get("q")) is not None:
+        gets.append(delivery)
+        await channel.nack(delivery.delivery_tag, requeue=True)
+
+    # https://www.rabbitmq.com/docs/4.3/nack: 4.3 counts basic.reject, not basic.nack
+    if version == "4.3":
+        assert len(gets) == 5
+        assert [d.properties.headers.get("x-delivery-count") for d in gets] == [0] * 5  # type: ignore[union-attr]
+        assert [d.properties.headers.get("x-acquired-count") for d in gets] == [None, 1, 2, 3, 4]  # type: ignore[union-attr]
+    else:
+        assert len(gets) == 3
+        assert broker.dropped[0].reason == "delivery_limit"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_global_qos_limits_the_channel_until_4_3_refuses_it(version: str) -> None:
+    broker = MemoryBroker(version=version)
+    transport = await broker.connect()
+    channel = await transport.channel()
+    await channel.declare_queue("q")
+    for body in (b"0", b"1", b"2"):
+        await channel.publish(body, exchange="", routing_key="q", properties=props())
+
+    if version == "4.3":
+        with pytest.raises(ConnectionLost, match="Feature `global_qos` is deprecated"):
+            await channel.qos(1, global_=True)
+        assert not transport.is_open
+        return
+    await channel.qos(1, global_=True)
+    inbox = Inbox(channel, "keep")
+    await channel.consume("q", inbox, prefetch=0)
+    await broker.drain()
+    assert inbox.bodies == [b"0"]  # one unacked delivery per channel
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_a_consumer_timeout_closes_the_channel_or_cancels_the_consumer(
+    version: str, queue_type: str
+) -> None:
+    broker = MemoryBroker(version=version, consumer_timeout=60)
+    channel = await (await broker.connect()).channel()
+    await channel.declare_queue("q", arguments=QUORUM if queue_type == "quorum" else {})
+    await channel.publish(b"held", exchange="", routing_key="q", properties=props())
+    cancelled: list[str] = []
+    inbox = Inbox(channel, "keep")
+    await channel.consume("q", inbox, prefetch=1, on_cancel=lambda: cancelled.append("q"))
+
+    await broker.advance(59)
+    assert (channel.is_open, cancelled, broker.queues["q"].unacked_count) == (True, [], 1)
+    await broker.advance(2)
+
+    if version != "4.3":
+        # Up to 4.2 the channel is closed with 406 and the delivery goes back (and counts).
+        assert not channel.is_open
+        assert cancelled == []
+        assert broker.queues["q"].message_count == 1
+        with pytest.raises(ChannelClosed, match="delivery acknowledgement on channel 1 timed out"):
+            await channel.declare_queue("q", passive=True)
+    elif queue_type == "classic":
+        # 4.3: only quorum queues time out consumers
+        assert (channel.is_open, cancelled, broker.queues["q"].unacked_count) == (True, [], 1)
+    else:
+        # 4.3: basic.cancel; the delivery goes back uncounted; the channel stays open and a
+        # late ack of the reclaimed tag is ignored.
+        assert channel.is_open
+        assert cancelled == ["q"]
+        assert broker.queues["q"].consumer_count == 0
+        await channel.ack(inbox.deliveries[0].delivery_tag)
+        again = await channel.get("q")
+        assert again is not None
+        assert again.redelivered
+        assert again.properties.headers == {"x-delivery-count": 0, "x-acquired-count": 1}
+        assert channel.is_open
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_the_queue_argument_x_consumer_timeout_from_3_13(version: str) -> None:
+    broker = MemoryBroker(version=version)
+    channel = await (await broker.connect()).channel()
+    await channel.declare_queue("q", arguments={**QUORUM, "x-consumer-timeout": 5000})
+    await channel.publish(b"held", exchange="", routing_key="q", properties=props())
+    cancelled: list[str] = []
+    await channel.consume("q", Inbox(channel, "keep"), prefetch=1, on_cancel=lambda: cancelled.append("q"))
+
+    await broker.advance(6)
+
+    timed_out = cancelled == ["q"] or not channel.is_open
+    assert timed_out == (version != "3.10")  # 3.10 has only the broker-wide setting
+
+
+async def test_an_app_on_4_3_subscribes_again_after_a_consumer_timeout() -> None:
+    broker = MemoryBroker(version="4.3", realtime=True)
+    app = App("svc", url="memory://", graceful_timeout=1)
+    app.use_broker(broker)
+    calls: list[int] = []
+    release = asyncio.Event()
+
+    @app.consumer("slow", retries=1, delay=0.1)
+    async def handle(body: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            await release.wait()  # held past the queue's consumer timeout
+
+    async with app:
+        # rabbitflow declares no x-consumer-timeout: give its consumer one, as a policy would.
+        broker.queues["slow"].consumer_timeout = 0.05
+        for consumer in broker.queues["slow"].consumers:
+            consumer.timeout = 0.05
+        await app.publish({"n": 1}, routing_key="slow")
+        async with asyncio.timeout(5):
+            while len(calls) < 2:  # noqa: ASYNC110 - waiting on the broker's doing
+                await asyncio.sleep(0.01)
+        release.set()
+        health = app.health()["consumers"][0]
+        assert health["resubscribed"] >= 1
+    assert broker.queues["slow.parked"].message_count == 0

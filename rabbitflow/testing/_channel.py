@@ -1,10 +1,11 @@
-"""Connections and channels to the in-memory broker: the AMQP methods of the Transport interface."""
+"""Channels of the in-memory broker: the AMQP methods of the Channel interface."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ..errors import PublishNacked, Unroutable
 from ..transport.base import (
@@ -17,7 +18,6 @@ from ..transport.base import (
     OnDelivery,
     Properties,
     QueueInfo,
-    Transport,
     TransportError,
 )
 from ._amqp import (
@@ -40,59 +40,10 @@ from ._queue import Consumer, MemoryQueue, Unacked
 from ._routing import EXCHANGE_TYPES, Binding, MemoryExchange, invalid_x_match
 from ._vhost import Published, VHost
 
-__all__ = ["MemoryChannel", "MemoryTransport"]
+if TYPE_CHECKING:
+    from ._transport import MemoryTransport
 
-
-class MemoryTransport(Transport):
-    """One connection to a MemoryBroker."""
-
-    node = "memory://"
-
-    def __init__(self, vhost: VHost) -> None:
-        self._vhost = vhost
-        self._channels: list[MemoryChannel] = []
-        self._closed: asyncio.Future[ConnectionLost | None] = asyncio.get_running_loop().create_future()
-
-    def __repr__(self) -> str:
-        return f"<MemoryTransport {'open' if self.is_open else 'closed'} channels={len(self._channels)}>"
-
-    @property
-    def is_open(self) -> bool:
-        return not self._closed.done()
-
-    @property
-    def blocked(self) -> bool:
-        return False
-
-    async def wait_unblocked(self) -> None:
-        return None
-
-    async def channel(self) -> MemoryChannel:
-        if not self.is_open:
-            raise ConnectionLost("the connection to memory:// is closed")
-        channel = MemoryChannel(self, len(self._channels) + 1)
-        self._channels.append(channel)
-        await asyncio.sleep(0)
-        return channel
-
-    async def wait_closed(self) -> BaseException | None:
-        return await asyncio.shield(self._closed)
-
-    async def close(self) -> None:
-        self._shutdown(None)
-        await asyncio.sleep(0)
-
-    def _shutdown(self, lost: ConnectionLost | None) -> None:
-        """Close every channel (their unacked messages return) and drop exclusive queues."""
-        if self._closed.done():
-            return
-        reason = lost or ConnectionLost("the connection to memory:// was closed")
-        for channel in self._channels:
-            channel._shutdown(reason)
-        vhost = self._vhost
-        for q in [q for q in vhost.queues.values() if q.owner is self]:
-            vhost.remove_queue(q)  # exclusive queues go with their connection
-        self._closed.set_result(lost)
+__all__ = ["MemoryChannel"]
 
 
 class MemoryChannel(Channel):
@@ -109,6 +60,8 @@ class MemoryChannel(Channel):
         self._unacked: dict[int, Unacked] = {}
         self._consumers: dict[str, Consumer] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # delivery callbacks running for this channel
+        self._reclaimed: set[int] = set()  # tags a consumer timeout took back (4.3)
+        self.global_prefetch = 0  # basic.qos(global=True): unacked deliveries per channel, 0 = no limit
 
     def __repr__(self) -> str:
         state = "open" if self._closed is None else f"closed ({self._closed})"
@@ -184,6 +137,7 @@ class MemoryChannel(Channel):
             name = vhost.new_name("amq.gen-")
         elif name.startswith("amq."):
             raise access_refused(f"queue name '{name}' contains reserved prefix 'amq.*'")
+        profile = vhost.profile
         owner = self._transport if exclusive else None
         existing = vhost.queues.get(name)
         if existing is not None:
@@ -193,15 +147,36 @@ class MemoryChannel(Channel):
             keys = compared_queue_args(existing.queue_type)
             assert_args_equivalence("queue", name, existing.arguments, args, keys)
             return existing
+        if profile.refuses_transient_nonexclusive and not durable and not exclusive:
+            # 4.3 denies the deprecated feature by default, with a connection error
+            # (https://github.com/rabbitmq/rabbitmq-server/releases/tag/v4.3.0); a redeclaration
+            # of an existing queue is compared first (our assumption: not documented)
+            self._deprecated("transient_nonexcl_queues")
         validate_queue_arguments(name, args)
         kind = args.get("x-queue-type", "classic")
+        if profile.refuses_queue_mode and kind == "classic" and "x-queue-mode" in args:
+            # 4.3 removed CQv1 and with it x-queue-mode (https://github.com/rabbitmq/rabbitmq-server/pull/14769)
+            raise precondition_failed(
+                f"invalid arg 'x-queue-mode' for {rs('queue', name)} of queue type {queue_type_module(kind)}"
+            )
         if kind == "stream":
             raise NotImplementedError("the memory broker has no stream queues")
         if kind == "quorum" and not durable:
             prop = "exclusive-owner" if exclusive else "non-durable"
             raise precondition_failed(f"invalid property '{prop}' for {rs('queue', name)}")
-        q = vhost.queues[name] = MemoryQueue(name, durable=durable, owner=owner, arguments=args)
+        q = vhost.queues[name] = MemoryQueue(
+            name, durable=durable, owner=owner, arguments=args, profile=profile
+        )
         return q
+
+    def _deprecated(self, feature: str) -> None:
+        """A deprecated feature 4.3 denies: 541 closes the whole connection."""
+        lost = ConnectionLost(
+            f"the broker closed the connection: 541 INTERNAL_ERROR - Feature `{feature}` is deprecated. "
+            "By default, this feature is not permitted anymore."
+        )
+        self._transport._shutdown(lost)
+        raise lost
 
     async def bind_queue(
         self,
@@ -252,6 +227,12 @@ class MemoryChannel(Channel):
             x = vhost.exchanges.get(exchange)
             if x is None:
                 raise not_found("exchange", exchange)
+            limit = vhost.profile.max_message_size
+            if len(body) > limit:
+                # 128 MiB up to 3.13, 16 MiB from 4.0 (https://github.com/rabbitmq/rabbitmq-server/pull/11455)
+                raise precondition_failed(
+                    f"message size {len(body)} is larger than configured max size {limit}"
+                )
             props = wire_properties(properties)  # a copy, never the publisher's headers dict
             ttl = None if props.expiration is None else parse_expiration(props.expiration)
             now = vhost.clock()
@@ -278,7 +259,9 @@ class MemoryChannel(Channel):
             q = vhost.queue(queue, self._transport)
             tag = vhost.new_name("amq.ctag-")
             # basic.qos(prefetch) before basic.consume: the limit applies per consumer.
-            consumer = Consumer(tag, self, q, on_delivery, prefetch, on_cancel=on_cancel)
+            consumer = Consumer(
+                tag, self, q, on_delivery, prefetch, on_cancel=on_cancel, timeout=vhost.timeout_for(q)
+            )
             q.consumers.append(consumer)
             self._consumers[tag] = consumer
             vhost.touch(q)
@@ -296,6 +279,8 @@ class MemoryChannel(Channel):
             # rabbit_channel: multiple with tag 0 acks everything; otherwise the tag must be known.
             if multiple and delivery_tag == 0:
                 tags = list(self._unacked)
+            elif delivery_tag in self._reclaimed:
+                return  # a consumer timeout took it back (4.3): a late ack is ignored
             elif delivery_tag not in self._unacked:
                 self._unknown_tag(delivery_tag)
                 return
@@ -309,16 +294,46 @@ class MemoryChannel(Channel):
         await asyncio.sleep(0)
 
     async def reject(self, delivery_tag: int, *, requeue: bool) -> None:
-        with self._method() as vhost:
+        """basic.reject (what rabbitflow sends)."""
+        with self._method():
+            self._settle_negatively([delivery_tag], requeue=requeue, how="reject")
+        await asyncio.sleep(0)
+
+    async def nack(self, delivery_tag: int, *, multiple: bool = False, requeue: bool = True) -> None:
+        """basic.nack; not part of the Transport interface. On 4.3 a quorum queue does not count
+        a nack towards its delivery limit, a reject it does."""
+        with self._method():
+            if multiple:
+                tags = [t for t in self._unacked if delivery_tag == 0 or t <= delivery_tag]
+            else:
+                tags = [delivery_tag]
+            self._settle_negatively(tags, requeue=requeue, how="nack")
+        await asyncio.sleep(0)
+
+    def _settle_negatively(self, tags: list[int], *, requeue: bool, how: str) -> None:
+        vhost = self._vhost
+        for delivery_tag in tags:
+            if delivery_tag in self._reclaimed:
+                continue
             entry = self._unacked.pop(delivery_tag, None)
             if entry is None:
                 self._unknown_tag(delivery_tag)
                 return
             vhost.settle(entry)
             if requeue:
-                vhost.give_back(entry, rejected=True)
+                vhost.give_back(entry, how=how)
             else:
                 vhost.discard(entry)
+
+    async def qos(self, prefetch_count: int, *, global_: bool = False) -> None:
+        """basic.qos; not part of the Transport interface (`consume` takes a per-consumer
+        prefetch). `global_=True` limits the whole channel; 4.3 refuses it."""
+        with self._method() as vhost:
+            if global_:
+                if vhost.profile.refuses_global_qos:
+                    # denied in 4.3: https://github.com/rabbitmq/rabbitmq-dotnet-client/issues/1931
+                    self._deprecated("global_qos")
+                self.global_prefetch = prefetch_count
         await asyncio.sleep(0)
 
     async def get(self, queue: str) -> Delivery | None:
@@ -369,6 +384,15 @@ class MemoryChannel(Channel):
         self._unacked[self._last_tag] = entry
         return self._last_tag
 
+    def _reclaim(self, consumer: Consumer) -> list[Unacked]:
+        """Take back the unacked deliveries of `consumer` (a consumer timeout, 4.3)."""
+        tags = [tag for tag, entry in self._unacked.items() if entry.consumer is consumer]
+        self._reclaimed.update(tags)
+        return [self._unacked.pop(tag) for tag in tags]
+
+    def _has_room(self) -> bool:
+        return self.global_prefetch == 0 or len(self._unacked) < self.global_prefetch
+
     def _forget_consumer(self, tag: str) -> None:
         consumer = self._consumers.pop(tag, None)
         if consumer is not None and consumer in consumer.queue.consumers:
@@ -386,7 +410,7 @@ class MemoryChannel(Channel):
         vhost = self._vhost
         for entry in entries:
             vhost.settle(entry)
-            vhost.give_back(entry)
+            vhost.give_back(entry, how="lost")
         # aiormq cancels a channel's running consumer callbacks when the channel closes.
         try:
             current = asyncio.current_task()

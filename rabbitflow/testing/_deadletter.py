@@ -6,12 +6,25 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-__all__ = ["is_cycle", "record_death"]
+__all__ = ["BROKER_DEATH_HEADERS", "is_cycle", "record_death"]
+
+BROKER_DEATH_HEADERS = frozenset(
+    {
+        "x-death",
+        "x-first-death-reason",
+        "x-first-death-queue",
+        "x-first-death-exchange",
+        "x-last-death-reason",
+        "x-last-death-queue",
+        "x-last-death-exchange",
+    }
+)
 
 
 def record_death(
     headers: Mapping[str, Any] | None,
     *,
+    last_death: bool = False,
     queue: str,
     reason: str,
     exchange: str,
@@ -54,6 +67,11 @@ def record_death(
         out["x-death"] = [entry, *others]
     else:
         out["x-death"] = [info]  # not an array: RabbitMQ resets it (rabbitmq-server#767)
+    if last_death:
+        # 3.13+ also name the newest death (https://github.com/rabbitmq/rabbitmq-website/pull/1913).
+        out["x-last-death-reason"] = reason
+        out["x-last-death-queue"] = queue
+        out["x-last-death-exchange"] = exchange
     return out
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..transport.base import OnDelivery, Properties, QueueInfo, clone_properties
 from ._amqp import copy_table
+from ._profile import PROFILES, Profile
 
 if TYPE_CHECKING:
     from ._channel import MemoryChannel
@@ -27,8 +28,10 @@ class Message:
     routing_key: str
     seq: int  # enqueue order; a classic queue requeues by it
     expires_at: float | None  # virtual time, None without TTL
-    delivery_count: int = 0  # quorum: times returned to the queue
+    delivery_count: int = 0  # quorum: returns that count towards the delivery limit
+    acquired_count: int = 0  # quorum: every return (4.3's x-acquired-count)
     redelivered: bool = False  # classic: requeued at least once
+    broker_deaths: bool = False  # its x-death was written by the broker, not a client
 
     def expired(self, now: float) -> bool:
         # A nanosecond of slack, so that advance(0.1) three times reaches a 0.3 s TTL.
@@ -44,10 +47,11 @@ class Consumer:
     prefetch: int  # 0: unlimited
     unacked: int = 0
     on_cancel: Callable[[], None] | None = None
+    timeout: float | None = None  # seconds a delivery may stay unacked (quorum queues)
 
     @property
     def has_capacity(self) -> bool:
-        return self.prefetch == 0 or self.unacked < self.prefetch
+        return (self.prefetch == 0 or self.unacked < self.prefetch) and self.channel._has_room()
 
 
 @dataclass(slots=True, eq=False)
@@ -69,13 +73,16 @@ def _str(arguments: dict[str, Any], key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _delivery_limit(arguments: dict[str, Any]) -> float | None:
+def _delivery_limit(arguments: dict[str, Any], profile: Profile) -> float | None:
     # RabbitMQ 3.10 takes any x-delivery-limit on a quorum queue unchecked and compares it the
     # Erlang way: a number as a number; anything else sorts above every count, so is never hit.
     if "x-delivery-limit" not in arguments:
-        return None
+        # 4.0+: 20 when none is set (https://github.com/rabbitmq/rabbitmq-server/releases/tag/v4.0.1)
+        return profile.default_delivery_limit
     value = arguments["x-delivery-limit"]
     if isinstance(value, int | float) and not isinstance(value, bool):
+        if value < 0 and profile.default_delivery_limit is not None:
+            return None  # 4.0+: -1 means unlimited (https://www.rabbitmq.com/docs/quorum-queues#poison-message-handling)
         return value
     return math.inf
 
@@ -90,8 +97,10 @@ class MemoryQueue:
         durable: bool,
         owner: object | None,
         arguments: dict[str, Any],
+        profile: Profile = PROFILES["3.10"],
     ) -> None:
         self.name = name
+        self.profile = profile
         self.durable = durable
         self.owner = owner  # the transport of an exclusive queue
         self.arguments = arguments
@@ -103,7 +112,9 @@ class MemoryQueue:
         self.overflow = _str(arguments, "x-overflow") or "drop-head"
         if self.is_quorum and self.overflow == "reject-publish-dlx":
             self.overflow = "drop-head"  # quorum queues log a warning and use their default
-        self.delivery_limit = _delivery_limit(arguments) if self.is_quorum else None
+        self.delivery_limit = _delivery_limit(arguments, profile) if self.is_quorum else None
+        timeout = _int(arguments, "x-consumer-timeout") if profile.queue_consumer_timeout else None
+        self.consumer_timeout = None if timeout is None or not self.is_quorum else timeout / 1000
         self.unacked_count = 0
         self.consumers: list[Consumer] = []
         self._ready: deque[Message] = deque()
@@ -169,7 +180,7 @@ class MemoryQueue:
         message a consumer rejected with requeue to the back when there is no x-delivery-limit
         (rabbit_fifo turns that return into a #requeue{} command, to let its log be truncated)."""
         if self.is_quorum:
-            if rejected and self.delivery_limit is None:
+            if rejected and self.delivery_limit is None and self.profile.requeue_to_back:
                 self._ready.append(message)
             else:
                 self._returns.append(message)
@@ -210,7 +221,7 @@ class MemoryQueue:
             self._enqueuers = dict.fromkeys(self._enqueuers, True)
 
     def redelivered(self, message: Message) -> bool:
-        return message.delivery_count > 0 if self.is_quorum else message.redelivered
+        return message.acquired_count > 0 if self.is_quorum else message.redelivered
 
     def delivery_properties(
         self,
@@ -226,6 +237,10 @@ class MemoryQueue:
         # delivery); 3.10's basic.get adds it always, 0 on the first get.
         if self.is_quorum and not peek and (message.delivery_count or basic_get):
             headers = {**(headers or {}), "x-delivery-count": message.delivery_count}
+        # 4.3 adds x-acquired-count, every hand-out before this one
+        # (https://github.com/rabbitmq/rabbitmq-server/releases/tag/v4.3.0)
+        if self.is_quorum and not peek and self.profile.acquired_count_header and message.acquired_count:
+            headers = {**(headers or {}), "x-acquired-count": message.acquired_count}
         return clone_properties(p, headers=headers, expiration=p.expiration, delivery_mode=p.delivery_mode)
 
     def next_consumer(self) -> Consumer | None:

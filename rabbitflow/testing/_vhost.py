@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ..transport.base import Delivery, Properties, clone_properties
-from ._amqp import not_found, resource_locked
-from ._deadletter import is_cycle, record_death
+from ._amqp import not_found, precondition_failed, resource_locked
+from ._deadletter import BROKER_DEATH_HEADERS, is_cycle, record_death
+from ._profile import PROFILES, Profile
 from ._queue import Consumer, MemoryQueue, Message, Unacked
 from ._routing import MemoryExchange
 
@@ -56,10 +57,18 @@ class VHost:
     """The vhost "/" of the in-memory broker."""
 
     def __init__(
-        self, clock: Callable[[], float], epoch: datetime, spawn: Callable[[Consumer, Delivery], None]
+        self,
+        clock: Callable[[], float],
+        epoch: datetime,
+        spawn: Callable[[Consumer, Delivery], None],
+        profile: Profile = PROFILES["3.10"],
+        consumer_timeout: float | None = None,
     ) -> None:
         self.clock = clock
         self.epoch = epoch
+        self.profile = profile
+        self.consumer_timeout = consumer_timeout  # seconds; the broker-wide setting
+        self.held: dict[Unacked, float] = {}  # deliveries under a consumer timeout -> deadline
         self.exchanges = {name: MemoryExchange(name, kind, True, {}) for name, kind in _PREDECLARED}
         self.queues: dict[str, MemoryQueue] = {}
         self.published: list[Published] = []
@@ -112,6 +121,8 @@ class VHost:
             for q in self.queues.values()
             if (head := q.head()) is not None and head.expires_at is not None
         ]
+        if self.held:
+            due.append(min(self.held.values()))
         return min(due, default=None)
 
     def expire_due(self) -> None:
@@ -120,7 +131,43 @@ class VHost:
             head = q.head()
             if head is not None and head.expired(now):
                 self._dirty[q] = None
+        late = [entry for entry, deadline in self.held.items() if deadline <= now + 1e-9]
+        for entry in late:
+            if entry in self.held and entry.consumer is not None:
+                self._time_out(entry.consumer)
         self.pump()
+
+    def timeout_for(self, q: MemoryQueue) -> float | None:
+        """The consumer timeout (seconds) of a new consumer of `q`: the queue's x-consumer-timeout,
+        else the broker's setting; from 4.3 quorum queues only
+        (https://github.com/rabbitmq/rabbitmq-server/blob/main/consumer_timeouts.md)."""
+        if self.profile.timeout_cancels and not q.is_quorum:
+            return None
+        return q.consumer_timeout if q.consumer_timeout is not None else self.consumer_timeout
+
+    def _time_out(self, consumer: Consumer) -> None:
+        """A delivery of `consumer` stayed unacked past its timeout."""
+        channel = consumer.channel
+        if not self.profile.timeout_cancels:
+            # Up to 4.2 the channel is closed (https://www.rabbitmq.com/docs/consumers#acknowledgement-timeout).
+            timeout = consumer.timeout or 0
+            channel._shutdown(
+                precondition_failed(
+                    f"delivery acknowledgement on channel {channel.number} timed out. Timeout value "
+                    f"used: {round(timeout * 1000)} ms. This timeout value can be configured, see "
+                    "consumers doc guide to learn more"
+                )
+            )
+            return
+        # 4.3: the consumer's deliveries go back (uncounted) and it gets basic.cancel; the channel
+        # stays open and ignores late acks of the reclaimed tags
+        # (https://github.com/rabbitmq/rabbitmq-server/discussions/18207).
+        for entry in channel._reclaim(consumer):
+            self.settle(entry)
+            self.give_back(entry, how="timeout")
+        channel._forget_consumer(consumer.tag)
+        if consumer.on_cancel is not None:
+            consumer.on_cancel()
 
     def death_time(self) -> datetime:
         # x-death `time` is an AMQP timestamp in whole seconds; aiormq decodes it to a UTC datetime.
@@ -157,7 +204,10 @@ class VHost:
             self._deliver(q, consumer, head)
 
     def _deliver(self, q: MemoryQueue, consumer: Consumer, message: Message) -> None:
-        tag = consumer.channel._track(Unacked(q, message, consumer))
+        entry = Unacked(q, message, consumer)
+        tag = consumer.channel._track(entry)
+        if consumer.timeout is not None:
+            self.held[entry] = self.clock() + consumer.timeout
         consumer.unacked += 1
         q.unacked_count += 1
         properties = q.delivery_properties(message)
@@ -196,6 +246,7 @@ class VHost:
         if the queue refused it (x-overflow=reject-publish)."""
         now = self.clock()
         message = Message(body, properties, exchange, routing_key, next(self._seq), q.expiry(ttl, now))
+        message.broker_deaths = isinstance(publisher, MemoryQueue)  # dead-lettered, not published
         self.activity += 1
         if q.refuses(publisher):
             if q.overflow == "reject-publish-dlx":
@@ -222,23 +273,31 @@ class VHost:
     def settle(self, entry: Unacked) -> None:
         """The delivery is no longer unacked (acked, rejected or returned)."""
         entry.queue.unacked_count -= 1
+        self.held.pop(entry, None)
         if entry.consumer is not None:
             entry.consumer.unacked -= 1
         self._dirty[entry.queue] = None
         self.activity += 1
 
-    def give_back(self, entry: Unacked, *, rejected: bool = False) -> None:
-        """A settled delivery returns to its queue: `rejected` with requeue, or its channel closed."""
+    def give_back(self, entry: Unacked, *, how: str = "lost") -> None:
+        """A settled delivery returns to its queue: by basic.reject or basic.nack with requeue
+        (`how` "reject", "nack"), its channel or connection closing ("lost"), or a consumer
+        timeout ("timeout")."""
         q, message = entry.queue, entry.message
         if self.queues.get(q.name) is not q:
             return  # the queue was deleted meanwhile
         if q.is_quorum:
-            message.delivery_count += 1
+            message.acquired_count += 1
+            # 4.3 counts only basic.reject and lost connections towards the limit
+            # (https://www.rabbitmq.com/docs/4.3/nack); earlier versions count every return.
+            profile = self.profile
+            if (how != "nack" or profile.nack_counts) and (how != "timeout" or profile.timeout_counts):
+                message.delivery_count += 1
             # rabbit_fifo: a message returned more than x-delivery-limit times is dead-lettered.
             if q.delivery_limit is not None and message.delivery_count > q.delivery_limit:
                 self.dead_letter(q, message, "delivery_limit")
                 return
-        q.requeue(message, rejected=rejected)
+        q.requeue(message, rejected=how in ("reject", "nack"))
         self._drop_over_limit(q)
         q.check_overflow()
         self._dirty[q] = None
@@ -264,8 +323,14 @@ class VHost:
         routing_key = q.dead_letter_routing_key
         if routing_key is None:
             routing_key = message.routing_key
+        history = props.headers
+        if not message.broker_deaths and not self.profile.interprets_client_x_death and history:
+            # 4.0+ never interpret a client-set x-death: the broker starts its own history
+            # (https://github.com/rabbitmq/rabbitmq-server/pull/11339).
+            history = {k: v for k, v in history.items() if k not in BROKER_DEATH_HEADERS}
         headers = record_death(
-            props.headers,
+            history,
+            last_death=self.profile.last_death_headers,
             queue=q.name,
             reason=reason,
             exchange=message.exchange,

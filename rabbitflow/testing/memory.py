@@ -2,7 +2,9 @@
 
 It behaves like RabbitMQ 3.10 where rabbitflow relies on it: exchanges and bindings, TTL with
 head-of-queue expiry, dead-lettering with `x-death`, quorum delivery limits, prefetch,
-ack/reject/requeue, mandatory returns and publisher confirms. Time moves only when a test
+ack/reject/requeue, mandatory returns and publisher confirms. `MemoryBroker(version="4.3")`
+(or "3.13", "4.0") plays the documented differences of a later RabbitMQ instead: see
+`_profile.py` and docs/compatibility.md. Time moves only when a test
 calls `advance()` or `drain()`, so a 60 s retry delay costs nothing:
 
     broker = MemoryBroker()
@@ -25,21 +27,25 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from ..transport.base import ConnectionLost, Delivery, OnDelivery, Properties
-from ._channel import MemoryChannel, MemoryTransport
+from ._channel import MemoryChannel
+from ._profile import VERSIONS, Profile, profile
 from ._queue import Consumer, MemoryQueue
 from ._routing import MemoryExchange
+from ._transport import MemoryTransport
 from ._vhost import Dropped, Published, VHost
 
 if TYPE_CHECKING:
     from ..urls import Endpoint
 
 __all__ = [
+    "VERSIONS",
     "Dropped",
     "MemoryBroker",
     "MemoryChannel",
     "MemoryExchange",
     "MemoryQueue",
     "MemoryTransport",
+    "Profile",
     "Published",
     "use_broker",
 ]
@@ -60,9 +66,24 @@ class MemoryBroker:
     """One vhost ("/") with its exchanges, queues and bindings, and a clock `now` in seconds."""
 
     def __init__(
-        self, *, epoch: datetime | None = None, realtime: bool = False, ack_grace: float = 0.05
+        self,
+        *,
+        version: str = "3.10",
+        epoch: datetime | None = None,
+        realtime: bool = False,
+        ack_grace: float = 0.05,
+        consumer_timeout: float | None = None,
     ) -> None:
         """Create an empty broker (with the default and `amq.*` exchanges).
+
+        version: the RabbitMQ whose behaviour to play: "3.10" (checked against a real 3.10 by the
+            contract suite), "3.13", "4.0" (also 4.1 and 4.2) or "4.3"; anything else is a
+            ValueError. `server_version` of its connections says "3.10.8", "3.13.7", "4.0.0", "4.3.0".
+        consumer_timeout: seconds a consumer may hold a delivery unacked, as `consumer_timeout` in
+            rabbitmq.conf (None: never; a real broker's default is 30 minutes, which `drain()` would
+            otherwise jump to). A quorum queue's `x-consumer-timeout` argument (ms, 3.13+) wins.
+            Up to 4.2 a timeout closes the channel (406); 4.3 sends the consumer basic.cancel
+            (its `on_cancel`) and only quorum queues time out.
 
         epoch: the wall-clock time at `now == 0`, used for x-death `time` (default: now).
         realtime: let `now` also follow the event loop's clock from the first `connect()`, with
@@ -80,7 +101,8 @@ class MemoryBroker:
         self._origin = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due: float | None = None
-        self._vhost = VHost(self._clock, self.epoch, self._spawn)
+        self.profile: Profile = profile(version)
+        self._vhost = VHost(self._clock, self.epoch, self._spawn, self.profile, consumer_timeout)
         self._vhost.after_pump = self._after_pump
         self._wake: asyncio.Event | None = None
         self._transports: list[MemoryTransport] = []
@@ -89,8 +111,14 @@ class MemoryBroker:
 
     def __repr__(self) -> str:
         return (
-            f"<MemoryBroker now={self.now:g} queues={len(self.queues)} connections={len(self._transports)}>"
+            f"<MemoryBroker {self.version} now={self.now:g} queues={len(self.queues)} "
+            f"connections={len(self._transports)}>"
         )
+
+    @property
+    def version(self) -> str:
+        """The emulated RabbitMQ version ("3.10", "3.13", "4.0", "4.3")."""
+        return self.profile.version
 
     # -- inspection ----------------------------------------------------------------------------
 
