@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from . import names
+from .compat import concerns
 from .connection import ConnectionManager
 from .errors import ChannelClosed, ConfigError
 from .parking import ParkedMessage, peek, replay
@@ -18,9 +20,17 @@ from .topology.applier import Difference, apply_plan, check_plan
 from .topology.compiler import Plan
 from .transport.base import Transport
 
-__all__ = ["Admin"]
+__all__ = ["Admin", "Inspection"]
 
 log = logging.getLogger("rabbitflow.admin")
+
+
+@dataclass(frozen=True, slots=True)
+class Inspection:
+    node: str
+    server_version: str
+    differences: list[Difference]
+    concerns: list[str]
 
 
 class Admin:
@@ -60,8 +70,18 @@ class Admin:
 
     async def check(self) -> tuple[str, list[Difference]]:
         """Compare the plan with a live node, changing nothing; returns the node and the differences."""
+        report = await self.inspect()
+        return report.node, report.differences
+
+    async def inspect(self) -> Inspection:
+        """`check`, plus the node's RabbitMQ version and what the plan relies on that this
+        version does not do or does differently (`compat.concerns`)."""
         async with self.connection() as transport:
-            return transport.node, await check_plan(self.plan, transport)
+            differences = await check_plan(self.plan, transport)
+            version = transport.server_version
+        return Inspection(
+            transport.node, version, differences, concerns(self.plan, version) if version else []
+        )
 
     async def parked(self, queue: str, *, limit: int = 100) -> list[ParkedMessage]:
         """Up to `limit` messages parked for the consumer of `queue`, head first; they stay parked."""

@@ -116,7 +116,11 @@ async def _against_broker(app: App, *, check: bool) -> int:
             f"and {len(plan.bindings)} binding(s) on {node}"
         )
         return 0
-    node, differences = await app.check()
+    report = await app.admin().inspect()
+    node, differences = report.node, report.differences
+    print(f"{node} runs RabbitMQ {report.server_version or '(version not announced)'}")
+    for concern in report.concerns:
+        print(f"note: {concern}")
     for difference in differences:
         print(difference)
     if differences:

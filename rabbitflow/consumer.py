@@ -10,7 +10,6 @@ handler asks for one).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -23,7 +22,6 @@ from .errors import (
     ChannelClosed,
     ConnectionLost,
     TopologyConflict,
-    TransportError,
     UnencodableMessage,
     Unroutable,
 )
@@ -33,6 +31,7 @@ from .publisher import Publisher
 from .retry import Decision, Outcome, decide
 from .settlement import Settlement
 from .spec import ConsumerSpec
+from .subscription import Redeclare, Subscription
 from .transport.base import Channel, Delivery, persistent_copy
 
 __all__ = ["Consumer"]
@@ -40,7 +39,6 @@ __all__ = ["Consumer"]
 log = logging.getLogger("rabbitflow.consumer")
 
 EnsureRetryQueue = Callable[[ConsumerSpec, float], Awaitable[None]]
-Redeclare = Callable[[ConsumerSpec], Awaitable[None]]
 
 # Park a message ourselves, with full headers, before the quorum queue's own backstop would.
 PARK_AFTER_DELIVERIES = names.DELIVERY_LIMIT // 2
@@ -75,24 +73,27 @@ class Consumer:
         self._channel = channel
         self._copies = copies
         self._ensure_retry_queue = ensure_retry_queue
-        self._redeclare = redeclare
-        self._on_lost = on_lost
         self._prefetch = prefetch
         self._timeout = handler_timeout
         self._middleware = middleware
         # Prefetch already bounds how many deliveries run at once; a semaphore only when tighter.
         self._limit = asyncio.Semaphore(concurrency) if concurrency < prefetch else None
         self.settlement = Settlement(channel, prefetch=prefetch)
-        self._tag: str | None = None
-        self.cancelled_since: float | None = None  # loop time the broker cancelled us
-        self.resubscribed = 0
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pending: set[asyncio.Future[Any]] = set()  # copies awaiting the broker
-        self._changing: asyncio.Task[None] | None = None  # the last subscription change
         self.circuit = Circuit(breaker) if breaker is not None else None
+        self.subscription = Subscription(
+            channel,
+            spec,
+            on_delivery=self._on_delivery,
+            prefetch=prefetch,
+            redeclare=redeclare,
+            on_lost=on_lost,
+            circuit=self.circuit,
+        )
         self._switch = (
-            Switch(self.circuit, spec.queue, pause=self._pause, consume=self._consume)
+            Switch(self.circuit, spec.queue, pause=self.subscription.pause, consume=self.subscription.consume)
             if self.circuit is not None
             else None
         )
@@ -101,7 +102,7 @@ class Consumer:
 
     @property
     def subscribed(self) -> bool:
-        return self._tag is not None and self._channel.is_open and not self._stopping
+        return self.subscription.subscribed and not self._stopping
 
     @property
     def running(self) -> int:
@@ -119,32 +120,18 @@ class Consumer:
             and not self._stopping
         )
 
-    async def start(self, *, prefetch: int | None = None) -> None:
-        if self._tag is not None:
-            tag, self._tag = self._tag, None
-            await self._channel.cancel(tag)  # one subscription at a time
-        self._tag = await self._channel.consume(
-            self.spec.queue,
-            self._on_delivery,
-            prefetch=self._prefetch if prefetch is None else prefetch,
-            on_cancel=self._on_cancel,
-        )
-        self._channel.on_close(self._channel_closed)
+    async def start(self) -> None:
+        await self.subscription.start()
 
     async def stop(self, timeout: float) -> None:
         """Take no new deliveries, let running handlers finish within `timeout`, then close."""
         self._stopping = True
+        self.subscription.stopping = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         if self._switch is not None:
             self._switch.quiet()
-        if self._changing is not None:
-            # Never cancelled: a cancelled basic.consume or basic.cancel makes aiormq close the
-            # channel, and that would cancel every handler still running. Its steps see `_stopping`.
-            await asyncio.wait({self._changing}, timeout=timeout)
-        if self._tag is not None and self._channel.is_open:
-            with contextlib.suppress(TransportError):
-                await self._channel.cancel(self._tag)
+        await self.subscription.end(timeout)
         try:
             await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
         except TimeoutError:
@@ -168,10 +155,10 @@ class Consumer:
     async def abandon(self) -> None:
         """The session is gone: cancel running handlers; their messages come back anyway."""
         self._stopping = True
+        self.subscription.stopping = True
         if self._switch is not None:
             self._switch.quiet()
-        if self._changing is not None:
-            self._changing.cancel()  # its channel is gone or going with the session
+        self.subscription.abort()
         await self._cancel_handlers()
         for future in list(self._pending):
             future.cancel()
@@ -193,79 +180,6 @@ class Consumer:
                     self.spec.queue,
                     len(stuck),
                 )
-
-    def _channel_closed(self, reason: BaseException | None) -> None:
-        """The consumer's channel went while the session goes on (a consumer timeout on 3.13+, a
-        channel error): nothing would consume the queue again, so the session ends and the runtime
-        opens a new one."""
-        if not self._stopping:
-            log.error("queue %s: the broker closed the consumer's channel (%s)", self.spec.queue, reason)
-            self._on_lost(reason)
-
-    # -- the subscription: one change at a time -------------------------------------------------
-
-    def _then(self, step: Callable[[], Awaitable[None]]) -> None:
-        """Run `step` after the subscription changes queued before it. Resubscribing after a
-        broker cancel and the breaker's pause, probe and resume all go through here, so two never
-        overlap on the channel."""
-        previous = self._changing
-
-        async def in_order() -> None:
-            if previous is not None:
-                await asyncio.gather(previous, return_exceptions=True)
-            if not self._stopping and self._channel.is_open:
-                await step()
-
-        self._changing = asyncio.get_running_loop().create_task(in_order())
-
-    def _pause(self) -> None:
-        self._then(self._unsubscribe)
-
-    def _consume(self, prefetch: int | None) -> None:
-        self._then(lambda: self._subscribe(prefetch))
-
-    async def _unsubscribe(self) -> None:
-        tag, self._tag = self._tag, None
-        if tag is not None:
-            with contextlib.suppress(TransportError):
-                await self._channel.cancel(tag)
-
-    async def _subscribe(self, prefetch: int | None) -> None:
-        """Subscribe with this prefetch (None: the consumer's own), declaring the consumer's
-        topology again first if the broker cancelled it; keeps trying with a backoff."""
-        failures = 0
-        while not self._stopping and self._channel.is_open:
-            try:
-                if self.cancelled_since is not None:
-                    await self._redeclare(self.spec)
-                await self.start(prefetch=prefetch)
-            except (TransportError, TopologyConflict) as exc:
-                failures += 1
-                log.error("queue %s: cannot subscribe: %s", self.spec.queue, exc)
-                await asyncio.sleep(min(10.0, 0.2 * 2**failures))
-                continue
-            if self.cancelled_since is not None:
-                self.resubscribed += 1
-                self.cancelled_since = None
-                log.info("queue %s: consuming again", self.spec.queue)
-            return
-
-    def _on_cancel(self) -> None:
-        """basic.cancel from the broker: the queue was deleted, or (4.3) a consumer timeout or a
-        leader move. Deliveries already made stay ours to settle; consuming starts again once the
-        consumer's topology is declared again — unless the breaker holds it paused, in which
-        case its probe declares it."""
-        self._tag = None
-        if self._stopping:
-            return
-        self.cancelled_since = asyncio.get_running_loop().time()
-        circuit = self.circuit
-        if circuit is not None and circuit.state is BreakerState.OPEN:
-            log.warning("queue %s: the broker cancelled the paused consumer", self.spec.queue)
-            return
-        log.warning("queue %s: the broker cancelled the consumer; declaring it again", self.spec.queue)
-        probing = circuit is not None and circuit.state is BreakerState.HALF_OPEN
-        self._consume(1 if probing else None)
 
     # -- the hot path --------------------------------------------------------------------------
 

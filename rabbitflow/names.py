@@ -16,6 +16,7 @@ __all__ = [
     "MAX_TTL_MS",
     "NAME_CHARACTERS",
     "PARKED_ATTEMPTS",
+    "PARKED_DELIVERY_LIMIT",
     "PARK_HEADERS",
     "RABBITFLOW_HEADERS",
     "RETRY_ATTEMPT",
@@ -34,6 +35,8 @@ RETRY_ATTEMPT = "x-rf-attempt"
 # Quorum backstop: a message delivered this many times without being settled (a handler that
 # kills its worker, say) is dead-lettered by the broker to the parking queue.
 DELIVERY_LIMIT = 20
+# A parking queue's: far beyond any number of operator looks (see topology/compiler.py).
+PARKED_DELIVERY_LIMIT = 1_000_000
 
 REASON = "x-rf-reason"
 PARKED_ATTEMPTS = "x-rf-attempts"  # on a parked message: how many attempts it had
@@ -70,6 +73,7 @@ BROKER_HEADERS = (
     "x-last-death-queue",
     "x-last-death-reason",
     "x-delivery-count",
+    "x-acquired-count",  # 4.3: every hand-out of a quorum queue's message
 )
 # rabbitflow's own headers, dropped when a parked message is replayed as new.
 RABBITFLOW_HEADERS = (RETRY_ATTEMPT, *PARK_HEADERS)

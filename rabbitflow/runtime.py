@@ -259,8 +259,8 @@ class Runtime:
         return {
             "queue": consumer.spec.queue,
             "subscribed": consumer.subscribed,
-            "cancelled_since": _wall(consumer.cancelled_since, loop_now),
-            "resubscribed": consumer.resubscribed,
+            "cancelled_since": _wall(consumer.subscription.cancelled_since, loop_now),
+            "resubscribed": consumer.subscription.resubscribed,
             "in_flight": settlement.held,
             "running": consumer.running,
             "oldest_unsettled_age": None if oldest is None else round(loop_now - oldest, 3),

@@ -1572,16 +1572,6 @@ async def test_app_resubscribes_after_the_broker_cancels_its_consumer(env: Env) 
 async def test_app_peek_leaves_parked_messages_parked(env: Env, request: pytest.FixtureRequest) -> None:
     """Peeking reads the parking queue by basic.get and returns every message by closing its
     channel: each peek is a return, which a quorum queue counts as a delivery."""
-    if env.at_least("4.0"):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="4.0+: the quorum parking queue gets the default x-delivery-limit of 20 and has "
-                "no dead-letter exchange, so the 21st peek drops the parked message; "
-                "topology/compiler.py must give parking queues an explicit x-delivery-limit "
-                "(a large one on every version, or -1 on 4.x only)",
-            )
-        )
     app = env.app()
     queue = env.name("peek")
 
@@ -1603,14 +1593,6 @@ async def test_app_peek_leaves_parked_messages_parked(env: Env, request: pytest.
 async def test_app_replay_starts_parked_messages_again_without_broker_counters(
     env: Env, request: pytest.FixtureRequest
 ) -> None:
-    if env.at_least("4.3"):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="4.3 adds x-acquired-count to a message returned to a quorum queue (a peek); "
-                "names.BROKER_HEADERS must list it, or a replayed or retried copy carries it stale",
-            )
-        )
     app = env.app()
     queue = env.name("replay")
     broken = True

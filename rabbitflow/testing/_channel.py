@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from ..errors import PublishNacked, Unroutable
@@ -62,6 +62,7 @@ class MemoryChannel(Channel):
         self._tasks: set[asyncio.Task[None]] = set()  # delivery callbacks running for this channel
         self._reclaimed: set[int] = set()  # tags a consumer timeout took back (4.3)
         self.global_prefetch = 0  # basic.qos(global=True): unacked deliveries per channel, 0 = no limit
+        self._on_close: list[Callable[[BaseException | None], None]] = []
 
     def __repr__(self) -> str:
         state = "open" if self._closed is None else f"closed ({self._closed})"
@@ -353,6 +354,12 @@ class MemoryChannel(Channel):
         self._shutdown(ChannelClosed(200, "channel closed by the client"))
         await asyncio.sleep(0)
 
+    def on_close(self, callback: Callable[[BaseException | None], None]) -> None:
+        if self._closed is not None:
+            asyncio.get_running_loop().call_soon(callback, self._closed)
+        elif callback not in self._on_close:
+            self._on_close.append(callback)
+
     # -- bookkeeping ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -419,4 +426,8 @@ class MemoryChannel(Channel):
         for task in list(self._tasks):
             if task is not current:
                 task.cancel()
+        loop = asyncio.get_running_loop()
+        for callback in self._on_close:
+            loop.call_soon(callback, reason)
+        self._on_close.clear()
         vhost.pump()

@@ -164,7 +164,14 @@ def compile_plan(service: str, consumers: Iterable[ConsumerSpec]) -> Plan:
             retry = _retry_queue(spec, delay)
             queues.append(retry)
             bindings.append(Binding(dlx, retry.name, retry.name))
-        parked_args = {"x-queue-type": "quorum"} if spec.queue_type == "quorum" else {}
+        # From 4.0 a quorum queue without a limit gets 20 and drops at it when it has no
+        # dead-letter exchange (the parking queue has none): each look at a parked message is a
+        # return that counts. A limit nobody reaches, on every version (-1 is 4.0+ only).
+        parked_args = (
+            {"x-queue-type": "quorum", "x-delivery-limit": names.PARKED_DELIVERY_LIMIT}
+            if spec.queue_type == "quorum"
+            else {}
+        )
         queues.append(QueuePlan(parked, "parked", True, _args(parked_args)))
         bindings.append(Binding(dlx, parked, parked))
         if spec.exchange is not None:
