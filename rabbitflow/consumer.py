@@ -42,7 +42,7 @@ EnsureRetryQueue = Callable[[ConsumerSpec, float], Awaitable[None]]
 
 # Park a message ourselves, with full headers, before the quorum queue's own backstop would.
 PARK_AFTER_DELIVERIES = names.DELIVERY_LIMIT // 2
-_CANCEL_GRACE = 5.0  # seconds cancelled handlers get to end before a stop or failover goes on
+_CANCEL_GRACE = 1.0  # seconds cancelled handlers get to end before a stop or failover goes on
 
 
 class Consumer:

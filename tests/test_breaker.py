@@ -188,3 +188,84 @@ async def _outage(app: App, admin: Admin | None, with_breaker: bool) -> None:
     if admin is not None:
         assert await admin.count(f"{queue}.parked") == len(parked)
         admin.forget_app(app)
+
+
+async def test_a_stop_while_the_breaker_trips_lets_running_handlers_finish(
+    make_app: Callable[..., App], admin: Admin
+) -> None:
+    """SIGTERM during an outage: the breaker's pause is under way when the stop begins; the
+    handlers still running finish and are acked (a pause cancelled mid-RPC would close the
+    channel and send their messages round again)."""
+    stopping: list[asyncio.Future[None]] = []
+    app = make_app(graceful_timeout=5)
+
+    class StopOnTrip:
+        def attempt_failed(self, queue: str, attempt: int, exception: BaseException) -> None:
+            consumers = app.health()["consumers"]
+            if consumers and consumers[0]["breaker"]["state"] == "open" and not stopping:
+                stopping.append(asyncio.ensure_future(app.stop()))
+
+    app.middleware = (StopOnTrip(),)  # type: ignore[assignment]
+    queue = unique("stoptrip")
+    done: list[int] = []
+
+    @app.consumer(
+        queue,
+        retries=3,
+        delay=5,
+        queue_type="classic",
+        prefetch=8,
+        breaker=Breaker(threshold=0.5, window=30, min_attempts=4, cooldown=10),
+    )
+    async def handle(body: dict[str, int]) -> None:
+        if body["n"] < 4:
+            await asyncio.sleep(0.5)
+            done.append(body["n"])
+            return
+        raise OSError("downstream down")
+
+    await app.start()
+    for n in range(8):
+        await app.publish({"n": n}, routing_key=queue)
+    await wait_for(lambda: bool(stopping))
+    await stopping[0]
+    assert sorted(done) == [0, 1, 2, 3]
+    assert await admin.count(queue) == 0  # nothing came back for another round
+
+
+async def test_a_broker_cancel_while_the_breaker_is_open_does_not_resume_consuming() -> None:
+    """The queue deleted while the breaker holds the consumer paused: it is declared again by the
+    probe, after the cooldown, not at once at full prefetch."""
+    broker = MemoryBroker(realtime=True)
+    app = App(unique("svc"), url="memory://", broker=broker)
+    queue = unique("resub")
+    calls: list[int] = []
+
+    @app.consumer(
+        queue,
+        retries=5,
+        delay=0.2,
+        queue_type="classic",
+        prefetch=4,
+        breaker=Breaker(threshold=0.5, window=30, min_attempts=4, cooldown=1.5),
+    )
+    async def handle(body: dict[str, int]) -> None:
+        calls.append(body["n"])
+        raise OSError("downstream down")
+
+    async with app:
+        for n in range(4):
+            await app.publish({"n": n}, routing_key=queue)
+        await wait_for(lambda: app.health()["consumers"][0]["breaker"]["state"] == "open")
+        seen = len(calls)
+        async with app.admin().connection() as transport:
+            channel = await transport.channel()
+            await channel.delete_queue(queue)
+        await asyncio.sleep(0.3)
+        await app.declare()
+        for n in range(10, 20):
+            await app.publish({"n": n}, routing_key=queue)
+        await asyncio.sleep(0.5)
+        assert [n for n in calls[seen:] if n >= 10] == []  # still paused
+        assert app.health()["consumers"][0]["subscribed"] is False
+        await wait_for(lambda: any(n >= 10 for n in calls), timeout=5)  # the probe, after the cooldown

@@ -152,3 +152,57 @@ async def test_acks_behind_a_held_delivery_go_out_on_the_memory_broker() -> None
         release.set()
         await wait_for(lambda: broker.queues["held.q"].unacked_count == 0)
     assert sorted(done) == list(range(40))
+
+
+async def test_acks_of_two_flushes_never_overtake_each_other_on_the_memory_broker() -> None:
+    """Flush one acks 1-2 (multiple) and 5, 6 one by one; flush two, on the next loop turn, acks
+    3, 4 and 7 (a multiple ack up to 7): sent in order, no tag is unknown when its ack arrives."""
+    from pamqp.commands import Basic
+
+    from rabbitflow.settlement import Settlement
+    from rabbitflow.testing import MemoryBroker
+
+    broker = MemoryBroker(realtime=True)
+    channel = await (await broker.connect()).channel()
+    await channel.declare_queue("q")
+    for _ in range(7):
+        await channel.publish(b"x", exchange="", routing_key="q", properties=Basic.Properties())
+    settlement = Settlement(channel, prefetch=100)
+    tags: list[int] = []
+
+    async def on_delivery(delivery: Any) -> None:
+        settlement.received(delivery.delivery_tag)
+        tags.append(delivery.delivery_tag)
+
+    await channel.consume("q", on_delivery, prefetch=100)
+    await wait_for(lambda: len(tags) == 7)
+    for tag in (1, 2, 5, 6):
+        settlement.ack(tag)
+    asyncio.get_running_loop().call_later(0, lambda: [settlement.ack(t) for t in (3, 4, 7)])
+    await wait_for(lambda: settlement.held == 0)
+    await settlement.flush()
+    assert channel.is_open
+    assert broker.queues["q"].unacked_count == 0
+
+
+async def test_a_stop_does_not_wait_forever_for_a_handler_that_ignores_its_cancellation() -> None:
+    from rabbitflow.testing import MemoryBroker
+
+    app = App("stubborn", url="memory://", broker=MemoryBroker(realtime=True), graceful_timeout=0.5)
+    started = asyncio.Event()
+
+    @app.consumer("stubborn.q", queue_type="classic")
+    async def handle(body: Any) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await asyncio.sleep(3600)  # "cleanup" that ignores the shutdown
+
+    await app.start()
+    await app.publish({"n": 1}, routing_key="stubborn.q")
+    await started.wait()
+    begun = time.monotonic()
+    await asyncio.wait_for(app.stop(), 10)
+    assert time.monotonic() - begun < 3  # graceful 0.5 s + a second for the cancelled
+    assert app.state == "closed"
