@@ -259,7 +259,8 @@ async def test_acks_flow_during_a_memory_alarm(running_cluster: None) -> None:
                 await cluster("ctl", "1", "set_vm_memory_high_watermark", "0.4")
     finally:
         await _delete(app)
-    assert sorted(got) == list(range(100))
+    # n=-1's outcome was unknown when it timed out: the broker may take it once the alarm clears.
+    assert sorted(n for n in got if n >= 0) == list(range(100))
 
 
 async def test_a_nacked_copy_is_sent_again_not_requeued(running_cluster: None) -> None:
