@@ -198,3 +198,28 @@ async def test_shuffle_and_custom_strategies_reach_a_live_node(
             assert app.health()["connected"] is True
             assert app.health()["node"] == BROKER_NODE
     assert asked == [2]  # the custom strategy was given both nodes, and used
+
+
+async def test_a_session_that_dies_right_after_it_opened_backs_off() -> None:
+    """A node (or a message) that drops every connection at once must not be reconnected to in
+    a hot loop: a session shorter than 2 s counts as a failed connect, and the next one waits
+    with the manager's backoff."""
+    from rabbitflow.testing import MemoryBroker
+
+    broker = MemoryBroker(realtime=True)
+    app = App(unique("flap"), url="memory://", broker=broker)
+
+    @app.consumer(unique("flap"))
+    async def handle(body: Any) -> None: ...
+
+    async with app:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 2.0
+        seen = -1
+        while loop.time() < end:
+            if app.reconnects != seen and app.health()["connected"]:
+                seen = app.reconnects
+                broker.disconnect_all()  # every session dies as soon as it is up
+            await asyncio.sleep(0.005)
+    # 0.1-0.2 s, then 0.2-0.4 s, 0.4-0.8 s...: a handful in 2 s, not hundreds.
+    assert 2 <= app.reconnects <= 6
