@@ -124,3 +124,14 @@ def test_bodies_split_into_frames_as_pamqp_would(size: int) -> None:
     expected = [marshal(ContentBody(body[i : i + limit]), 3) for i in range(0, len(body), limit)]
     assert body_frames(3, body, limit) == expected
     assert b"".join(f[7:-1] for f in body_frames(3, body, limit)) == body
+
+
+def test_ack_frames_are_pamqps_byte_for_byte() -> None:
+    from pamqp.commands import Basic as Methods
+
+    from rabbitflow.transport.wire import ack_frame
+
+    for channel, tag, multiple in [(1, 1, False), (7, 2**40 + 3, True), (65535, 2**62, False)]:
+        assert ack_frame(channel, tag, multiple) == marshal(
+            Methods.Ack(delivery_tag=tag, multiple=multiple), channel
+        )

@@ -30,6 +30,7 @@ from .base import (
     Transport,
 )
 from .pipeline import Pipeline, supported
+from .wire import ack_frame
 
 __all__ = ["AmqpBroker", "AmqpChannel", "AmqpTransport", "connect"]
 
@@ -266,9 +267,16 @@ class AmqpChannel(Channel):
         except (amqp_errors.AMQPError, amqp_errors.ChannelInvalidStateError, ConnectionError) as exc:
             raise _translate(exc) from exc
 
+    def _frames(self, payload: bytes) -> None:
+        assert self._pipeline is not None
+        try:
+            self._pipeline.frames(payload)
+        except (amqp_errors.AMQPError, amqp_errors.ChannelInvalidStateError, ConnectionError) as exc:
+            raise _translate(exc) from exc
+
     async def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
         if self._pipeline is not None:
-            self._methods((Basic.Ack(delivery_tag=delivery_tag, multiple=multiple),))
+            self._frames(ack_frame(self._channel.number, delivery_tag, multiple))
             return
         async with _translated:
             await self._channel.basic_ack(delivery_tag, multiple=multiple, wait=False)
@@ -277,7 +285,8 @@ class AmqpChannel(Channel):
         if self._pipeline is None:
             await super().ack_each(delivery_tags)
             return
-        self._methods([Basic.Ack(delivery_tag=tag) for tag in delivery_tags])
+        number = self._channel.number
+        self._frames(b"".join([ack_frame(number, tag) for tag in delivery_tags]))
 
     async def reject(self, delivery_tag: int, *, requeue: bool) -> None:
         # basic.reject, not nack: from 4.3 only reject counts towards a quorum delivery limit.

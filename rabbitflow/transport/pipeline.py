@@ -122,6 +122,16 @@ class Pipeline:
         number = channel.number
         chunks.extend(marshal(frame, number) for frame in frames)
 
+    def frames(self, payload: bytes) -> None:
+        """Queue already marshalled frames (acks) for this turn's write, in order as `methods`."""
+        channel = self._channel
+        if _closing(channel):
+            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+        chunks = self._chunks
+        if not chunks:
+            self._loop.call_soon(self._flush)
+        chunks.append(payload)
+
     def _fail_pending(self, closing: asyncio.Future[object]) -> None:
         """The channel is gone: every unconfirmed publish has an unknown outcome, and says so."""
         reason = None if closing.cancelled() else closing.exception()
