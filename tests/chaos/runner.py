@@ -475,16 +475,21 @@ class Runner:
         paused = time.monotonic()
         try:
             retry = {q for q in self.queues if ".retry." in q} | {self.queue}
-            async with asyncio.timeout(90):
-                while True:
-                    busy = [(await self.workers[w].health())["consumers"] for w in ("a", "b")]
-                    in_flight = sum(c["in_flight"] for cs in busy for c in cs)
-                    counts = await queue_counts(self.live_node(), retry)
-                    if in_flight == 0 and not any(counts.values()):
-                        async with Raw(self.live_node()) as raw:
-                            gone = await raw.delete_queue(self.queue)
-                        break
-                    await asyncio.sleep(0.3)
+            waiting_on: object = None
+            try:
+                async with asyncio.timeout(90):
+                    while True:
+                        busy = {w: (await self.workers[w].health())["consumers"] for w in ("a", "b")}
+                        in_flight = sum(c["in_flight"] for cs in busy.values() for c in cs)
+                        counts = await queue_counts(self.live_node(), retry)
+                        waiting_on = {"consumers": busy, "queues": counts}
+                        if in_flight == 0 and not any(counts.values()):
+                            async with Raw(self.live_node()) as raw:
+                                gone = await raw.delete_queue(self.queue)
+                            break
+                        await asyncio.sleep(0.3)
+            except TimeoutError:
+                raise TimeoutError(f"the queues never drained; last seen: {waiting_on}") from None
             deleted = time.monotonic()
             fault.detail = f"drained in {deleted - paused:.1f}s, deleted with {gone} message(s)"
             self.deleted_with += gone
