@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import itertools
 import logging
 import signal
@@ -21,7 +22,7 @@ from .breaker import Breaker
 from .codec import outgoing
 from .connection import ConnectionManager, Failover
 from .errors import ConfigError, StateError
-from .middleware import Middleware
+from .middleware import Middleware, Outgoing
 from .parking import ParkedMessage
 from .publisher import publish
 from .registry import Registry
@@ -129,6 +130,12 @@ class App(Registry):
         )
         super().__init__(self.settings.name)
         self.middleware = tuple(middleware)
+        for item in self.middleware:
+            if not isinstance(item, Middleware):
+                raise ConfigError(
+                    f"App({name!r}): middleware {item!r} is not a rabbitflow.Middleware; subclass it "
+                    "and override the hooks you need"
+                )
         self._broker = broker
         self._state = State.UNOPENED
         self._runtime: Runtime | None = None
@@ -305,14 +312,27 @@ class App(Registry):
             reply_to=reply_to,
             persistent=persistent,
         )
-        await publish(
-            self._publisher,
+        limit = self.settings.publish_timeout if timeout is None else timeout
+        if not self.middleware:
+            await publish(self._publisher, data, exchange, routing_key, properties, timeout=limit)
+            return
+        message = Outgoing(
             data,
             exchange,
             routing_key,
-            properties,
-            timeout=self.settings.publish_timeout if timeout is None else timeout,
+            dict(properties.headers or {}),
+            properties.message_id,
+            properties.content_type,
         )
+
+        async def send(index: int = 0) -> None:
+            if index < len(self.middleware):
+                await self.middleware[index].publish(message, functools.partial(send, index + 1))
+                return
+            properties.headers = message.headers or None
+            await publish(self._publisher, data, exchange, routing_key, properties, timeout=limit)
+
+        await send()
 
     async def _publisher(self, deadline: float) -> Any:
         runtime = self._runtime

@@ -26,9 +26,10 @@ from .errors import (
     Unroutable,
 )
 from .message import Message
-from .middleware import Middleware
+from .middleware import Fate, Middleware, Outcome
 from .publisher import Publisher
-from .retry import Decision, Outcome, decide
+from .retry import Decision, decide
+from .retry import Outcome as Decided
 from .settlement import Settlement
 from .spec import ConsumerSpec
 from .subscription import Redeclare, Subscription
@@ -235,21 +236,38 @@ class Consumer:
         properties = delivery.properties
         headers = properties.headers or {}
         attempt = copies.attempt(delivery, headers, spec.queue, spec.policy.retries) if headers else 1
+        message = None
+        if self._middleware:
+            message = self._message(delivery, headers, attempt)
+            self._received(message)
         try:
             body = spec.signature.read(delivery.body, properties.content_type)
         except DecodeError as exc:
-            self._park(delivery, "decode-error", attempt, exc)
+            log.warning(
+                "queue %s: message %s attempt %d cannot be decoded: %s; parking it (decode-error)",
+                spec.queue,
+                properties.message_id or "-",
+                attempt,
+                copies.describe(exc)[:200],
+            )
+            self._park(delivery, "decode-error", attempt, exc, message)
             return
         if delivery.redelivered and copies.delivery_count(headers) >= PARK_AFTER_DELIVERIES:
-            self._park(delivery, "delivery-limit", attempt, None)
+            log.warning(
+                "queue %s: message %s delivered %d times without being settled; parking it (delivery-limit)",
+                spec.queue,
+                properties.message_id or "-",
+                copies.delivery_count(headers),
+            )
+            self._park(delivery, "delivery-limit", attempt, None, message)
             return
         scope = None
         try:
             if self._timeout is None:
-                await self._call(delivery, body, headers, attempt)
+                await self._call(delivery, body, headers, attempt, message)
             else:
                 async with (scope := asyncio.timeout(self._timeout)):
-                    await self._call(delivery, body, headers, attempt)
+                    await self._call(delivery, body, headers, attempt, message)
         except BaseException as exc:
             # Any exception of the handler's, BaseExceptions included, is a failed attempt; only
             # a cancellation of our own (a shutdown, a lost session) is not.
@@ -260,23 +278,71 @@ class Consumer:
                 exc = TimeoutError(f"handler still running after its handler_timeout of {self._timeout}s")
             if self._switch is not None:
                 self._switch.attempted(exc)
-            await self._fail(delivery, attempt, exc)
+            await self._fail(delivery, attempt, exc, message)
             return
         self.settlement.ack(delivery.delivery_tag)
         if self._switch is not None:
             self._switch.attempted(None)
+        if message is not None:
+            self._settled(message, Fate.HANDLED)
 
-    async def _call(self, delivery: Delivery, body: Any, headers: Mapping[str, Any], attempt: int) -> None:
+    async def _call(
+        self,
+        delivery: Delivery,
+        body: Any,
+        headers: Mapping[str, Any],
+        attempt: int,
+        message: Message | None,
+    ) -> Any:
+        spec = self.spec
+        signature = spec.signature
+        if message is not None:
+            return await self._around(0, message, body)
+        if signature.message_param is None:
+            return await spec.handler(body)
+        message = self._message(delivery, headers, attempt)
+        if signature.message_positional:
+            return await spec.handler(body, message)
+        return await spec.handler(body, **{signature.message_param: message})
+
+    async def _around(self, index: int, message: Message, body: Any) -> Any:
+        """The middlewares' `attempt` hooks from `index` on, the handler innermost."""
+        if index < len(self._middleware):
+            return await self._middleware[index].attempt(
+                message, functools.partial(self._around, index + 1, message, body)
+            )
         spec = self.spec
         signature = spec.signature
         if signature.message_param is None:
-            await spec.handler(body)
-            return
-        message = self._message(delivery, headers, attempt)
+            return await spec.handler(body)
         if signature.message_positional:
-            await spec.handler(body, message)
-        else:
-            await spec.handler(body, **{signature.message_param: message})
+            return await spec.handler(body, message)
+        return await spec.handler(body, **{signature.message_param: message})
+
+    # -- what the middlewares see --------------------------------------------------------------
+
+    def _received(self, message: Message) -> None:
+        for middleware in self._middleware:
+            try:
+                middleware.received(message)
+            except Exception:
+                log.exception("queue %s: middleware %r failed in received()", self.spec.queue, middleware)
+
+    def _settled(
+        self,
+        message: Message,
+        fate: Fate,
+        exception: BaseException | None = None,
+        *,
+        reason: str | None = None,
+        delay: float | None = None,
+    ) -> None:
+        outcome = Outcome(fate, exception, reason=reason, delay=delay)
+        for middleware in self._middleware:
+            try:
+                middleware.settled(message, outcome)
+            except Exception:
+                log.exception("queue %s: middleware %r failed in settled()", self.spec.queue, middleware)
 
     # -- the failure path ----------------------------------------------------------------------
 
@@ -296,11 +362,18 @@ class Consumer:
             queue=self.spec.queue,
         )
 
-    async def _fail(self, delivery: Delivery, attempt: int, exc: BaseException) -> None:
+    async def _fail(
+        self, delivery: Delivery, attempt: int, exc: BaseException, message: Message | None
+    ) -> None:
         for middleware in self._middleware:
-            middleware.attempt_failed(self.spec.queue, attempt, exc)
+            try:
+                middleware.attempt_failed(self.spec.queue, attempt, exc)
+            except Exception:
+                log.exception(
+                    "queue %s: middleware %r failed in attempt_failed()", self.spec.queue, middleware
+                )
         decision: Decision = decide(self.spec.policy, attempt, exc)
-        if decision.outcome is Outcome.RETRY:
+        if decision.outcome is Decided.RETRY:
             log.info(
                 "queue %s: message %s attempt %d failed with %s: %s; retrying in %ss",
                 self.spec.queue,
@@ -310,6 +383,8 @@ class Consumer:
                 copies.describe(exc)[:200],
                 decision.delay,
             )
+            if message is not None:
+                self._settled(message, Fate.RETRIED, exc, delay=decision.delay)
             await self._retry(delivery, attempt, decision.delay)
         else:
             log.warning(
@@ -321,7 +396,7 @@ class Consumer:
                 copies.describe(exc)[:200],
                 decision.reason,
             )
-            self._park(delivery, decision.reason, attempt, exc)
+            self._park(delivery, decision.reason, attempt, exc, message)
 
     async def _retry(self, delivery: Delivery, attempt: int, delay: float) -> None:
         queue = self._retry_queues.get(delay)
@@ -338,7 +413,16 @@ class Consumer:
                 return
         self._send_copy(delivery, queue, copies.retry_headers(delivery, attempt))
 
-    def _park(self, delivery: Delivery, reason: str, attempt: int, exc: BaseException | None) -> None:
+    def _park(
+        self,
+        delivery: Delivery,
+        reason: str,
+        attempt: int,
+        exc: BaseException | None,
+        message: Message | None = None,
+    ) -> None:
+        if message is not None:
+            self._settled(message, Fate.PARKED, exc, reason=reason)
         headers = copies.park_headers(delivery, reason, attempt, self.spec.queue, exc)
         self._send_copy(delivery, self._parked, headers)
 

@@ -1,15 +1,89 @@
-"""Middleware: hooks that see what a consumer does, for tests, metrics and tracing."""
+"""Middleware: hooks around what a service consumes and publishes, for metrics, tracing and tests.
+
+`App(middleware=[...])` calls each hook of each middleware, in the order given:
+
+- `received(message)` once per delivery, before its body is decoded;
+- `attempt(message, call_next)` around the handler call (the around-hooks nest: the first
+  middleware is the outermost), returning the handler's result or raising its exception;
+- `settled(message, outcome)` once the delivery's fate is decided: handled, retried (with its
+  delay), or parked (with its reason);
+- `publish(outgoing, call_next)` around each `app.publish`, before the body is on the wire and
+  until the broker confirmed it; `outgoing.headers` may be changed there (a trace header).
+
+A service with no middleware pays one test of an empty tuple per delivery and per publish.
+"""
 
 from __future__ import annotations
 
-__all__ = ["Middleware"]
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from .message import Message
+
+__all__ = ["Fate", "Middleware", "Outcome", "Outgoing"]
+
+
+class Fate(StrEnum):
+    """What became of one delivery."""
+
+    HANDLED = "handled"  # the handler returned: acked
+    RETRIED = "retried"  # failed, sent to its retry queue for attempt + 1
+    PARKED = "parked"  # failed for good (or undecodable): sent to the parking queue
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The fate of one delivery, as `Middleware.settled` sees it."""
+
+    fate: Fate
+    exception: BaseException | None = None  # what the handler (or the decoder) raised
+    reason: str | None = None  # the parking reason (`x-rf-reason`): parked only
+    delay: float | None = None  # seconds until the next attempt: retried only
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """One `app.publish` on its way to the broker. `headers` is the message's own table: a
+    middleware may add to it (it is sent as it is when `call_next` runs)."""
+
+    body: bytes
+    exchange: str
+    routing_key: str
+    headers: dict[str, Any]
+    message_id: str | None
+    content_type: str | None
+    started: float = field(default_factory=time.perf_counter)
 
 
 class Middleware:
-    """Subclass and override the hooks you need; `App(middleware=[...])` calls them in order.
+    """Subclass and override the hooks you need.
 
-    Hooks run on the event loop, inside the delivery's path: keep them quick and never block.
+    Hooks run on the event loop inside a delivery's or a publish's path: keep them quick and
+    never block. An exception raised by `received` or `settled` is logged and ignored; one raised
+    by `attempt` counts as the handler's (the attempt fails); one raised by `publish` is the
+    publish's.
     """
 
+    def received(self, message: Message) -> None:
+        """A delivery arrived on `message.queue` (before decoding; `message.attempt` is known)."""
+
+    async def attempt(self, message: Message, call_next: Callable[[], Awaitable[Any]]) -> Any:
+        """Around one handler call: `return await call_next()` runs the handler (and the
+        middlewares after this one)."""
+        return await call_next()
+
+    def settled(self, message: Message, outcome: Outcome) -> None:
+        """The delivery's fate is decided; its ack follows (for a copy: once the broker
+        confirmed it)."""
+
     def attempt_failed(self, queue: str, attempt: int, exception: BaseException) -> None:
-        """A handler call on `queue` ended with `exception` (before it is retried or parked)."""
+        """A handler call on `queue` ended with `exception` (before it is retried or parked).
+        Kept for existing middlewares; `settled` sees the same with the decision."""
+
+    async def publish(self, outgoing: Outgoing, call_next: Callable[[], Awaitable[None]]) -> None:
+        """Around one `app.publish`: `await call_next()` sends it and returns once the broker
+        confirmed it (or raises `Unroutable`, `PublishTimeout`, ...)."""
+        await call_next()

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from rabbitflow import App, Breaker, ConfigError, Message, Reject, Retry
+from rabbitflow import App, Breaker, ConfigError, Message, Middleware, Reject, Retry
 from rabbitflow.breaker import BreakerState, Circuit
 from rabbitflow.testing import MemoryBroker
 
@@ -149,12 +149,12 @@ async def _outage(app: App, admin: Admin | None, with_breaker: bool) -> None:
     handled: set[int] = set()
     parked: list[str] = []
 
-    class Parks:
+    class Parks(Middleware):
         def attempt_failed(self, queue: str, attempt: int, exception: BaseException) -> None:
             if attempt == 3:
                 parked.append(str(exception))
 
-    app.middleware = (Parks(),)  # type: ignore[assignment]
+    app.middleware = (Parks(),)
     async with downstream() as service:
 
         @app.consumer(queue, retries=2, delay=0.2, queue_type="classic", prefetch=16, breaker=breaker)
@@ -199,13 +199,13 @@ async def test_a_stop_while_the_breaker_trips_lets_running_handlers_finish(
     stopping: list[asyncio.Future[None]] = []
     app = make_app(graceful_timeout=5)
 
-    class StopOnTrip:
+    class StopOnTrip(Middleware):
         def attempt_failed(self, queue: str, attempt: int, exception: BaseException) -> None:
             consumers = app.health()["consumers"]
             if consumers and consumers[0]["breaker"]["state"] == "open" and not stopping:
                 stopping.append(asyncio.ensure_future(app.stop()))
 
-    app.middleware = (StopOnTrip(),)  # type: ignore[assignment]
+    app.middleware = (StopOnTrip(),)
     queue = unique("stoptrip")
     done: list[int] = []
 
