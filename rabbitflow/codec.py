@@ -284,7 +284,7 @@ def _validation_errors(what: str, exc: Any) -> str:
     parts = []
     for error in errors[:10]:
         loc = ".".join(str(part) for part in error.get("loc", ()))
-        msg = str(error.get("msg", "")).removeprefix("Value error, ")  # a validator's own words
+        msg = " ".join(str(error.get("msg", "")).removeprefix("Value error, ").split())  # one line
         text = f"{loc}: {msg}" if loc else msg
         if loc and not isinstance(error.get("input"), dict | list):
             text += f" (got {_short(error.get('input'))})"
