@@ -21,6 +21,7 @@ from .errors import Unroutable as Unroutable
 from .message import Message as Message
 from .middleware import Middleware as Middleware
 from .parking import ParkedMessage as ParkedMessage
+from .registry import Router as Router
 from .retry import RetryPolicy as RetryPolicy
 from .topology.compiler import Plan as Plan
 
@@ -44,6 +45,7 @@ __all__ = [
     "Reject",
     "Retry",
     "RetryPolicy",
+    "Router",
     "StateError",
     "TopologyConflict",
     "TransportError",

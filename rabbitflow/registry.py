@@ -1,9 +1,10 @@
-"""The consumer registry: `@app.consumer` records and validates each consumer, and the plan
-(the topology they need) follows from it."""
+"""The consumer registry: `@app.consumer` and `@router.consumer` record and validate each
+consumer, `include_router` adds a router's consumers to an app under the same checks, and the
+plan (the topology the app's consumers need) follows from them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from . import names
@@ -12,23 +13,21 @@ from .errors import ConfigError
 from .spec import ConsumerSpec, Handler, build_spec
 from .topology.compiler import Plan, compile_plan
 
-__all__ = ["Registry"]
+__all__ = ["Consumers", "Registry", "Router"]
 
 H = TypeVar("H", bound=Handler)
 
 
-class Registry:
-    """The consumers of service `name`, by queue, and their compiled plan."""
+class Consumers:
+    """Consumers by queue, each checked against the others when it is added; what an App and a
+    Router have in common."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    _decorator = "app"  # how the decorator reads in error messages: @app.consumer(...)
+
+    def __init__(self) -> None:
         self._consumers: dict[str, ConsumerSpec] = {}
         # Queue Q -> a consumer whose queue is one of Q's derived names (Q.parked, Q.retry.*).
         self._derived: dict[str, ConsumerSpec] = {}
-        self._plan = compile_plan(name, ())
-
-    def _registering(self) -> None:
-        """Called before a consumer is added; raise to refuse it."""
 
     def consumer(
         self,
@@ -69,7 +68,9 @@ class Registry:
                 downstream is down), so an outage parks nothing (default: the app's, if any).
 
         Every option is checked here, when the module is imported: a bad value, an unknown
-        option or a second consumer of the same queue raises `ConfigError`.
+        option or a second consumer of the same queue raises `ConfigError`. The handler's body
+        annotation is checked too (a pydantic model, dataclass or TypedDict is compiled into
+        its validator now, not per message).
         """
 
         def register(handler: H) -> H:
@@ -89,47 +90,144 @@ class Registry:
                 handler_timeout=handler_timeout,
                 unknown=unknown,
                 breaker=breaker,
+                decorator=self._decorator,
             )
-            self._check_names(spec)
-            plan = compile_plan(self.name, [*self._consumers.values(), spec])
-            self._registering()
-            self._consumers[spec.queue] = spec
-            for base in names.derived_from(spec.queue):
-                self._derived.setdefault(base, spec)
-            self._plan = plan
+            self._add([spec])
             return handler
 
         return register
 
-    def _check_names(self, spec: ConsumerSpec) -> None:
-        """A new consumer's names may not be another's: its queue, or a name derived from it."""
-        where = f"@app.consumer({spec.queue!r})"
-        dlx = names.dead_letter_exchange(self.name)
-        if spec.exchange == dlx:
-            raise ConfigError(
-                f"{where}: exchange {dlx!r} is service {self.name!r}'s own dead-letter exchange, "
-                "which carries its retries and parked messages; bind to an exchange of your own"
-            )
-        other = self._consumers.get(spec.queue)
+    def include_router(self, router: Router) -> None:
+        """Add every consumer declared on `router` so far, checked exactly as if it had been
+        declared here: a queue that already has a consumer, a name derived from another
+        consumer's queue, or an exchange used with two types raises `ConfigError`, and then
+        none of the router's consumers is added. Options a consumer left unset (prefetch,
+        concurrency, handler_timeout, breaker) take the app's defaults when it starts, as for a
+        consumer declared on the app. A router may be included in several apps; once included,
+        it takes no more consumers."""
+        if not isinstance(router, Router):
+            raise ConfigError(f"include_router({router!r}): expected a rabbitflow.Router")
+        if router is self:
+            raise ConfigError("a router cannot include itself")
+        try:
+            self._add(router.consumers)
+        except ConfigError as exc:
+            raise ConfigError(f"{self._decorator}.include_router({router!r}): {exc}") from None
+        router._included = True
+
+    def _add(self, specs: Iterable[ConsumerSpec]) -> None:
+        """Check `specs` against the consumers so far and each other; add all of them or none."""
+        consumers = dict(self._consumers)
+        derived = dict(self._derived)
+        for spec in specs:
+            self._check(spec, consumers, derived)
+            consumers[spec.queue] = spec
+            for base in names.derived_from(spec.queue):
+                derived.setdefault(base, spec)
+        self._accept(consumers)
+        self._consumers, self._derived = consumers, derived
+
+    def _accept(self, consumers: dict[str, ConsumerSpec]) -> None:
+        """Called with the consumers as they would be after an addition; raise to refuse it."""
+
+    def _check(
+        self, spec: ConsumerSpec, consumers: dict[str, ConsumerSpec], derived: dict[str, ConsumerSpec]
+    ) -> None:
+        """A new consumer's names may not be another's: its queue, or a name derived from it;
+        and one exchange has one type."""
+        where = f"@{spec.decorator}.consumer({spec.queue!r})"
+        other = consumers.get(spec.queue)
         if other is not None:
             raise ConfigError(
                 f"{where}: queue {spec.queue!r} already has a consumer ({other.handler_name}); "
                 "one queue, one consumer"
             )
-        pairs = [(spec, self._consumers[q]) for q in names.derived_from(spec.queue) if q in self._consumers]
-        pairs += [(self._derived[spec.queue], spec)] if spec.queue in self._derived else []
+        pairs = [(spec, consumers[q]) for q in names.derived_from(spec.queue) if q in consumers]
+        pairs += [(derived[spec.queue], spec)] if spec.queue in derived else []
         if pairs:
-            derived, base = pairs[0]
+            clash, base = pairs[0]
             raise ConfigError(
-                f"{where}: queue {derived.queue!r} (consumer {derived.handler_name}) is a name "
+                f"{where}: queue {clash.queue!r} (consumer {clash.handler_name}) is a name "
                 f"rabbitflow derives for queue {base.queue!r} (consumer {base.handler_name}): its "
                 f"parking queue is {names.parked_queue(base.queue)!r} and its retry queues are "
                 f"{names.retry_prefix(base.queue)}<delay>; rename one of the two queues"
             )
+        if spec.exchange is None:
+            return
+        for other in consumers.values():
+            if other.exchange == spec.exchange and other.exchange_type != spec.exchange_type:
+                raise ConfigError(
+                    f"{where}: exchange {spec.exchange!r} is {other.exchange_type!r} for "
+                    f"{other.handler_name} and {spec.exchange_type!r} here; give every consumer of "
+                    "one exchange the same exchange_type"
+                )
 
     @property
     def consumers(self) -> tuple[ConsumerSpec, ...]:
         return tuple(self._consumers.values())
+
+
+class Router(Consumers):
+    """Consumers declared apart from the app, so that a large service splits across modules:
+
+        router = Router()
+
+        @router.consumer("orders.created", exchange="orders", routing_key="order.created")
+        async def on_created(order: Order) -> None: ...
+
+        app.include_router(router)   # in the module that makes the App
+
+    `@router.consumer` takes exactly the options of `@app.consumer` and checks them, and the
+    router's queues against each other, when it runs; the checks that need the service (its
+    dead-letter exchange, the app's other consumers) run at `app.include_router(router)`.
+    """
+
+    _decorator = "router"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._included = False
+
+    def _accept(self, consumers: dict[str, ConsumerSpec]) -> None:
+        if self._included:
+            raise ConfigError(
+                f"{self!r} was already included (app.include_router): its consumers were copied "
+                "then, so a later one would never run; declare every consumer of a router before "
+                "including it"
+            )
+
+    def __repr__(self) -> str:
+        queues = ", ".join(sorted(self._consumers)) or "no consumers"
+        return f"Router({queues})"
+
+
+class Registry(Consumers):
+    """The consumers of service `name`, by queue, and their compiled plan."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self._plan = compile_plan(name, ())
+
+    def _registering(self) -> None:
+        """Called before consumers are added; raise to refuse them."""
+
+    def _check(
+        self, spec: ConsumerSpec, consumers: dict[str, ConsumerSpec], derived: dict[str, ConsumerSpec]
+    ) -> None:
+        dlx = names.dead_letter_exchange(self.name)
+        if spec.exchange == dlx:
+            raise ConfigError(
+                f"@{spec.decorator}.consumer({spec.queue!r}): exchange {dlx!r} is service "
+                f"{self.name!r}'s own dead-letter exchange, which carries its retries and parked "
+                "messages; bind to an exchange of your own"
+            )
+        super()._check(spec, consumers, derived)
+
+    def _accept(self, consumers: dict[str, ConsumerSpec]) -> None:
+        plan = compile_plan(self.name, consumers.values())
+        self._registering()
+        self._plan = plan
 
     @property
     def plan(self) -> Plan:

@@ -76,11 +76,14 @@ class ConsumerSpec:
     concurrency: int | None = None
     handler_timeout: float | None = None
     breaker: Breaker | None = None
+    decorator: str = field(default="app", compare=False)  # "router": declared on a Router
 
     @property
     def handler_name(self) -> str:
+        """`module.qualname`, without the `<locals>` of a handler defined inside a function
+        (`make_app.<locals>.on_order` reads `make_app.on_order`)."""
         module = getattr(self.handler, "__module__", "")
-        qualname = getattr(self.handler, "__qualname__", repr(self.handler))
+        qualname = getattr(self.handler, "__qualname__", repr(self.handler)).replace("<locals>.", "")
         return f"{module}.{qualname}" if module else qualname
 
     @property
@@ -105,9 +108,10 @@ def build_spec(
     handler_timeout: object,
     unknown: dict[str, Any],
     breaker: object = None,
+    decorator: str = "app",
 ) -> ConsumerSpec:
     """Validate the decorator's options into a spec; every problem is a ConfigError."""
-    where = f"@app.consumer({queue!r})"
+    where = f"@{decorator}.consumer({queue!r})"
     if unknown:
         raise ConfigError(
             f"{where}: unknown option(s) {', '.join(sorted(unknown))}; known: exchange, "
@@ -142,6 +146,7 @@ def build_spec(
             concurrency=check_positive("concurrency", concurrency),
             handler_timeout=check_seconds("handler_timeout", handler_timeout, optional=True),
             breaker=_breaker(breaker),
+            decorator=decorator,
         )
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None

@@ -817,12 +817,16 @@ async def test_an_app_on_memory_talks_to_the_broker_it_was_handed() -> None:
     assert app.broker is default
     assert default.realtime
     mine = MemoryBroker()
+    channel = await (await mine.connect()).channel()
+    await channel.declare_queue("inbox")
     app.use_broker(mine)
     async with app:
         assert app.health()["healthy"]
-    assert mine.queue_names() == []  # a service without consumers declares nothing on it
-    assert mine.exchanges.keys() >= {"svc.dlx"}
-    assert default.exchanges.keys().isdisjoint({"svc.dlx"})
+        await app.publish({"n": 1}, routing_key="inbox")
+    assert [raw for _, raw in mine.messages("inbox")] == [b'{"n":1}']
+    assert mine.queue_names() == ["inbox"]  # a service without consumers declares nothing on it
+    assert "svc.dlx" not in mine.exchanges  # not even its dead-letter exchange
+    assert default.queue_names() == []
 
 
 async def test_a_thousand_messages_failing_twice_run_in_well_under_a_second(

@@ -206,3 +206,21 @@ async def test_a_stop_does_not_wait_forever_for_a_handler_that_ignores_its_cance
     await asyncio.wait_for(app.stop(), 10)
     assert time.monotonic() - begun < 3  # graceful 0.5 s + a second for the cancelled
     assert app.state == "closed"
+
+
+async def test_publish_to_a_fanout_exchange_needs_no_routing_key() -> None:
+    app = App("fan", url="memory://")
+    got: dict[str, list[Any]] = {"billing": [], "audit": []}
+
+    @app.consumer("fan.billing", exchange="fan.events", exchange_type="fanout")
+    async def billing(body: dict[str, int]) -> None:
+        got["billing"].append(body)
+
+    @app.consumer("fan.audit", exchange="fan.events", exchange_type="fanout", routing_key="ignored")
+    async def audit(body: dict[str, int]) -> None:
+        got["audit"].append(body)
+
+    async with TestClient(app, raise_errors=True) as client:
+        await client.publish({"n": 1}, exchange="fan.events")
+        await client.drain()
+    assert got == {"billing": [{"n": 1}], "audit": [{"n": 1}]}

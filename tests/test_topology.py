@@ -185,3 +185,58 @@ async def test_redeclaring_with_other_arguments_is_a_topology_conflict(
     assert "delete_queue" in str(error)
     assert "new name" in str(error)
     assert app.state == "closed"
+
+
+async def test_a_publish_only_app_declares_nothing(broker_url: str, admin: Admin) -> None:
+    """No consumers, no `<name>.dlx`: a service that only publishes leaves no object behind."""
+    name, queue = unique("pubonly"), unique("inbox")
+    await admin.channel.queue_declare(queue, durable=False, auto_delete=False)
+    admin.queues.add(queue)
+    admin.exchanges.add(f"{name}.dlx")  # deleted afterwards should the test fail
+    app = App(name, url=broker_url)
+    assert app.plan.exchanges == app.plan.queues == app.plan.bindings == ()
+    async with app:
+        await app.publish({"n": 1}, routing_key=queue)
+    assert await admin.count(queue) == 1
+    probe = await admin.channel.connection.channel()
+    with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity, match=f"no exchange '{name}.dlx'"):
+        await probe.exchange_declare(f"{name}.dlx", passive=True)
+    _, differences = await app.check()
+    assert differences == []
+
+
+def nested_app() -> App:
+    def create_app() -> App:
+        app = App("orders", url="amqp://guest:guest@localhost/")
+
+        @app.consumer("orders.created", exchange="orders")
+        async def on_order(body: Any) -> None: ...
+
+        return app
+
+    return create_app()
+
+
+@pytest.mark.parametrize("fmt", ["text", "json", "mermaid"])
+def test_a_handler_defined_in_a_function_renders_without_locals(fmt: str) -> None:
+    out = render(nested_app().plan, fmt)
+    assert "<locals>" not in out
+    assert "tests.test_topology.nested_app.create_app.on_order" in out
+
+
+def test_mermaid_labels_and_ids_survive_any_name() -> None:
+    """Quotes, '#' and angle brackets in a name or routing key are escaped in labels; node ids
+    stay letters, digits and underscores."""
+    app = App("svc", url="amqp://guest:guest@localhost/")
+
+    async def handler(body: Any) -> None: ...
+
+    handler.__qualname__ = 'make."odd"<handler>'
+    app.consumer("q#1", exchange="ex 1", routing_key='key "<1>"')(handler)
+    mermaid = render(app.plan, "mermaid")
+    assert '"odd"' not in mermaid
+    assert "<handler>" not in mermaid
+    assert "#quot;odd#quot;#lt;handler#gt;" in mermaid
+    assert '-- "key #quot;#lt;1#gt;#quot;" -->' in mermaid
+    assert '[("q#35;1")]' in mermaid  # '#' starts a Mermaid entity: escaped too
+    assert "h_tests_test_topology_make__odd__handler_" in mermaid  # ids: letters, digits, _

@@ -130,12 +130,13 @@ class TestClient:
         body: Any,
         *,
         exchange: str = "",
-        routing_key: str,
+        routing_key: str = "",
         headers: dict[str, Any] | None = None,
         message_id: str | None = None,
         content_type: str | None = None,
     ) -> None:
-        """Publish as an outside producer would (it does not show in `sent()`)."""
+        """Publish as an outside producer would (it does not show in `sent()`). A fanout (or
+        headers) exchange needs no `routing_key`; the default exchange needs the queue's name."""
         assert self._channel is not None, "use the client inside `async with`"
         message_id = message_id or f"test-{next(self._ids)}"
         raw, properties = outgoing(body, message_id=message_id, content_type=content_type, headers=headers)

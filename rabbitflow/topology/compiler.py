@@ -2,7 +2,7 @@
 
 For service S and a consumer of queue Q with delays d1..dn:
 
-    exchange S.dlx (direct)          the service's dead-letter / retry exchange
+    exchange S.dlx (direct)          the service's dead-letter / retry exchange (with a consumer)
     queue Q            consume       dead-letters (reject, delivery limit) to S.dlx → Q.parked
     queue Q.retry.<d>  retry         x-message-ttl=d, dead-letters to "" → Q (to Q only)
     queue Q.parked     parked        no TTL, no expiry
@@ -143,13 +143,15 @@ def _queue_type_args(queue_type: str) -> dict[str, Any]:
 
 
 def compile_plan(service: str, consumers: Iterable[ConsumerSpec]) -> Plan:
-    """The topology the service needs, in a deterministic order."""
+    """The topology the service needs, in a deterministic order. A service without consumers
+    needs nothing: publishing declares no exchange of its own."""
+    specs = sorted(consumers, key=lambda s: s.queue)
     dlx = names.dead_letter_exchange(service)
-    exchanges: dict[str, ExchangePlan] = {dlx: ExchangePlan(dlx, "direct")}
+    exchanges: dict[str, ExchangePlan] = {dlx: ExchangePlan(dlx, "direct")} if specs else {}
     queues: list[QueuePlan] = []
     bindings: list[Binding] = []
     plans: list[ConsumerPlan] = []
-    for spec in sorted(consumers, key=lambda s: s.queue):
+    for spec in specs:
         queue, parked = spec.queue, names.parked_queue(spec.queue)
         typed = _queue_type_args(spec.queue_type)
         consume_args = {

@@ -38,6 +38,12 @@ def _text(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _label(text: str) -> str:
+    """Text inside a quoted Mermaid label: `#` starts an entity, `"` ends the label and `<...>`
+    reads as HTML, so all three are written as entities."""
+    return text.replace("#", "#35;").replace('"', "#quot;").replace("<", "#lt;").replace(">", "#gt;")
+
+
 def _node_id(kind: str, name: str) -> str:
     safe = "".join(ch if ch.isalnum() else "_" for ch in name)
     return f"{kind}_{safe or 'default'}"
@@ -46,16 +52,16 @@ def _node_id(kind: str, name: str) -> str:
 def _mermaid(plan: Plan) -> str:
     lines = ["flowchart LR"]
     for exchange in plan.exchanges:
-        lines.append(f'  {_node_id("x", exchange.name)}{{{{"{exchange.name} ({exchange.type})"}}}}')
+        lines.append(f'  {_node_id("x", exchange.name)}{{{{"{_label(exchange.name)} ({exchange.type})"}}}}')
     for queue in plan.queues:
         args = queue.arguments
-        label = queue.name
+        label = _label(queue.name)
         if "x-message-ttl" in args:
             label += f"<br/>ttl {args['x-message-ttl']} ms"
         lines.append(f'  {_node_id("q", queue.name)}[("{label}")]')
     for binding in plan.bindings:
         lines.append(
-            f'  {_node_id("x", binding.exchange)} -- "{binding.routing_key}" --> '
+            f'  {_node_id("x", binding.exchange)} -- "{_label(binding.routing_key)}" --> '
             f"{_node_id('q', binding.queue)}"
         )
     for queue in plan.queues:
@@ -64,15 +70,15 @@ def _mermaid(plan: Plan) -> str:
             continue
         target, key = route
         if target == "":
-            lines.append(f'  {_node_id("q", queue.name)} -. "expired → {key}" .-> {_node_id("q", key)}')
+            lines.append(
+                f'  {_node_id("q", queue.name)} -. "expired → {_label(key)}" .-> {_node_id("q", key)}'
+            )
         else:
-            lines.append(f'  {_node_id("q", queue.name)} -. "dead-letter: {key}" .-> {_node_id("x", target)}')
+            lines.append(
+                f'  {_node_id("q", queue.name)} -. "dead-letter: {_label(key)}" .-> {_node_id("x", target)}'
+            )
     for consumer in plan.consumers:
-        lines.append(
-            f'  {_node_id("q", consumer.queue)} --> {_node_id("h", consumer.handler)}(["{consumer.handler}"])'
-        )
-        lines.append(
-            f'  {_node_id("h", consumer.handler)} -. "retry / park (publish)" .-> '
-            f"{_node_id('x', plan.exchanges[0].name)}"
-        )
+        handler = _node_id("h", consumer.handler)
+        lines.append(f'  {_node_id("q", consumer.queue)} --> {handler}(["{_label(consumer.handler)}"])')
+        lines.append(f'  {handler} -. "retry / park (publish)" .-> {_node_id("x", plan.exchanges[0].name)}')
     return "\n".join(lines)
