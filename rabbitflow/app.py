@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import functools
 import itertools
 import logging
 import signal
@@ -22,7 +21,7 @@ from .breaker import Breaker
 from .codec import outgoing
 from .connection import ConnectionManager, Failover
 from .errors import ConfigError, StateError
-from .middleware import Middleware, Outgoing
+from .middleware import Middleware, Outgoing, around_publish
 from .parking import ParkedMessage
 from .publisher import publish
 from .registry import Registry
@@ -294,12 +293,14 @@ class App(Registry):
         correlation_id: str | None = None,
         reply_to: str | None = None,
         persistent: bool = True,
+        mandatory: bool = True,
         timeout: float | None = None,
     ) -> None:
         """Publish and return once the broker confirmed it.
 
-        Raises `Unroutable` when no queue is bound for it, `ChannelClosed` when the broker refused
-        it (a missing exchange: 404), and `PublishTimeout` when no node confirmed it within
+        Raises `Unroutable` when no queue is bound for it (with `mandatory=False` the broker drops
+        such a message instead: for events nobody may subscribe to yet), `ChannelClosed` when the
+        broker refused it (a missing exchange: 404), and `PublishTimeout` when no node confirmed it within
         `timeout` (reconnects included: a publish whose outcome a lost connection made unknown is
         sent again — duplicates are possible, loss is not).
         """
@@ -314,7 +315,9 @@ class App(Registry):
         )
         limit = self.settings.publish_timeout if timeout is None else timeout
         if not self.middleware:
-            await publish(self._publisher, data, exchange, routing_key, properties, timeout=limit)
+            await publish(
+                self._publisher, data, exchange, routing_key, properties, timeout=limit, mandatory=mandatory
+            )
             return
         message = Outgoing(
             data,
@@ -325,14 +328,13 @@ class App(Registry):
             properties.content_type,
         )
 
-        async def send(index: int = 0) -> None:
-            if index < len(self.middleware):
-                await self.middleware[index].publish(message, functools.partial(send, index + 1))
-                return
+        async def send() -> None:
             properties.headers = message.headers or None
-            await publish(self._publisher, data, exchange, routing_key, properties, timeout=limit)
+            await publish(
+                self._publisher, data, exchange, routing_key, properties, timeout=limit, mandatory=mandatory
+            )
 
-        await send()
+        await around_publish(self.middleware, message, send)
 
     async def _publisher(self, deadline: float) -> Any:
         runtime = self._runtime

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from . import copies, names
 from .breaker import Breaker, BreakerState, Circuit, Switch
 from .codec import DecodeError
+from .codec import outgoing as codec_outgoing
 from .errors import (
     ChannelClosed,
     ConnectionLost,
@@ -26,7 +29,7 @@ from .errors import (
     Unroutable,
 )
 from .message import Message
-from .middleware import Fate, Middleware, Outcome
+from .middleware import Fate, Middleware, Outcome, Outgoing, around_publish
 from .publisher import Publisher
 from .retry import Decision, decide
 from .retry import Outcome as Decided
@@ -57,6 +60,8 @@ class Consumer:
         service: str,
         channel: Channel,
         copies: Publisher,
+        onward: Publisher | None = None,
+        publish_timeout: float = 10.0,
         ensure_retry_queue: EnsureRetryQueue,
         redeclare: Redeclare,
         on_lost: Callable[[BaseException | None], None] = lambda reason: None,
@@ -73,6 +78,10 @@ class Consumer:
         self._retry_queues = {d: names.retry_queue(spec.queue, d) for d in spec.policy.distinct_delays}
         self._channel = channel
         self._copies = copies
+        self._onward = onward
+        self._publish_timeout = publish_timeout
+        self._answers = itertools.count(1)
+        self._answer_prefix = f"{uuid.uuid4().hex[:16]}-"
         self._ensure_retry_queue = ensure_retry_queue
         self._prefetch = prefetch
         self._timeout = handler_timeout
@@ -264,10 +273,14 @@ class Consumer:
         scope = None
         try:
             if self._timeout is None:
-                await self._call(delivery, body, headers, attempt, message)
+                result = await self._call(delivery, body, headers, attempt, message)
+                if result is not None:
+                    await self._answer(delivery, result)
             else:
                 async with (scope := asyncio.timeout(self._timeout)):
-                    await self._call(delivery, body, headers, attempt, message)
+                    result = await self._call(delivery, body, headers, attempt, message)
+                    if result is not None:
+                        await self._answer(delivery, result)
         except BaseException as exc:
             # Any exception of the handler's, BaseExceptions included, is a failed attempt; only
             # a cancellation of our own (a shutdown, a lost session) is not.
@@ -318,6 +331,45 @@ class Consumer:
         if signature.message_positional:
             return await spec.handler(body, message)
         return await spec.handler(body, **{signature.message_param: message})
+
+    async def _answer(self, delivery: Delivery, result: Any) -> None:
+        """Publish the handler's result to `publish_to`, or as the reply to a request; part of the
+        attempt: it fails if the broker does not confirm it."""
+        properties = delivery.properties
+        target = self.spec.publish_to
+        if target is not None:
+            exchange, routing_key = target
+            correlation_id, mandatory = properties.correlation_id, True
+        elif properties.reply_to:
+            # A reply: the requester may be gone (its reply-to queue with it); that is no reason to
+            # fail the attempt.
+            exchange, routing_key = "", properties.reply_to
+            correlation_id, mandatory = properties.correlation_id or properties.message_id, False
+        else:
+            return  # nobody asked for it
+        data, outgoing = codec_outgoing(
+            result,
+            message_id=f"{self._answer_prefix}{next(self._answers):x}",
+            correlation_id=correlation_id,
+        )
+        onward = self._onward
+        assert onward is not None, "a consumer that answers needs the session's publisher"
+
+        async def send() -> None:
+            async with asyncio.timeout(self._publish_timeout):
+                await onward.publish(data, exchange, routing_key, outgoing, mandatory=mandatory)
+
+        if not self._middleware:
+            await send()
+            return
+        headers = dict(outgoing.headers or {})
+        message = Outgoing(data, exchange, routing_key, headers, outgoing.message_id, outgoing.content_type)
+
+        async def send_as_changed() -> None:
+            outgoing.headers = message.headers or None
+            await send()
+
+        await around_publish(self._middleware, message, send_as_changed)
 
     # -- what the middlewares see --------------------------------------------------------------
 

@@ -15,15 +15,16 @@ A service with no middleware pays one test of an empty tuple per delivery and pe
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from .message import Message
 
-__all__ = ["Fate", "Middleware", "Outcome", "Outgoing"]
+__all__ = ["Fate", "Middleware", "Outcome", "Outgoing", "around_publish"]
 
 
 class Fate(StrEnum):
@@ -87,3 +88,17 @@ class Middleware:
         """Around one `app.publish`: `await call_next()` sends it and returns once the broker
         confirmed it (or raises `Unroutable`, `PublishTimeout`, ...)."""
         await call_next()
+
+
+async def around_publish(
+    middleware: Sequence[Middleware], outgoing: Outgoing, send: Callable[[], Awaitable[None]]
+) -> None:
+    """`send()` inside every middleware's `publish` hook, the first one outermost."""
+
+    async def step(index: int) -> None:
+        if index < len(middleware):
+            await middleware[index].publish(outgoing, functools.partial(step, index + 1))
+        else:
+            await send()
+
+    await step(0)

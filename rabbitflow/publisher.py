@@ -141,9 +141,11 @@ class Publisher:
         *,
         after: BaseException | None = None,
         tally: Tally | None = None,
+        mandatory: bool = True,
     ) -> None:
         """Publish on this connection until the broker confirms it (`after`: how a first try
-        ended; `tally` counts the nacks, for the caller's error message). Raises `Unroutable` or
+        ended; `tally` counts the nacks, for the caller's error message; `mandatory=False`: an
+        unroutable message is dropped by the broker instead of returned). Raises `Unroutable` or
         `ChannelClosed` when the broker refused this publish, `ConnectionLost` when the connection
         went, and nothing else of its own: bound it with a timeout."""
         nacks = closes = 0
@@ -190,7 +192,13 @@ class Publisher:
                 channel = self._channel
                 if channel is None or not channel.is_open:
                     channel = await self.channel()
-                await channel.publish(body, exchange=exchange, routing_key=routing_key, properties=properties)
+                await channel.publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=mandatory,
+                )
                 return
             except PublishNacked as exc:
                 if channel is not None:
@@ -246,6 +254,7 @@ async def publish(
     properties: Properties,
     *,
     timeout: float,
+    mandatory: bool = True,
 ) -> None:
     """Publish through whichever session is live, sending again after a lost connection, until
     confirmed or `timeout` seconds passed (`PublishTimeout`). `current(deadline)` waits for a
@@ -258,7 +267,9 @@ async def publish(
             while True:
                 publisher = await current(deadline)
                 try:
-                    await publisher.publish(body, exchange, routing_key, properties, tally=tally)
+                    await publisher.publish(
+                        body, exchange, routing_key, properties, tally=tally, mandatory=mandatory
+                    )
                     return
                 except ConnectionLost as exc:
                     log.info("publish to %r/%r interrupted (%s); sending again", exchange, routing_key, exc)

@@ -45,6 +45,7 @@ class Consumers:
         concurrency: int | None = None,
         handler_timeout: float | None = None,
         breaker: Breaker | None = None,
+        publish_to: str | tuple[str, str] | None = None,
         **unknown: Any,
     ) -> Callable[[H], H]:
         """Register an async function as the consumer of `queue`.
@@ -66,6 +67,10 @@ class Consumers:
                 with TimeoutError (default: the app's).
             breaker: a `Breaker` that pauses this consumer while most attempts fail (its
                 downstream is down), so an outage parks nothing (default: the app's, if any).
+            publish_to: a routing key (on the default exchange) or an (exchange, routing_key)
+                pair: the handler's return value, when not None, is published there, and the
+                input is acked only once the broker confirmed it (a failed publish is a failed
+                attempt). Without it, a return value answers a request (`reply_to` set).
 
         Every option is checked here, when the module is imported: a bad value, an unknown
         option or a second consumer of the same queue raises `ConfigError`. The handler's body
@@ -91,6 +96,7 @@ class Consumers:
                 unknown=unknown,
                 breaker=breaker,
                 decorator=self._decorator,
+                publish_to=publish_to,
             )
             self._add([spec])
             return handler

@@ -64,6 +64,8 @@ class Session:
                 service=s.name,
                 channel=channel,
                 copies=self.copies,
+                onward=self.publisher,
+                publish_timeout=s.publish_timeout,
                 ensure_retry_queue=self.ensure_retry_queue,
                 redeclare=self._redeclare,
                 on_lost=self._lost,

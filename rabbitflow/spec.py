@@ -77,6 +77,7 @@ class ConsumerSpec:
     handler_timeout: float | None = None
     breaker: Breaker | None = None
     decorator: str = field(default="app", compare=False)  # "router": declared on a Router
+    publish_to: tuple[str, str] | None = None  # (exchange, routing_key) for the handler's results
 
     @property
     def handler_name(self) -> str:
@@ -109,6 +110,7 @@ def build_spec(
     unknown: dict[str, Any],
     breaker: object = None,
     decorator: str = "app",
+    publish_to: object = None,
 ) -> ConsumerSpec:
     """Validate the decorator's options into a spec; every problem is a ConfigError."""
     where = f"@{decorator}.consumer({queue!r})"
@@ -116,7 +118,7 @@ def build_spec(
         raise ConfigError(
             f"{where}: unknown option(s) {', '.join(sorted(unknown))}; known: exchange, "
             "exchange_type, routing_key, retries, delay, retry_on, dont_retry, queue_type, "
-            "prefetch, concurrency, handler_timeout, breaker"
+            "prefetch, concurrency, handler_timeout, breaker, publish_to"
         )
     try:
         queue = check_queue("queue", queue)
@@ -147,6 +149,7 @@ def build_spec(
             handler_timeout=check_seconds("handler_timeout", handler_timeout, optional=True),
             breaker=_breaker(breaker),
             decorator=decorator,
+            publish_to=_publish_to(publish_to),
         )
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
@@ -156,3 +159,16 @@ def _breaker(value: object) -> Breaker | None:
     if value is None or isinstance(value, Breaker):
         return value
     raise ConfigError(f"breaker={value!r}: expected rabbitflow.Breaker(...) or None")
+
+
+def _publish_to(value: object) -> tuple[str, str] | None:
+    """`"routing_key"` (the default exchange) or `(exchange, routing_key)`."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return "", check_text("publish_to", value)
+    if isinstance(value, tuple) and len(value) == 2:
+        exchange, routing_key = value
+        exchange = "" if exchange == "" else check_name("publish_to's exchange", exchange)
+        return exchange, check_text("publish_to's routing key", routing_key, allow_empty=True)
+    raise ConfigError(f"publish_to={value!r}: expected a routing key or an (exchange, routing_key) pair")

@@ -54,6 +54,11 @@ FAULTS = (
 )
 
 
+# The broker's at-least-once dead-letter worker resends a dead-lettered message whose target queue
+# never confirmed it after rabbit's dead_letter_worker_publisher_confirm_timeout: 180 s by default.
+BROKER_DLX_RESEND = 200.0
+
+
 @dataclasses.dataclass
 class Options:
     seed: int
@@ -603,8 +608,25 @@ class Runner:
             if not unaccounted and not any(counts.values()) and in_flight == 0 and healthy:
                 break
             if time.monotonic() > deadline:
-                break
+                held = sum(n for q, n in counts.items() if ".retry." in q)
+                if held and not self.result.get("held_in_retry") and held >= len(unaccounted):
+                    # Expired in a quorum retry queue whose dead-lettering to the work queue was cut
+                    # by a node loss: the broker's at-least-once dead-letter worker resends only
+                    # after dead_letter_worker_publisher_confirm_timeout (180 s by default).
+                    self.result["held_in_retry"] = {"count": held, "since": time.monotonic()}
+                    self.log(
+                        f"{held} message(s) held in retry queues past their TTL; waiting up to "
+                        f"{BROKER_DLX_RESEND:.0f}s for the broker's dead-letter worker to resend them"
+                    )
+                    deadline = time.monotonic() + BROKER_DLX_RESEND
+                else:
+                    break
             await asyncio.sleep(1)
+        holding = self.result.get("held_in_retry")
+        if holding is not None:
+            holding["waited"] = round(time.monotonic() - holding.pop("since"), 1)
+            holding["arrived"] = not any(n for q, n in counts.items() if ".retry." in q)
+            self.log(f"held messages: {holding}")
         await asyncio.sleep(2)  # late duplicates
         async with Raw(self.live_node()) as raw:
             for message in await raw.drain(parked_queue):
@@ -780,6 +802,12 @@ def format_report(r: dict[str, Any]) -> str:
         )
     if r.get("publish_errors"):
         lines.append(f"producer publish errors (sent again): {r['publish_errors']}")
+    if r.get("held_in_retry"):
+        held = r["held_in_retry"]
+        lines.append(
+            f"held in retry queues past their TTL by the broker's dead-letter worker: {held['count']} "
+            f"message(s), {'released' if held['arrived'] else 'still held'} after {held['waited']}s more"
+        )
     if r["wrong"]:
         lines.append(f"WRONG ({len(r['wrong'])}): " + "; ".join(r["wrong"][:20]))
     if r["missing"]:
