@@ -40,12 +40,12 @@ class Admin:
     def __init__(self, plan: Plan, manager: ConnectionManager, *, budget: float) -> None:
         self.plan = plan
         self._manager = manager
-        self._budget = budget
+        self.budget = budget
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Transport]:
         """A connection of its own, to the first node that accepts."""
-        transport = await self._manager.connect(self._budget)
+        transport = await self._manager.connect(self.budget)
         try:
             yield transport
         finally:

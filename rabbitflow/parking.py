@@ -129,7 +129,8 @@ class ParkedMessage:
 
     @classmethod
     def of(cls, delivery: Delivery, position: int = 0) -> ParkedMessage:
-        headers: dict[str, Any] = dict(delivery.properties.headers or {})
+        # The broker's counters describe this look, not the message: left out.
+        headers = names.without(delivery.properties.headers or {}, _COUNTERS)
         death = _death(headers)
         reason = _text(headers.get(names.REASON)) or _text(death.get("reason")).replace("_", "-")
         when = _time(death.get("time"))
@@ -148,6 +149,10 @@ class ParkedMessage:
             position=position,
         )
 
+    def _header(self, name: str) -> str | None:
+        value = self.headers.get(name)
+        return None if value is None else _text(value)
+
     def summary(self) -> dict[str, Any]:
         """What `list --json` prints of each message."""
         return {
@@ -159,8 +164,8 @@ class ParkedMessage:
             "attempts": self.attempts,
             "first_failure": self.first_failure,
             "last_failure": self.last_failure,
-            "original_exchange": _text(self.headers.get(names.ORIGINAL_EXCHANGE)) or None,
-            "original_routing_key": _text(self.headers.get(names.ORIGINAL_ROUTING_KEY)) or None,
+            "original_exchange": self._header(names.ORIGINAL_EXCHANGE),
+            "original_routing_key": self._header(names.ORIGINAL_ROUTING_KEY),
             "size": len(self.body),
         }
 
