@@ -87,6 +87,7 @@ class Supervisor:
             )
             self.processes[number] = process
             log.info("worker %d started: pid %d", number, process.pid)
+            log.debug("worker %d runs %s", number, " ".join(self.command))  # no URL: it is in env
             if self._stopping.is_set():  # the stop came while it was starting
                 process.send_signal(signal.SIGTERM)
             code = await process.wait()
