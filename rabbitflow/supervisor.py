@@ -37,10 +37,20 @@ def _how(code: int) -> str:
 class Supervisor:
     """Runs `command` as `count` worker processes with `env` (plus the worker's number)."""
 
-    def __init__(self, command: Sequence[str], count: int, env: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        command: Sequence[str],
+        count: int,
+        env: Mapping[str, str],
+        *,
+        first_backoff: float = FIRST_BACKOFF,
+        max_backoff: float = MAX_BACKOFF,
+        reset_after: float = RESET_AFTER,
+    ) -> None:
         self.command = list(command)
         self.count = count
         self.env = dict(env)
+        self.first_backoff, self.max_backoff, self.reset_after = first_backoff, max_backoff, reset_after
         self.processes: dict[int, asyncio.subprocess.Process] = {}
         self._stopping: asyncio.Event | None = None
         self._clean = True
@@ -79,7 +89,7 @@ class Supervisor:
         """Worker `number`, started again after each crash until the supervisor stops."""
         assert self._stopping is not None
         loop = asyncio.get_running_loop()
-        backoff = FIRST_BACKOFF
+        backoff = self.first_backoff
         while not self._stopping.is_set():
             started = loop.time()
             process = await asyncio.create_subprocess_exec(
@@ -100,10 +110,10 @@ class Supervisor:
                 log.warning("worker %d (pid %d) exited by itself; not restarted", number, process.pid)
                 return
             ran = loop.time() - started
-            if ran >= RESET_AFTER:
-                backoff = FIRST_BACKOFF
+            if ran >= self.reset_after:
+                backoff = self.first_backoff
             log.error(
-                "worker %d (pid %d) died (%s) after %.1f s; starting it again in %.0f s",
+                "worker %d (pid %d) died (%s) after %.1f s; starting it again in %g s",
                 number,
                 process.pid,
                 _how(code),
@@ -112,4 +122,4 @@ class Supervisor:
             )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF)
+            backoff = min(backoff * 2, self.max_backoff)
