@@ -162,6 +162,8 @@ async def _list(admin: Admin, args: argparse.Namespace, filter: Filter) -> int:
     _groups(listing.groups)
     if listing.messages:
         print(f"\nthe first {len(listing.messages)}, head first:")
+        ids = max(len(m.message_id or "-") for m in listing.messages)
+        reasons = max(len(m.reason or "-") for m in listing.messages)
         for m in listing.messages:
             error = (
                 f"  {m.exception.rpartition('.')[2] or '-'}: {m.error.splitlines()[0][:80]}"
@@ -169,7 +171,8 @@ async def _list(admin: Admin, args: argparse.Namespace, filter: Filter) -> int:
                 else ""
             )
             print(
-                f"  #{m.position:<4} {m.message_id or '-'}  {m.reason or '-'}  attempts={m.attempts}{error}"
+                f"  #{m.position:<4} {(m.message_id or '-').ljust(ids)}  {(m.reason or '-').ljust(reasons)}"
+                f"  attempts={m.attempts}{error}"
             )
     return 0
 
