@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -239,3 +241,37 @@ async def test_errors_exit_nonzero_with_one_line_saying_what_is_wrong(
     line = one_line(down)
     assert "no RabbitMQ node accepted a connection" in line
     assert "s3cret" not in down.stdout + down.stderr
+
+
+def on_a_terminal(*args: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Runs the CLI with stderr on a pseudo-terminal; returns what it wrote there too."""
+    controller, terminal = pty.openpty()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "rabbitflow", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(terminal)
+    written = b""
+    with contextlib.suppress(OSError):  # EIO once everything written was read
+        while chunk := os.read(controller, 65536):
+            written += chunk
+    os.close(controller)
+    return result, written.decode(errors="replace")
+
+
+async def test_progress_is_drawn_on_stderr_only_when_it_is_a_terminal(lot: Lot) -> None:
+    piped = lot.cli("replay", "--dry-run")
+    assert piped.returncode == 0
+    assert piped.stderr == ""  # piped or redirected: no bar
+    result, terminal = on_a_terminal("parked", "replay", lot.target, lot.queue, "--dry-run")
+    assert result.returncode == 0
+    assert "would replay 5 of 5 parked message(s)" in result.stdout  # the report stays on stdout
+    assert "replaying" in terminal
+    assert "100%" in terminal
