@@ -1,6 +1,7 @@
 """Operator work on a service's topology and parking queues, on a connection of its own.
 
-Used by `App.declare/check/parked/replay/purge/delete` and by the CLI; it works whether or not the
+Used by `App.declare/check/parked/replay` and by the CLI (`list_parked`, `show_parked`,
+`replay_parked`, `purge_parked` back `rabbitflow parked list|show|replay|purge`); it works whether or not the
 service runs, from any machine that reaches the broker.
 """
 
@@ -11,11 +12,11 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from . import names
+from . import names, parking
 from .compat import concerns
 from .connection import ConnectionManager
 from .errors import ChannelClosed, ConfigError
-from .parking import ParkedMessage, peek, replay
+from .parking import Filter, Listing, Outcome, ParkedMessage, Progress
 from .topology.applier import Difference, apply_plan, check_plan
 from .topology.compiler import Plan
 from .transport.base import Transport
@@ -39,12 +40,12 @@ class Admin:
     def __init__(self, plan: Plan, manager: ConnectionManager, *, budget: float) -> None:
         self.plan = plan
         self._manager = manager
-        self._budget = budget
+        self.budget = budget
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Transport]:
         """A connection of its own, to the first node that accepts."""
-        transport = await self._manager.connect(self._budget)
+        transport = await self._manager.connect(self.budget)
         try:
             yield transport
         finally:
@@ -83,34 +84,96 @@ class Admin:
             transport.node, version, differences, concerns(self.plan, version) if version else []
         )
 
+    def _rotates(self, queue: str) -> bool:
+        """Whether `queue`'s parking queue is a quorum queue, which counts every return of a
+        message as a delivery: a walk over it republishes the messages it keeps (parking.py)."""
+        parked = names.parked_queue(queue)
+        return any(q.name == parked and q.arguments.get("x-queue-type") == "quorum" for q in self.plan.queues)
+
+    async def list_parked(
+        self,
+        queue: str,
+        *,
+        filter: Filter | None = None,
+        limit: int = 20,
+        progress: Progress | None = None,
+    ) -> Listing:
+        """The messages parked for the consumer of `queue` (or its `.parked` name) that match
+        `filter`, grouped by reason and exception type, and the first `limit` of them. Looking
+        any number of times drops and reorders none of them."""
+        queue = self._consumed(queue)
+        async with self.connection() as transport:
+            return await parking.look(
+                transport, queue, filter=filter, limit=limit, rotate=self._rotates(queue), progress=progress
+            )
+
+    async def show_parked(self, queue: str, *, filter: Filter | None = None) -> ParkedMessage | None:
+        """The first parked message of `queue` that matches `filter` (by id: `Filter(message_id=)`),
+        the head without one; None when there is none. It stays parked."""
+        queue = self._consumed(queue)
+        async with self.connection() as transport:
+            return await parking.find(transport, queue, filter=filter, rotate=self._rotates(queue))
+
+    async def replay_parked(
+        self,
+        queue: str,
+        *,
+        filter: Filter | None = None,
+        limit: int | None = None,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+    ) -> Outcome:
+        """Send at most `limit` parked messages of `queue` that match `filter` back to `queue`
+        (only to it), from those parked when it began; each leaves the parking queue only once
+        its copy is confirmed, and the others stay parked in their order."""
+        queue = self._consumed(queue)
+        async with self.connection() as transport:
+            return await parking.replay(
+                transport,
+                queue,
+                limit,
+                filter=filter,
+                dry_run=dry_run,
+                rotate=self._rotates(queue),
+                progress=progress,
+            )
+
+    async def purge_parked(
+        self,
+        queue: str,
+        *,
+        filter: Filter | None = None,
+        limit: int | None = None,
+        dry_run: bool = False,
+        progress: Progress | None = None,
+    ) -> Outcome:
+        """Delete at most `limit` parked messages of `queue` that match `filter`, from those
+        parked when it began; the others stay parked, unchanged and in their order."""
+        queue = self._consumed(queue)
+        async with self.connection() as transport:
+            return await parking.purge(
+                transport,
+                queue,
+                limit,
+                filter=filter,
+                dry_run=dry_run,
+                rotate=self._rotates(queue),
+                progress=progress,
+            )
+
     async def parked(self, queue: str, *, limit: int = 100) -> list[ParkedMessage]:
         """Up to `limit` messages parked for the consumer of `queue`, head first; they stay parked."""
         queue = self._consumed(queue)
         async with self.connection() as transport:
-            return await peek(transport, queue, limit)
+            return await parking.peek(transport, queue, limit, rotate=self._rotates(queue))
 
     async def replay(self, queue: str, *, limit: int | None = None) -> int:
-        """Send parked messages of `queue` back; each leaves the parking queue only once its copy
-        is confirmed. Returns how many were sent back."""
-        queue = self._consumed(queue)
-        async with self.connection() as transport:
-            return await replay(transport, queue, limit)
+        """`replay_parked` without a filter; returns how many were sent back."""
+        return (await self.replay_parked(queue, limit=limit)).done
 
     async def purge(self, queue: str) -> int:
         """Remove the messages parked for the consumer of `queue` (those there when it began)."""
-        queue = self._consumed(queue)
-        parked = names.parked_queue(queue)
-        async with self.connection() as transport:
-            channel = await transport.channel()
-            try:
-                count = (await channel.declare_queue(parked, passive=True)).message_count
-                removed = 0
-                while removed < count and (delivery := await channel.get(parked)) is not None:
-                    await channel.ack(delivery.delivery_tag)
-                    removed += 1
-            finally:
-                await channel.close()
-        return removed
+        return (await self.purge_parked(queue)).done
 
     async def delete(self, *, force: bool = False) -> list[str]:
         """Delete the service's queues and its own exchange (`<service>.dlx`; exchanges its

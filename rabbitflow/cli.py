@@ -8,13 +8,13 @@ import importlib
 import importlib.util
 import logging
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 from .app import App
+from .cli_parked import add_parked, old_parked_form
 from .errors import RabbitflowError
+from .supervisor import WORKER_ENV, Supervisor
 from .topology.render import render
 from .urls import mask
 
@@ -55,12 +55,26 @@ class _MaskingFormatter(logging.Formatter):
         return mask(super().format(record))
 
 
-def configure_logging(level: str) -> None:
+LEVELS = ["debug", "debug-all", "info", "warning", "error"]
+# The client libraries' loggers: at DEBUG aiormq logs every frame. `--log-level debug` keeps them
+# at WARNING; `debug-all` (or RABBITFLOW_DEBUG_ALL=1) lets them through.
+_CLIENT_LOGGERS = ("aiormq", "aio_pika", "pamqp")
+
+
+def configure_logging(level: str, *, worker: str | None = None, clients: int = logging.WARNING) -> None:
+    """Log lines to stderr, passwords masked; under `--workers N` each names its worker
+    (`worker=2 pid=4711`; the supervisor's own say `worker=main`). The client libraries log at
+    `clients` and above, unless the level is `debug-all`."""
+    level = level.lower()
+    everything = level == "debug-all" or os.environ.get("RABBITFLOW_DEBUG_ALL") == "1"
+    who = f"worker={worker} pid=%(process)d " if worker is not None else ""
     handler = logging.StreamHandler()
-    handler.setFormatter(_MaskingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(_MaskingFormatter(f"%(asctime)s %(levelname)-7s {who}%(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel("DEBUG" if level == "debug-all" else level.upper())
+    for name in _CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if everything else clients)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -76,25 +90,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_workers(args: argparse.Namespace) -> int:
-    """N worker processes, each a whole app; signals are passed on, the exit waits for all.
-    The URL goes to them in the environment: a command line is visible to every user in `ps`."""
+    """N worker processes kept running (supervisor.py). The URL goes to them in the environment:
+    a command line is visible to every user in `ps`."""
+    load_app(args.app)  # a module that cannot load fails here, once, not in N restarting workers
     command = [sys.executable, "-m", "rabbitflow", "run", args.app, "--log-level", args.log_level]
-    env = None
+    env = dict(os.environ)
     if args.url:
         command.append("--url-from-env")
-        env = {**os.environ, "RABBITFLOW_URL": args.url}
-    children = [subprocess.Popen(command, env=env) for _ in range(args.workers)]
-    log.info("started %d workers: %s", len(children), ", ".join(str(c.pid) for c in children))
-
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    codes = [child.wait() for child in children]
-    return max(codes, default=0)
+        env["RABBITFLOW_URL"] = args.url
+    return Supervisor(command, args.workers, env).run()
 
 
 def _topology(args: argparse.Namespace) -> int:
@@ -130,21 +134,6 @@ async def _against_broker(app: App, *, check: bool) -> int:
     return 0
 
 
-def _parked(args: argparse.Namespace) -> int:
-    app = load_app(args.app)
-    if args.url:
-        app.use_url(args.url)
-    if args.replay:
-        count = asyncio.run(app.replay(args.queue, limit=args.limit))
-        print(f"sent {count} parked message(s) back to {args.queue}")
-        return 0
-    messages = asyncio.run(app.parked(args.queue, limit=args.limit or 20))
-    for m in messages:
-        print(f"{m.message_id or '-'}  {m.reason:<14} attempts={m.attempts}  {m.error[:120]}")
-    print(f"{len(messages)} parked message(s) shown for {args.queue}")
-    return 0
-
-
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="rabbitflow",
@@ -174,8 +163,10 @@ def parser() -> argparse.ArgumentParser:
         "--log-level",
         default="INFO",
         metavar="LEVEL",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"],
-        help="DEBUG, INFO (default), WARNING or ERROR",
+        type=str.lower,
+        choices=LEVELS,
+        help="debug (rabbitflow's own DEBUG lines; aiormq, aio_pika and pamqp stay at WARNING), "
+        "debug-all (theirs too, every frame), info (default), warning or error",
     )
     run.set_defaults(handler=_run)
 
@@ -193,32 +184,23 @@ def parser() -> argparse.ArgumentParser:
     )
     mode.add_argument("--apply", action="store_true", help="declare the plan on the broker")
     topo.add_argument("--url", help="broker URL(s) for --check/--apply")
-    topo.add_argument("--log-level", default="WARNING", metavar="LEVEL")
+    topo.add_argument("--log-level", default="warning", metavar="LEVEL", type=str.lower, choices=LEVELS)
     topo.set_defaults(handler=_topology)
 
-    parked = commands.add_parser(
-        "parked",
-        help="list a queue's parked messages, or send them back (--replay)",
-        description="Show the messages parked for the consumer of QUEUE with their reasons "
-        "(they stay parked), or with --replay send them back to QUEUE itself (the default exchange, "
-        "routing key QUEUE; never the other queues bound where they were first published), without "
-        "rabbitflow's headers: they start again at attempt 1.",
-    )
-    parked.add_argument("app", metavar="MODULE:APP")
-    parked.add_argument("queue", metavar="QUEUE", help="the consumer's queue (not the .parked one)")
-    parked.add_argument("--replay", action="store_true", help="send them back instead of listing")
-    parked.add_argument("--limit", type=int, metavar="N", help="at most N messages (list: 20)")
-    parked.add_argument("--url", help="broker URL(s); overrides the app's own")
-    parked.add_argument("--log-level", default="WARNING", metavar="LEVEL")
-    parked.set_defaults(handler=_parked)
+    add_parked(commands, load_app, LEVELS)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(old_parked_form(sys.argv[1:] if argv is None else argv))
+    worker = os.environ.get(WORKER_ENV) if args.command == "run" else None
     if args.command == "run" and args.workers < 1:
         raise SystemExit("rabbitflow: --workers must be at least 1")
-    configure_logging(args.log_level)
+    if args.command == "run" and args.workers > 1:
+        worker = "main"
+    # An operator command ends with one line saying what failed; aiormq's own would repeat it.
+    clients = logging.CRITICAL if args.command == "parked" else logging.WARNING
+    configure_logging(args.log_level, worker=worker, clients=clients)
     try:
         code: int = args.handler(args)
     except RabbitflowError as exc:

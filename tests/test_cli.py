@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -313,3 +314,58 @@ def test_a_bad_option_fails_at_import_with_what_to_change(tmp_path: Path) -> Non
     assert "@app.consumer('orders')" in result.stderr
     assert "every delay must be a finite number of seconds >= 0" in result.stderr
     assert "s3cret" not in result.stderr
+
+
+RUN = [sys.executable, "-m", "rabbitflow", "run"]
+
+
+async def test_a_killed_worker_is_started_again_and_every_log_line_names_its_worker(
+    tmp_path: Path, broker_url: str, admin: Admin
+) -> None:
+    service, queue = unique("svc"), unique("pids")
+    admin.queues.update({queue, f"{queue}.parked"})
+    admin.exchanges.add(f"{service}.dlx")
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        parent = subprocess.Popen(  # noqa: ASYNC220 - the test is the parent of the process
+            [*RUN, "tests.services.pids:app", "--workers", "2", "--log-level", "debug"],
+            cwd=ROOT,
+            env={**os.environ, "RF_SERVICE": service, "RF_QUEUE": queue, "RABBITFLOW_URL": broker_url},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        await wait_consumers(admin, queue, count=2)
+        first = children_of(parent.pid)
+        assert len(first) == 2
+        victim = first[0]
+        os.kill(victim, signal.SIGKILL)
+        async with asyncio.timeout(20):
+            while victim in (now := children_of(parent.pid)) or len(now) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        [newcomer] = set(now) - set(first)
+        await wait_consumers(admin, queue, count=2)
+        for n in range(20):
+            await admin.publish(
+                json.dumps({"n": n}).encode(), routing_key=queue, content_type="application/json"
+            )
+        async with asyncio.timeout(20):  # the new worker consumes: it handles its share
+            while f"pid={newcomer} pids: handled" not in log.read_text():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    finally:
+        parent.send_signal(signal.SIGTERM)
+        code = parent.wait(30)
+    text = log.read_text()
+    assert code == 0, text
+    lines = text.splitlines()
+    assert lines
+    for line in lines:
+        assert re.search(r" worker=(main|1|2) pid=\d+ ", line), line
+    number = re.search(rf"worker (\d) started: pid {victim}\b", text)
+    assert number is not None, text
+    assert f"worker {number[1]} (pid {victim}) died (killed by SIGKILL)" in text
+    assert "starting it again in 1 s" in text
+    assert f"worker {number[1]} started: pid {newcomer}" in text
+    assert "DEBUG   worker=main" in text  # rabbitflow's own debug lines...
+    assert "aiormq" not in text  # ...and none of aiormq's frame dumps
+    assert "all 2 workers stopped" in text
