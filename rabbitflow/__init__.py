@@ -12,6 +12,7 @@ from .errors import PublishNacked as PublishNacked
 from .errors import PublishTimeout as PublishTimeout
 from .errors import RabbitflowError as RabbitflowError
 from .errors import Reject as Reject
+from .errors import RequestTimeout as RequestTimeout
 from .errors import Retry as Retry
 from .errors import StateError as StateError
 from .errors import TopologyConflict as TopologyConflict
@@ -43,6 +44,7 @@ __all__ = [
     "PublishTimeout",
     "RabbitflowError",
     "Reject",
+    "RequestTimeout",
     "Retry",
     "RetryPolicy",
     "Router",

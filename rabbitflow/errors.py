@@ -6,6 +6,7 @@ RabbitflowError
 ├── ConnectionFailed      no node of the cluster could be reached within the budget
 │   └── LoginRefused      a node refused the user name or password (ACCESS_REFUSED)
 ├── PublishTimeout        a publish was not confirmed within its timeout
+├── RequestTimeout        `app.request` got no reply within its timeout
 ├── Unroutable            the broker returned a mandatory publish: no queue is bound
 ├── PublishNacked         the broker refused a publish (basic.nack)
 ├── UnencodableMessage    properties or headers that cannot be encoded or do not fit a frame
@@ -31,6 +32,7 @@ __all__ = [
     "PublishTimeout",
     "RabbitflowError",
     "Reject",
+    "RequestTimeout",
     "Retry",
     "StateError",
     "TopologyConflict",
@@ -75,6 +77,10 @@ class LoginRefused(ConnectionFailed):
 
 class PublishTimeout(RabbitflowError, TimeoutError):
     """A publish was not confirmed by the broker within its timeout."""
+
+
+class RequestTimeout(RabbitflowError, TimeoutError):
+    """`app.request` got no reply within its timeout (the request itself may have been handled)."""
 
 
 class Unroutable(RabbitflowError):

@@ -207,6 +207,12 @@ class Publisher:
             except (Unroutable, ChannelClosed, ConnectionLost) as exc:
                 failure = exc
 
+    async def check_exchange(self, exchange: str) -> None:
+        """`ChannelClosed` (404) if `exchange` is missing, asked on a channel of its own the first
+        time this connection meets it."""
+        if exchange not in self._known:
+            await self._probe(exchange)
+
     async def _probe(self, exchange: str) -> None:
         """Raise the broker's 404 for a missing `exchange` on a channel of its own."""
         channel = await self.transport.channel()

@@ -116,6 +116,13 @@ class Runtime:
                 await asyncio.wait_for(self._up.wait(), remaining)
         return session
 
+    async def live_session(self, deadline: float) -> Session:
+        """The live session, waiting for one until `deadline` (loop time)."""
+        session = self.live
+        if session is None:
+            session = await self.wait_live(deadline)
+        return session
+
     async def publisher(self, deadline: float) -> Publisher:
         session = self.live
         if session is None:

@@ -11,6 +11,7 @@ from .consumer import Consumer
 from .errors import TopologyConflict
 from .middleware import Middleware
 from .publisher import Publisher
+from .request import Requests
 from .settings import Settings
 from .spec import ConsumerSpec
 from .topology.applier import apply_plan
@@ -41,6 +42,7 @@ class Session:
         known = [exchange.name for exchange in plan.exchanges]
         self.publisher = Publisher(links.publish, known=known)  # the app's own publishes
         self.copies = Publisher(links.publish, known=known, repair=self._repair)  # retry, parked copies
+        self.requests = Requests(links.publish, self.publisher)  # app.request, opened on first use
         self.consumers: list[Consumer] = []
         self._retry_queues: set[str] = set()
         self._refused: dict[str, TopologyConflict] = {}
@@ -120,7 +122,8 @@ class Session:
 
     async def stop(self, graceful_timeout: float) -> None:
         await asyncio.gather(*(c.stop(graceful_timeout) for c in self.consumers))
-        await asyncio.gather(self.publisher.close(), self.copies.close())
+        await asyncio.gather(self.publisher.close(), self.copies.close(), self.requests.close())
 
     async def abandon(self) -> None:
+        self.requests.abandon()
         await asyncio.gather(*(c.abandon() for c in self.consumers))

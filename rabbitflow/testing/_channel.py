@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import PublishNacked, Unroutable
 from ..transport.base import (
+    DIRECT_REPLY_TO,
     Arguments,
     Channel,
     ChannelClosed,
@@ -63,6 +64,7 @@ class MemoryChannel(Channel):
         self._reclaimed: set[int] = set()  # tags a consumer timeout took back (4.3)
         self.global_prefetch = 0  # basic.qos(global=True): unacked deliveries per channel, 0 = no limit
         self._on_close: list[Callable[[BaseException | None], None]] = []
+        self._reply_address: str | None = None  # amq.rabbitmq.reply-to.<token> once consuming it
 
     def __repr__(self) -> str:
         state = "open" if self._closed is None else f"closed ({self._closed})"
@@ -235,9 +237,22 @@ class MemoryChannel(Channel):
                     f"message size {len(body)} is larger than configured max size {limit}"
                 )
             props = wire_properties(properties)  # a copy, never the publisher's headers dict
+            if props.reply_to == DIRECT_REPLY_TO:
+                if self._reply_address is None:
+                    raise precondition_failed("fast reply consumer does not exist")
+                props.reply_to = self._reply_address  # what the broker tells the replier
             ttl = None if props.expiration is None else parse_expiration(props.expiration)
             now = vhost.clock()
             vhost.published.append(Published(exchange, routing_key, wire_properties(props), body, now))
+            if exchange == "" and routing_key.startswith(DIRECT_REPLY_TO + "."):
+                replier = vhost.repliers.get(routing_key)
+                if replier is None and mandatory:
+                    raise Unroutable(exchange, routing_key)
+                if replier is not None:
+                    delivery = Delivery(body, props, 0, False, exchange, routing_key)
+                    asyncio.get_running_loop().call_soon(replier, delivery)
+                await asyncio.sleep(0)
+                return
             targets = vhost.route(x, routing_key, props)
             if not targets and mandatory:
                 raise Unroutable(exchange, routing_key)
@@ -268,6 +283,13 @@ class MemoryChannel(Channel):
             vhost.touch(q)
         await asyncio.sleep(0)
         return tag
+
+    async def consume_replies(self, on_reply: Callable[[Delivery], None]) -> None:
+        with self._method() as vhost:
+            if self._reply_address is None:
+                self._reply_address = vhost.new_name(f"{DIRECT_REPLY_TO}.")
+                vhost.repliers[self._reply_address] = on_reply
+        await asyncio.sleep(0)
 
     async def cancel(self, consumer_tag: str) -> None:
         # Deliveries already made stay unacked on the channel, as after a real basic.cancel.
@@ -410,6 +432,8 @@ class MemoryChannel(Channel):
         if self._closed is not None:
             return
         self._closed = reason
+        if self._reply_address is not None:
+            self._vhost.repliers.pop(self._reply_address, None)
         for tag in list(self._consumers):
             self._forget_consumer(tag)
         entries = list(self._unacked.values())

@@ -71,6 +71,8 @@ class VHost:
         self.held: dict[Unacked, float] = {}  # deliveries under a consumer timeout -> deadline
         self.exchanges = {name: MemoryExchange(name, kind, True, {}) for name, kind in _PREDECLARED}
         self.queues: dict[str, MemoryQueue] = {}
+        # Direct reply-to: the channels consuming `amq.rabbitmq.reply-to`, by their reply address.
+        self.repliers: dict[str, Callable[[Delivery], None]] = {}
         self.published: list[Published] = []
         self.dropped: list[Dropped] = []
         self.activity = 0  # counts every change, so the broker can tell when it is idle

@@ -18,6 +18,7 @@ from pamqp.commands import Basic
 from ..errors import LoginRefused, PublishNacked, UnencodableMessage, Unroutable
 from ..urls import Endpoint
 from .base import (
+    DIRECT_REPLY_TO,
     Arguments,
     Channel,
     ChannelClosed,
@@ -250,6 +251,13 @@ class AmqpChannel(Channel):
             self._channel.on_consumer_cancel_callbacks.add(cancelled)
             self._cancel_callbacks[tag] = cancelled
         return tag
+
+    async def consume_replies(self, on_reply: Callable[[Delivery], None]) -> None:
+        async def on_message(message: DeliveredMessage) -> None:
+            on_reply(_delivery(message))
+
+        async with _translated:
+            await self._channel.basic_consume(DIRECT_REPLY_TO, on_message, no_ack=True)
 
     async def cancel(self, consumer_tag: str) -> None:
         callback = self._cancel_callbacks.pop(consumer_tag, None)

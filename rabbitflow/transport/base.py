@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 Properties = Basic.Properties
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"  # RabbitMQ's pseudo-queue for replies without a queue
 Arguments = Mapping[str, Any]
 
 
@@ -174,6 +175,12 @@ class Channel(abc.ABC):
     ) -> str:
         """Start consuming with manual acks and this prefetch; returns the consumer tag.
         `on_cancel()` runs when the broker cancels the consumer (queue deleted, say)."""
+
+    async def consume_replies(self, on_reply: Callable[[Delivery], None]) -> None:
+        """Consume this channel's direct replies (`amq.rabbitmq.reply-to`, no acks): a message
+        published on this channel with `reply_to=DIRECT_REPLY_TO` has its answer passed to
+        `on_reply`."""
+        raise NotImplementedError(f"{type(self).__name__} has no direct reply-to")
 
     @abc.abstractmethod
     async def cancel(self, consumer_tag: str) -> None: ...
