@@ -209,7 +209,7 @@ def test_binding_is_checked() -> None:
 
 def test_importing_rabbitflow_imports_neither_prometheus_nor_opentelemetry() -> None:
     code = (
-        "import sys, rabbitflow; "
+        "import sys, rabbitflow, rabbitflow.http; "
         "print(sorted(m for m in sys.modules if m.startswith(('prometheus_client', 'opentelemetry'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
