@@ -37,16 +37,14 @@ __all__ = ["HealthCollector", "PrometheusMiddleware"]
 
 BROKER = "rabbitmq"  # FastStream's `broker` label for its RabbitMQ broker
 
-# FastStream's ProcessingStatus values, and which of them each fate counts as.
-ACKED, NACKED, REJECTED, SKIPPED, ERROR = "acked", "nacked", "rejected", "skipped", "error"
+# FastStream's ProcessingStatus values used here (its "skipped" has no rabbitflow counterpart).
+ACKED, NACKED, REJECTED, ERROR = "acked", "nacked", "rejected", "error"
 # FastStream's default received-size buckets (bytes): 16 B to 16 MiB by powers of four.
 SIZE_BUCKETS = (*(2.0**n for n in range(4, 25, 2)), float("inf"))
 
 _MAX_DESTINATIONS = 1000  # pre-bound publish children kept; beyond, labels are bound per publish
-_CONTROL_FLOW = (
-    Retry,
-    Reject,
-)  # signals, not errors: not in *_exceptions_total (FastStream's IgnoredException)
+# Signals, not errors: never in *_exceptions_total (FastStream's IgnoredException likewise).
+_CONTROL_FLOW = (Retry, Reject)
 
 
 class _Metrics:
@@ -60,51 +58,51 @@ class _Metrics:
             return Counter(f"{prefix}_{name}", doc, labels, registry=registry)
 
         self.received = counter(
-            "received_messages_total", "Count of received messages by broker and handler", consumer
+            "received_messages_total", "Deliveries received, by consumer queue (handler)", consumer
         )
         self.received_size = Histogram(
             f"{prefix}_received_messages_size_bytes",
-            "Histogram of received messages size in bytes by broker and handler",
+            "Body sizes of the deliveries received, in bytes",
             consumer,
             registry=registry,
             buckets=size_buckets,
         )
         self.in_process = Gauge(
             f"{prefix}_received_messages_in_process",
-            "Gauge of received messages in process by broker and handler",
+            "Handler calls running now",
             consumer,
             registry=registry,
         )
         self.processed = counter(
             "received_processed_messages_total",
-            "Count of received processed messages by broker, handler and status",
+            "Deliveries whose fate is decided, by status (acked, nacked, rejected, error)",
             (*consumer, "status"),
         )
         self.processed_duration = Histogram(
             f"{prefix}_received_processed_messages_duration_seconds",
-            "Histogram of received processed messages duration in seconds by broker and handler",
+            "Seconds each handler call took",
             consumer,
             registry=registry,
         )
         self.processed_exceptions = counter(
             "received_processed_messages_exceptions_total",
-            "Count of received processed messages exceptions by broker, handler and exception_type",
+            "Failed handler calls (and undecodable bodies), by exception class name",
             (*consumer, "exception_type"),
         )
         self.published = counter(
             "published_messages_total",
-            "Count of published messages by destination and status",
+            "app.publish calls, by destination and status (success, error)",
             (*producer, "status"),
         )
         self.published_duration = Histogram(
             f"{prefix}_published_messages_duration_seconds",
-            "Histogram of published messages duration in seconds by broker and destination",
+            "Seconds from app.publish to the broker's confirm (or the failure)",
             producer,
             registry=registry,
         )
         self.published_exceptions = counter(
             "published_messages_exceptions_total",
-            "Count of published messages exceptions by broker, destination and exception_type",
+            "Failed app.publish calls, by exception class name",
             (*producer, "exception_type"),
         )
         self.retries = counter(
@@ -112,13 +110,13 @@ class _Metrics:
             "Failed deliveries sent to a retry queue, by queue and delay",
             ("app_name", "queue", "delay"),
         )
-        self.health = HealthCollector(prefix)
-        registry.register(self.health)
         self.parked = counter(
             "parked_messages_total",
             "Deliveries sent to the parking queue, by queue and reason",
             ("app_name", "queue", "reason"),
         )
+        self.health = HealthCollector(prefix)
+        registry.register(self.health)
 
 
 # Metric objects can be registered once per registry: middlewares sharing one share them.
