@@ -8,7 +8,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import orjson
@@ -149,12 +149,12 @@ async def test_the_asgi_app_serves_the_same_under_a_prefix(make_app: Callable[..
 async def test_the_asgi_app_answers_a_lifespan() -> None:
     asgi = metrics_and_health(App("svc", url="memory://"))
     inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> MutableMapping[str, Any]:
         return inbox.pop(0)
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
     await asgi({"type": "lifespan"}, receive, send)

@@ -12,9 +12,12 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client import CollectorRegistry
 
 from rabbitflow import App, Message, Unroutable
 from rabbitflow.opentelemetry import TelemetryMiddleware
+from rabbitflow.prometheus import PrometheusMiddleware
+from rabbitflow.testing import TestClient
 
 from .helpers import Admin, unique, wait_for
 
@@ -69,7 +72,9 @@ async def test_every_attempt_is_a_child_of_the_publish_span(
     (traceparent,) = set(seen)
     assert traceparent.startswith(f"00-{context.trace_id:032x}-{context.span_id:016x}-")
 
-    attempts = sorted(spans(exporter, f"process {queue}"), key=lambda s: s.attributes["rabbitflow.attempt"])
+    attempts = sorted(
+        spans(exporter, f"process {queue}"), key=lambda s: int(s.attributes["rabbitflow.attempt"])
+    )
     assert [s.attributes["rabbitflow.attempt"] for s in attempts] == [1, 2, 3]
     for span in attempts:
         assert span.kind is SpanKind.CONSUMER
@@ -173,7 +178,7 @@ async def test_undecodable_and_parked_deliveries_and_unroutable_publishes_are_er
         for m in await admin.drain(f"{queue}.parked")
     }
     traceparent = parked["exhausted"]["traceparent"]
-    traceparent = traceparent.decode() if isinstance(traceparent, bytes) else traceparent
+    traceparent = traceparent.decode() if isinstance(traceparent, bytes) else str(traceparent)
     assert traceparent.split("-")[2] == f"{publish.context.span_id:016x}"
 
 
@@ -206,3 +211,37 @@ async def test_a_timed_out_attempt_and_one_cut_short_by_a_stop_each_end_their_sp
     assert cut_short.status.status_code is StatusCode.ERROR
     assert cut_short.attributes["error.type"] == "asyncio.exceptions.CancelledError"
     assert cut_short.attributes["rabbitflow.outcome"] == "abandoned"
+
+
+async def test_tracing_and_metrics_together_in_virtual_time(
+    provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    # Both middlewares on one app, on the in-memory broker (TestClient) with 60 s retry delays.
+    registry = CollectorRegistry()
+    metrics = PrometheusMiddleware(registry)
+    app = App("orders", url="memory://", middleware=[metrics, TelemetryMiddleware(provider)])
+    metrics.bind(app)
+
+    @app.consumer("orders.created", retries=2, delay=60)
+    async def handle(body: dict[str, int], message: Message) -> None:
+        if message.attempt < 3:
+            raise ConnectionError("inventory down")
+
+    async with TestClient(app) as client:
+        await app.publish({"id": 1}, routing_key="orders.created")
+        await client.drain()
+
+    (publish,) = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.PRODUCER]
+    attempts = spans(exporter, "process orders.created")
+    assert sorted(s.attributes["rabbitflow.outcome"] for s in attempts) == ["handled", "retried", "retried"]
+    assert {s.parent.span_id for s in attempts if s.parent} == {publish.context.span_id}
+    labels = {"app_name": "orders", "broker": "rabbitmq", "handler": "orders.created"}
+    processed = "rabbitflow_received_processed_messages_total"
+    assert registry.get_sample_value(processed, {**labels, "status": "nacked"}) == 2
+    assert registry.get_sample_value(processed, {**labels, "status": "acked"}) == 1
+    assert (
+        registry.get_sample_value(
+            "rabbitflow_retries_total", {"app_name": "orders", "queue": "orders.created", "delay": "60"}
+        )
+        == 2
+    )
