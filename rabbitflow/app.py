@@ -20,17 +20,17 @@ from .admin import Admin
 from .breaker import Breaker
 from .codec import outgoing
 from .connection import ConnectionManager, Failover
-from .errors import ConfigError, ConnectionLost, RequestTimeout, StateError
+from .errors import ConfigError, StateError
 from .message import Message
-from .middleware import Middleware, Outgoing, around_publish
+from .middleware import Middleware, around_publish
 from .parking import ParkedMessage
 from .publisher import publish
 from .registry import Registry
-from .request import Requests
+from .request import Requests, request
 from .runtime import Runtime
 from .settings import Lifespan, Settings
 from .topology.applier import Difference
-from .transport.base import Broker, Delivery, Properties
+from .transport.base import Broker
 from .urls import parse_urls
 
 __all__ = ["App"]
@@ -316,27 +316,16 @@ class App(Registry):
             persistent=persistent,
         )
         limit = self.settings.publish_timeout if timeout is None else timeout
-        if not self.middleware:
-            await publish(
-                self._publisher, data, exchange, routing_key, properties, timeout=limit, mandatory=mandatory
-            )
-            return
-        message = Outgoing(
-            data,
-            exchange,
-            routing_key,
-            dict(properties.headers or {}),
-            properties.message_id,
-            properties.content_type,
-        )
 
         async def send() -> None:
-            properties.headers = message.headers or None
             await publish(
                 self._publisher, data, exchange, routing_key, properties, timeout=limit, mandatory=mandatory
             )
 
-        await around_publish(self.middleware, message, send)
+        if self.middleware:
+            await around_publish(self.middleware, data, exchange, routing_key, properties, send)
+        else:
+            await send()
 
     async def request(
         self,
@@ -358,74 +347,20 @@ class App(Registry):
         exchange. A request whose connection was lost before its reply is sent again on the next
         node (the handler may see it twice, as with any at-least-once delivery).
         """
-        limit = self.settings.publish_timeout if timeout is None else timeout
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit
         data, properties = outgoing(
             body,
             message_id=message_id or f"{self._id_prefix}{next(self._ids):x}",
             content_type=content_type,
             headers=headers,
         )
-        try:
-            async with asyncio.timeout_at(deadline):
-                while True:
-                    runtime = self._runtime or await self._running(deadline)
-                    requests = (await runtime.live_session(deadline)).requests
-                    try:
-                        reply = await self._ask(requests, data, exchange, routing_key, properties)
-                        break
-                    except ConnectionLost:
-                        await asyncio.sleep(0)  # the session ended: ask on the next one
-        except TimeoutError:
-            raise RequestTimeout(
-                f"no reply to the request to exchange {exchange!r} with routing key {routing_key!r} "
-                f"within {limit}s"
-            ) from None
-        p = reply.properties
-        return Message(
-            body=reply.body,
-            headers=p.headers or {},
-            attempt=1,
-            message_id=p.message_id,
-            routing_key=reply.routing_key,
-            exchange=reply.exchange,
-            redelivered=reply.redelivered,
-            content_type=p.content_type,
-            correlation_id=p.correlation_id,
+        limit = self.settings.publish_timeout if timeout is None else timeout
+        return await request(
+            self._requests, data, exchange, routing_key, properties, timeout=limit, middleware=self.middleware
         )
 
-    async def _ask(
-        self, requests: Requests, data: bytes, exchange: str, routing_key: str, properties: Properties
-    ) -> Delivery:
-        future: asyncio.Future[Delivery] | None = None
-
-        async def send() -> None:
-            nonlocal future
-            future = await requests.send(data, exchange, routing_key, properties)
-
-        if self.middleware:
-            message = Outgoing(
-                data,
-                exchange,
-                routing_key,
-                dict(properties.headers or {}),
-                properties.message_id,
-                properties.content_type,
-            )
-
-            async def send_as_changed() -> None:
-                properties.headers = message.headers or None
-                await send()
-
-            await around_publish(self.middleware, message, send_as_changed)
-        else:
-            await send()
-        assert future is not None
-        try:
-            return await future
-        finally:
-            requests.forget(future)
+    async def _requests(self, deadline: float) -> Requests:
+        runtime = self._runtime or await self._running(deadline)
+        return (await runtime.live_session(deadline)).requests
 
     async def _publisher(self, deadline: float) -> Any:
         runtime = self._runtime

@@ -11,32 +11,29 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from . import copies, names
+from .answer import Answers
 from .breaker import Breaker, BreakerState, Circuit, Switch
 from .codec import DecodeError
-from .codec import outgoing as codec_outgoing
+from .copier import Copier
 from .errors import (
     ChannelClosed,
     ConnectionLost,
     TopologyConflict,
-    UnencodableMessage,
-    Unroutable,
 )
 from .message import Message
-from .middleware import Fate, Middleware, Outcome, Outgoing, around_publish
+from .middleware import Fate, Middleware, Outcome, around_attempt, tell_failed, tell_received, tell_settled
 from .publisher import Publisher
 from .retry import Decision, decide
 from .retry import Outcome as Decided
 from .settlement import Settlement
 from .spec import ConsumerSpec
 from .subscription import Redeclare, Subscription
-from .transport.base import Channel, Delivery, persistent_copy
+from .transport.base import Channel, Delivery
 
 __all__ = ["Consumer"]
 
@@ -78,10 +75,7 @@ class Consumer:
         self._retry_queues = {d: names.retry_queue(spec.queue, d) for d in spec.policy.distinct_delays}
         self._channel = channel
         self._copies = copies
-        self._onward = onward
-        self._publish_timeout = publish_timeout
-        self._answers = itertools.count(1)
-        self._answer_prefix = f"{uuid.uuid4().hex[:16]}-"
+        self._answers = Answers(spec.publish_to, onward, timeout=publish_timeout, middleware=middleware)
         self._ensure_retry_queue = ensure_retry_queue
         self._prefetch = prefetch
         self._timeout = handler_timeout
@@ -89,9 +83,9 @@ class Consumer:
         # Prefetch already bounds how many deliveries run at once; a semaphore only when tighter.
         self._limit = asyncio.Semaphore(concurrency) if concurrency < prefetch else None
         self.settlement = Settlement(channel, prefetch=prefetch)
+        self._copier = Copier(copies, self.settlement, queue=spec.queue, dlx=self._dlx, parked=self._parked)
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._pending: set[asyncio.Future[Any]] = set()  # copies awaiting the broker
         self.circuit = Circuit(breaker) if breaker is not None else None
         self.subscription = Subscription(
             channel,
@@ -155,9 +149,9 @@ class Consumer:
             await self._cancel_handlers()
         # Copies still waiting for their confirm (and copies sent again meanwhile): their originals
         # are acked once it comes.
-        while self._pending and loop.time() < deadline + timeout:
-            await asyncio.wait(set(self._pending), timeout=deadline + timeout - loop.time())
-        for future in list(self._pending):
+        while self._copier.pending and loop.time() < deadline + timeout:
+            await asyncio.wait(set(self._copier.pending), timeout=deadline + timeout - loop.time())
+        for future in list(self._copier.pending):
             future.cancel()
         await self.settlement.flush()
         await self._channel.close()
@@ -170,7 +164,7 @@ class Consumer:
             self._switch.quiet()
         self.subscription.abort()
         await self._cancel_handlers()
-        for future in list(self._pending):
+        for future in list(self._copier.pending):
             future.cancel()
         # The consuming connection may be the one still up (the publishing one went): what is
         # acked already should not come back as a duplicate.
@@ -247,40 +241,29 @@ class Consumer:
         attempt = copies.attempt(delivery, headers, spec.queue, spec.policy.retries) if headers else 1
         message = None
         if self._middleware:
-            message = self._message(delivery, headers, attempt)
-            self._received(message)
+            message = Message.of(delivery, headers, attempt, self.spec.queue)
+            tell_received(self._middleware, message)
         try:
             body = spec.signature.read(delivery.body, properties.content_type)
         except DecodeError as exc:
-            log.warning(
-                "queue %s: message %s attempt %d cannot be decoded: %s; parking it (decode-error)",
-                spec.queue,
-                properties.message_id or "-",
-                attempt,
-                copies.describe(exc)[:200],
-            )
-            self._park(delivery, "decode-error", attempt, exc, message)
+            why = f"cannot be decoded: {copies.describe(exc)[:200]}"
+            self._park_unread(delivery, "decode-error", attempt, exc, message, why)
             return
         if delivery.redelivered and copies.delivery_count(headers) >= PARK_AFTER_DELIVERIES:
-            log.warning(
-                "queue %s: message %s delivered %d times without being settled; parking it (delivery-limit)",
-                spec.queue,
-                properties.message_id or "-",
-                copies.delivery_count(headers),
-            )
-            self._park(delivery, "delivery-limit", attempt, None, message)
+            count = copies.delivery_count(headers)
+            self._park_unread(delivery, "delivery-limit", attempt, None, message, f"delivered {count} times")
             return
         scope = None
         try:
             if self._timeout is None:
                 result = await self._call(delivery, body, headers, attempt, message)
                 if result is not None:
-                    await self._answer(delivery, result)
+                    await self._answers.send(delivery, result)
             else:
                 async with (scope := asyncio.timeout(self._timeout)):
                     result = await self._call(delivery, body, headers, attempt, message)
                     if result is not None:
-                        await self._answer(delivery, result)
+                        await self._answers.send(delivery, result)
         except BaseException as exc:
             # Any exception of the handler's, BaseExceptions included, is a failed attempt; only
             # a cancellation of our own (a shutdown, a lost session) is not.
@@ -310,20 +293,17 @@ class Consumer:
         spec = self.spec
         signature = spec.signature
         if message is not None:
-            return await self._around(0, message, body)
+            return await around_attempt(
+                self._middleware, message, functools.partial(self._run, body, message)
+            )
         if signature.message_param is None:
             return await spec.handler(body)
-        message = self._message(delivery, headers, attempt)
+        message = Message.of(delivery, headers, attempt, self.spec.queue)
         if signature.message_positional:
             return await spec.handler(body, message)
         return await spec.handler(body, **{signature.message_param: message})
 
-    async def _around(self, index: int, message: Message, body: Any) -> Any:
-        """The middlewares' `attempt` hooks from `index` on, the handler innermost."""
-        if index < len(self._middleware):
-            return await self._middleware[index].attempt(
-                message, functools.partial(self._around, index + 1, message, body)
-            )
+    async def _run(self, body: Any, message: Message) -> Any:
         spec = self.spec
         signature = spec.signature
         if signature.message_param is None:
@@ -331,54 +311,6 @@ class Consumer:
         if signature.message_positional:
             return await spec.handler(body, message)
         return await spec.handler(body, **{signature.message_param: message})
-
-    async def _answer(self, delivery: Delivery, result: Any) -> None:
-        """Publish the handler's result to `publish_to`, or as the reply to a request; part of the
-        attempt: it fails if the broker does not confirm it."""
-        properties = delivery.properties
-        target = self.spec.publish_to
-        if target is not None:
-            exchange, routing_key = target
-            correlation_id, mandatory = properties.correlation_id, True
-        elif properties.reply_to:
-            # A reply: the requester may be gone (its reply-to queue with it); that is no reason to
-            # fail the attempt.
-            exchange, routing_key = "", properties.reply_to
-            correlation_id, mandatory = properties.correlation_id or properties.message_id, False
-        else:
-            return  # nobody asked for it
-        data, outgoing = codec_outgoing(
-            result,
-            message_id=f"{self._answer_prefix}{next(self._answers):x}",
-            correlation_id=correlation_id,
-        )
-        onward = self._onward
-        assert onward is not None, "a consumer that answers needs the session's publisher"
-
-        async def send() -> None:
-            async with asyncio.timeout(self._publish_timeout):
-                await onward.publish(data, exchange, routing_key, outgoing, mandatory=mandatory)
-
-        if not self._middleware:
-            await send()
-            return
-        headers = dict(outgoing.headers or {})
-        message = Outgoing(data, exchange, routing_key, headers, outgoing.message_id, outgoing.content_type)
-
-        async def send_as_changed() -> None:
-            outgoing.headers = message.headers or None
-            await send()
-
-        await around_publish(self._middleware, message, send_as_changed)
-
-    # -- what the middlewares see --------------------------------------------------------------
-
-    def _received(self, message: Message) -> None:
-        for middleware in self._middleware:
-            try:
-                middleware.received(message)
-            except Exception:
-                log.exception("queue %s: middleware %r failed in received()", self.spec.queue, middleware)
 
     def _settled(
         self,
@@ -389,66 +321,32 @@ class Consumer:
         reason: str | None = None,
         delay: float | None = None,
     ) -> None:
-        outcome = Outcome(fate, exception, reason=reason, delay=delay)
-        for middleware in self._middleware:
-            try:
-                middleware.settled(message, outcome)
-            except Exception:
-                log.exception("queue %s: middleware %r failed in settled()", self.spec.queue, middleware)
+        tell_settled(self._middleware, message, Outcome(fate, exception, reason=reason, delay=delay))
 
     # -- the failure path ----------------------------------------------------------------------
-
-    def _message(self, delivery: Delivery, headers: Mapping[str, Any], attempt: int) -> Message:
-        p = delivery.properties
-        return Message(
-            body=delivery.body,
-            headers=headers,
-            attempt=attempt,
-            message_id=p.message_id,
-            routing_key=delivery.routing_key,
-            exchange=delivery.exchange,
-            redelivered=delivery.redelivered,
-            content_type=p.content_type,
-            correlation_id=p.correlation_id,
-            reply_to=p.reply_to,
-            queue=self.spec.queue,
-        )
 
     async def _fail(
         self, delivery: Delivery, attempt: int, exc: BaseException, message: Message | None
     ) -> None:
-        for middleware in self._middleware:
-            try:
-                middleware.attempt_failed(self.spec.queue, attempt, exc)
-            except Exception:
-                log.exception(
-                    "queue %s: middleware %r failed in attempt_failed()", self.spec.queue, middleware
-                )
+        tell_failed(self._middleware, self.spec.queue, attempt, exc)
         decision: Decision = decide(self.spec.policy, attempt, exc)
-        if decision.outcome is Decided.RETRY:
-            log.info(
-                "queue %s: message %s attempt %d failed with %s: %s; retrying in %ss",
-                self.spec.queue,
-                delivery.properties.message_id or "-",
-                attempt,
-                type(exc).__name__,
-                copies.describe(exc)[:200],
-                decision.delay,
-            )
-            if message is not None:
-                self._settled(message, Fate.RETRIED, exc, delay=decision.delay)
-            await self._retry(delivery, attempt, decision.delay)
-        else:
-            log.warning(
-                "queue %s: message %s attempt %d failed with %s: %s; parking it (%s)",
-                self.spec.queue,
-                delivery.properties.message_id or "-",
-                attempt,
-                type(exc).__name__,
-                copies.describe(exc)[:200],
-                decision.reason,
-            )
+        retry = decision.outcome is Decided.RETRY
+        log.log(
+            logging.INFO if retry else logging.WARNING,
+            "queue %s: message %s attempt %d failed with %s: %s; %s",
+            self.spec.queue,
+            delivery.properties.message_id or "-",
+            attempt,
+            type(exc).__name__,
+            copies.describe(exc)[:200],
+            f"retrying in {decision.delay}s" if retry else f"parking it ({decision.reason})",
+        )
+        if not retry:
             self._park(delivery, decision.reason, attempt, exc, message)
+            return
+        if message is not None:
+            self._settled(message, Fate.RETRIED, exc, delay=decision.delay)
+        await self._retry(delivery, attempt, decision.delay)
 
     async def _retry(self, delivery: Delivery, attempt: int, delay: float) -> None:
         queue = self._retry_queues.get(delay)
@@ -463,7 +361,28 @@ class Consumer:
                 # No retry queue, no retry: park it with the broker's answer.
                 self._park(delivery, "not-retryable", attempt, refused)
                 return
-        self._send_copy(delivery, queue, copies.retry_headers(delivery, attempt))
+        self._copier.send(delivery, queue, copies.retry_headers(delivery, attempt))
+
+    def _park_unread(
+        self,
+        delivery: Delivery,
+        reason: str,
+        attempt: int,
+        exc: BaseException | None,
+        message: Message | None,
+        why: str,
+    ) -> None:
+        """Park a delivery its handler never saw (undecodable, or delivered too often)."""
+        message_id = delivery.properties.message_id or "-"
+        log.warning(
+            "queue %s: message %s attempt %d: %s; parking it (%s)",
+            self.spec.queue,
+            message_id,
+            attempt,
+            why,
+            reason,
+        )
+        self._park(delivery, reason, attempt, exc, message)
 
     def _park(
         self,
@@ -476,73 +395,4 @@ class Consumer:
         if message is not None:
             self._settled(message, Fate.PARKED, exc, reason=reason)
         headers = copies.park_headers(delivery, reason, attempt, self.spec.queue, exc)
-        self._send_copy(delivery, self._parked, headers)
-
-    # -- copies: the original ends when the broker answered its copy ---------------------------
-
-    def _send_copy(self, delivery: Delivery, queue: str, headers: dict[str, Any]) -> None:
-        """Publish the copy; the original is settled when the broker answers, without keeping the
-        handler's task (or its concurrency slot) for it."""
-        properties = persistent_copy(delivery.properties, headers)
-        future = self._copies.send(delivery.body, self._dlx, queue, properties)
-        self._pending.add(future)
-        future.add_done_callback(functools.partial(self._copy_answered, delivery, queue, properties))
-
-    def _copy_answered(
-        self, delivery: Delivery, queue: str, properties: Any, future: asyncio.Future[None]
-    ) -> None:
-        self._pending.discard(future)
-        if future.cancelled():
-            self.settlement.requeue(delivery.delivery_tag)
-            return
-        failure = future.exception()
-        if failure is None:
-            self.settlement.ack(delivery.delivery_tag)
-            return
-        # Anything else is sent again under the publish rules (backoff after a nack, a fresh channel
-        # after a neighbour's channel error, the topology re-declared once for a missing exchange).
-        again = asyncio.ensure_future(self._copy_again(delivery, queue, properties, failure))
-        self._pending.add(again)
-        again.add_done_callback(self._pending.discard)
-
-    async def _copy_again(
-        self, delivery: Delivery, queue: str, properties: Any, failure: BaseException
-    ) -> None:
-        tag = delivery.delivery_tag
-        try:
-            try:
-                await self._copies.publish(delivery.body, self._dlx, queue, properties, after=failure)
-            except UnencodableMessage:
-                lean = copies.lean(properties.headers or {})
-                if lean is None:
-                    raise
-                # The producer's headers and ours do not fit a frame: drop our traceback and error
-                # text (the first to go; x-rf-exception still says what failed) and try again.
-                properties = persistent_copy(delivery.properties, lean)
-                await self._copies.publish(delivery.body, self._dlx, queue, properties)
-        except ConnectionLost:
-            self.settlement.requeue(tag)  # the session is ending: the broker redelivers it
-            return
-        except asyncio.CancelledError:
-            self.settlement.requeue(tag)
-            raise
-        except (ChannelClosed, Unroutable, UnencodableMessage) as refused:
-            # The broker refuses this copy for good (a user_id it does not let us publish, say),
-            # or it cannot be written: reject the original instead, which its queue dead-letters
-            # to the parking queue with every property and header intact.
-            log.error(
-                "queue %s: message %s: copy to %s refused (%s); rejecting it to %s",
-                self.spec.queue,
-                delivery.properties.message_id or "-",
-                queue,
-                refused,
-                self._parked,
-            )
-            self.settlement.reject(tag)
-            return
-        except Exception:
-            # Not a refusal we know: back to the queue rather than a reject that could be lost.
-            log.exception("queue %s: copy to %s failed; requeueing the message", self.spec.queue, queue)
-            self.settlement.requeue(tag)
-            return
-        self.settlement.ack(tag)
+        self._copier.send(delivery, self._parked, headers)

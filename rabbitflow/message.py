@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .transport.base import Delivery
 
 __all__ = ["Message"]
 
@@ -24,3 +27,20 @@ class Message:
     correlation_id: str | None = None
     reply_to: str | None = None
     queue: str = ""
+
+    @classmethod
+    def of(cls, delivery: Delivery, headers: Mapping[str, Any], attempt: int, queue: str) -> Message:
+        p = delivery.properties
+        return cls(
+            body=delivery.body,
+            headers=headers,
+            attempt=attempt,
+            message_id=p.message_id,
+            routing_key=delivery.routing_key,
+            exchange=delivery.exchange,
+            redelivered=delivery.redelivered,
+            content_type=p.content_type,
+            correlation_id=p.correlation_id,
+            reply_to=p.reply_to,
+            queue=queue,
+        )

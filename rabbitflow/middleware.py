@@ -16,6 +16,7 @@ A service with no middleware pays one test of an empty tuple per delivery and pe
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,8 +24,21 @@ from enum import StrEnum
 from typing import Any
 
 from .message import Message
+from .transport.base import Properties
 
-__all__ = ["Fate", "Middleware", "Outcome", "Outgoing", "around_publish"]
+__all__ = [
+    "Fate",
+    "Middleware",
+    "Outcome",
+    "Outgoing",
+    "around_attempt",
+    "around_publish",
+    "tell_failed",
+    "tell_received",
+    "tell_settled",
+]
+
+log = logging.getLogger("rabbitflow.middleware")
 
 
 class Fate(StrEnum):
@@ -91,14 +105,66 @@ class Middleware:
 
 
 async def around_publish(
-    middleware: Sequence[Middleware], outgoing: Outgoing, send: Callable[[], Awaitable[None]]
+    middleware: Sequence[Middleware],
+    body: bytes,
+    exchange: str,
+    routing_key: str,
+    properties: Properties,
+    send: Callable[[], Awaitable[None]],
 ) -> None:
-    """`send()` inside every middleware's `publish` hook, the first one outermost."""
+    """`send()` inside every middleware's `publish` hook, the first one outermost; the headers
+    the hooks leave on the `Outgoing` are the message's when `send` runs."""
+    outgoing = Outgoing(
+        body,
+        exchange,
+        routing_key,
+        dict(properties.headers or {}),
+        properties.message_id,
+        properties.content_type,
+    )
 
     async def step(index: int) -> None:
         if index < len(middleware):
             await middleware[index].publish(outgoing, functools.partial(step, index + 1))
         else:
+            properties.headers = outgoing.headers or None
             await send()
 
     await step(0)
+
+
+async def around_attempt(
+    middleware: Sequence[Middleware], message: Message, call: Callable[[], Awaitable[Any]]
+) -> Any:
+    """`call()` (the handler) inside every middleware's `attempt` hook, the first one outermost."""
+
+    async def step(index: int) -> Any:
+        if index < len(middleware):
+            return await middleware[index].attempt(message, functools.partial(step, index + 1))
+        return await call()
+
+    return await step(0)
+
+
+def tell_received(middleware: Sequence[Middleware], message: Message) -> None:
+    for item in middleware:
+        try:
+            item.received(message)
+        except Exception:
+            log.exception("queue %s: middleware %r failed in received()", message.queue, item)
+
+
+def tell_settled(middleware: Sequence[Middleware], message: Message, outcome: Outcome) -> None:
+    for item in middleware:
+        try:
+            item.settled(message, outcome)
+        except Exception:
+            log.exception("queue %s: middleware %r failed in settled()", message.queue, item)
+
+
+def tell_failed(middleware: Sequence[Middleware], queue: str, attempt: int, exc: BaseException) -> None:
+    for item in middleware:
+        try:
+            item.attempt_failed(queue, attempt, exc)
+        except Exception:
+            log.exception("queue %s: middleware %r failed in attempt_failed()", queue, item)

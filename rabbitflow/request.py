@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 
-from .errors import ConnectionLost
+from .errors import ConnectionLost, RequestTimeout
+from .message import Message
+from .middleware import Middleware, around_publish
 from .publisher import Publisher
 from .transport.base import DIRECT_REPLY_TO, Channel, Delivery, Properties, Transport
 
-__all__ = ["Requests"]
+__all__ = ["Requests", "request"]
 
 
 class Requests:
@@ -95,3 +98,70 @@ class Requests:
         if channel is not None:
             await channel.close()
         self._closed(None)
+
+
+async def request(
+    current: Callable[[float], Awaitable[Requests]],
+    body: bytes,
+    exchange: str,
+    routing_key: str,
+    properties: Properties,
+    *,
+    timeout: float,
+    middleware: Sequence[Middleware] = (),
+) -> Message:
+    """Ask through whichever session is live until a reply came or `timeout` passed
+    (`RequestTimeout`); a session that ends first has the request sent again on the next one.
+    `current(deadline)` waits for a live session's requests until the deadline (loop time)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    try:
+        async with asyncio.timeout_at(deadline):
+            while True:
+                requests = await current(deadline)
+                try:
+                    reply = await _ask(requests, body, exchange, routing_key, properties, middleware)
+                    break
+                except ConnectionLost:
+                    await asyncio.sleep(0)  # the session ended: ask on the next one
+    except TimeoutError:
+        raise RequestTimeout(
+            f"no reply to the request to exchange {exchange!r} with routing key {routing_key!r} "
+            f"within {timeout}s"
+        ) from None
+    p = reply.properties
+    return Message(
+        body=reply.body,
+        headers=p.headers or {},
+        attempt=1,
+        message_id=p.message_id,
+        routing_key=reply.routing_key,
+        exchange=reply.exchange,
+        redelivered=reply.redelivered,
+        content_type=p.content_type,
+        correlation_id=p.correlation_id,
+    )
+
+
+async def _ask(
+    requests: Requests,
+    body: bytes,
+    exchange: str,
+    routing_key: str,
+    properties: Properties,
+    middleware: Sequence[Middleware],
+) -> Delivery:
+    future: asyncio.Future[Delivery] | None = None
+
+    async def send() -> None:
+        nonlocal future
+        future = await requests.send(body, exchange, routing_key, properties)
+
+    if middleware:
+        await around_publish(middleware, body, exchange, routing_key, properties, send)
+    else:
+        await send()
+    assert future is not None
+    try:
+        return await future
+    finally:
+        requests.forget(future)

@@ -245,12 +245,8 @@ class MemoryChannel(Channel):
             now = vhost.clock()
             vhost.published.append(Published(exchange, routing_key, wire_properties(props), body, now))
             if exchange == "" and routing_key.startswith(DIRECT_REPLY_TO + "."):
-                replier = vhost.repliers.get(routing_key)
-                if replier is None and mandatory:
+                if not vhost.reply(routing_key, body, props) and mandatory:
                     raise Unroutable(exchange, routing_key)
-                if replier is not None:
-                    delivery = Delivery(body, props, 0, False, exchange, routing_key)
-                    asyncio.get_running_loop().call_soon(replier, delivery)
                 await asyncio.sleep(0)
                 return
             targets = vhost.route(x, routing_key, props)
@@ -286,9 +282,7 @@ class MemoryChannel(Channel):
 
     async def consume_replies(self, on_reply: Callable[[Delivery], None]) -> None:
         with self._method() as vhost:
-            if self._reply_address is None:
-                self._reply_address = vhost.new_name(f"{DIRECT_REPLY_TO}.")
-                vhost.repliers[self._reply_address] = on_reply
+            self._reply_address = self._reply_address or vhost.listen_for_replies(on_reply)
         await asyncio.sleep(0)
 
     async def cancel(self, consumer_tag: str) -> None:
@@ -432,8 +426,7 @@ class MemoryChannel(Channel):
         if self._closed is not None:
             return
         self._closed = reason
-        if self._reply_address is not None:
-            self._vhost.repliers.pop(self._reply_address, None)
+        self._vhost.repliers.pop(self._reply_address or "", None)
         for tag in list(self._consumers):
             self._forget_consumer(tag)
         entries = list(self._unacked.values())

@@ -6,6 +6,7 @@ and the clock is read from `clock`. MemoryBroker drives it.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 from collections.abc import Callable
@@ -83,6 +84,21 @@ class VHost:
         self._pumping = False
         self._seq = itertools.count(1)
         self._names = itertools.count(1)
+
+    def listen_for_replies(self, on_reply: Callable[[Delivery], None]) -> str:
+        """A channel consumes amq.rabbitmq.reply-to: the address its requests get as reply_to."""
+        address = self.new_name("amq.rabbitmq.reply-to.")
+        self.repliers[address] = on_reply
+        return address
+
+    def reply(self, address: str, body: bytes, properties: Properties) -> bool:
+        """A direct reply to `address` (amq.rabbitmq.reply-to.<token>); False when its requester's
+        channel is gone."""
+        replier = self.repliers.get(address)
+        if replier is not None:
+            delivery = Delivery(body, properties, 0, False, "", address)
+            asyncio.get_running_loop().call_soon(replier, delivery)
+        return replier is not None
 
     def new_name(self, prefix: str) -> str:
         return f"{prefix}{next(self._names):06d}"
