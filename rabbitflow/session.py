@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from . import names
 from .connection import Links
 from .consumer import Consumer
-from .errors import TopologyConflict
+from .errors import ChannelClosed, TopologyConflict
 from .middleware import Middleware
 from .publisher import Publisher
 from .request import Requests
@@ -16,10 +17,15 @@ from .settings import Settings
 from .spec import ConsumerSpec
 from .topology.applier import apply_plan
 from .topology.compiler import Plan, compile_plan, retry_plan
+from .transport.base import QueueInfo
 
 __all__ = ["Session"]
 
 log = logging.getLogger("rabbitflow.session")
+
+
+def _settled(consumer: Consumer) -> int:
+    return consumer.settlement.settled
 
 
 class Session:
@@ -78,6 +84,7 @@ class Session:
                 middleware=self._middleware,
             )
             await consumer.start()
+            consumer.subscription.watch(self._probe, functools.partial(_settled, consumer))
             self.consumers.append(consumer)
 
     def _lost(self, reason: BaseException | None) -> None:
@@ -92,6 +99,18 @@ class Session:
         if self._repairing is None or self._repairing.done():
             self._repairing = asyncio.ensure_future(apply_plan(self.plan, self.links.publish))
         await asyncio.shield(self._repairing)
+
+    async def _probe(self, spec: ConsumerSpec) -> QueueInfo | None:
+        """The passive declare of a consumer's queue, on a channel of its own; None: 404."""
+        channel = await self.links.publish.channel()
+        try:
+            return await channel.declare_queue(spec.queue, passive=True)
+        except ChannelClosed as exc:
+            if exc.code == 404:
+                return None
+            raise
+        finally:
+            await channel.close()
 
     async def _redeclare(self, spec: ConsumerSpec) -> None:
         """A consumer the broker cancelled: its own part of the plan, declared again."""

@@ -16,13 +16,18 @@ from collections.abc import Awaitable, Callable
 from .breaker import BreakerState, Circuit
 from .errors import TopologyConflict, TransportError
 from .spec import ConsumerSpec
-from .transport.base import Channel, OnDelivery
+from .transport.base import Channel, OnDelivery, QueueInfo
 
-__all__ = ["Redeclare", "Subscription"]
+__all__ = ["IDLE_PROBE", "Probe", "Redeclare", "Subscription"]
 
 log = logging.getLogger("rabbitflow.consumer")
 
 Redeclare = Callable[[ConsumerSpec], Awaitable[None]]
+Probe = Callable[[ConsumerSpec], Awaitable[QueueInfo | None]]
+
+# Seconds a subscribed consumer may go without a delivery before it asks the broker whether its
+# queue (and its place on it) is still there.
+IDLE_PROBE = 30.0
 
 
 class Subscription:
@@ -49,6 +54,7 @@ class Subscription:
         self._circuit = circuit
         self._tag: str | None = None
         self._changing: asyncio.Task[None] | None = None  # the last change queued
+        self._watching: asyncio.Task[None] | None = None
         self.stopping = False
         self.cancelled_since: float | None = None  # loop time the broker cancelled it
         self.resubscribed = 0
@@ -69,9 +75,41 @@ class Subscription:
         )
         self._channel.on_close(self._channel_closed)
 
+    def watch(self, probe: Probe, activity: Callable[[], int]) -> None:
+        """Check an idle subscription against the broker every IDLE_PROBE seconds: `activity()`
+        counts what the consumer settled, `probe(spec)` is the queue's passive declare (None: no
+        such queue).
+
+        RabbitMQ does not always tell a consumer that it lost its queue: on 3.10, a quorum queue
+        deleted after its leader moved to the consumer's node leaves the consumer registered on
+        its channel, without a basic.cancel, and it waits for deliveries that never come (seen
+        in the chaos soak). A consumer nothing is delivered to looks exactly like an idle one;
+        only asking tells them apart."""
+        self._watching = asyncio.get_running_loop().create_task(self._watch(probe, activity))
+
+    async def _watch(self, probe: Probe, activity: Callable[[], int]) -> None:
+        seen = activity()
+        while not self.stopping:
+            await asyncio.sleep(IDLE_PROBE)
+            now, seen = seen, activity()
+            if now != seen or self._tag is None or not self._channel.is_open:
+                continue  # busy, paused or resubscribing: nothing to ask
+            try:
+                info = await probe(self._spec)
+            except (TransportError, TopologyConflict):
+                continue  # the session's own watch will see a lost connection
+            if self._tag is None or self.stopping:
+                continue
+            if info is None:
+                self._lost_consumer("the queue is gone but the broker never cancelled the consumer")
+            elif info.consumer_count == 0:
+                self._lost_consumer("the queue has no consumer though ours is subscribed")
+
     async def end(self, timeout: float) -> None:
         """The stop: let the change under way finish (within `timeout`), then cancel the tag."""
         self.stopping = True
+        if self._watching is not None:
+            self._watching.cancel()
         if self._changing is not None:
             await asyncio.wait({self._changing}, timeout=timeout)
         await self._unsubscribe()
@@ -79,6 +117,8 @@ class Subscription:
     def abort(self) -> None:
         """The session is gone: its channel with it, so a change under way may be cancelled."""
         self.stopping = True
+        if self._watching is not None:
+            self._watching.cancel()
         if self._changing is not None:
             self._changing.cancel()
 
@@ -130,15 +170,18 @@ class Subscription:
         leader move. Deliveries already made stay the consumer's to settle; consuming starts again
         once the consumer's topology is declared again — unless the breaker holds it paused, and
         then its probe declares it."""
+        self._lost_consumer("the broker cancelled the consumer")
+
+    def _lost_consumer(self, why: str) -> None:
         self._tag = None
         if self.stopping:
             return
         self.cancelled_since = asyncio.get_running_loop().time()
         circuit = self._circuit
         if circuit is not None and circuit.state is BreakerState.OPEN:
-            log.warning("queue %s: the broker cancelled the paused consumer", self._queue)
+            log.warning("queue %s: %s (paused by its breaker)", self._queue, why)
             return
-        log.warning("queue %s: the broker cancelled the consumer; declaring it again", self._queue)
+        log.warning("queue %s: %s; declaring it again", self._queue, why)
         probing = circuit is not None and circuit.state is BreakerState.HALF_OPEN
         self.consume(1 if probing else None)
 

@@ -189,6 +189,18 @@ class MemoryBroker:
         for transport in transports:
             transport._shutdown(ConnectionLost("connection to memory:// lost (MemoryBroker.disconnect_all)"))
 
+    def lose_consumers(self, queue: str, *, delete: bool = False) -> int:
+        """Forget the consumers of `queue` without a basic.cancel (and with `delete`, delete the
+        queue too), as RabbitMQ 3.10 can after a quorum queue's leader moved: their channels wait
+        for deliveries that never come. Returns how many consumers were lost."""
+        q = self._vhost.queue(queue, None)
+        lost = list(q.consumers)
+        for consumer in lost:
+            consumer.channel._forget_consumer(consumer.tag)
+        if delete:
+            self._vhost.remove_queue(q)
+        return len(lost)
+
     # -- the clock -----------------------------------------------------------------------------
 
     async def advance(self, seconds: float, *, max_steps: int = 10_000) -> None:
