@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rabbitflow.cli import parser
+ROOT = Path(__file__).resolve().parent.parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's CLI, whichever rabbitflow the venv has installed
 
-PAGE = Path(__file__).resolve().parent.parent / "cli.md"
+from rabbitflow.cli import parser  # noqa: E402
+
+PAGE = ROOT / "docs" / "cli.md"
 WIDTH = 100
 
 HEADER = """\
