@@ -8,17 +8,19 @@ import importlib
 import importlib.util
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
+from . import __version__, names
 from .app import App
 from .cli_parked import add_parked, old_parked_form
-from .errors import RabbitflowError
+from .errors import ConfigError, RabbitflowError
 from .supervisor import WORKER_ENV, Supervisor
 from .topology.render import render
 from .urls import mask
 
-__all__ = ["load_app", "main"]
+__all__ = ["load_app", "main", "parser"]
 
 log = logging.getLogger("rabbitflow.cli")
 
@@ -78,6 +80,8 @@ def configure_logging(level: str, *, worker: str | None = None, clients: int = l
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.reload:
+        return _run_reloading(args)
     if args.workers > 1:
         return _run_workers(args)
     app = load_app(args.app)
@@ -101,14 +105,87 @@ def _run_workers(args: argparse.Namespace) -> int:
     return Supervisor(command, args.workers, env).run()
 
 
+def module_directory(target: str) -> Path:
+    """The directory holding MODULE of `MODULE:APP`: what `--reload` watches."""
+    module_name = target.partition(":")[0]
+    if module_name.endswith(".py") or os.sep in module_name:
+        return Path(module_name).resolve().parent
+    module = sys.modules.get(module_name)
+    where = getattr(module, "__file__", None)
+    return Path(where).resolve().parent if where else Path.cwd()
+
+
+def _run_reloading(args: argparse.Namespace) -> int:
+    """The service in a child process, started again whenever a .py file under its module's
+    directory changes (watchfiles); the URL goes to the child in the environment, as for workers."""
+    try:
+        import watchfiles
+    except ImportError:
+        raise SystemExit("rabbitflow: --reload needs watchfiles: pip install 'rabbitflow[reload]'") from None
+    app = load_app(args.app)  # a module that cannot load fails here, before watching
+    command = [sys.executable, "-m", "rabbitflow", "run", args.app, "--log-level", args.log_level]
+    env = dict(os.environ)
+    if args.url:
+        command.append("--url-from-env")
+        env["RABBITFLOW_URL"] = args.url
+    directory = module_directory(args.app)
+    log.warning("watching %s for changes to .py files (--reload)", directory)
+    os.environ.update(env)  # watchfiles starts the command with this process's environment
+    watchfiles.run_process(
+        directory,
+        target=shlex.join(command),
+        target_type="command",
+        watch_filter=watchfiles.PythonFilter(),
+        # SIGINT is the service's graceful stop: in-flight handlers get graceful_timeout to finish.
+        sigint_timeout=int(app.settings.graceful_timeout) + 5,
+        callback=lambda changes: log.warning(
+            "restarting: %s changed", ", ".join(sorted({Path(p).name for _, p in changes}))
+        ),
+    )
+    return 0
+
+
 def _topology(args: argparse.Namespace) -> int:
     app = load_app(args.app)
     if args.url:
         app.use_url(args.url)
+    if args.dry_run and not args.delete:
+        raise SystemExit("rabbitflow: --dry-run goes with --delete")
+    if args.force and not args.delete:
+        raise SystemExit("rabbitflow: --force goes with --delete")
+    if args.delete:
+        return _delete(app, force=args.force, dry_run=args.dry_run)
     if not (args.check or args.apply):
         print(render(app.plan, args.format))
         return 0
     return asyncio.run(_against_broker(app, check=args.check))
+
+
+def _delete(app: App, *, force: bool, dry_run: bool) -> int:
+    """The service's queues (consume, retry, parked) and its own `S.dlx`; the exchanges its
+    consumers bind to may be shared with other services, and stay (their bindings to the deleted
+    queues go with the queues)."""
+    plan = app.plan
+    if dry_run:
+        for queue in plan.queues:
+            print(f"would delete queue {queue.name} ({queue.role})")
+        for exchange in plan.exchanges:
+            if exchange.name == names.dead_letter_exchange(plan.service):
+                print(f"would delete exchange {exchange.name}")
+            else:
+                print(f"would keep exchange {exchange.name} (it may be shared with other services)")
+        return 0
+    try:
+        deleted = asyncio.run(app.admin().delete(force=force))
+    except ConfigError as exc:
+        print(f"rabbitflow: {mask(str(exc))} (--force deletes them with their messages)", file=sys.stderr)
+        return 1
+    for name in deleted:
+        print(f"deleted {name}")
+    kept = [e.name for e in plan.exchanges if e.name not in deleted]
+    if kept:
+        print(f"kept exchange(s) {', '.join(kept)}: they may be shared with other services")
+    return 0
 
 
 async def _against_broker(app: App, *, check: bool) -> int:
@@ -134,11 +211,30 @@ async def _against_broker(app: App, *, check: bool) -> int:
     return 0
 
 
+APP_HELP = (
+    "where the service is: a module path (`orders.service`) or a file path (`service.py`), a colon, "
+    "and the name of the App variable in it (`:app` may be omitted: `app` is the default)"
+)
+URL_HELP = (
+    "broker URL(s), ';'-separated for a cluster; overrides the App's url=, which defaults to the "
+    "environment variable RABBITFLOW_URL. A command line is visible to every user in `ps`: for a "
+    "password, leave url= out of App(...) and set RABBITFLOW_URL instead"
+)
+LEVEL_HELP = (
+    "debug (rabbitflow's own DEBUG lines; aiormq, aio_pika and pamqp stay at WARNING), "
+    "debug-all (theirs too, every frame), info, warning or error (default: %(default)s)"
+)
+
+
 def parser() -> argparse.ArgumentParser:
+    """The whole command line; docs/cli.md is generated from it."""
     top = argparse.ArgumentParser(
         prog="rabbitflow",
-        description="Run rabbitflow services and inspect their RabbitMQ topology.",
+        description="Run rabbitflow services and inspect or remove their RabbitMQ topology. "
+        "A command that talks to a broker uses --url if given, else the App's url=, else the "
+        "environment variable RABBITFLOW_URL, else amqp://guest:guest@localhost:5672/.",
     )
+    top.add_argument("--version", action="version", version=f"rabbitflow {__version__}")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -147,44 +243,66 @@ def parser() -> argparse.ArgumentParser:
         description="Run the App found at MODULE:APP. SIGTERM/SIGINT stop taking messages, "
         "let running handlers finish within graceful_timeout, then close.",
     )
-    run.add_argument(
-        "app", metavar="MODULE:APP", help="dotted module or file path, and the App's name (default: app)"
-    )
-    run.add_argument(
-        "--url",
-        help="broker URL(s), ';'-separated; overrides the app's own. A command line is visible to "
-        "every user in `ps`: prefer RABBITFLOW_URL in the environment for a password",
-    )
+    run.add_argument("app", metavar="MODULE:APP", help=APP_HELP)
+    run.add_argument("--url", help=URL_HELP)
     run.add_argument("--url-from-env", action="store_true", help=argparse.SUPPRESS)
     run.add_argument(
         "--workers", type=int, default=1, metavar="N", help="run N worker processes (default: 1)"
     )
     run.add_argument(
-        "--log-level",
-        default="INFO",
-        metavar="LEVEL",
-        type=str.lower,
-        choices=LEVELS,
-        help="debug (rabbitflow's own DEBUG lines; aiormq, aio_pika and pamqp stay at WARNING), "
-        "debug-all (theirs too, every frame), info (default), warning or error",
+        "--reload",
+        action="store_true",
+        help="for development: run the service in a child process and start it again whenever a "
+        ".py file under the directory of MODULE changes (needs watchfiles: "
+        "pip install 'rabbitflow[reload]')",
+    )
+    run.add_argument(
+        "--log-level", default="info", metavar="LEVEL", type=str.lower, choices=LEVELS, help=LEVEL_HELP
     )
     run.set_defaults(handler=_run)
 
     topo = commands.add_parser(
         "topology",
-        help="print, check or declare a service's topology",
+        help="print, check, declare or delete a service's topology",
         description="Print the exchanges, queues and bindings the service needs (no broker "
-        "needed), compare them with a live broker (--check), or declare them (--apply).",
+        "needed), compare them with a live broker (--check), declare them (--apply), or delete "
+        "the service's own queues and exchange (--delete).",
     )
-    topo.add_argument("app", metavar="MODULE:APP")
-    topo.add_argument("--format", choices=["text", "json", "mermaid"], default="text")
+    topo.add_argument("app", metavar="MODULE:APP", help=APP_HELP)
+    topo.add_argument(
+        "--format",
+        choices=["text", "json", "mermaid"],
+        default="text",
+        help="how to print the plan: text (for reading), json (stable, for tools: service, "
+        "exchanges, queues, bindings, consumers) or mermaid (a flowchart for docs and "
+        "GitHub) (default: %(default)s)",
+    )
     mode = topo.add_mutually_exclusive_group()
     mode.add_argument(
         "--check", action="store_true", help="report missing objects and differing arguments; change nothing"
     )
     mode.add_argument("--apply", action="store_true", help="declare the plan on the broker")
-    topo.add_argument("--url", help="broker URL(s) for --check/--apply")
-    topo.add_argument("--log-level", default="warning", metavar="LEVEL", type=str.lower, choices=LEVELS)
+    mode.add_argument(
+        "--delete",
+        action="store_true",
+        help="delete the service's queues (consume, retry and parked) and its own exchange "
+        "S.dlx; the exchanges its consumers bind to stay, as other services may use them. "
+        "Refuses, deleting nothing, while a queue holds messages (see --force)",
+    )
+    topo.add_argument(
+        "--force",
+        action="store_true",
+        help="with --delete: delete queues that hold messages, messages and all",
+    )
+    topo.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --delete: print what would be deleted and kept, touch nothing",
+    )
+    topo.add_argument("--url", help=f"for --check, --apply and --delete: {URL_HELP}")
+    topo.add_argument(
+        "--log-level", default="warning", metavar="LEVEL", type=str.lower, choices=LEVELS, help=LEVEL_HELP
+    )
     topo.set_defaults(handler=_topology)
 
     add_parked(commands, load_app, LEVELS)
@@ -196,7 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     worker = os.environ.get(WORKER_ENV) if args.command == "run" else None
     if args.command == "run" and args.workers < 1:
         raise SystemExit("rabbitflow: --workers must be at least 1")
-    if args.command == "run" and args.workers > 1:
+    if args.command == "run" and args.reload and args.workers > 1:
+        raise SystemExit("rabbitflow: --reload runs one process; drop --workers")
+    if args.command == "run" and (args.workers > 1 or args.reload):
         worker = "main"
     # An operator command ends with one line saying what failed; aiormq's own would repeat it.
     clients = logging.CRITICAL if args.command == "parked" else logging.WARNING

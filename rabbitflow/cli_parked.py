@@ -63,7 +63,11 @@ def add_parked(commands: Any, load_app: Callable[[str], App], levels: Sequence[s
     }
     for action, text in helps.items():
         sub = actions.add_parser(action, help=text, description=text)
-        sub.add_argument("app", metavar="MODULE:APP")
+        sub.add_argument(
+            "app",
+            metavar="MODULE:APP",
+            help="the service: a module path or file path, a colon, the App variable (default: app)",
+        )
         sub.add_argument("queue", metavar="QUEUE", help="the consumer's queue (its .parked name works too)")
         sub.add_argument("--reason", help="only messages parked for this reason (exhausted, rejected, ...)")
         sub.add_argument(
@@ -93,7 +97,14 @@ def add_parked(commands: Any, load_app: Callable[[str], App], levels: Sequence[s
             metavar="SECONDS",
             help="give up connecting after this (default: the app's)",
         )
-        sub.add_argument("--log-level", default="error", metavar="LEVEL", type=str.lower, choices=levels)
+        sub.add_argument(
+            "--log-level",
+            default="error",
+            metavar="LEVEL",
+            type=str.lower,
+            choices=levels,
+            help=f"{', '.join(levels)} (default: %(default)s)",
+        )
         sub.set_defaults(handler=_parked, load_app=load_app)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import importlib.metadata
 import json
 import os
 import re
@@ -12,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiormq
 import pytest
 
 from .helpers import Admin, unique
@@ -369,3 +372,162 @@ async def test_a_killed_worker_is_started_again_and_every_log_line_names_its_wor
     assert "DEBUG   worker=main" in text  # rabbitflow's own debug lines...
     assert "aiormq" not in text  # ...and none of aiormq's frame dumps
     assert "all 2 workers stopped" in text
+
+
+def test_version_names_the_installed_release() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"rabbitflow {importlib.metadata.version('rabbitflow')}"
+
+
+def _arguments(parser: argparse.ArgumentParser, path: str) -> Iterator[tuple[str, argparse.Action]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _arguments(sub, f"{path} {name}")
+        elif action.help != argparse.SUPPRESS:
+            yield path, action
+
+
+def test_every_argument_says_what_it_takes() -> None:
+    from rabbitflow.cli import parser
+
+    top = parser()
+    assert "RABBITFLOW_URL" in (top.description or "")
+    undocumented = [
+        f"{path} {action.option_strings or action.metavar}"
+        for path, action in _arguments(top, "rabbitflow")
+        if not action.help
+    ]
+    assert undocumented == []
+    run_help = run_cli("run", "--help").stdout
+    assert "a colon" in run_help
+    assert "App variable" in run_help
+    assert "RABBITFLOW_URL" in " ".join(run_help.split())  # --url: where else the URL comes from
+    topology_help = " ".join(run_cli("topology", "--help").stdout.split())
+    assert "mermaid (a flowchart" in topology_help  # --format explains its choices
+
+
+SHARED_SERVICE = """
+from rabbitflow import App
+
+app = App({service!r})
+
+@app.consumer({queue!r}, exchange={exchange!r}, queue_type="classic", retries=1, delay=5)
+async def handle(body: dict) -> None: ...
+"""
+
+
+def test_topology_delete_refuses_a_queue_with_a_message_until_forced(
+    tmp_path: Path, broker_url: str, admin: Admin
+) -> None:
+    service, queue, exchange = unique("svc"), unique("del"), unique("shared")
+    admin.queues.update({queue, f"{queue}.parked", f"{queue}.retry.5s"})
+    admin.exchanges.update({exchange, f"{service}.dlx"})
+    path = tmp_path / "svc.py"
+    path.write_text(SHARED_SERVICE.format(service=service, queue=queue, exchange=exchange))
+    target, env = f"{path}:app", {"RABBITFLOW_URL": broker_url}
+    assert run_cli("topology", target, "--apply", env=env).returncode == 0
+
+    async def publish_one() -> None:
+        connection = await aiormq.connect(broker_url)
+        channel = await connection.channel()
+        await channel.basic_publish(b"{}", routing_key=queue)
+        await connection.close()
+
+    asyncio.run(publish_one())
+
+    plan = run_cli("topology", target, "--delete", "--dry-run", env=env)
+    assert plan.returncode == 0, plan.stderr
+    assert f"would delete queue {queue}.parked (parked)" in plan.stdout
+    assert f"would delete exchange {service}.dlx" in plan.stdout
+    assert f"would keep exchange {exchange}" in plan.stdout
+
+    refused = run_cli("topology", target, "--delete", env=env)
+    assert refused.returncode == 1
+    assert f"{queue} (1)" in refused.stderr
+    assert "--force" in refused.stderr
+    assert queue_exists(broker_url, queue)  # nothing was deleted
+
+    forced = run_cli("topology", target, "--delete", "--force", env=env)
+    assert forced.returncode == 0, forced.stderr
+    for name in (queue, f"{queue}.parked", f"{queue}.retry.5s", f"{service}.dlx"):
+        assert f"deleted {name}" in forced.stdout
+    assert f"kept exchange(s) {exchange}" in forced.stdout
+    assert not queue_exists(broker_url, queue)
+    assert not queue_exists(broker_url, f"{queue}.retry.5s")
+
+    after = run_cli("topology", target, "--check", env=env)
+    assert f"exchange {service}.dlx: missing" in after.stdout
+    assert f"exchange {exchange}: missing" not in after.stdout  # shared: kept
+
+
+def queue_exists(url: str, queue: str) -> bool:
+    async def probe() -> bool:
+        connection = await aiormq.connect(url)
+        try:
+            channel = await connection.channel()
+            await channel.queue_declare(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        finally:
+            await connection.close()
+        return True
+
+    return asyncio.run(probe())
+
+
+RELOADED_SERVICE = """
+import os
+
+from rabbitflow import App
+
+with open({log!r}, "a") as log:
+    log.write(f"started {{os.getpid()}}\\n")
+
+app = App({service!r}, graceful_timeout=2)
+
+@app.consumer({queue!r}, queue_type="classic", retries=0)
+async def handle(body: dict) -> None: ...
+"""
+
+
+async def test_run_reload_starts_the_service_again_when_a_file_changes(
+    tmp_path: Path, broker_url: str, admin: Admin
+) -> None:
+    service, queue = unique("svc"), unique("reload")
+    admin.queues.update({queue, f"{queue}.parked"})
+    admin.exchanges.add(f"{service}.dlx")
+    starts = tmp_path / "starts.log"
+    code = tmp_path / "app" / "svc.py"
+    code.parent.mkdir()
+    code.write_text(RELOADED_SERVICE.format(log=str(starts), service=service, queue=queue))
+    out = tmp_path / "run.out"
+    with out.open("w") as output:
+        parent = subprocess.Popen(  # noqa: ASYNC220 - the test is the parent of the process
+            [*RUN, f"{code}:app", "--reload"],
+            cwd=ROOT,
+            env={**os.environ, "RABBITFLOW_URL": broker_url},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        await wait_consumers(admin, queue, count=1)
+        [first] = children_of(parent.pid)
+        (code.parent / "helpers.py").write_text("# a new module next to the service\n")
+        async with asyncio.timeout(30):
+            while len(children_of(parent.pid)) != 1 or children_of(parent.pid) == [first]:
+                assert parent.poll() is None, out.read_text()
+                await asyncio.sleep(0.1)
+        await wait_consumers(admin, queue, count=1)
+        (code.parent / "notes.txt").write_text("not python: no restart\n")
+        await asyncio.sleep(1.5)
+    finally:
+        parent.send_signal(signal.SIGINT)
+        status = parent.wait(30)
+    text = out.read_text()
+    assert status == 0, text
+    assert "restarting: helpers.py changed" in text
+    assert "notes.txt" not in text
+    # The parent loaded the module once to check it, and each child once: 1 + 2 starts.
+    assert len(starts.read_text().splitlines()) == 3, text

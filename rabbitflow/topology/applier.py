@@ -26,7 +26,7 @@ def _conflict(kind: str, name: str, exc: ChannelClosed) -> TopologyConflict:
         )
     else:
         way_out = (
-            f"delete the exchange (`rabbitmqctl delete_exchange {name}`, unbinding its queues), "
+            f"delete the exchange (`rabbitmqadmin delete exchange name={name}`, unbinding its queues), "
             "or use another exchange name, or declare it with the existing type"
         )
     return TopologyConflict(
