@@ -89,8 +89,24 @@ def _run(args: argparse.Namespace) -> int:
         app.use_url(os.environ["RABBITFLOW_URL"])
     elif args.url:
         app.use_url(args.url)
-    app.run()
+    if args.http_port is None:
+        app.run()
+    else:
+        # Worker N of `--workers` serves on PORT + N - 1: one scrape target per process.
+        port = args.http_port + int(os.environ.get(WORKER_ENV) or 1) - 1
+        asyncio.run(_serve_with_http(app, port))
     return 0
+
+
+async def _serve_with_http(app: App, port: int) -> None:
+    from .http import serve
+
+    server = await serve(app, port)
+    log.info("serving /health and /metrics on port %d", server.port)
+    try:
+        await app.serve()
+    finally:
+        await server.close()
 
 
 def _run_workers(args: argparse.Namespace) -> int:
@@ -98,6 +114,8 @@ def _run_workers(args: argparse.Namespace) -> int:
     a command line is visible to every user in `ps`."""
     load_app(args.app)  # a module that cannot load fails here, once, not in N restarting workers
     command = [sys.executable, "-m", "rabbitflow", "run", args.app, "--log-level", args.log_level]
+    if args.http_port is not None:
+        command += ["--http-port", str(args.http_port)]
     env = dict(os.environ)
     if args.url:
         command.append("--url-from-env")
@@ -124,6 +142,8 @@ def _run_reloading(args: argparse.Namespace) -> int:
         raise SystemExit("rabbitflow: --reload needs watchfiles: pip install 'rabbitflow[reload]'") from None
     app = load_app(args.app)  # a module that cannot load fails here, before watching
     command = [sys.executable, "-m", "rabbitflow", "run", args.app, "--log-level", args.log_level]
+    if args.http_port is not None:
+        command += ["--http-port", str(args.http_port)]
     env = dict(os.environ)
     if args.url:
         command.append("--url-from-env")
@@ -248,6 +268,13 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--url-from-env", action="store_true", help=argparse.SUPPRESS)
     run.add_argument(
         "--workers", type=int, default=1, metavar="N", help="run N worker processes (default: 1)"
+    )
+    run.add_argument(
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        help="serve /health (200 healthy, 503 not) and /metrics (Prometheus text) on this port; "
+        "worker N of --workers serves on PORT + N - 1",
     )
     run.add_argument(
         "--reload",

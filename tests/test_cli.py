@@ -531,3 +531,73 @@ async def test_run_reload_starts_the_service_again_when_a_file_changes(
     assert "notes.txt" not in text
     # The parent loaded the module once to check it, and each child once: 1 + 2 starts.
     assert len(starts.read_text().splitlines()) == 3, text
+
+
+def _free_ports(count: int) -> int:
+    """A base port with `count` free ports from it (best effort: nothing holds them after)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base + count >= 65535:
+            continue
+        try:
+            held = []
+            for port in range(base, base + count):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+        return base
+    raise RuntimeError("no free ports")
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+async def _wait_status(port: int, path: str, status: int, timeout: float = 30) -> bytes:
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                code, body = await asyncio.to_thread(_get, port, path)
+                if code == status:
+                    return body
+            except OSError:
+                pass
+            await asyncio.sleep(0.1)
+
+
+async def test_run_http_port_serves_health_and_metrics_per_worker(service: Service, admin: Admin) -> None:
+    port = _free_ports(2)
+    parent = subprocess.Popen(  # noqa: ASYNC220 - the test is the parent of the process
+        [sys.executable, "-m", "rabbitflow", "run", SERVICE, "--workers", "2", "--http-port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, **service.env, "RF_LOG": str(service.log)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await wait_consumers(admin, service.queue, count=2)
+        for worker_port in (port, port + 1):
+            health = json.loads(await _wait_status(worker_port, "/health", 200))
+            assert health["healthy"] is True
+            assert health["consumers"][0]["queue"] == service.queue
+            metrics = await _wait_status(worker_port, "/metrics", 200)
+            assert b"# TYPE" in metrics
+    finally:
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(30) == 0
