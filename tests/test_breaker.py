@@ -269,3 +269,47 @@ async def test_a_broker_cancel_while_the_breaker_is_open_does_not_resume_consumi
         assert [n for n in calls[seen:] if n >= 10] == []  # still paused
         assert app.health()["consumers"][0]["subscribed"] is False
         await wait_for(lambda: any(n >= 10 for n in calls), timeout=5)  # the probe, after the cooldown
+
+
+@BREAKER
+@pytest.mark.looptime
+async def test_a_30s_outage_under_5000_messages_in_virtual_time(with_breaker: bool) -> None:
+    """The issue's scenario on the memory broker, with the event loop's clock virtual (looptime):
+    the downstream is off for 30 s while 5,000 messages arrive, retries=2 with delays [1, 5]. The
+    ladder predicts every message parked without the breaker (its three attempts span 6 s, all
+    inside the outage); with it, nothing is parked and all 5,000 are handled after recovery."""
+    loop = asyncio.get_running_loop()
+    app = App(unique("svc"), url="memory://", broker=MemoryBroker(realtime=True))
+    breaker = Breaker(threshold=0.5, window=10, min_attempts=20, cooldown=5) if with_breaker else None
+    handled: dict[int, float] = {}
+    delays = [1.0, 5.0]
+
+    @app.consumer("work", retries=2, delay=delays, prefetch=64, breaker=breaker)
+    async def handle(body: dict[str, int], message: Message) -> None:
+        await service.call()
+        handled[body["n"]] = loop.time()
+
+    async with downstream() as service, app:
+        await service.off()
+        began = loop.time()
+        await asyncio.gather(*(app.publish({"n": n}, routing_key="work") for n in range(5000)))
+        await asyncio.sleep(30 - (loop.time() - began))
+        if with_breaker:
+            assert app.health()["consumers"][0]["breaker"]["state"] in ("open", "half-open")
+        await service.on()
+        back = loop.time()
+        await wait_for(lambda: len(handled) + _parked(app) >= 5000, timeout=600)
+    if with_breaker:
+        assert _parked(app) == 0
+        assert len(handled) == 5000
+        assert min(handled.values()) >= back  # nothing got through during the outage
+    else:
+        assert back - began > sum(delays)  # every ladder fits inside the outage...
+        assert _parked(app) == 5000  # ...so every message is parked, as it predicts
+        assert handled == {}
+
+
+def _parked(app: App) -> int:
+    broker = app.broker
+    assert isinstance(broker, MemoryBroker)
+    return len(broker.messages("work.parked")) if "work.parked" in broker.queue_names() else 0
