@@ -59,6 +59,8 @@ import benchlib  # noqa: E402
 
 BASELINE = "aiormq_raw"
 CONTENDER_ORDER = ["aiormq_raw", "aiormq_batched", "aio_pika", "faststream", "rabbitflow"]
+# Not in a default run: rabbitflow with middleware (`--contenders aiormq_raw,rabbitflow,rabbitflow_seam,...`).
+VARIANTS = ["rabbitflow_seam", "rabbitflow_prometheus", "rabbitflow_otel"]
 PEERS_PYTHON = ROOT / ".venv-bench-peers" / "bin" / "python"
 
 
@@ -1397,9 +1399,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
             p.error(f"unknown scenario(s) {bad}; known: {list(SCENARIOS)}")
     contenders = [s.strip() for s in a.contenders.split(",")] if a.contenders else None
     if contenders:
-        bad = [s for s in contenders if s not in CONTENDER_ORDER]
+        bad = [s for s in contenders if s not in CONTENDER_ORDER + VARIANTS]
         if bad:
-            p.error(f"unknown contender(s) {bad}; known: {CONTENDER_ORDER}")
+            p.error(f"unknown contender(s) {bad}; known: {CONTENDER_ORDER + VARIANTS}")
     qts = tuple(s.strip() for s in a.queue_types.split(",") if s.strip()) if a.queue_types else None
     if qts and any(q not in ("classic", "quorum") for q in qts):
         p.error("--queue-types: classic and/or quorum")

@@ -68,8 +68,37 @@ def _import() -> Any:
     return rabbitflow
 
 
+# The middleware variants (contenders/rabbitflow_<variant>.py set it): what the seam and the
+# metrics and tracing middlewares cost on the same workload.
+VARIANT = os.environ.get("RF_BENCH_MIDDLEWARE", "")
+
+
+def _middleware(rf: Any) -> list[Any]:
+    if VARIANT == "seam":  # a middleware that overrides nothing: the seam's own cost
+        return [rf.Middleware()]
+    if VARIANT == "prometheus":
+        from prometheus_client import CollectorRegistry
+
+        from rabbitflow.prometheus import PrometheusMiddleware
+
+        return [PrometheusMiddleware(CollectorRegistry())]
+    if VARIANT == "otel":
+        from opentelemetry.sdk.trace import TracerProvider
+
+        from rabbitflow.opentelemetry import TelemetryMiddleware
+
+        return [TelemetryMiddleware(TracerProvider())]  # spans made and ended, exported nowhere
+    return []
+
+
 def _app(rf: Any, args: argparse.Namespace) -> Any:
-    return rf.App(args.app_name, url=args.url, prefetch=args.prefetch, concurrency=args.prefetch)
+    return rf.App(
+        args.app_name,
+        url=args.url,
+        prefetch=args.prefetch,
+        concurrency=args.prefetch,
+        middleware=_middleware(rf),
+    )
 
 
 def _consumer_app(rf: Any, args: argparse.Namespace, counter: benchlib.Counter | None, mode: str) -> Any:
@@ -169,7 +198,7 @@ async def publish(args: argparse.Namespace) -> dict[str, Any]:
 
 if __name__ == "__main__":
     benchlib.contender_main(
-        "rabbitflow",
+        f"rabbitflow_{VARIANT}" if VARIANT else "rabbitflow",
         {"consume": consume, "mixed": mixed, "publish": publish, "retry": retry, "rss": rss},
         import_module="rabbitflow",
         declares_own_queue=True,
