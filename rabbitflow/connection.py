@@ -146,6 +146,7 @@ class ConnectionManager:
                     timeout = min(timeout, deadline - loop.time())
                     if timeout <= 0:
                         raise self._failed(failures, budget)
+                log.debug("connecting to %s (timeout %.1fs)", endpoint, timeout)
                 try:
                     transport = await open(endpoint, timeout)
                 except LoginRefused as exc:

@@ -139,9 +139,18 @@ class Settlement:
 
     async def _drain(self) -> None:
         channel = self._channel
+        debug = log.isEnabledFor(logging.DEBUG)
         try:
             while self._outbox:
                 top, each, reject, requeue = self._outbox.popleft()
+                if debug:
+                    log.debug(
+                        "channel %s: %s",
+                        channel,
+                        f"reject {reject} (requeue={requeue})"
+                        if reject
+                        else f"ack up to {top} (multiple), {len(each)} single ack(s)",
+                    )
                 try:
                     if reject:
                         await channel.reject(reject, requeue=requeue)

@@ -73,6 +73,12 @@ class Subscription:
             prefetch=self._prefetch if prefetch is None else prefetch,
             on_cancel=self._on_cancel,
         )
+        log.debug(
+            "queue %s: consuming (prefetch %d, consumer tag %s)",
+            self._queue,
+            self._prefetch if prefetch is None else prefetch,
+            self._tag,
+        )
         self._channel.on_close(self._channel_closed)
 
     def watch(self, probe: Probe, activity: Callable[[], int]) -> None:
@@ -141,6 +147,8 @@ class Subscription:
 
     async def _unsubscribe(self) -> None:
         tag, self._tag = self._tag, None
+        if tag is not None:
+            log.debug("queue %s: cancelling consumer tag %s", self._queue, tag)
         if tag is not None and self._channel.is_open:
             with contextlib.suppress(TransportError):
                 await self._channel.cancel(tag)

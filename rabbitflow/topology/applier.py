@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
 from ..errors import TopologyConflict
 from ..transport.base import Channel, ChannelClosed, Transport
 from .compiler import ExchangePlan, Plan, QueuePlan
+
+log = logging.getLogger("rabbitflow.topology")
 
 __all__ = ["Difference", "apply_plan", "check_plan"]
 
@@ -63,6 +66,7 @@ async def apply_plan(plan: Plan, transport: Transport) -> None:
         for exchange in plan.exchanges:
             try:
                 await _declare_exchange(channel, exchange, passive=False)
+                log.debug("declared exchange %s (%s)", exchange.name, exchange.type)
             except ChannelClosed as exc:
                 if exc.code != 406:
                     raise
@@ -70,12 +74,14 @@ async def apply_plan(plan: Plan, transport: Transport) -> None:
         for queue in plan.queues:
             try:
                 await _declare_queue(channel, queue, passive=False)
+                log.debug("declared queue %s %s", queue.name, queue.arguments)
             except ChannelClosed as exc:
                 if exc.code != 406:
                     raise
                 raise _conflict("queue", queue.name, exc) from None
         for binding in plan.bindings:
             await channel.bind_queue(binding.queue, binding.exchange, binding.routing_key, binding.arguments)
+            log.debug("bound %s to %s with %r", binding.queue, binding.exchange, binding.routing_key)
         # RabbitMQ drops dead-lettered messages whose exchange is missing: make sure it is there.
         for queue in plan.queues:
             route = queue.dead_letter_route
