@@ -110,6 +110,11 @@ class Subscription:
                 self._lost_consumer("the queue is gone but the broker never cancelled the consumer")
             elif info.consumer_count == 0:
                 self._lost_consumer("the queue has no consumer though ours is subscribed")
+            elif self._circuit is None or self._circuit.state is BreakerState.CLOSED:
+                # The queue is there with consumers, but ours may be a ghost on a queue deleted and
+                # declared again meanwhile (by another app of the service): subscribe afresh. On
+                # RabbitMQ 3.10 cancelling a ghost crashes its channel, and the session restarts.
+                self._then(self._rearm)
 
     async def end(self, timeout: float) -> None:
         """The stop: let the change under way finish (within `timeout`), then cancel the tag."""
@@ -172,6 +177,14 @@ class Subscription:
                 self.cancelled_since = None
                 log.info("queue %s: consuming again", self._queue)
             return
+
+    async def _rearm(self) -> None:
+        if self._tag is None:
+            return
+        try:
+            await self.start()
+        except TransportError as exc:
+            log.info("queue %s: cannot subscribe afresh (%s)", self._queue, exc)
 
     def _on_cancel(self) -> None:
         """basic.cancel from the broker: the queue was deleted, or (4.3) a consumer timeout or a

@@ -76,3 +76,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.broker)
         else:
             item.add_marker(pytest.mark.unit)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-asyncio (1.5) asks for "the current event loop" around each async test; with none
+    # set, Python 3.11 makes one, which nobody closes and whose ResourceWarning then fails the
+    # next test's setup. Saying "no loop" once makes that ask answer None instead.
+    asyncio.set_event_loop(None)

@@ -51,3 +51,31 @@ async def test_an_idle_consumer_that_is_still_there_is_left_alone(monkeypatch: p
         (consumer,) = app.health()["consumers"]
         assert consumer["resubscribed"] == 0
         assert consumer["subscribed"]
+
+
+async def test_a_ghost_consumer_is_found_after_another_app_declared_the_queue_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The chaos soak's case: the queue deleted without a basic.cancel to either consumer; the
+    first to probe declares it again, so the other's probe finds a queue with a consumer — not
+    its own. It subscribes afresh, and both consume again."""
+    monkeypatch.setattr(subscription_module, "IDLE_PROBE", 0.05)
+    broker = MemoryBroker()
+    apps = [App("ghosts", broker=broker), App("ghosts", broker=broker)]
+    got: list[list[int]] = [[], []]
+    for app, mine in zip(apps, got, strict=True):
+
+        @app.consumer("work", prefetch=1)
+        async def handle(body: dict[str, int], mine: list[int] = mine) -> None:
+            mine.append(body["n"])
+            await asyncio.sleep(0.01)
+
+    async with apps[0], apps[1]:
+        assert broker.lose_consumers("work", delete=True) == 2
+        await asyncio.sleep(0.5)
+        assert len(broker.queues["work"].consumers) == 2
+        for n in range(20):
+            await apps[0].publish({"n": n}, routing_key="work")
+        await wait_for(lambda: len(got[0]) + len(got[1]) == 20)
+    assert got[0]
+    assert got[1]
