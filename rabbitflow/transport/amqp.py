@@ -96,17 +96,7 @@ _translated = _Translated()
 def _delivery(message: DeliveredMessage) -> Delivery:
     frame = cast(Basic.Deliver | Basic.GetOk, message.delivery)
     header = message.header
-    if type(header) is Header:  # decoded by rabbitflow's receiver (`inbound`)
-        return Delivery(
-            message.body,
-            header.properties,
-            frame.delivery_tag or 0,
-            bool(frame.redelivered),
-            frame.exchange or "",
-            frame.routing_key or "",
-            header.payload,
-            header.undecodable,
-        )
+    ours = header if type(header) is Header else None  # decoded by rabbitflow's receiver (`inbound`)
     return Delivery(
         message.body,
         header.properties,
@@ -114,6 +104,8 @@ def _delivery(message: DeliveredMessage) -> Delivery:
         bool(frame.redelivered),
         frame.exchange or "",
         frame.routing_key or "",
+        ours.payload if ours is not None else None,
+        ours.undecodable if ours is not None else None,
     )
 
 
