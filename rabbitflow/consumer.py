@@ -244,6 +244,8 @@ class Consumer:
             message = Message.of(delivery, headers, attempt, self.spec.queue)
             tell_received(self._middleware, message)
         try:
+            if delivery.undecodable is not None:  # properties the client cannot decode
+                raise DecodeError(f"its properties: {delivery.undecodable}")
             body = spec.signature.read(delivery.body, properties.content_type)
         except DecodeError as exc:
             why = f"cannot be decoded: {copies.describe(exc)[:200]}"

@@ -39,6 +39,11 @@ class Copier:
     def send(self, delivery: Delivery, queue: str, headers: dict[str, Any]) -> None:
         """Publish the copy; the original is settled when the broker answers, without keeping the
         handler's task (or its concurrency slot) for it."""
+        if delivery.undecodable is not None:
+            # What could not be decoded cannot be copied: the queue dead-letters the original to
+            # its parking queue instead, with every byte of it.
+            self.settlement.reject(delivery.delivery_tag)
+            return
         properties = persistent_copy(delivery.properties, headers)
         future = self._publisher.send(delivery.body, self._dlx, queue, properties)
         self.pending.add(future)

@@ -5,6 +5,7 @@ Pure functions of the delivery and the failure; `consumer.Consumer` publishes wh
 
 from __future__ import annotations
 
+import struct
 import time
 import traceback
 from collections.abc import Mapping
@@ -13,8 +14,17 @@ from typing import Any
 
 from . import names
 from .transport.base import Delivery
+from .transport.tables import entries, header_table
 
-__all__ = ["attempt", "delivery_count", "describe", "lean", "park_headers", "retry_headers"]
+__all__ = [
+    "attempt",
+    "delivery_count",
+    "describe",
+    "exact_headers",
+    "lean",
+    "park_headers",
+    "retry_headers",
+]
 
 _MAX_ERROR = 1000
 _MAX_TRACEBACK = 4000
@@ -99,7 +109,7 @@ def _copy_headers(delivery: Delivery, attempt: int, now: str, drop: tuple[str, .
     message was first published and when it first failed. A later attempt is a copy that came
     back through a retry queue and carries both already."""
     headers = delivery.properties.headers or {}
-    copy = names.without(headers, names.BROKER_HEADERS, drop)
+    copy = exact_headers(delivery, names.without(headers, names.BROKER_HEADERS, drop))
     if attempt > 1:
         copy[names.ORIGINAL_EXCHANGE] = str(headers.get(names.ORIGINAL_EXCHANGE, ""))
         copy[names.ORIGINAL_ROUTING_KEY] = str(headers.get(names.ORIGINAL_ROUTING_KEY, delivery.routing_key))
@@ -109,6 +119,20 @@ def _copy_headers(delivery: Delivery, attempt: int, now: str, drop: tuple[str, .
         copy[names.ORIGINAL_ROUTING_KEY] = delivery.routing_key
         copy[names.FIRST_FAILURE] = now
     return copy
+
+
+def exact_headers(delivery: Delivery, headers: dict[str, Any]) -> dict[str, Any]:
+    """`headers` (some of the delivery's) with each value as the bytes it arrived in, type octet
+    included, where the broker kept them: re-encoding a decoded value would pick its type by
+    range (an int32 5 becomes an int8, a double 0.1 a float, a millisecond timestamp seconds)."""
+    if delivery.raw_header is None or not headers:
+        return headers
+    try:
+        table = header_table(delivery.raw_header)
+        arrived = entries(table) if table is not None else {}
+    except (ValueError, IndexError, struct.error):  # not what the decoder read: keep its values
+        return headers
+    return {key: arrived.get(key, value) for key, value in headers.items()}
 
 
 def describe(exc: BaseException) -> str:

@@ -1,4 +1,5 @@
-"""The pipeline's own content-header encoder writes what pamqp writes, byte for byte."""
+"""The pipeline's own content-header encoder writes what pamqp writes, byte for byte (but for what
+pamqp would alter), and the receiver's decoder reads what pamqp reads, and names what pamqp cannot."""
 
 from __future__ import annotations
 
@@ -135,3 +136,81 @@ def test_ack_frames_are_pamqps_byte_for_byte() -> None:
         assert ack_frame(channel, tag, multiple) == marshal(
             Methods.Ack(delivery_tag=tag, multiple=multiple), channel
         )
+
+
+# -- the receiving side: rabbitflow's decoder (transport/inbound.py) ---------------------------
+
+
+def test_the_decoder_reads_what_pamqp_reads_over_many_property_sets() -> None:
+    from rabbitflow.transport.inbound import content_header
+
+    rng = random.Random(20261126)
+    for _ in range(3000):
+        properties = _properties(rng)
+        size = rng.choice([0, 1, 256, 2**33])
+        frame = marshal(ContentHeader(0, size, properties), 1)
+        theirs = unmarshal(frame)[2]
+        ours = content_header(frame[7:-1])
+        assert ours.undecodable is None
+        assert ours.body_size == size
+        for name in Basic.Properties.__slots__:
+            expected, got = getattr(theirs.properties, name), getattr(ours.properties, name)
+            assert got == expected, name
+            assert type(got) is type(expected), name
+
+
+@pytest.mark.parametrize(
+    ("payload_properties", "named"),
+    [
+        pytest.param(b"\x80\x00" + b"\x03\xff\xfe\xfd", "content_type", id="content type not UTF-8"),
+        pytest.param(b"\x00\x40" + (2**62).to_bytes(8, "big"), "timestamp", id="timestamp past 9999"),
+        pytest.param(
+            b"\x20\x00" + b"\x00\x00\x00\x04" + b"\x02\xc3\x28" + b"V",
+            "not UTF-8",
+            id="header name not UTF-8",
+        ),
+    ],
+)
+def test_what_pamqp_cannot_decode_is_named_not_raised(payload_properties: bytes, named: str) -> None:
+    from pamqp.exceptions import UnmarshalingException
+
+    from rabbitflow.transport.inbound import content_header
+
+    payload = b"\x00\x3c\x00\x00" + (5).to_bytes(8, "big") + payload_properties
+    frame = b"\x02\x00\x01" + len(payload).to_bytes(4, "big") + payload + b"\xce"
+    with pytest.raises((UnmarshalingException, OverflowError, ValueError)):
+        unmarshal(frame)
+    header = content_header(payload)
+    assert header.body_size == 5
+    assert header.undecodable is not None
+    assert named in header.undecodable
+
+
+def test_a_header_as_it_arrived_is_written_back_with_its_type() -> None:
+    from rabbitflow.transport.tables import Encoded, entries, header_table
+
+    arrived = {"int32": Encoded(b"I\x00\x00\x00\x05"), "float": Encoded(b"f" + b"\x3d\xcc\xcc\xcd")}
+    frame = content_header_frame(1, 0, Basic.Properties(headers={**arrived, "plain": 5}))
+    table = header_table(frame[7:-1])
+    assert table is not None
+    assert entries(table) == {**arrived, "plain": Encoded(b"b\x05")}
+
+
+def test_a_millisecond_timestamp_goes_out_as_it_came_in() -> None:
+    from rabbitflow.transport.inbound import content_header
+
+    millis = 1_764_000_000_123
+    payload = b"\x00\x3c\x00\x00" + bytes(8) + b"\x00\x40" + millis.to_bytes(8, "big")
+    stamp = content_header(payload).properties.timestamp
+    assert stamp == datetime.datetime.fromtimestamp(millis / 1000, datetime.UTC)  # pamqp's reading
+    frame = content_header_frame(1, 0, Basic.Properties(timestamp=stamp, headers={"at": stamp}))
+    assert frame.endswith(millis.to_bytes(8, "big") + b"\xce")  # the property, the last one here
+    assert b"\x02atT" + millis.to_bytes(8, "big") in frame
+
+
+def test_a_header_name_is_written_whole_or_refused_never_truncated() -> None:
+    long = "k" * 200
+    frame = content_header_frame(1, 0, Basic.Properties(headers={long: 1}))
+    assert bytes((200,)) + long.encode() + b"b\x01" in frame  # pamqp would cut it at 128 bytes
+    with pytest.raises(TypeError, match="255 bytes"):
+        content_header_frame(1, 0, Basic.Properties(headers={"k" * 256: 1}))

@@ -30,6 +30,7 @@ from .base import (
     QueueInfo,
     Transport,
 )
+from .inbound import Header, receiving
 from .pipeline import Pipeline, supported
 from .wire import ack_frame
 
@@ -94,13 +95,17 @@ _translated = _Translated()
 
 def _delivery(message: DeliveredMessage) -> Delivery:
     frame = cast(Basic.Deliver | Basic.GetOk, message.delivery)
+    header = message.header
+    ours = header if type(header) is Header else None  # decoded by rabbitflow's receiver (`inbound`)
     return Delivery(
         message.body,
-        message.header.properties,
+        header.properties,
         frame.delivery_tag or 0,
         bool(frame.redelivered),
         frame.exchange or "",
         frame.routing_key or "",
+        ours.payload if ours is not None else None,
+        ours.undecodable if ours is not None else None,
     )
 
 
@@ -404,7 +409,8 @@ async def connect(
     if ssl_context is not None:
         kwargs["ssl_context"] = ssl_context
     try:
-        connection = await asyncio.wait_for(aio_pika.connect(endpoint.url, **kwargs), timeout)
+        with receiving():  # this connection's frames are decoded by `inbound`, tolerantly
+            connection = await asyncio.wait_for(aio_pika.connect(endpoint.url, **kwargs), timeout)
     except (amqp_errors.ProbableAuthenticationError, amqp_errors.AuthenticationError) as exc:
         raise LoginRefused(
             f"{endpoint} refused the login of user {endpoint.user!r} (ACCESS_REFUSED): check the user "

@@ -79,6 +79,12 @@ class Delivery:
     redelivered: bool
     exchange: str
     routing_key: str
+    # The content-header frame's payload as received, for copies that carry each header exactly
+    # (`copies.exact_headers`); None from a broker that does not keep it (the in-memory one).
+    raw_header: bytes | None = None
+    # What of the properties could not be decoded (the rest is in `properties`); such a delivery
+    # is parked by rejection, so that its parking queue gets every byte of it.
+    undecodable: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,16 +3,16 @@ write, and each still waits for its own publisher confirm.
 
 aiormq's `basic_publish` takes a lock, a timeout scope and a queue slot per message and the
 writer sends each message with its own syscall. Here the frames of every publish made in the same
-loop turn are marshalled into one buffer. Confirms, returns and channel-close rejections stay
-aiormq's own: a publish registers its future under its delivery tag in `channel.confirmations`
-and its message id in `channel.message_id_delivery_tag`, as `basic_publish` does (aiormq 7.x).
+loop turn are marshalled into one buffer. Confirms and channel-close rejections stay aiormq's
+own: a publish registers its future under its delivery tag in `channel.confirmations`, as
+`basic_publish` does (aiormq 7.x). Returns are matched to their publish by `returns.Returns`, by
+the broker's order rather than by message id, so nothing is added to what the producer published.
 When a future aiormq lacks those, `supported()` is false and the plain `basic_publish` is used.
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections import deque
 from collections.abc import Sequence
 
@@ -25,11 +25,12 @@ from pamqp.frame import marshal
 
 from ..errors import UnencodableMessage
 from .base import ConnectionLost
+from .returns import NEEDED, Returns
 from .wire import body_frames, content_header_frame
 
 __all__ = ["Pipeline", "supported"]
 
-_NEEDED = ("confirmations", "message_id_delivery_tag", "delivery_tag", "write_queue", "max_content_size")
+_NEEDED = ("delivery_tag", "write_queue", "max_content_size", *NEEDED)
 
 
 _FRAME_OVERHEAD = 8  # frame type, channel, size and end octet around a frame's payload
@@ -48,7 +49,7 @@ def _closing(channel: aiormq.Channel) -> bool:
 
 
 class Pipeline:
-    __slots__ = ("_channel", "_chunks", "_draining", "_loop", "_methods", "_outbox")
+    __slots__ = ("_channel", "_chunks", "_draining", "_loop", "_methods", "_outbox", "_returns")
 
     def __init__(self, channel: aiormq.Channel) -> None:
         self._channel = channel
@@ -57,6 +58,7 @@ class Pipeline:
         self._methods: dict[tuple[str, str, bool], bytes] = {}
         self._outbox: deque[ChannelFrame] = deque()  # marshalled turns the write queue had no room for
         self._draining: asyncio.Task[None] | None = None
+        self._returns = Returns(channel)
         channel.closing.add_done_callback(self._fail_pending)
 
     def publish(
@@ -66,10 +68,6 @@ class Pipeline:
         channel = self._channel
         if _closing(channel):
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-        message_id = properties.message_id
-        if not message_id:
-            # aiormq matches a returned message to its publish by message id.
-            message_id = properties.message_id = uuid.uuid4().hex
         # Encoded and measured before a delivery tag is taken or anything is queued: a frame that
         # cannot be written leaves nothing half-sent (a method frame without its header is a 505
         # that drops the connection, a tag taken for nothing shifts every later confirm).
@@ -98,8 +96,8 @@ class Pipeline:
         # (a weak set and two callbacks per future) is not needed.
         confirmation: asyncio.Future[object] = self._loop.create_future()
         channel.confirmations[tag] = confirmation
-        channel.message_id_delivery_tag[message_id] = tag
-        confirmation.add_done_callback(lambda _: self._forget(message_id, tag))
+        if mandatory:
+            self._returns.expect(tag, exchange, routing_key, body)
 
         chunks = self._chunks
         if not chunks:
@@ -146,11 +144,6 @@ class Pipeline:
         self._outbox.clear()
         if self._draining is not None:
             self._draining.cancel()  # it may wait forever on a queue no writer empties
-
-    def _forget(self, message_id: str, tag: int) -> None:
-        ids = self._channel.message_id_delivery_tag
-        if ids.get(message_id) == tag:
-            del ids[message_id]
 
     def _flush(self) -> None:
         chunks, self._chunks = self._chunks, []

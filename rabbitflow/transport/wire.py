@@ -4,9 +4,13 @@ pamqp marshals `Basic.Properties` by looking up each property's AMQP type by nam
 each value through a chain of type checks; a retry copy with four headers spends longer there than
 in the rest of its publish. This encoder writes the same bytes — `tests/test_wire.py` compares the
 two over many property sets — straight from a table built once from pamqp's own property list.
-Header values of the common types (str, int, bool, None) are encoded here; rarer ones (float,
-Decimal, datetime, nested tables and arrays, bytearray) go to pamqp's encoder, which also raises
-its own `TypeError` for what AMQP cannot carry.
+Header values of the common types (str, int, bool, None, nested tables and arrays) are encoded
+here; rarer ones (float, Decimal, datetime, bytearray) go to pamqp's encoder, which also raises
+its own `TypeError` for what AMQP cannot carry. Two differences from pamqp, both so that a header
+is carried exactly or not at all: an `Encoded` value (a delivery's header as it arrived) and a
+`Timestamp` (one that arrived in milliseconds) are written as they came, and a header name longer
+than 128 bytes is written whole (up to 255) where pamqp truncates it; a longer one is refused
+(`TypeError`, which the pipeline raises as `UnencodableMessage` before anything is sent).
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ from pamqp.common import FieldTable
 from pamqp.frame import marshal
 from pamqp.header import ContentHeader
 
+from .tables import Encoded, Timestamp
+
 __all__ = ["ack_frame", "body_frames", "content_header_frame"]
 
 _FRAME_HEAD = Struct(">BHI")  # frame type (2 header, 3 body), channel, payload size
 _HEADER_HEAD = Struct(">HHQH")  # class 60 (basic), weight 0, body size, property flags
 _UINT32 = Struct(">I")
+_UINT64 = Struct(">Q")
 _FRAME_END = b"\xce"
 # A basic.ack method frame: type 1, channel, size 13, class 60, method 80, tag, multiple, end.
 _ACK = Struct(">BHIHHQB")
@@ -49,6 +56,9 @@ def _table_value(value: Any) -> bytes:
     if kind is str:
         raw: bytes = value.encode()
         return b"S" + _UINT32.pack(len(raw)) + raw
+    if kind is Encoded:  # a header of a delivery, as it arrived (`tables.entries`)
+        data: bytes = value.data
+        return data
     if kind is int and -128 <= value <= 127:
         byte: bytes = _BYTE[value & 0xFF]
         return b"b" + byte
@@ -56,6 +66,13 @@ def _table_value(value: Any) -> bytes:
         return b"t\x01" if value else b"t\x00"
     if value is None:
         return b"V"
+    if kind is Timestamp:
+        return b"T" + _UINT64.pack(value.raw)
+    if isinstance(value, dict):
+        return b"F" + _table(value)
+    if isinstance(value, list):
+        items = b"".join([_table_value(item) for item in value])
+        return b"A" + _UINT32.pack(len(items)) + items
     return encode.encode_table_value(value)
 
 
@@ -63,24 +80,30 @@ def _table(value: FieldTable) -> bytes:
     if not value or not isinstance(value, dict):
         return encode.field_table(value)  # pamqp's empty table and its type error
     parts = []
-    try:
-        for key, item in sorted(value.items()):
-            raw_key = key.encode()
-            if len(raw_key) > 128:
-                return encode.field_table(value)  # pamqp truncates long keys (and logs it)
-            parts.append(_BYTE[len(raw_key)] + raw_key)
+    for key, item in sorted(value.items()):
+        if type(key) is not str or len(raw_key := key.encode()) > 255:
+            # pamqp would truncate a long name (a header half-written): refuse it instead.
+            raise TypeError(f"header name {key!r} is not a str of at most 255 bytes in UTF-8")
+        parts.append(_BYTE[len(raw_key)] + raw_key)
+        try:
             parts.append(_table_value(item))
-    except TypeError:
-        return encode.field_table(value)  # raises pamqp's own error, naming the key
+        except TypeError as exc:
+            raise TypeError(f"{key} error: {exc}") from exc
     payload = b"".join(parts)
     return _UINT32.pack(len(payload)) + payload
+
+
+def _timestamp(value: Any) -> bytes:
+    if type(value) is Timestamp:  # arrived in milliseconds: goes out so
+        return _UINT64.pack(value.raw)
+    return encode.timestamp(value)
 
 
 _ENCODERS: dict[str, Callable[[Any], bytes]] = {
     "shortstr": _short_string,
     "octet": _octet,
     "table": _table,
-    "timestamp": encode.timestamp,
+    "timestamp": _timestamp,
 }
 
 # (attribute, flag bit, encoder) in wire order, from pamqp's own description of the properties.

@@ -1,0 +1,203 @@
+"""AMQP field tables as they arrived: decoded to pamqp's values, and kept entry by entry as bytes.
+
+A handler sees the values pamqp would give it (`decode_table`). A retry or parked copy carries
+each of the producer's headers as the bytes it arrived with (`entries`, then `Encoded` values
+that `wire` writes verbatim): pamqp picks an encoding by value range, so a decoded int32 would go
+out as an int8, a double 0.1 as a float, a millisecond timestamp divided by 1000.
+
+What cannot be decoded (a key that is not UTF-8, a timestamp past the year 9999, an unknown type
+octet, a length past the end) raises `Undecodable` naming it, never pamqp's errors that end the
+connection.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+from struct import Struct, error
+from typing import Any
+
+__all__ = ["Encoded", "Timestamp", "Undecodable", "decode_table", "entries", "header_table", "timestamp"]
+
+_U32 = Struct(">I")
+_I32 = Struct(">i")
+_U64 = Struct(">Q")
+_I8 = Struct(">b")
+_U16 = Struct(">H")
+_FIXED: dict[int, tuple[int, Struct | None]] = {
+    ord("t"): (1, Struct(">B")),
+    ord("b"): (1, _I8),
+    ord("B"): (1, Struct(">B")),
+    ord("s"): (2, Struct(">h")),
+    ord("u"): (2, Struct(">H")),
+    ord("I"): (4, _I32),
+    ord("i"): (4, _U32),
+    ord("l"): (8, Struct(">q")),
+    ord("L"): (8, Struct(">q")),  # pamqp reads L signed too
+    ord("f"): (4, Struct(">f")),
+    ord("d"): (8, Struct(">d")),
+    ord("D"): (5, None),
+    ord("T"): (8, None),
+    ord("V"): (0, None),
+    0: (0, None),  # not in the spec, seen in the wild; pamqp reads it as void
+}
+_SIZED = frozenset(b"SxFA")  # a uint32 length, then that many bytes
+
+
+class Undecodable(ValueError):
+    """A property or header the client cannot decode; says which and why."""
+
+
+class Encoded:
+    """A field value already encoded (type octet and value bytes), written as is."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Encoded) and other.data == self.data
+
+    def __hash__(self) -> int:
+        return hash(self.data)
+
+    def __repr__(self) -> str:
+        return f"Encoded({self.data!r})"
+
+
+class Timestamp(datetime.datetime):
+    """A timestamp that arrived in milliseconds (pamqp's reading of a value past 2**32): the
+    datetime pamqp gives, and the original value, which `wire` writes back unchanged."""
+
+    raw: int
+
+
+def timestamp(value: int, what: str) -> datetime.datetime:
+    """pamqp's datetime for an AMQP timestamp: seconds, or milliseconds past 2**32."""
+    try:
+        if value <= 0xFFFFFFFF:
+            return datetime.datetime.fromtimestamp(value, tz=datetime.UTC)
+        stamp = Timestamp.fromtimestamp(value / 1000.0, tz=datetime.UTC)
+    except (ValueError, OverflowError, OSError):
+        raise Undecodable(f"{what}: timestamp {value} is out of range, as seconds or milliseconds") from None
+    stamp.raw = value
+    return stamp
+
+
+def decode_table(data: bytes, start: int, end: int, what: str = "headers") -> dict[str, Any]:
+    """The table whose entries are `data[start:end]`, with pamqp's values."""
+    table: dict[str, Any] = {}
+    i = start
+    key = ""
+    try:
+        while i < end:
+            j = i + 1 + data[i]
+            if j > end:
+                raise Undecodable(f"{what}: a key runs past the end of its table")
+            key = data[i + 1 : j].decode()
+            kind = data[j]
+            if kind == 0x53:  # S, the common case inline
+                i = j + 5 + _U32.unpack_from(data, j + 1)[0]
+                if i > end:
+                    raise Undecodable(f"{what}[{key!r}]: value runs past the end of its table")
+                raw = data[j + 5 : i]
+                try:
+                    table[key] = raw.decode()
+                except UnicodeDecodeError:
+                    table[key] = raw  # as pamqp: bytes
+            elif kind == 0x62 and j + 2 <= end:  # b, how pamqp and rabbitflow write small ints
+                table[key] = _I8.unpack_from(data, j + 1)[0]
+                i = j + 2
+            else:
+                table[key], i = _value(data, j, end, f"{what}[{key!r}]")
+    except UnicodeDecodeError:
+        raw_key = data[i + 1 : i + 1 + data[i]]
+        raise Undecodable(f"{what}: header name {raw_key[:100]!r} is not UTF-8") from None
+    except (IndexError, error):
+        raise Undecodable(f"{what}: truncated field table") from None
+    if i != end:
+        raise Undecodable(f"{what}: a value runs past the end of its table")
+    return table
+
+
+def _value(data: bytes, i: int, end: int, what: str) -> tuple[Any, int]:
+    kind = data[i]
+    i += 1
+    if kind in _SIZED:
+        size = _U32.unpack_from(data, i)[0]
+        i += 4
+        stop = i + size
+        if stop > end:
+            raise Undecodable(f"{what}: value runs past the end of its table")
+        if kind == 0x53:  # S: str, or bytes when not UTF-8 (as pamqp)
+            raw = data[i:stop]
+            try:
+                return raw.decode(), stop
+            except UnicodeDecodeError:
+                return raw, stop
+        if kind == 0x46:  # F
+            return decode_table(data, i, stop, what), stop
+        if kind == 0x41:  # A
+            items = []
+            while i < stop:
+                item, i = _value(data, i, stop, what)
+                items.append(item)
+            if i != stop:
+                raise Undecodable(f"{what}: an array value runs past the end of its array")
+            return items, stop
+        return bytearray(data[i:stop]), stop  # x
+    fixed = _FIXED.get(kind)
+    if fixed is None:
+        raise Undecodable(f"{what}: unknown field type {bytes((kind,))!r}")
+    size, unpack = fixed
+    if i + size > end:
+        raise Undecodable(f"{what}: value runs past the end of its table")
+    if unpack is not None:
+        value = unpack.unpack_from(data, i)[0]
+        return (bool(value) if kind == 0x74 else value), i + size
+    if kind == 0x54:  # T
+        return timestamp(_U64.unpack_from(data, i)[0], what), i + 8
+    if kind == 0x44:  # D, read as pamqp does (an unsigned mantissa)
+        scale, raw = data[i], _U32.unpack_from(data, i + 1)[0]
+        return decimal.Decimal(raw) * (decimal.Decimal(10) ** -scale), i + 5
+    return None, i  # V and \x00
+
+
+def _skip(data: bytes, i: int) -> int:
+    """Where the value at `i` (its type octet) ends."""
+    kind = data[i]
+    if kind in _SIZED:
+        size: int = _U32.unpack_from(data, i + 1)[0]
+        return i + 5 + size
+    fixed = _FIXED.get(kind)
+    if fixed is None:
+        raise Undecodable(f"unknown field type {bytes((kind,))!r}")
+    return i + 1 + fixed[0]
+
+
+def entries(table: bytes) -> dict[str, Encoded]:
+    """Each entry of an encoded table (its uint32 length included) as its value's bytes, by key."""
+    out: dict[str, Encoded] = {}
+    end = 4 + _U32.unpack_from(table, 0)[0]
+    i = 4
+    while i < end:
+        size = table[i]
+        key = table[i + 1 : i + 1 + size].decode()
+        i += 1 + size
+        stop = _skip(table, i)
+        out[key] = Encoded(table[i:stop])
+        i = stop
+    return out
+
+
+def header_table(payload: bytes) -> bytes | None:
+    """The encoded headers table (its length included) of a content-header payload, or None."""
+    flags = _U16.unpack_from(payload, 12)[0]
+    if not flags & 0x2000 or flags & 1:
+        return None
+    i = 14
+    for flag in (0x8000, 0x4000):  # content_type, content_encoding: the shortstrs before it
+        if flags & flag:
+            i += 1 + payload[i]
+    return payload[i : i + 4 + _U32.unpack_from(payload, i)[0]]
