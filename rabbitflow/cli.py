@@ -101,6 +101,15 @@ def _run(args: argparse.Namespace) -> int:
 async def _serve_with_http(app: App, port: int) -> None:
     from .http import serve
 
+    try:
+        from .prometheus import PrometheusMiddleware
+    except ImportError:  # no prometheus-client: /metrics answers 501, /health works
+        pass
+    else:
+        if not any(isinstance(m, PrometheusMiddleware) for m in app.middleware):
+            metrics = PrometheusMiddleware()  # /metrics is about this app, not only the process
+            app.middleware = (*app.middleware, metrics)
+            metrics.bind(app)
     server = await serve(app, port)
     log.info("serving /health and /metrics on port %d", server.port)
     try:
@@ -273,8 +282,9 @@ def parser() -> argparse.ArgumentParser:
         "--http-port",
         type=int,
         metavar="PORT",
-        help="serve /health (200 healthy, 503 not) and /metrics (Prometheus text) on this port; "
-        "worker N of --workers serves on PORT + N - 1",
+        help="serve /health (200 healthy, 503 not) and /metrics (Prometheus text; the app's metrics "
+        "when prometheus-client is installed) on this port; worker N of --workers serves on "
+        "PORT + N - 1",
     )
     run.add_argument(
         "--reload",

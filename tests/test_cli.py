@@ -597,7 +597,9 @@ async def test_run_http_port_serves_health_and_metrics_per_worker(service: Servi
             assert health["healthy"] is True
             assert health["consumers"][0]["queue"] == service.queue
             metrics = await _wait_status(worker_port, "/metrics", 200)
-            assert b"# TYPE" in metrics
+            # The CLI adds the metrics middleware when the app has none: the app's own series.
+            assert b"rabbitflow_received_messages_total" in metrics
+            assert b"rabbitflow_consumer_stalled" in metrics
     finally:
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(30) == 0
