@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import names
+from .copies import exact_headers
 from .errors import ChannelClosed, ConfigError
 from .parked import COUNTERS, REASONS, Filter, Group, Listing, Outcome, ParkedMessage, Tally, jsonable
 from .transport.base import Channel, Delivery, Transport, clone_properties, persistent_copy
@@ -103,14 +104,17 @@ async def _walk(
             elif action == MOVE:
                 copy = persistent_copy(
                     delivery.properties,
-                    names.without(headers, names.RABBITFLOW_HEADERS, names.BROKER_HEADERS) or None,
+                    exact_headers(
+                        delivery, names.without(headers, names.RABBITFLOW_HEADERS, names.BROKER_HEADERS)
+                    )
+                    or None,
                 )
                 window.append((_send(channel, delivery, queue, copy), delivery.delivery_tag))
             elif rotate:
                 rotated = True
                 same = clone_properties(
                     delivery.properties,
-                    headers=names.without(headers, COUNTERS) or None,
+                    headers=exact_headers(delivery, names.without(headers, COUNTERS)) or None,
                     expiration=delivery.properties.expiration,
                     delivery_mode=delivery.properties.delivery_mode,
                 )
