@@ -224,3 +224,24 @@ async def test_a_session_that_dies_right_after_it_opened_backs_off() -> None:
         reconnects = app.reconnects
     # 0.1-0.2 s, then 0.2-0.4 s, 0.4-0.8 s...: a handful in 2 s, not hundreds.
     assert 2 <= reconnects <= 6
+
+
+async def test_a_lost_connection_is_one_line_not_an_aiormq_traceback(
+    make_app: Callable[..., App], broker_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    async with TcpProxy(BROKER_PORT, BROKER_HOST) as proxy:
+        app = make_app(url=[via(proxy), broker_url])
+        queue = unique("quiet")
+
+        @app.consumer(queue)
+        async def handle(body: Any) -> None: ...
+
+        async with app:
+            proxy.reset()
+            await wait_for(lambda: app.health()["reconnects"] == 1, timeout=20)
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("lost" in r.getMessage() and r.name.startswith("rabbitflow") for r in lines)
+    assert not [r for r in lines if r.name.startswith("aiormq") and r.exc_info], [
+        r.getMessage() for r in lines
+    ]
