@@ -22,6 +22,7 @@ def test_all_is_sorted_and_complete() -> None:
         "Plan",
         "PublishNacked",
         "PublishTimeout",
+        "RequestTimeout",
         "RabbitflowError",
         "Reject",
         "Retry",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
@@ -93,22 +92,6 @@ class _Translated:
 
 _translated = _Translated()
 
-
-
-class _ExpectedLoss(logging.Filter):
-    """aiormq logs every lost connection with its traceback ("Cancelling cause reader exited
-    abnormally", WARNING). A lost connection is a failover rabbitflow expects and reports in one
-    line of its own ("connection to ... lost (...); failing over"); the traceback stays for
-    anything else the reader dies of (a malformed frame)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg != "Cancelling cause reader exited abnormally" or not record.exc_info:
-            return True
-        lost = amqp_errors.AMQPConnectionError | ConnectionError | asyncio.IncompleteReadError
-        return not isinstance(record.exc_info[1], lost)
-
-
-logging.getLogger("aiormq.connection").addFilter(_ExpectedLoss())
 
 def _delivery(message: DeliveredMessage) -> Delivery:
     frame = cast(Basic.Deliver | Basic.GetOk, message.delivery)

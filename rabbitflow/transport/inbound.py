@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Iterator
 from contextvars import ContextVar
 from struct import Struct, error
@@ -227,3 +228,19 @@ def receiving() -> Iterator[None]:
         yield
     finally:
         _RECEIVING.reset(token)
+
+
+class _ExpectedLoss(logging.Filter):
+    """aiormq logs every lost connection with its traceback ("Cancelling cause reader exited
+    abnormally", WARNING). A lost connection is a failover rabbitflow expects and reports in one
+    line of its own ("connection to ... lost (...); failing over"); the traceback stays for
+    anything else the reader dies of (a malformed frame)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != "Cancelling cause reader exited abnormally" or not record.exc_info:
+            return True
+        lost = AMQPConnectionError | ConnectionError | asyncio.IncompleteReadError
+        return not isinstance(record.exc_info[1], lost)
+
+
+logging.getLogger("aiormq.connection").addFilter(_ExpectedLoss())
