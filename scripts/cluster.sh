@@ -156,6 +156,15 @@ listeners.tcp.default = 127.0.0.1:$(amqp_port "$n")
 # addresses (harmless: the listener only binds 127.0.0.1).
 loopback_users = none
 EOF
+    # RF_DLX_CONFIRM_TIMEOUT_MS: how long a quorum queue's at-least-once dead-letter worker waits
+    # for the target's confirm before it sends again (RabbitMQ's default: 180000). The chaos
+    # soak's retries wait that long after a node loss (docs/reliability.md).
+    if [[ -n "${RF_DLX_CONFIRM_TIMEOUT_MS:-}" ]]; then
+        printf '[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, %d}]}].\n' \
+            "$RF_DLX_CONFIRM_TIMEOUT_MS" >"$d/advanced.config"
+    else
+        rm -f "$d/advanced.config"
+    fi
 }
 
 # Boot node N in the background, detached from this script's session.
