@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .codec import outgoing
-from .middleware import Middleware, around_publish
+from .middleware import Middleware, around_publish, overriding
 from .publisher import Publisher
 from .transport.base import Delivery
 
@@ -35,7 +35,7 @@ class Answers:
         self._target = target
         self._publisher = publisher
         self._timeout = timeout
-        self._middleware = middleware
+        self._middleware = overriding(tuple(middleware), "publish")
         self._prefix = f"{uuid.uuid4().hex[:16]}-"
         self._ids = itertools.count(1)
 

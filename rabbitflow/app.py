@@ -22,7 +22,7 @@ from .codec import outgoing
 from .connection import ConnectionManager, Failover
 from .errors import ConfigError, StateError
 from .message import Message
-from .middleware import Middleware, around_publish
+from .middleware import Middleware, around_publish, overriding
 from .parking import ParkedMessage
 from .publisher import publish
 from .registry import Registry
@@ -322,8 +322,9 @@ class App(Registry):
                 self._publisher, data, exchange, routing_key, properties, timeout=limit, mandatory=mandatory
             )
 
-        if self.middleware:
-            await around_publish(self.middleware, data, exchange, routing_key, properties, send)
+        hooks = overriding(self.middleware, "publish")
+        if hooks:
+            await around_publish(hooks, data, exchange, routing_key, properties, send)
         else:
             await send()
 
@@ -355,7 +356,13 @@ class App(Registry):
         )
         limit = self.settings.publish_timeout if timeout is None else timeout
         return await request(
-            self._requests, data, exchange, routing_key, properties, timeout=limit, middleware=self.middleware
+            self._requests,
+            data,
+            exchange,
+            routing_key,
+            properties,
+            timeout=limit,
+            middleware=overriding(self.middleware, "publish"),
         )
 
     async def _requests(self, deadline: float) -> Requests:

@@ -26,7 +26,16 @@ from .errors import (
     TopologyConflict,
 )
 from .message import Message
-from .middleware import Fate, Middleware, Outcome, around_attempt, tell_failed, tell_received, tell_settled
+from .middleware import (
+    Fate,
+    Middleware,
+    Outcome,
+    around_attempt,
+    overriding,
+    tell_failed,
+    tell_received,
+    tell_settled,
+)
 from .publisher import Publisher
 from .retry import Decision, decide
 from .retry import Outcome as Decided
@@ -79,7 +88,12 @@ class Consumer:
         self._ensure_retry_queue = ensure_retry_queue
         self._prefetch = prefetch
         self._timeout = handler_timeout
-        self._middleware = middleware
+        self._on_received = overriding(middleware, "received")
+        self._on_attempt = overriding(middleware, "attempt")
+        self._on_settled = overriding(middleware, "settled")
+        self._on_failed = overriding(middleware, "attempt_failed")
+        # A Message for the hooks only when one of them looks at it.
+        self._observed = bool(self._on_received or self._on_attempt or self._on_settled)
         # Prefetch already bounds how many deliveries run at once; a semaphore only when tighter.
         self._limit = asyncio.Semaphore(concurrency) if concurrency < prefetch else None
         self.settlement = Settlement(channel, prefetch=prefetch)
@@ -240,9 +254,9 @@ class Consumer:
         headers = properties.headers or {}
         attempt = copies.attempt(delivery, headers, spec.queue, spec.policy.retries) if headers else 1
         message = None
-        if self._middleware:
+        if self._observed:
             message = Message.of(delivery, headers, attempt, self.spec.queue)
-            tell_received(self._middleware, message)
+            tell_received(self._on_received, message)
         try:
             if delivery.undecodable is not None:  # properties the client cannot decode
                 raise DecodeError(f"its properties: {delivery.undecodable}")
@@ -296,7 +310,7 @@ class Consumer:
         signature = spec.signature
         if message is not None:
             return await around_attempt(
-                self._middleware, message, functools.partial(self._run, body, message)
+                self._on_attempt, message, functools.partial(self._run, body, message)
             )
         if signature.message_param is None:
             return await spec.handler(body)
@@ -323,14 +337,14 @@ class Consumer:
         reason: str | None = None,
         delay: float | None = None,
     ) -> None:
-        tell_settled(self._middleware, message, Outcome(fate, exception, reason=reason, delay=delay))
+        tell_settled(self._on_settled, message, Outcome(fate, exception, reason=reason, delay=delay))
 
     # -- the failure path ----------------------------------------------------------------------
 
     async def _fail(
         self, delivery: Delivery, attempt: int, exc: BaseException, message: Message | None
     ) -> None:
-        tell_failed(self._middleware, self.spec.queue, attempt, exc)
+        tell_failed(self._on_failed, self.spec.queue, attempt, exc)
         decision: Decision = decide(self.spec.policy, attempt, exc)
         retry = decision.outcome is Decided.RETRY
         log.log(

@@ -33,6 +33,7 @@ __all__ = [
     "Outgoing",
     "around_attempt",
     "around_publish",
+    "overriding",
     "tell_failed",
     "tell_received",
     "tell_settled",
@@ -102,6 +103,14 @@ class Middleware:
         """Around one `app.publish`: `await call_next()` sends it and returns once the broker
         confirmed it (or raises `Unroutable`, `PublishTimeout`, ...)."""
         await call_next()
+
+
+@functools.lru_cache(maxsize=256)
+def overriding(middleware: tuple[Middleware, ...], hook: str) -> tuple[Middleware, ...]:
+    """The middlewares whose class overrides `hook`: the base class's hooks do nothing, so a
+    middleware that does not override one costs nothing on its path."""
+    base = getattr(Middleware, hook)
+    return tuple(m for m in middleware if getattr(type(m), hook, base) is not base)
 
 
 async def around_publish(

@@ -210,3 +210,20 @@ def test_a_middleware_that_is_not_one_is_refused_at_import() -> None:
 
     with pytest.raises(ConfigError, match=r"is not a rabbitflow\.Middleware"):
         App("svc", url="memory://", middleware=[Lookalike()])  # type: ignore[list-item]
+
+
+def test_only_the_hooks_a_middleware_overrides_are_on_the_path() -> None:
+    from rabbitflow.middleware import overriding
+
+    class Counts(Middleware):
+        def settled(self, message: Message, outcome: Outcome) -> None: ...
+
+    class Traces(Middleware):
+        async def publish(self, outgoing: Outgoing, call_next: Callable[[], Awaitable[None]]) -> None:
+            await call_next()
+
+    counts, traces, plain = Counts(), Traces(), Middleware()
+    chain = (counts, traces, plain)
+    assert overriding(chain, "publish") == (traces,)
+    assert overriding(chain, "settled") == (counts,)
+    assert overriding(chain, "attempt") == ()
