@@ -28,6 +28,14 @@ class Message:
     reply_to: str | None = None
     queue: str = ""
 
+    def decode(self) -> Any:
+        """The body decoded by its content type, as a handler's untyped body would be: JSON to
+        Python objects, `text/*` to str, anything else the bytes (a reply of `app.request`, say).
+        Raises `rabbitflow.codec.DecodeError` for a body its content type cannot read."""
+        from .codec import decode
+
+        return decode(self.body, self.content_type)
+
     @classmethod
     def of(cls, delivery: Delivery, headers: Mapping[str, Any], attempt: int, queue: str) -> Message:
         p = delivery.properties

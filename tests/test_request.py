@@ -36,6 +36,7 @@ async def test_a_request_gets_the_handlers_return_value(app_on: Callable[..., Ap
         reply = await app.request({"a": 2, "b": 40}, routing_key=queue, timeout=5)
     assert reply.body == b'{"sum":42,"attempt":1}'
     assert reply.content_type == "application/json"
+    assert reply.decode() == {"sum": 42, "attempt": 1}
 
 
 async def test_concurrent_requests_are_not_serialised(app_on: Callable[..., App]) -> None:
