@@ -316,17 +316,19 @@ class App(Registry):
             persistent=persistent,
         )
         limit = self.settings.publish_timeout if timeout is None else timeout
+        hooks = overriding(self.middleware, "publish") if self.middleware else ()
+        if not hooks:  # the common path: no closure, no hook chain
+            await publish(
+                self._publisher, data, exchange, routing_key, properties, timeout=limit, mandatory=mandatory
+            )
+            return
 
         async def send() -> None:
             await publish(
                 self._publisher, data, exchange, routing_key, properties, timeout=limit, mandatory=mandatory
             )
 
-        hooks = overriding(self.middleware, "publish")
-        if hooks:
-            await around_publish(hooks, data, exchange, routing_key, properties, send)
-        else:
-            await send()
+        await around_publish(hooks, data, exchange, routing_key, properties, send)
 
     async def request(
         self,

@@ -122,6 +122,13 @@ def _run_workers(args: argparse.Namespace) -> int:
     """N worker processes kept running (supervisor.py). The URL goes to them in the environment:
     a command line is visible to every user in `ps`."""
     load_app(args.app)  # a module that cannot load fails here, once, not in N restarting workers
+    command, env = _child(args)
+    return Supervisor(command, args.workers, env).run()
+
+
+def _child(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of a child `rabbitflow run` (a worker, or the service
+    under --reload): the URL goes in the environment, since a command line shows in `ps`."""
     command = [sys.executable, "-m", "rabbitflow", "run", args.app, "--log-level", args.log_level]
     if args.http_port is not None:
         command += ["--http-port", str(args.http_port)]
@@ -129,7 +136,7 @@ def _run_workers(args: argparse.Namespace) -> int:
     if args.url:
         command.append("--url-from-env")
         env["RABBITFLOW_URL"] = args.url
-    return Supervisor(command, args.workers, env).run()
+    return command, env
 
 
 def module_directory(target: str) -> Path:
@@ -150,13 +157,7 @@ def _run_reloading(args: argparse.Namespace) -> int:
     except ImportError:
         raise SystemExit("rabbitflow: --reload needs watchfiles: pip install 'rabbitflow[reload]'") from None
     app = load_app(args.app)  # a module that cannot load fails here, before watching
-    command = [sys.executable, "-m", "rabbitflow", "run", args.app, "--log-level", args.log_level]
-    if args.http_port is not None:
-        command += ["--http-port", str(args.http_port)]
-    env = dict(os.environ)
-    if args.url:
-        command.append("--url-from-env")
-        env["RABBITFLOW_URL"] = args.url
+    command, env = _child(args)
     directory = module_directory(args.app)
     log.warning("watching %s for changes to .py files (--reload)", directory)
     os.environ.update(env)  # watchfiles starts the command with this process's environment

@@ -39,7 +39,7 @@ class Requests:
         self, body: bytes, exchange: str, routing_key: str, properties: Properties
     ) -> asyncio.Future[Delivery]:
         """Publish the request (confirmed, mandatory: `Unroutable` when nobody serves it); returns
-        the future of its reply. The caller bounds the wait and calls `forget` after."""
+        the future of its reply; the caller bounds the wait."""
         # A publish to a missing exchange would close the channel, and every other request's reply
         # with it: the publisher's probe finds that out on a channel of its own.
         await self._publisher.check_exchange(exchange)
@@ -49,18 +49,14 @@ class Requests:
         properties.reply_to = DIRECT_REPLY_TO
         future: asyncio.Future[Delivery] = asyncio.get_running_loop().create_future()
         self._waiting[correlation_id] = future
+        # Answered, given up (the caller's timeout cancels it) or failed: no longer waited for.
+        future.add_done_callback(lambda _: self._waiting.pop(correlation_id, None))
         try:
             await channel.publish(body, exchange=exchange, routing_key=routing_key, properties=properties)
         except BaseException:
             self._waiting.pop(correlation_id, None)
             raise
         return future
-
-    def forget(self, future: asyncio.Future[Delivery]) -> None:
-        for key, waiting in list(self._waiting.items()):
-            if waiting is future:
-                del self._waiting[key]
-                return
 
     async def _open(self) -> Channel:
         channel = self._channel
@@ -161,7 +157,4 @@ async def _ask(
     else:
         await send()
     assert future is not None
-    try:
-        return await future
-    finally:
-        requests.forget(future)
+    return await future
