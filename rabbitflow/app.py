@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import itertools
 import logging
 import signal
@@ -316,19 +317,14 @@ class App(Registry):
             persistent=persistent,
         )
         limit = self.settings.publish_timeout if timeout is None else timeout
-        hooks = overriding(self.middleware, "publish") if self.middleware else ()
-        if not hooks:  # the common path: no closure, no hook chain
-            await publish(
-                self._publisher, data, exchange, routing_key, properties, timeout=limit, mandatory=mandatory
-            )
-            return
-
-        async def send() -> None:
-            await publish(
-                self._publisher, data, exchange, routing_key, properties, timeout=limit, mandatory=mandatory
-            )
-
-        await around_publish(hooks, data, exchange, routing_key, properties, send)
+        to = self._publisher
+        send = functools.partial(
+            publish, to, data, exchange, routing_key, properties, timeout=limit, mandatory=mandatory
+        )
+        if self.middleware and (hooks := overriding(self.middleware, "publish")):
+            await around_publish(hooks, data, exchange, routing_key, properties, send)
+        else:
+            await send()
 
     async def request(
         self,
