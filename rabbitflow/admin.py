@@ -12,14 +12,15 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from . import names, parking
-from .compat import concerns
-from .connection import ConnectionManager
-from .errors import ChannelClosed, ConfigError
-from .parking import Filter, Listing, Outcome, ParkedMessage, Progress
-from .topology.applier import Difference, apply_plan, check_plan
-from .topology.compiler import Plan
-from .transport.base import Transport
+from rabbitflow import names
+from rabbitflow.errors import ChannelClosed, ConfigError
+from rabbitflow.parking import walk as parking
+from rabbitflow.parking.walk import Filter, Listing, ParkedMessage, Progress, WalkResult
+from rabbitflow.topology.applier import Difference, apply_plan, check_plan
+from rabbitflow.topology.compiler import Plan
+from rabbitflow.topology.versions import concerns
+from rabbitflow.transport.base import Transport
+from rabbitflow.transport.connection import ConnectionManager
 
 __all__ = ["Admin", "Inspection"]
 
@@ -122,7 +123,7 @@ class Admin:
         limit: int | None = None,
         dry_run: bool = False,
         progress: Progress | None = None,
-    ) -> Outcome:
+    ) -> WalkResult:
         """Send at most `limit` parked messages of `queue` that match `filter` back to `queue`
         (only to it), from those parked when it began; each leaves the parking queue only once
         its copy is confirmed, and the others stay parked in their order."""
@@ -146,7 +147,7 @@ class Admin:
         limit: int | None = None,
         dry_run: bool = False,
         progress: Progress | None = None,
-    ) -> Outcome:
+    ) -> WalkResult:
         """Delete at most `limit` parked messages of `queue` that match `filter`, from those
         parked when it began; the others stay parked, unchanged and in their order."""
         queue = self._consumed(queue)

@@ -17,22 +17,22 @@ from dataclasses import replace
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .admin import Admin
-from .breaker import Breaker
-from .codec import outgoing
-from .connection import ConnectionManager, Failover
-from .errors import ConfigError, StateError
-from .message import Message
-from .middleware import Middleware, around_publish, overriding
-from .parking import ParkedMessage
-from .publisher import publish
-from .registry import Registry
-from .request import Requests, request
-from .runtime import Runtime
-from .settings import Lifespan, Settings
-from .topology.applier import Difference
-from .transport.base import Broker
-from .urls import parse_urls
+from rabbitflow.admin import Admin
+from rabbitflow.breaker import Breaker
+from rabbitflow.codec import outgoing
+from rabbitflow.errors import ConfigError, StateError
+from rabbitflow.message import Message
+from rabbitflow.middleware.base import Middleware, around_publish, overriding
+from rabbitflow.parking.walk import ParkedMessage
+from rabbitflow.registry import Registry
+from rabbitflow.runtime.failover import Runtime
+from rabbitflow.runtime.publisher import publish
+from rabbitflow.runtime.request import Requests, request
+from rabbitflow.settings import Lifespan, Settings
+from rabbitflow.topology.applier import Difference
+from rabbitflow.transport.base import Broker
+from rabbitflow.transport.connection import ConnectionManager
+from rabbitflow.urls import Failover, parse_urls
 
 __all__ = ["App"]
 
@@ -52,10 +52,12 @@ class State(enum.Enum):
 def _default_broker(settings: Settings) -> Broker:
     """The broker behind the URL: the in-memory one for memory://, else a real RabbitMQ."""
     if settings.endpoints[0].is_memory:
-        from .testing.memory import MemoryBroker  # the one import of the test double, on request
+        from rabbitflow.transport.memory.broker import (
+            MemoryBroker,  # the one import of the test double, on request
+        )
 
         return MemoryBroker(realtime=True)
-    from .transport.amqp import AmqpBroker
+    from rabbitflow.transport.amqp.broker import AmqpBroker
 
     return AmqpBroker()
 
@@ -87,7 +89,7 @@ class App(Registry):
         publish_timeout: default seconds `publish()` waits for a confirm, across reconnects.
         lifespan: `lifespan(app)` returns an async context manager for the service's own
             resources, entered before consuming starts and exited after the last handler finished.
-        middleware: `rabbitflow.middleware.Middleware` instances whose hooks see each attempt.
+        middleware: `rabbitflow.middleware.base.Middleware` instances whose hooks see each attempt.
         ssl_context: TLS settings for `amqps://` nodes (default: the system's trust store).
     """
 

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import ConfigError, Reject, Retry
+from rabbitflow.errors import ConfigError, Reject, Retry
 
 __all__ = ["Breaker", "BreakerState", "Circuit", "Switch"]
 

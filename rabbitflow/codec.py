@@ -10,8 +10,8 @@ from typing import Any
 
 import orjson
 
-from .errors import ConfigError
-from .transport.base import Properties
+from rabbitflow.errors import ConfigError
+from rabbitflow.transport.base import Properties
 
 __all__ = ["DecodeError", "Reader", "decode", "encode", "outgoing", "reader_for"]
 

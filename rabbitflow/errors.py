@@ -20,7 +20,7 @@ Retry, Reject             raised by handlers to steer a delivery; not errors
 
 from __future__ import annotations
 
-from . import names
+from rabbitflow import names
 
 __all__ = [
     "ChannelClosed",

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 if TYPE_CHECKING:
-    from .app import App
+    from rabbitflow.app import App
 
 __all__ = ["HttpServer", "health_app", "metrics_and_health", "serve"]
 
@@ -72,7 +72,7 @@ class _Endpoints:
 
 def _registry_of(app: App) -> Any:
     """The registry of the app's PrometheusMiddleware, else prometheus-client's global one."""
-    from .prometheus import PrometheusMiddleware
+    from rabbitflow.middleware.prometheus import PrometheusMiddleware
 
     for middleware in app.middleware:
         if isinstance(middleware, PrometheusMiddleware):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .transport.base import Delivery
+    from rabbitflow.transport.base import Delivery
 
 __all__ = ["Message"]
 
@@ -32,7 +32,7 @@ class Message:
         """The body decoded by its content type, as a handler's untyped body would be: JSON to
         Python objects, `text/*` to str, anything else the bytes (a reply of `app.request`, say).
         Raises `rabbitflow.codec.DecodeError` for a body its content type cannot read."""
-        from .codec import decode
+        from rabbitflow.codec import decode
 
         return decode(self.body, self.content_type)
 

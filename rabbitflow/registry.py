@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from . import names
-from .breaker import Breaker
-from .errors import ConfigError
-from .spec import ConsumerSpec, Handler, build_spec
-from .topology.compiler import Plan, compile_plan
+from rabbitflow import names
+from rabbitflow.breaker import Breaker
+from rabbitflow.errors import ConfigError
+from rabbitflow.spec import ConsumerSpec, Handler, build_spec
+from rabbitflow.topology.compiler import Plan, compile_plan
 
 __all__ = ["Consumers", "Registry", "Router"]
 

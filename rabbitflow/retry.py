@@ -7,13 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from . import names
-from .errors import TTL_LIMIT, ConfigError, Reject, Retry
+from rabbitflow import names
+from rabbitflow.errors import TTL_LIMIT, ConfigError, Reject, Retry
 
-__all__ = ["Decision", "Outcome", "RetryPolicy", "decide"]
+__all__ = ["Action", "Decision", "RetryPolicy", "decide"]
 
 
-class Outcome(StrEnum):
+class Action(StrEnum):
     ACK = "ack"
     RETRY = "retry"
     PARK = "park"
@@ -21,12 +21,12 @@ class Outcome(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    outcome: Outcome
+    action: Action
     delay: float = 0.0
     reason: str = ""  # a value of x-rf-reason when parking
 
 
-ACK = Decision(Outcome.ACK)
+ACK = Decision(Action.ACK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,17 +109,17 @@ def decide(policy: RetryPolicy, attempt: int, exc: BaseException | None) -> Deci
     if exc is None:
         return ACK
     if isinstance(exc, Reject):
-        return Decision(Outcome.PARK, reason="rejected")
+        return Decision(Action.PARK, reason="rejected")
     if isinstance(exc, Retry):
         if attempt > policy.retries:
-            return Decision(Outcome.PARK, reason="exhausted")
+            return Decision(Action.PARK, reason="exhausted")
         delay = policy.delay_for(attempt) if exc.delay is None else exc.delay
-        return Decision(Outcome.RETRY, delay=delay)
+        return Decision(Action.RETRY, delay=delay)
     if isinstance(exc, policy.dont_retry) or not _retried(policy, exc):
-        return Decision(Outcome.PARK, reason="not-retryable")
+        return Decision(Action.PARK, reason="not-retryable")
     if attempt > policy.retries:
-        return Decision(Outcome.PARK, reason="exhausted")
-    return Decision(Outcome.RETRY, delay=policy.delay_for(attempt))
+        return Decision(Action.PARK, reason="exhausted")
+    return Decision(Action.RETRY, delay=policy.delay_for(attempt))
 
 
 def _retried(policy: RetryPolicy, exc: BaseException) -> bool:

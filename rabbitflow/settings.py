@@ -9,13 +9,13 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from . import names
-from .breaker import Breaker
-from .errors import ConfigError
-from .urls import Endpoint, parse_urls
+from rabbitflow import names
+from rabbitflow.breaker import Breaker
+from rabbitflow.errors import ConfigError
+from rabbitflow.urls import Endpoint, parse_urls, strategy
 
 if TYPE_CHECKING:
-    from .connection import Failover
+    from rabbitflow.urls import Failover
 
 __all__ = [
     "AMQP_SHORT",
@@ -146,8 +146,6 @@ class Settings:
                 )
             endpoints = parse_urls(url)
             if "failover" in options:
-                from .connection import strategy
-
                 strategy(options["failover"])
             for what in ("prefetch", "concurrency", "heartbeat"):
                 if what in options:

@@ -8,12 +8,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .breaker import Breaker
-from .codec import Reader, reader_for
-from .errors import ConfigError
-from .message import Message
-from .retry import RetryPolicy
-from .settings import AMQP_SHORT, check_name, check_positive, check_queue, check_seconds, check_text
+from rabbitflow.breaker import Breaker
+from rabbitflow.codec import Reader, reader_for
+from rabbitflow.errors import ConfigError
+from rabbitflow.message import Message
+from rabbitflow.retry import RetryPolicy
+from rabbitflow.settings import AMQP_SHORT, check_name, check_positive, check_queue, check_seconds, check_text
 
 __all__ = ["EXCHANGE_TYPES", "QUEUE_TYPES", "ConsumerSpec", "Handler", "HandlerSignature"]
 

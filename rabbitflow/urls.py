@@ -1,16 +1,18 @@
-"""Broker URLs: parsing the cluster list and masking passwords."""
+"""The cluster's nodes: parsing the URL list, masking passwords, and the order to try them in."""
 
 from __future__ import annotations
 
 import os
+import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from .errors import ConfigError
+from rabbitflow.errors import ConfigError
 
-__all__ = ["DEFAULT_URL", "Endpoint", "mask", "parse_urls"]
+__all__ = ["DEFAULT_URL", "Endpoint", "Failover", "mask", "parse_urls", "strategy"]
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 _SCHEMES = {"amqp": 5672, "amqps": 5671, "memory": 0}
@@ -100,3 +102,32 @@ def _parse_one(entry: str, index: int) -> Endpoint:
     vhost = unquote(path) if path else "/"
     user = unquote(parts.username or "guest")
     return Endpoint(entry, scheme, parts.hostname, port or _SCHEMES[scheme], vhost, user)
+
+
+Strategy = Callable[[Sequence[Endpoint]], Iterator[Endpoint]]
+Failover = Literal["round-robin", "shuffle"] | Strategy
+
+
+def round_robin(endpoints: Sequence[Endpoint]) -> Iterator[Endpoint]:
+    while True:
+        yield from endpoints
+
+
+def shuffle(endpoints: Sequence[Endpoint]) -> Iterator[Endpoint]:
+    while True:
+        order = list(endpoints)
+        random.shuffle(order)
+        yield from order
+
+
+def strategy(failover: object) -> Strategy:
+    if failover == "round-robin":
+        return round_robin
+    if failover == "shuffle":
+        return shuffle
+    if callable(failover):
+        return failover
+    raise ConfigError(
+        f"failover={failover!r}: expected 'round-robin', 'shuffle' or a function that takes "
+        "the list of nodes and yields them in the order to try"
+    )

@@ -390,7 +390,7 @@ def _arguments(parser: argparse.ArgumentParser, path: str) -> Iterator[tuple[str
 
 
 def test_every_argument_says_what_it_takes() -> None:
-    from rabbitflow.cli import parser
+    from rabbitflow.cli.main import parser
 
     top = parser()
     assert "RABBITFLOW_URL" in (top.description or "")

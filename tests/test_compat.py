@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from rabbitflow import App
-from rabbitflow.compat import concerns
 from rabbitflow.topology.compiler import Plan, QueuePlan
+from rabbitflow.topology.versions import concerns
 
 
 def plan_of(queue_type: str = "quorum") -> Plan:

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from rabbitflow import App, Message, Reject, Retry, consumer
+from rabbitflow import App, Message, Reject, Retry
+from rabbitflow.runtime import consumer
 
 from .helpers import Admin, unique, wait_for
 

@@ -6,7 +6,7 @@ things that differ between them (waiting, settling, cleanup). The assertions are
 the real 3.10 and memory-3.10, so wherever the in-memory broker stops behaving like RabbitMQ,
 its half of a test fails. Where a later RabbitMQ behaves differently by design, the test says
 what each version does (`env.version`), from the release notes cited in
-rabbitflow/testing/_profile.py; those rows are checked only against the memory broker.
+rabbitflow/transport/memory/profile.py; those rows are checked only against the memory broker.
 Real waits stay short (TTLs of 200-900 ms); on the memory broker they cost nothing.
 """
 
@@ -25,7 +25,6 @@ import pytest
 from pamqp.commands import Basic
 
 from rabbitflow import App, Message, PublishNacked, Reject, Unroutable
-from rabbitflow.testing.memory import VERSIONS, MemoryBroker, use_broker
 from rabbitflow.transport import amqp
 from rabbitflow.transport.base import (
     Channel,
@@ -35,6 +34,7 @@ from rabbitflow.transport.base import (
     Transport,
     TransportError,
 )
+from rabbitflow.transport.memory.broker import VERSIONS, MemoryBroker, use_broker
 from rabbitflow.urls import parse_urls
 
 log = logging.getLogger(__name__)

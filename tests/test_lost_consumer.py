@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from rabbitflow import App
-from rabbitflow import subscription as subscription_module
+from rabbitflow.runtime import subscription as subscription_module
 from rabbitflow.testing import MemoryBroker
 
 from .helpers import wait_for

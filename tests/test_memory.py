@@ -12,12 +12,12 @@ import pytest
 from pamqp.commands import Basic
 
 from rabbitflow import App, PublishNacked, Unroutable
-from rabbitflow.testing._routing import topic_match
-from rabbitflow.testing.memory import (
+from rabbitflow.transport.base import ChannelClosed, ConnectionLost, Delivery
+from rabbitflow.transport.memory.broker import (
     MemoryBroker,
     MemoryChannel,
 )
-from rabbitflow.transport.base import ChannelClosed, ConnectionLost, Delivery
+from rabbitflow.transport.memory.routing import topic_match
 
 EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
 

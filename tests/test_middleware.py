@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from rabbitflow import App, ConfigError, Message, Middleware, Reject, Unroutable
-from rabbitflow.middleware import Fate, Outcome, Outgoing
+from rabbitflow.middleware.base import Fate, Outcome, Outgoing
 
 from .helpers import Admin, unique, wait_for
 
@@ -213,7 +213,7 @@ def test_a_middleware_that_is_not_one_is_refused_at_import() -> None:
 
 
 def test_only_the_hooks_a_middleware_overrides_are_on_the_path() -> None:
-    from rabbitflow.middleware import overriding
+    from rabbitflow.middleware.base import overriding
 
     class Counts(Middleware):
         def settled(self, message: Message, outcome: Outcome) -> None: ...

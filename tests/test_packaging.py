@@ -176,4 +176,4 @@ def test_the_wheel_holds_every_subpackage_py_typed_and_the_console_script(tmp_pa
         assert f"rabbitflow/{package}/__init__.py" in names
     assert expected <= names, f"missing from the wheel: {sorted(expected - names)}"
     assert not [n for n in names if not n.startswith(("rabbitflow/", "rabbitflow-"))], sorted(names)
-    assert "rabbitflow = rabbitflow.cli:main" in scripts
+    assert "rabbitflow = rabbitflow.cli.main:main" in scripts

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rabbitflow import ConfigError, Reject, Retry, RetryPolicy
-from rabbitflow.retry import Outcome, decide
+from rabbitflow.retry import Action, decide
 
 
 class Permanent(Exception):
@@ -17,14 +17,14 @@ def policy(retries: int = 3, delay: object = 60, **kw: object) -> RetryPolicy:
 
 
 def test_success_is_acked() -> None:
-    assert decide(policy(), 1, None).outcome is Outcome.ACK
+    assert decide(policy(), 1, None).action is Action.ACK
 
 
 def test_fixed_delay_retries_then_parks_as_exhausted() -> None:
     p = policy(retries=3, delay=60)
     decisions = [decide(p, attempt, RuntimeError("x")) for attempt in (1, 2, 3, 4)]
-    assert [(d.outcome, d.delay) for d in decisions[:3]] == [(Outcome.RETRY, 60.0)] * 3
-    assert (decisions[3].outcome, decisions[3].reason) == (Outcome.PARK, "exhausted")
+    assert [(d.action, d.delay) for d in decisions[:3]] == [(Action.RETRY, 60.0)] * 3
+    assert (decisions[3].action, decisions[3].reason) == (Action.PARK, "exhausted")
 
 
 def test_ladder_delays_and_last_value_repeats() -> None:
@@ -40,12 +40,12 @@ def test_unused_ladder_rungs_need_no_queue() -> None:
 
 def test_zero_retries_parks_on_first_failure() -> None:
     d = decide(policy(retries=0), 1, RuntimeError())
-    assert (d.outcome, d.reason) == (Outcome.PARK, "exhausted")
+    assert (d.action, d.reason) == (Action.PARK, "exhausted")
 
 
 def test_reject_parks_at_once() -> None:
     d = decide(policy(), 1, Reject("bad order"))
-    assert (d.outcome, d.reason) == (Outcome.PARK, "rejected")
+    assert (d.action, d.reason) == (Action.PARK, "rejected")
 
 
 def test_retry_signal_uses_its_own_delay_and_counts_as_an_attempt() -> None:
@@ -53,17 +53,17 @@ def test_retry_signal_uses_its_own_delay_and_counts_as_an_attempt() -> None:
     assert decide(p, 1, Retry(delay=5)).delay == 5
     assert decide(p, 2, Retry()).delay == 60
     d = decide(p, 3, Retry(delay=5))
-    assert (d.outcome, d.reason) == (Outcome.PARK, "exhausted")
+    assert (d.action, d.reason) == (Action.PARK, "exhausted")
 
 
 def test_retry_on_and_dont_retry() -> None:
     p = policy(retry_on=(ConnectionError, TimeoutError), dont_retry=ConnectionRefusedError)
-    assert decide(p, 1, ConnectionResetError()).outcome is Outcome.RETRY
-    assert decide(p, 1, TimeoutError()).outcome is Outcome.RETRY
+    assert decide(p, 1, ConnectionResetError()).action is Action.RETRY
+    assert decide(p, 1, TimeoutError()).action is Action.RETRY
     refused = decide(p, 1, ConnectionRefusedError())
-    assert (refused.outcome, refused.reason) == (Outcome.PARK, "not-retryable")
+    assert (refused.action, refused.reason) == (Action.PARK, "not-retryable")
     other = decide(p, 1, KeyError("x"))
-    assert (other.outcome, other.reason) == (Outcome.PARK, "not-retryable")
+    assert (other.action, other.reason) == (Action.PARK, "not-retryable")
 
 
 @pytest.mark.parametrize(

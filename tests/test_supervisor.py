@@ -7,7 +7,7 @@ import os
 import re
 import sys
 
-from rabbitflow.supervisor import Supervisor
+from rabbitflow.cli.workers import Supervisor
 
 
 class StopAfter(logging.Handler):
@@ -30,7 +30,7 @@ def supervise(code: str, **backoff: float) -> tuple[int, list[float]]:
     command = [sys.executable, "-c", code]
     supervisor = Supervisor(command, 1, os.environ, **backoff)
     handler = StopAfter(supervisor, 5)
-    log = logging.getLogger("rabbitflow.supervisor")
+    log = logging.getLogger("rabbitflow.cli.workers")
     log.addHandler(handler)
     try:
         exit_code = supervisor.run()

@@ -159,7 +159,7 @@ async def test_acks_of_two_flushes_never_overtake_each_other_on_the_memory_broke
     3, 4 and 7 (a multiple ack up to 7): sent in order, no tag is unknown when its ack arrives."""
     from pamqp.commands import Basic
 
-    from rabbitflow.settlement import Settlement
+    from rabbitflow.runtime.settlement import Settlement
     from rabbitflow.testing import MemoryBroker
 
     broker = MemoryBroker(realtime=True)

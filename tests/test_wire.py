@@ -14,7 +14,7 @@ from pamqp.commands import Basic
 from pamqp.frame import marshal, unmarshal
 from pamqp.header import ContentHeader
 
-from rabbitflow.transport.wire import body_frames, content_header_frame
+from rabbitflow.transport.amqp.encode import body_frames, content_header_frame
 
 WHEN = datetime.datetime(2026, 11, 25, 22, 41, 7, tzinfo=datetime.UTC)
 
@@ -130,7 +130,7 @@ def test_bodies_split_into_frames_as_pamqp_would(size: int) -> None:
 def test_ack_frames_are_pamqps_byte_for_byte() -> None:
     from pamqp.commands import Basic as Methods
 
-    from rabbitflow.transport.wire import ack_frame
+    from rabbitflow.transport.amqp.encode import ack_frame
 
     for channel, tag, multiple in [(1, 1, False), (7, 2**40 + 3, True), (65535, 2**62, False)]:
         assert ack_frame(channel, tag, multiple) == marshal(
@@ -142,7 +142,7 @@ def test_ack_frames_are_pamqps_byte_for_byte() -> None:
 
 
 def test_the_decoder_reads_what_pamqp_reads_over_many_property_sets() -> None:
-    from rabbitflow.transport.inbound import content_header
+    from rabbitflow.transport.amqp.decode import content_header
 
     rng = random.Random(20261126)
     for _ in range(3000):
@@ -174,7 +174,7 @@ def test_the_decoder_reads_what_pamqp_reads_over_many_property_sets() -> None:
 def test_what_pamqp_cannot_decode_is_named_not_raised(payload_properties: bytes, named: str) -> None:
     from pamqp.exceptions import UnmarshalingException
 
-    from rabbitflow.transport.inbound import content_header
+    from rabbitflow.transport.amqp.decode import content_header
 
     payload = b"\x00\x3c\x00\x00" + (5).to_bytes(8, "big") + payload_properties
     frame = b"\x02\x00\x01" + len(payload).to_bytes(4, "big") + payload + b"\xce"
@@ -187,7 +187,7 @@ def test_what_pamqp_cannot_decode_is_named_not_raised(payload_properties: bytes,
 
 
 def test_a_header_as_it_arrived_is_written_back_with_its_type() -> None:
-    from rabbitflow.transport.tables import Encoded, entries, header_table
+    from rabbitflow.transport.amqp.tables import Encoded, entries, header_table
 
     arrived = {"int32": Encoded(b"I\x00\x00\x00\x05"), "float": Encoded(b"f" + b"\x3d\xcc\xcc\xcd")}
     frame = content_header_frame(1, 0, Basic.Properties(headers={**arrived, "plain": 5}))
@@ -197,7 +197,7 @@ def test_a_header_as_it_arrived_is_written_back_with_its_type() -> None:
 
 
 def test_a_millisecond_timestamp_goes_out_as_it_came_in() -> None:
-    from rabbitflow.transport.inbound import content_header
+    from rabbitflow.transport.amqp.decode import content_header
 
     millis = 1_764_000_000_123
     payload = b"\x00\x3c\x00\x00" + bytes(8) + b"\x00\x40" + millis.to_bytes(8, "big")

@@ -206,7 +206,7 @@ if __name__ == "__main__":
         notes=(
             f"App(prefetch=256, concurrency=256), @app.consumer(retries=1, delay={RETRY_DELAY}); "
             "acks are rabbitflow's own: after the handler, but it may coalesce them into "
-            "basic.ack(multiple=True) frames (see rabbitflow/settlement.py), so compare it with "
+            "basic.ack(multiple=True) frames (see rabbitflow/runtime/settlement.py), so compare it with "
             "aiormq_batched as well as with aiormq_raw"
         ),
         extra={"cleanup": CLEANUP},

@@ -1,4 +1,4 @@
-"""mkdocs hook: writes docs/cli.md from `rabbitflow.cli.parser()` before each build.
+"""mkdocs hook: writes docs/cli.md from `rabbitflow.cli.main.parser()` before each build.
 
 The page is committed (it reads on GitHub too); `tests/test_docs.py` checks it is current.
 """
@@ -15,7 +15,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's CLI, whichever rabbitflow the venv has installed
 
-from rabbitflow.cli import parser  # noqa: E402
+from rabbitflow.cli.main import parser  # noqa: E402
 
 PAGE = ROOT / "docs" / "cli.md"
 WIDTH = 100
@@ -23,7 +23,7 @@ WIDTH = 100
 HEADER = """\
 # Command line reference
 
-Generated from `rabbitflow.cli.parser()` by `docs/hooks/cli_reference.py` on every `make docs`;
+Generated from `rabbitflow.cli.main.parser()` by `docs/hooks/cli_reference.py` on every `make docs`;
 do not edit by hand. `rabbitflow COMMAND --help` prints the same text.
 
 `MODULE:APP` names the service everywhere: a module path (`orders.service`, imported from the

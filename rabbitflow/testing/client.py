@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from .. import names
-from ..app import App
-from ..codec import DecodeError, decode, outgoing
-from ..errors import ConfigError, Reject, Retry
-from ..middleware import Middleware
-from ..transport.base import Channel, Properties
-from .memory import MemoryBroker
+from rabbitflow import names
+from rabbitflow.app import App
+from rabbitflow.codec import DecodeError, decode, outgoing
+from rabbitflow.errors import ConfigError, Reject, Retry
+from rabbitflow.middleware.base import Middleware
+from rabbitflow.transport.base import Channel, Properties
+from rabbitflow.transport.memory.broker import MemoryBroker
 
 __all__ = ["Failure", "Parked", "Sent", "TestClient"]
 

@@ -6,9 +6,9 @@ import logging
 import re
 from dataclasses import dataclass
 
-from ..errors import TopologyConflict
-from ..transport.base import Channel, ChannelClosed, Transport
-from .compiler import ExchangePlan, Plan, QueuePlan
+from rabbitflow.errors import TopologyConflict
+from rabbitflow.topology.compiler import ExchangePlan, Plan, QueuePlan
+from rabbitflow.transport.base import Channel, ChannelClosed, Transport
 
 log = logging.getLogger("rabbitflow.topology")
 

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .. import names
-from ..errors import ConfigError
-from ..spec import ConsumerSpec
+from rabbitflow import names
+from rabbitflow.errors import ConfigError
+from rabbitflow.spec import ConsumerSpec
 
 __all__ = [
     "DELIVERY_LIMIT",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from .compiler import Plan
+from rabbitflow.topology.compiler import Plan
 
 __all__ = ["render"]
 

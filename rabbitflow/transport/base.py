@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pamqp.commands import Basic
 
-from ..errors import ChannelClosed, ConnectionLost, TransportError
+from rabbitflow.errors import ChannelClosed, ConnectionLost, TransportError
 
 if TYPE_CHECKING:
-    from ..urls import Endpoint
+    from rabbitflow.urls import Endpoint
 
 __all__ = [
     "Broker",

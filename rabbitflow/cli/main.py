@@ -1,0 +1,374 @@
+"""The command line: import `module:app`, configure logging, call the library."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from rabbitflow import __version__, names
+from rabbitflow.app import App
+from rabbitflow.cli.parked import add_parked, old_parked_form
+from rabbitflow.cli.workers import WORKER_ENV, Supervisor
+from rabbitflow.errors import ConfigError, RabbitflowError
+from rabbitflow.topology.render import render
+from rabbitflow.urls import mask
+
+__all__ = ["load_app", "main", "parser"]
+
+log = logging.getLogger("rabbitflow.cli.main")
+
+
+def load_app(target: str) -> App:
+    """`package.module:app` or `path/to/file.py:app` (`:app` may be omitted)."""
+    module_name, _, attr = target.partition(":")
+    attr = attr or "app"
+    if module_name.endswith(".py") or os.sep in module_name:
+        path = Path(module_name).resolve()
+        if not path.exists():
+            raise SystemExit(f"rabbitflow: no such file {module_name!r}")
+        sys.path.insert(0, str(path.parent))
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+    else:
+        sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            raise SystemExit(f"rabbitflow: cannot import {module_name!r}: {exc}") from None
+    app = getattr(module, attr, None)
+    if not isinstance(app, App):
+        raise SystemExit(f"rabbitflow: {module_name}:{attr} is not a rabbitflow.App")
+    return app
+
+
+class _MaskingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return mask(super().format(record))
+
+
+LEVELS = ["debug", "debug-all", "info", "warning", "error"]
+# The client libraries' loggers: at DEBUG aiormq logs every frame. `--log-level debug` keeps them
+# at WARNING; `debug-all` (or RABBITFLOW_DEBUG_ALL=1) lets them through.
+_CLIENT_LOGGERS = ("aiormq", "aio_pika", "pamqp")
+
+
+def configure_logging(level: str, *, worker: str | None = None, clients: int = logging.WARNING) -> None:
+    """Log lines to stderr, passwords masked; under `--workers N` each names its worker
+    (`worker=2 pid=4711`; the supervisor's own say `worker=main`). The client libraries log at
+    `clients` and above, unless the level is `debug-all`."""
+    level = level.lower()
+    everything = level == "debug-all" or os.environ.get("RABBITFLOW_DEBUG_ALL") == "1"
+    who = f"worker={worker} pid=%(process)d " if worker is not None else ""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_MaskingFormatter(f"%(asctime)s %(levelname)-7s {who}%(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel("DEBUG" if level == "debug-all" else level.upper())
+    for name in _CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if everything else clients)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.reload:
+        return _run_reloading(args)
+    if args.workers > 1:
+        return _run_workers(args)
+    app = load_app(args.app)
+    if args.url_from_env:  # a worker of `--workers N`: the parent's --url, kept out of `ps`
+        app.use_url(os.environ["RABBITFLOW_URL"])
+    elif args.url:
+        app.use_url(args.url)
+    if args.http_port is None:
+        app.run()
+    else:
+        # Worker N of `--workers` serves on PORT + N - 1: one scrape target per process.
+        port = args.http_port + int(os.environ.get(WORKER_ENV) or 1) - 1
+        asyncio.run(_serve_with_http(app, port))
+    return 0
+
+
+async def _serve_with_http(app: App, port: int) -> None:
+    from rabbitflow.http import serve
+
+    try:
+        from rabbitflow.middleware.prometheus import PrometheusMiddleware
+    except ImportError:  # no prometheus-client: /metrics answers 501, /health works
+        pass
+    else:
+        if not any(isinstance(m, PrometheusMiddleware) for m in app.middleware):
+            metrics = PrometheusMiddleware()  # /metrics is about this app, not only the process
+            app.middleware = (*app.middleware, metrics)
+            metrics.bind(app)
+    server = await serve(app, port)
+    log.info("serving /health and /metrics on port %d", server.port)
+    try:
+        await app.serve()
+    finally:
+        await server.close()
+
+
+def _run_workers(args: argparse.Namespace) -> int:
+    """N worker processes kept running (supervisor.py). The URL goes to them in the environment:
+    a command line is visible to every user in `ps`."""
+    load_app(args.app)  # a module that cannot load fails here, once, not in N restarting workers
+    command, env = _child(args)
+    return Supervisor(command, args.workers, env).run()
+
+
+def _child(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of a child `rabbitflow run` (a worker, or the service
+    under --reload): the URL goes in the environment, since a command line shows in `ps`."""
+    command = [sys.executable, "-m", "rabbitflow", "run", args.app, "--log-level", args.log_level]
+    if args.http_port is not None:
+        command += ["--http-port", str(args.http_port)]
+    env = dict(os.environ)
+    if args.url:
+        command.append("--url-from-env")
+        env["RABBITFLOW_URL"] = args.url
+    return command, env
+
+
+def module_directory(target: str) -> Path:
+    """The directory holding MODULE of `MODULE:APP`: what `--reload` watches."""
+    module_name = target.partition(":")[0]
+    if module_name.endswith(".py") or os.sep in module_name:
+        return Path(module_name).resolve().parent
+    module = sys.modules.get(module_name)
+    where = getattr(module, "__file__", None)
+    return Path(where).resolve().parent if where else Path.cwd()
+
+
+def _run_reloading(args: argparse.Namespace) -> int:
+    """The service in a child process, started again whenever a .py file under its module's
+    directory changes (watchfiles); the URL goes to the child in the environment, as for workers."""
+    try:
+        import watchfiles
+    except ImportError:
+        raise SystemExit("rabbitflow: --reload needs watchfiles: pip install 'rabbitflow[reload]'") from None
+    app = load_app(args.app)  # a module that cannot load fails here, before watching
+    command, env = _child(args)
+    directory = module_directory(args.app)
+    log.warning("watching %s for changes to .py files (--reload)", directory)
+    os.environ.update(env)  # watchfiles starts the command with this process's environment
+    watchfiles.run_process(
+        directory,
+        target=shlex.join(command),
+        target_type="command",
+        watch_filter=watchfiles.PythonFilter(),
+        # SIGINT is the service's graceful stop: in-flight handlers get graceful_timeout to finish.
+        sigint_timeout=int(app.settings.graceful_timeout) + 5,
+        callback=lambda changes: log.warning(
+            "restarting: %s changed", ", ".join(sorted({Path(p).name for _, p in changes}))
+        ),
+    )
+    return 0
+
+
+def _topology(args: argparse.Namespace) -> int:
+    app = load_app(args.app)
+    if args.url:
+        app.use_url(args.url)
+    if args.dry_run and not args.delete:
+        raise SystemExit("rabbitflow: --dry-run goes with --delete")
+    if args.force and not args.delete:
+        raise SystemExit("rabbitflow: --force goes with --delete")
+    if args.delete:
+        return _delete(app, force=args.force, dry_run=args.dry_run)
+    if not (args.check or args.apply):
+        print(render(app.plan, args.format))
+        return 0
+    return asyncio.run(_against_broker(app, check=args.check))
+
+
+def _delete(app: App, *, force: bool, dry_run: bool) -> int:
+    """The service's queues (consume, retry, parked) and its own `S.dlx`; the exchanges its
+    consumers bind to may be shared with other services, and stay (their bindings to the deleted
+    queues go with the queues)."""
+    plan = app.plan
+    if dry_run:
+        for queue in plan.queues:
+            print(f"would delete queue {queue.name} ({queue.role})")
+        for exchange in plan.exchanges:
+            if exchange.name == names.dead_letter_exchange(plan.service):
+                print(f"would delete exchange {exchange.name}")
+            else:
+                print(f"would keep exchange {exchange.name} (it may be shared with other services)")
+        return 0
+    try:
+        deleted = asyncio.run(app.admin().delete(force=force))
+    except ConfigError as exc:
+        print(f"rabbitflow: {mask(str(exc))} (--force deletes them with their messages)", file=sys.stderr)
+        return 1
+    for name in deleted:
+        print(f"deleted {name}")
+    kept = [e.name for e in plan.exchanges if e.name not in deleted]
+    if kept:
+        print(f"kept exchange(s) {', '.join(kept)}: they may be shared with other services")
+    return 0
+
+
+async def _against_broker(app: App, *, check: bool) -> int:
+    plan = app.plan
+    if not check:
+        node = await app.declare()
+        print(
+            f"declared {len(plan.exchanges)} exchange(s), {len(plan.queues)} queue(s) "
+            f"and {len(plan.bindings)} binding(s) on {node}"
+        )
+        return 0
+    report = await app.admin().inspect()
+    node, differences = report.node, report.differences
+    print(f"{node} runs RabbitMQ {report.server_version or '(version not announced)'}")
+    for concern in report.concerns:
+        print(f"note: {concern}")
+    for difference in differences:
+        print(difference)
+    if differences:
+        print(f"{len(differences)} difference(s) between the plan and {node}")
+        return 1
+    print(f"{node} matches the plan (exchanges and queues; bindings are not readable over AMQP)")
+    return 0
+
+
+APP_HELP = (
+    "where the service is: a module path (`orders.service`) or a file path (`service.py`), a colon, "
+    "and the name of the App variable in it (`:app` may be omitted: `app` is the default)"
+)
+URL_HELP = (
+    "broker URL(s), ';'-separated for a cluster; overrides the App's url=, which defaults to the "
+    "environment variable RABBITFLOW_URL. A command line is visible to every user in `ps`: for a "
+    "password, leave url= out of App(...) and set RABBITFLOW_URL instead"
+)
+LEVEL_HELP = (
+    "debug (rabbitflow's own DEBUG lines; aiormq, aio_pika and pamqp stay at WARNING), "
+    "debug-all (theirs too, every frame), info, warning or error (default: %(default)s)"
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The whole command line; docs/cli.md is generated from it."""
+    top = argparse.ArgumentParser(
+        prog="rabbitflow",
+        description="Run rabbitflow services and inspect or remove their RabbitMQ topology. "
+        "A command that talks to a broker uses --url if given, else the App's url=, else the "
+        "environment variable RABBITFLOW_URL, else amqp://guest:guest@localhost:5672/.",
+    )
+    top.add_argument("--version", action="version", version=f"rabbitflow {__version__}")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="run a service until SIGTERM or Ctrl-C",
+        description="Run the App found at MODULE:APP. SIGTERM/SIGINT stop taking messages, "
+        "let running handlers finish within graceful_timeout, then close.",
+    )
+    run.add_argument("app", metavar="MODULE:APP", help=APP_HELP)
+    run.add_argument("--url", help=URL_HELP)
+    run.add_argument("--url-from-env", action="store_true", help=argparse.SUPPRESS)
+    run.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="run N worker processes (default: 1)"
+    )
+    run.add_argument(
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        help="serve /health (200 healthy, 503 not) and /metrics (Prometheus text; the app's metrics "
+        "when prometheus-client is installed) on this port; worker N of --workers serves on "
+        "PORT + N - 1",
+    )
+    run.add_argument(
+        "--reload",
+        action="store_true",
+        help="for development: run the service in a child process and start it again whenever a "
+        ".py file under the directory of MODULE changes (needs watchfiles: "
+        "pip install 'rabbitflow[reload]')",
+    )
+    run.add_argument(
+        "--log-level", default="info", metavar="LEVEL", type=str.lower, choices=LEVELS, help=LEVEL_HELP
+    )
+    run.set_defaults(handler=_run)
+
+    topo = commands.add_parser(
+        "topology",
+        help="print, check, declare or delete a service's topology",
+        description="Print the exchanges, queues and bindings the service needs (no broker "
+        "needed), compare them with a live broker (--check), declare them (--apply), or delete "
+        "the service's own queues and exchange (--delete).",
+    )
+    topo.add_argument("app", metavar="MODULE:APP", help=APP_HELP)
+    topo.add_argument(
+        "--format",
+        choices=["text", "json", "mermaid"],
+        default="text",
+        help="how to print the plan: text (for reading), json (stable, for tools: service, "
+        "exchanges, queues, bindings, consumers) or mermaid (a flowchart for docs and "
+        "GitHub) (default: %(default)s)",
+    )
+    mode = topo.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--check", action="store_true", help="report missing objects and differing arguments; change nothing"
+    )
+    mode.add_argument("--apply", action="store_true", help="declare the plan on the broker")
+    mode.add_argument(
+        "--delete",
+        action="store_true",
+        help="delete the service's queues (consume, retry and parked) and its own exchange "
+        "S.dlx; the exchanges its consumers bind to stay, as other services may use them. "
+        "Refuses, deleting nothing, while a queue holds messages (see --force)",
+    )
+    topo.add_argument(
+        "--force",
+        action="store_true",
+        help="with --delete: delete queues that hold messages, messages and all",
+    )
+    topo.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --delete: print what would be deleted and kept, touch nothing",
+    )
+    topo.add_argument("--url", help=f"for --check, --apply and --delete: {URL_HELP}")
+    topo.add_argument(
+        "--log-level", default="warning", metavar="LEVEL", type=str.lower, choices=LEVELS, help=LEVEL_HELP
+    )
+    topo.set_defaults(handler=_topology)
+
+    add_parked(commands, load_app, LEVELS)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(old_parked_form(sys.argv[1:] if argv is None else argv))
+    worker = os.environ.get(WORKER_ENV) if args.command == "run" else None
+    if args.command == "run" and args.workers < 1:
+        raise SystemExit("rabbitflow: --workers must be at least 1")
+    if args.command == "run" and args.reload and args.workers > 1:
+        raise SystemExit("rabbitflow: --reload runs one process; drop --workers")
+    if args.command == "run" and (args.workers > 1 or args.reload):
+        worker = "main"
+    # An operator command ends with one line saying what failed; aiormq's own would repeat it.
+    clients = logging.CRITICAL if args.command == "parked" else logging.WARNING
+    configure_logging(args.log_level, worker=worker, clients=clients)
+    try:
+        code: int = args.handler(args)
+    except RabbitflowError as exc:
+        print(f"rabbitflow: {mask(str(exc))}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the output was piped into `head` or similar
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
