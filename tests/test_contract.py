@@ -25,7 +25,7 @@ import pytest
 from pamqp.commands import Basic
 
 from rabbitflow import App, Message, PublishNacked, Reject, Unroutable
-from rabbitflow.transport import amqp
+from rabbitflow.transport.amqp import broker as amqp
 from rabbitflow.transport.base import (
     Channel,
     ChannelClosed,
