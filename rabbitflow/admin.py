@@ -168,14 +168,6 @@ class Admin:
         async with self.connection() as transport:
             return await parking.peek(transport, queue, limit, rotate=self._rotates(queue))
 
-    async def replay(self, queue: str, *, limit: int | None = None) -> int:
-        """`replay_parked` without a filter; returns how many were sent back."""
-        return (await self.replay_parked(queue, limit=limit)).done
-
-    async def purge(self, queue: str) -> int:
-        """Remove the messages parked for the consumer of `queue` (those there when it began)."""
-        return (await self.purge_parked(queue)).done
-
     async def delete(self, *, force: bool = False) -> list[str]:
         """Delete the service's queues and its own exchange (`<service>.dlx`; exchanges its
         consumers bind to may be shared, and stay). Refuses (ConfigError, deleting nothing) while a

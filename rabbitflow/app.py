@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import functools
 import itertools
 import logging
 import signal
@@ -20,17 +19,18 @@ from typing import Any, TypeVar
 from rabbitflow.admin import Admin
 from rabbitflow.breaker import Breaker
 from rabbitflow.codec import outgoing
-from rabbitflow.errors import ConfigError, StateError
+from rabbitflow.errors import ConfigError, RequestTimeout, StateError
 from rabbitflow.message import Message
-from rabbitflow.middleware.base import Middleware, around_publish, overriding
-from rabbitflow.parking.walk import ParkedMessage
+from rabbitflow.middleware.base import Middleware, PublishChain, publish_chain
+from rabbitflow.parking.message import ParkedMessage
 from rabbitflow.registry import Registry
 from rabbitflow.runtime.failover import Runtime
-from rabbitflow.runtime.publisher import publish
-from rabbitflow.runtime.request import Requests, request
+from rabbitflow.runtime.publisher import NackCount, not_confirmed
+from rabbitflow.runtime.request import ask, reply_message
+from rabbitflow.runtime.session import Session
 from rabbitflow.settings import Lifespan, Settings
 from rabbitflow.topology.applier import Difference
-from rabbitflow.transport.base import Broker
+from rabbitflow.transport.base import Broker, Delivery, Properties
 from rabbitflow.transport.connection import ConnectionManager
 from rabbitflow.urls import Failover, parse_urls
 
@@ -134,6 +134,7 @@ class App(Registry):
         )
         super().__init__(self.settings.name)
         self.middleware = tuple(middleware)
+        self._publish_chain = publish_chain(self.middleware)
         for item in self.middleware:
             if not isinstance(item, Middleware):
                 raise ConfigError(
@@ -319,14 +320,26 @@ class App(Registry):
             persistent=persistent,
         )
         limit = self.settings.publish_timeout if timeout is None else timeout
-        to = self._publisher
-        send = functools.partial(
-            publish, to, data, exchange, routing_key, properties, timeout=limit, mandatory=mandatory
-        )
-        if self.middleware and (hooks := overriding(self.middleware, "publish")):
-            await around_publish(hooks, data, exchange, routing_key, properties, send)
-        else:
-            await send()
+        deadline = asyncio.get_running_loop().time() + limit
+        nacks = NackCount()
+        try:
+            runtime = self._runtime or await self._running(deadline)
+            if self._publish_chain is None:
+                await runtime.on_live(
+                    deadline, _publish, data, exchange, routing_key, properties, nacks, mandatory
+                )
+            else:
+                await self._publish_chain(
+                    data,
+                    exchange,
+                    routing_key,
+                    properties,
+                    lambda: runtime.on_live(
+                        deadline, _publish, data, exchange, routing_key, properties, nacks, mandatory
+                    ),
+                )
+        except TimeoutError:
+            raise not_confirmed(exchange, routing_key, limit, nacks) from None
 
     async def request(
         self,
@@ -355,27 +368,18 @@ class App(Registry):
             headers=headers,
         )
         limit = self.settings.publish_timeout if timeout is None else timeout
-        return await request(
-            self._requests,
-            data,
-            exchange,
-            routing_key,
-            properties,
-            timeout=limit,
-            middleware=overriding(self.middleware, "publish"),
-        )
-
-    async def _requests(self, deadline: float) -> Requests:
-        runtime = self._runtime or await self._running(deadline)
-        return (await runtime.live_session(deadline)).requests
-
-    async def _publisher(self, deadline: float) -> Any:
-        runtime = self._runtime
-        if runtime is None:
-            runtime = await self._running(deadline)
-        # While stopping too: handlers finishing within graceful_timeout may still publish; the
-        # runtime closes its publishers only after the last of them.
-        return await runtime.publisher(deadline)
+        deadline = asyncio.get_running_loop().time() + limit
+        try:
+            runtime = self._runtime or await self._running(deadline)
+            reply = await runtime.on_live(
+                deadline, _ask, data, exchange, routing_key, properties, self._publish_chain
+            )
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no reply to the request to exchange {exchange!r} with routing key {routing_key!r} "
+                f"within {limit}s"
+            ) from None
+        return reply_message(reply)
 
     async def ensure(
         self,
@@ -424,7 +428,7 @@ class App(Registry):
         """Send parked messages of `queue` back to it (never to the other queues bound where they
         were first published), to start again at attempt 1; each leaves the parking queue only
         once its copy is confirmed, and only those parked when it began are taken."""
-        return await self.admin().replay(queue, limit=limit)
+        return (await self.admin().replay_parked(queue, limit=limit)).done
 
     def health(self) -> dict[str, Any]:
         """The truth about the running service: connected node, blocked state, and per consumer
@@ -448,3 +452,26 @@ class App(Registry):
             report["healthy"] = report["healthy"] and self._state is State.RUNNING
         report["live_consumers"] = sum(c["subscribed"] for c in report["consumers"])
         return report
+
+
+async def _publish(
+    session: Session,
+    body: bytes,
+    exchange: str,
+    routing_key: str,
+    properties: Properties,
+    nacks: NackCount,
+    mandatory: bool,
+) -> None:
+    await session.publisher.publish(body, exchange, routing_key, properties, tally=nacks, mandatory=mandatory)
+
+
+async def _ask(
+    session: Session,
+    body: bytes,
+    exchange: str,
+    routing_key: str,
+    properties: Properties,
+    chain: PublishChain | None,
+) -> Delivery:
+    return await ask(session.requests, body, exchange, routing_key, properties, chain)

@@ -127,13 +127,6 @@ class Circuit:
             self._open(now, exc)
         return self.state
 
-    def probe_due(self, now: float) -> bool:
-        return (
-            self.state is BreakerState.OPEN
-            and self.opened_at is not None
-            and now - self.opened_at >= self.breaker.cooldown
-        )
-
     def half_open(self) -> None:
         self.state = BreakerState.HALF_OPEN
 

@@ -10,18 +10,14 @@ from typing import Any
 
 import orjson
 
-from rabbitflow.errors import ConfigError
+from rabbitflow.errors import ConfigError, DecodeError
 from rabbitflow.transport.base import Properties
 
-__all__ = ["DecodeError", "Reader", "decode", "encode", "outgoing", "reader_for"]
+__all__ = ["Reader", "decode", "encode", "outgoing", "reader_for"]
 
 JSON = "application/json"
 TEXT = "text/plain"
 BINARY = "application/octet-stream"
-
-
-class DecodeError(ValueError):
-    """A body could not be decoded or validated; the delivery is parked with `decode-error`."""
 
 
 def encode(body: object, content_type: str | None = None) -> tuple[bytes, str]:

@@ -10,6 +10,7 @@ RabbitflowError
 ├── Unroutable            the broker returned a mandatory publish: no queue is bound
 ├── PublishNacked         the broker refused a publish (basic.nack)
 ├── UnencodableMessage    properties or headers that cannot be encoded or do not fit a frame
+├── DecodeError           a body could not be decoded or validated (parked as decode-error)
 ├── StateError            a lifecycle call in the wrong state (start twice, publish before start)
 └── TransportError        a broker operation failed because its channel or connection went away
     ├── ConnectionLost    the connection to the node is gone; unconfirmed outcomes are unknown
@@ -27,6 +28,7 @@ __all__ = [
     "ConfigError",
     "ConnectionFailed",
     "ConnectionLost",
+    "DecodeError",
     "LoginRefused",
     "PublishNacked",
     "PublishTimeout",
@@ -103,6 +105,10 @@ class PublishNacked(RabbitflowError):
 class UnencodableMessage(RabbitflowError, ValueError):
     """A message's properties or headers cannot be encoded, or do not fit the broker's frame
     size; nothing of it was sent."""
+
+
+class DecodeError(RabbitflowError, ValueError):
+    """A body could not be decoded or validated; the delivery is parked with `decode-error`."""
 
 
 class StateError(RabbitflowError, RuntimeError):

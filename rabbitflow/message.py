@@ -31,7 +31,7 @@ class Message:
     def decode(self) -> Any:
         """The body decoded by its content type, as a handler's untyped body would be: JSON to
         Python objects, `text/*` to str, anything else the bytes (a reply of `app.request`, say).
-        Raises `rabbitflow.codec.DecodeError` for a body its content type cannot read."""
+        Raises `rabbitflow.errors.DecodeError` for a body its content type cannot read."""
         from rabbitflow.codec import decode
 
         return decode(self.body, self.content_type)

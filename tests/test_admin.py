@@ -34,7 +34,7 @@ async def test_purge_removes_what_is_parked_and_nothing_else(
         )
     assert await admin.count(f"{queue}.parked") == 3
     assert [m.reason for m in await app.parked(f"{queue}.parked")] == ["rejected"] * 3  # either name works
-    assert await app.admin().purge(queue) == 3
+    assert (await app.admin().purge_parked(queue)).done == 3
     assert await admin.count(f"{queue}.parked") == 0
 
 
@@ -47,7 +47,7 @@ async def test_purge_of_a_queue_without_a_consumer_says_which_queues_there_are(
     async def handle(body: Any) -> None: ...
 
     with pytest.raises(ConfigError, match="has no consumer"):
-        await app.admin().purge("not-mine")
+        await app.admin().purge_parked("not-mine")
 
 
 async def test_delete_refuses_queues_that_hold_messages_unless_forced(

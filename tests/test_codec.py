@@ -13,7 +13,8 @@ import pydantic
 import pytest
 
 from rabbitflow import App
-from rabbitflow.codec import DecodeError, decode, encode, reader_for
+from rabbitflow.codec import decode, encode, reader_for
+from rabbitflow.errors import DecodeError
 
 from .helpers import Admin, unique, wait_for
 
@@ -264,7 +265,7 @@ async def test_hostile_bodies_from_an_outside_producer_are_parked_as_decode_erro
         message = parked[f"bad-{n}"]
         headers = message.header.properties.headers
         assert headers["x-rf-reason"] == "decode-error", headers
-        assert headers["x-rf-exception"] == "rabbitflow.codec.DecodeError"
+        assert headers["x-rf-exception"] == "rabbitflow.errors.DecodeError"
         assert headers["x-rf-attempts"] == 1
         assert headers["x-rf-queue"] == queue
         assert message.body == body

@@ -164,7 +164,7 @@ async def test_undecodable_and_parked_deliveries_and_unroutable_publishes_are_er
     # Published behind rabbitflow's back, without a trace: a process span of its own.
     assert undecodable.parent is None
     assert undecodable.status.status_code is StatusCode.ERROR
-    assert undecodable.attributes["error.type"] == "rabbitflow.codec.DecodeError"
+    assert undecodable.attributes["error.type"] == "rabbitflow.errors.DecodeError"
     assert undecodable.attributes["rabbitflow.outcome"] == "parked"
 
     (lost,) = spans(exporter, "publish amq.direct")

@@ -199,13 +199,10 @@ async def test_purge_with_a_filter_removes_only_those(lot: Lot, admin: Admin) ->
     assert kept[1].header.properties.headers["x-rf-error"] == "bad order 2"  # unchanged
 
 
-async def test_the_old_form_lists_and_replays(lot: Lot, admin: Admin) -> None:
-    listed = run_cli("parked", lot.target, lot.queue, "--limit", "2")
-    assert listed.returncode == 0, listed.stderr
-    assert "the first 2, head first" in listed.stdout
-    replayed = run_cli("parked", lot.target, lot.queue, "--replay", "--limit", "1")
-    assert "replayed 1 of 5 parked message(s)" in replayed.stdout
-    assert await admin.count(lot.queue) == 1
+async def test_the_old_form_is_gone_with_a_clear_error(lot: Lot) -> None:
+    old = run_cli("parked", lot.target, lot.queue, "--replay")
+    assert old.returncode == 2
+    assert "invalid choice" in old.stderr and "list" in old.stderr
 
 
 def one_line(result: subprocess.CompletedProcess[str]) -> str:

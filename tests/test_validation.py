@@ -22,7 +22,8 @@ import pytest
 from typing_extensions import TypedDict
 
 from rabbitflow import App, ConfigError
-from rabbitflow.codec import DecodeError, decode, encode, reader_for
+from rabbitflow.codec import decode, encode, reader_for
+from rabbitflow.errors import DecodeError
 
 from .helpers import Admin, unique, wait_for
 
@@ -241,7 +242,8 @@ def test_without_pydantic_dataclasses_and_typeddicts_get_the_documented_minimum(
         sys.modules["pydantic"] = sys.modules["pydantic_core"] = None  # import fails: not installed
         from dataclasses import dataclass
         from typing import TypedDict
-        from rabbitflow.codec import DecodeError, encode, reader_for
+        from rabbitflow.codec import encode, reader_for
+        from rabbitflow.errors import DecodeError
 
         @dataclass
         class Line:

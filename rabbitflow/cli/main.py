@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rabbitflow import __version__, names
 from rabbitflow.app import App
-from rabbitflow.cli.parked import add_parked, old_parked_form
+from rabbitflow.cli.parked import add_parked
 from rabbitflow.cli.workers import WORKER_ENV, Supervisor
 from rabbitflow.errors import ConfigError, RabbitflowError
 from rabbitflow.topology.render import render
@@ -348,7 +348,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(old_parked_form(sys.argv[1:] if argv is None else argv))
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     worker = os.environ.get(WORKER_ENV) if args.command == "run" else None
     if args.command == "run" and args.workers < 1:
         raise SystemExit("rabbitflow: --workers must be at least 1")

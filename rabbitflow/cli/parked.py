@@ -20,20 +20,9 @@ from rabbitflow.parking.walk import Filter, Group, ParkedMessage, Progress, Walk
 if TYPE_CHECKING:
     from rabbitflow.app import App
 
-__all__ = ["ACTIONS", "add_parked", "old_parked_form"]
+__all__ = ["ACTIONS", "add_parked"]
 
 ACTIONS = ("list", "show", "replay", "purge")
-
-
-def old_parked_form(argv: Sequence[str]) -> list[str]:
-    """`parked MODULE:APP QUEUE [--replay]`, the form before the actions: `list`, or `replay`."""
-    args = list(argv)
-    if len(args) < 2 or args[0] != "parked" or args[1] in ACTIONS or args[1].startswith("-"):
-        return args
-    if "--replay" in args:
-        args.remove("--replay")
-        return ["parked", "replay", *args[1:]]
-    return ["parked", "list", *args[1:]]
 
 
 def _count(text: str) -> int:

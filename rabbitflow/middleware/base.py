@@ -27,13 +27,15 @@ from rabbitflow.message import Message
 from rabbitflow.transport.base import Properties
 
 __all__ = [
+    "AttemptChain",
     "Fate",
     "Middleware",
     "Outcome",
     "Outgoing",
-    "around_attempt",
-    "around_publish",
+    "PublishChain",
+    "attempt_chain",
     "overriding",
+    "publish_chain",
     "tell_failed",
     "tell_received",
     "tell_settled",
@@ -113,46 +115,70 @@ def overriding(middleware: tuple[Middleware, ...], hook: str) -> tuple[Middlewar
     return tuple(m for m in middleware if getattr(type(m), hook, base) is not base)
 
 
-async def around_publish(
-    middleware: Sequence[Middleware],
-    body: bytes,
-    exchange: str,
-    routing_key: str,
-    properties: Properties,
-    send: Callable[[], Awaitable[None]],
-) -> None:
-    """`send()` inside every middleware's `publish` hook, the first one outermost; the headers
-    the hooks leave on the `Outgoing` are the message's when `send` runs."""
-    outgoing = Outgoing(
-        body,
-        exchange,
-        routing_key,
-        dict(properties.headers or {}),
-        properties.message_id,
-        properties.content_type,
-    )
-
-    async def step(index: int) -> None:
-        if index < len(middleware):
-            await middleware[index].publish(outgoing, functools.partial(step, index + 1))
-        else:
-            properties.headers = outgoing.headers or None
-            await send()
-
-    await step(0)
+# Built once per consumer and per publisher, not per call: the chains below nest the hooks the
+# way starlette wraps its middleware around the app once.
+Send = Callable[[], Awaitable[None]]
+PublishChain = Callable[[bytes, str, str, Properties, Send], Awaitable[None]]
+AttemptChain = Callable[[Message, Callable[[], Awaitable[Any]]], Awaitable[Any]]
 
 
-async def around_attempt(
-    middleware: Sequence[Middleware], message: Message, call: Callable[[], Awaitable[Any]]
-) -> Any:
-    """`call()` (the handler) inside every middleware's `attempt` hook, the first one outermost."""
+def publish_chain(middleware: Sequence[Middleware]) -> PublishChain | None:
+    """`chain(body, exchange, routing_key, properties, send)` runs `send()` inside every
+    middleware's `publish` hook, the first one outermost; the headers the hooks leave on the
+    `Outgoing` are the message's when `send` runs. None when no middleware overrides `publish`."""
+    hooks = overriding(tuple(middleware), "publish")
+    if not hooks:
+        return None
 
-    async def step(index: int) -> Any:
-        if index < len(middleware):
-            return await middleware[index].attempt(message, functools.partial(step, index + 1))
+    def wrap(hook: Middleware, inner: Callable[[Outgoing, Properties, Send], Awaitable[None]]) -> Any:
+        async def layer(outgoing: Outgoing, properties: Properties, send: Send) -> None:
+            await hook.publish(outgoing, lambda: inner(outgoing, properties, send))
+
+        return layer
+
+    async def innermost(outgoing: Outgoing, properties: Properties, send: Send) -> None:
+        properties.headers = outgoing.headers or None
+        await send()
+
+    chain = innermost
+    for hook in reversed(hooks):
+        chain = wrap(hook, chain)
+    outermost = chain
+
+    async def run(body: bytes, exchange: str, routing_key: str, properties: Properties, send: Send) -> None:
+        outgoing = Outgoing(
+            body,
+            exchange,
+            routing_key,
+            dict(properties.headers or {}),
+            properties.message_id,
+            properties.content_type,
+        )
+        await outermost(outgoing, properties, send)
+
+    return run
+
+
+def attempt_chain(middleware: Sequence[Middleware]) -> AttemptChain | None:
+    """`chain(message, call)` runs `call()` (the handler) inside every middleware's `attempt`
+    hook, the first one outermost. None when no middleware overrides `attempt`."""
+    hooks = overriding(tuple(middleware), "attempt")
+    if not hooks:
+        return None
+
+    def wrap(hook: Middleware, inner: AttemptChain) -> AttemptChain:
+        async def layer(message: Message, call: Callable[[], Awaitable[Any]]) -> Any:
+            return await hook.attempt(message, lambda: inner(message, call))
+
+        return layer
+
+    async def innermost(message: Message, call: Callable[[], Awaitable[Any]]) -> Any:
         return await call()
 
-    return await step(0)
+    chain: AttemptChain = innermost
+    for hook in reversed(hooks):
+        chain = wrap(hook, chain)
+    return chain
 
 
 def tell_received(middleware: Sequence[Middleware], message: Message) -> None:

@@ -17,10 +17,10 @@ from typing import Any
 
 from rabbitflow import names
 from rabbitflow.breaker import Breaker, BreakerState, Circuit, Switch
-from rabbitflow.codec import DecodeError
 from rabbitflow.errors import (
     ChannelClosed,
     ConnectionLost,
+    DecodeError,
     TopologyConflict,
 )
 from rabbitflow.message import Message
@@ -28,7 +28,7 @@ from rabbitflow.middleware.base import (
     Fate,
     Middleware,
     Outcome,
-    around_attempt,
+    attempt_chain,
     overriding,
     tell_failed,
     tell_received,
@@ -83,17 +83,15 @@ class Consumer:
         # The planned retry queues by delay, named once rather than on every failure.
         self._retry_queues = {d: names.retry_queue(spec.queue, d) for d in spec.policy.distinct_delays}
         self._channel = channel
-        self._copies = copies
         self._answers = Answers(spec.publish_to, onward, timeout=publish_timeout, middleware=middleware)
         self._ensure_retry_queue = ensure_retry_queue
-        self._prefetch = prefetch
         self._timeout = handler_timeout
         self._on_received = overriding(middleware, "received")
-        self._on_attempt = overriding(middleware, "attempt")
+        self._attempt_chain = attempt_chain(middleware)
         self._on_settled = overriding(middleware, "settled")
         self._on_failed = overriding(middleware, "attempt_failed")
         # A Message for the hooks only when one of them looks at it.
-        self._observed = bool(self._on_received or self._on_attempt or self._on_settled)
+        self._observed = bool(self._on_received or self._attempt_chain or self._on_settled)
         # Prefetch already bounds how many deliveries run at once; a semaphore only when tighter.
         self._limit = asyncio.Semaphore(concurrency) if concurrency < prefetch else None
         self.settlement = Settlement(channel, prefetch=prefetch)
@@ -309,9 +307,9 @@ class Consumer:
         spec = self.spec
         signature = spec.signature
         if message is not None:
-            return await around_attempt(
-                self._on_attempt, message, functools.partial(self._run, body, message)
-            )
+            if self._attempt_chain is None:
+                return await self._run(body, message)
+            return await self._attempt_chain(message, functools.partial(self._run, body, message))
         if signature.message_param is None:
             return await spec.handler(body)
         message = Message.of(delivery, headers, attempt, self.spec.queue)

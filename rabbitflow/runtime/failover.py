@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 from rabbitflow.errors import ConnectionLost, TransportError
 from rabbitflow.middleware.base import Middleware
 from rabbitflow.runtime.consumer import Consumer
-from rabbitflow.runtime.publisher import Publisher
 from rabbitflow.runtime.session import Session
 from rabbitflow.settings import Settings
 from rabbitflow.spec import ConsumerSpec
@@ -116,18 +115,19 @@ class Runtime:
                 await asyncio.wait_for(self._up.wait(), remaining)
         return session
 
-    async def live_session(self, deadline: float) -> Session:
-        """The live session, waiting for one until `deadline` (loop time)."""
-        session = self.live
-        if session is None:
-            session = await self.wait_live(deadline)
-        return session
-
-    async def publisher(self, deadline: float) -> Publisher:
-        session = self.live
-        if session is None:
-            session = await self.wait_live(deadline)
-        return session.publisher
+    async def on_live(self, deadline: float, operation: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """`operation(session, *args)` on the live session, and again on the next one each time a lost
+        connection interrupts it, until it returns; TimeoutError at `deadline` (loop time). The one
+        deadline loop of `app.publish` and `app.request`: an interrupted publish's outcome is
+        unknown, so it is sent again (duplicates possible, loss not)."""
+        async with asyncio.timeout_at(deadline):
+            while True:
+                session = self.live or await self.wait_live(deadline)
+                try:
+                    return await operation(session, *args)
+                except ConnectionLost as exc:
+                    log.info("%s: interrupted (%s); again on the next session", self.settings.name, exc)
+                    await asyncio.sleep(0)
 
     async def _open(self, links: Links) -> Session:
         """Declare and subscribe on `links`. Bounded: a node whose quorum queues are still

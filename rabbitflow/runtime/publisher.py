@@ -38,7 +38,7 @@ from rabbitflow.errors import (
 )
 from rabbitflow.transport.base import Channel, Properties, Transport
 
-__all__ = ["Publisher", "publish"]
+__all__ = ["NackCount", "Publisher", "not_confirmed"]
 
 log = logging.getLogger("rabbitflow.runtime.publisher")
 
@@ -252,41 +252,14 @@ class Publisher:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
 
-async def publish(
-    current: Callable[[float], Awaitable[Publisher]],
-    body: bytes,
-    exchange: str,
-    routing_key: str,
-    properties: Properties,
-    *,
-    timeout: float,
-    mandatory: bool = True,
-) -> None:
-    """Publish through whichever session is live, sending again after a lost connection, until
-    confirmed or `timeout` seconds passed (`PublishTimeout`). `current(deadline)` waits for a
-    live session's publisher until the deadline (loop time)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    tally = NackCount()
-    try:
-        async with asyncio.timeout_at(deadline):
-            while True:
-                publisher = await current(deadline)
-                try:
-                    await publisher.publish(
-                        body, exchange, routing_key, properties, tally=tally, mandatory=mandatory
-                    )
-                    return
-                except ConnectionLost as exc:
-                    log.info("publish to %r/%r interrupted (%s); sending again", exchange, routing_key, exc)
-                    await asyncio.sleep(0)
-    except TimeoutError:
-        why = (
-            f"nacked {tally.nacks} time(s) by the broker"
-            if tally.nacks
-            else "nodes down or connection blocked by a resource alarm"
-        )
-        raise PublishTimeout(
-            f"publish to exchange {exchange!r} with routing key {routing_key!r} was not confirmed "
-            f"within {timeout}s ({why})"
-        ) from None
+def not_confirmed(exchange: str, routing_key: str, timeout: float, nacks: NackCount) -> PublishTimeout:
+    """The error of a publish that no node confirmed within `timeout`."""
+    why = (
+        f"nacked {nacks.nacks} time(s) by the broker"
+        if nacks.nacks
+        else "nodes down or connection blocked by a resource alarm"
+    )
+    return PublishTimeout(
+        f"publish to exchange {exchange!r} with routing key {routing_key!r} was not confirmed "
+        f"within {timeout}s ({why})"
+    )

@@ -12,15 +12,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
 
-from rabbitflow.errors import ConnectionLost, RequestTimeout
+from rabbitflow.errors import ConnectionLost
 from rabbitflow.message import Message
-from rabbitflow.middleware.base import Middleware, around_publish
+from rabbitflow.middleware.base import PublishChain
 from rabbitflow.runtime.publisher import Publisher
 from rabbitflow.transport.base import DIRECT_REPLY_TO, Channel, Delivery, Properties, Transport
 
-__all__ = ["Requests", "request"]
+__all__ = ["Requests", "ask", "reply_message"]
 
 
 class Requests:
@@ -96,34 +95,8 @@ class Requests:
         self._closed(None)
 
 
-async def request(
-    current: Callable[[float], Awaitable[Requests]],
-    body: bytes,
-    exchange: str,
-    routing_key: str,
-    properties: Properties,
-    *,
-    timeout: float,
-    middleware: Sequence[Middleware] = (),
-) -> Message:
-    """Ask through whichever session is live until a reply came or `timeout` passed
-    (`RequestTimeout`); a session that ends first has the request sent again on the next one.
-    `current(deadline)` waits for a live session's requests until the deadline (loop time)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    try:
-        async with asyncio.timeout_at(deadline):
-            while True:
-                requests = await current(deadline)
-                try:
-                    reply = await _ask(requests, body, exchange, routing_key, properties, middleware)
-                    break
-                except ConnectionLost:
-                    await asyncio.sleep(0)  # the session ended: ask on the next one
-    except TimeoutError:
-        raise RequestTimeout(
-            f"no reply to the request to exchange {exchange!r} with routing key {routing_key!r} "
-            f"within {timeout}s"
-        ) from None
+def reply_message(reply: Delivery) -> Message:
+    """The reply to a request, as the caller sees it."""
     p = reply.properties
     return Message(
         body=reply.body,
@@ -138,22 +111,24 @@ async def request(
     )
 
 
-async def _ask(
+async def ask(
     requests: Requests,
     body: bytes,
     exchange: str,
     routing_key: str,
     properties: Properties,
-    middleware: Sequence[Middleware],
+    chain: PublishChain | None,
 ) -> Delivery:
+    """Send one request on a session's `requests` and wait for its reply (unbounded: the caller's
+    deadline bounds it); `chain`, the publish middleware, runs around the send."""
     future: asyncio.Future[Delivery] | None = None
 
     async def send() -> None:
         nonlocal future
         future = await requests.send(body, exchange, routing_key, properties)
 
-    if middleware:
-        await around_publish(middleware, body, exchange, routing_key, properties, send)
+    if chain is not None:
+        await chain(body, exchange, routing_key, properties, send)
     else:
         await send()
     assert future is not None

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rabbitflow.codec import outgoing
-from rabbitflow.middleware.base import Middleware, around_publish, overriding
+from rabbitflow.middleware.base import Middleware, publish_chain
 from rabbitflow.runtime.publisher import Publisher
 from rabbitflow.transport.base import Delivery
 
@@ -35,7 +35,7 @@ class Answers:
         self._target = target
         self._publisher = publisher
         self._timeout = timeout
-        self._middleware = overriding(tuple(middleware), "publish")
+        self._chain = publish_chain(middleware)
         self._prefix = f"{uuid.uuid4().hex[:16]}-"
         self._ids = itertools.count(1)
 
@@ -61,7 +61,7 @@ class Answers:
             async with asyncio.timeout(self._timeout):
                 await publisher.publish(data, exchange, routing_key, answer, mandatory=mandatory)
 
-        if self._middleware:
-            await around_publish(self._middleware, data, exchange, routing_key, answer, send)
+        if self._chain is not None:
+            await self._chain(data, exchange, routing_key, answer, send)
         else:
             await send()

@@ -10,8 +10,8 @@ from typing import Any
 
 from rabbitflow import names
 from rabbitflow.app import App
-from rabbitflow.codec import DecodeError, decode, outgoing
-from rabbitflow.errors import ConfigError, Reject, Retry
+from rabbitflow.codec import decode, outgoing
+from rabbitflow.errors import ConfigError, DecodeError, Reject, Retry
 from rabbitflow.middleware.base import Middleware
 from rabbitflow.transport.base import Channel, Properties
 from rabbitflow.transport.memory.broker import MemoryBroker

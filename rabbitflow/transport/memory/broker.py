@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from rabbitflow.transport.base import ConnectionLost, Delivery, OnDelivery, Properties
@@ -128,11 +128,6 @@ class MemoryBroker:
         if self._loop is None:
             return self._offset
         return self._offset + self._loop.time() - self._origin
-
-    @property
-    def wall_clock(self) -> datetime:
-        """The virtual clock as a UTC datetime."""
-        return self.epoch + timedelta(seconds=self.now)
 
     @property
     def exchanges(self) -> dict[str, MemoryExchange]:
