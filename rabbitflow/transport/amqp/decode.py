@@ -2,7 +2,7 @@
 
 Hot path: every delivery is three frames (basic.deliver, content header, body). pamqp decodes
 a basic.deliver in ~20 us and a content header with two headers in ~30 us (measured on the
-benchmark machine); the decoders here take a fraction of that (`tests/test_wire.py` checks they
+benchmark machine); the decoders here take a fraction of that (`tests/transport/test_wire.py` checks they
 give pamqp's values). The consume scenario of `benchmarks/` measures the whole path.
 
 Tolerance: pamqp raises on a content header it cannot decode (a content type that is not UTF-8,

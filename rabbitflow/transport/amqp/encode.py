@@ -2,7 +2,7 @@
 
 pamqp marshals `Basic.Properties` by looking up each property's AMQP type by name and dispatching
 each value through a chain of type checks; a retry copy with four headers spends longer there than
-in the rest of its publish. This encoder writes the same bytes — `tests/test_wire.py` compares the
+in the rest of its publish. This encoder writes the same bytes — `tests/transport/test_wire.py` compares the
 two over many property sets — straight from a table built once from pamqp's own property list.
 Header values of the common types (str, int, bool, None, nested tables and arrays) are encoded
 here; rarer ones (float, Decimal, datetime, bytearray) go to pamqp's encoder, which also raises

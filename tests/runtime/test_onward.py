@@ -12,7 +12,7 @@ import pytest
 
 from rabbitflow import App, ConfigError, Message, Unroutable
 
-from .helpers import Admin, unique, wait_for
+from ..helpers import Admin, unique, wait_for
 
 
 async def test_a_return_value_is_published_to_publish_to(make_app: Callable[..., App], admin: Admin) -> None:

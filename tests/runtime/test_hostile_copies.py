@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from rabbitflow import App, Message, Unroutable
 
-from .helpers import Admin, unique, wait_for
-from .support.rawamqp import (
+from ..helpers import Admin, unique, wait_for
+from ..support.rawamqp import (
     entries_of,
     get_all,
     longstr,

@@ -11,7 +11,7 @@ import pytest
 from rabbitflow import App, ConfigError, Message, Reject
 from rabbitflow.testing import TestClient
 
-from .helpers import wait_for
+from ..helpers import wait_for
 
 
 async def test_retried_after_60s_and_parked_after_3_attempts_in_virtual_time() -> None:

@@ -11,7 +11,7 @@ from rabbitflow import App
 from rabbitflow.runtime import subscription as subscription_module
 from rabbitflow.testing import MemoryBroker
 
-from .helpers import wait_for
+from ..helpers import wait_for
 
 
 @pytest.mark.parametrize("deleted", [False, True], ids=["consumer-lost", "queue-deleted"])

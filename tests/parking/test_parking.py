@@ -13,7 +13,7 @@ from rabbitflow.parking.walk import Filter
 from rabbitflow.testing import MemoryBroker
 from rabbitflow.transport.base import Properties
 
-from .helpers import Admin, unique, wait_for
+from ..helpers import Admin, unique, wait_for
 
 
 async def test_replay_sends_parked_messages_back_to_start_again(

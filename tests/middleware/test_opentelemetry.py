@@ -19,7 +19,7 @@ from rabbitflow.opentelemetry import TelemetryMiddleware
 from rabbitflow.prometheus import PrometheusMiddleware
 from rabbitflow.testing import TestClient
 
-from .helpers import Admin, unique, wait_for
+from ..helpers import Admin, unique, wait_for
 
 
 @pytest.fixture

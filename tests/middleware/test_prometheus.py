@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from rabbitflow import App, Breaker, ConfigError, Reject, Unroutable
 from rabbitflow.prometheus import PrometheusMiddleware
 
-from .helpers import Admin, unique, wait_for
+from ..helpers import Admin, unique, wait_for
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:

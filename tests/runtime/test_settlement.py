@@ -12,7 +12,7 @@ import pytest
 
 from rabbitflow import App, ChannelClosed, LoginRefused, Message, Middleware, UnencodableMessage
 
-from .helpers import BROKER_HOST, BROKER_PORT, Admin, unique, wait_for
+from ..helpers import BROKER_HOST, BROKER_PORT, Admin, unique, wait_for
 
 
 class Attempts(Middleware):

@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 from rabbitflow import App, Message
 
-from .helpers import Admin, unique
-from .support.rawamqp import entries_of, get_all, properties, publish_raw, table
+from ..helpers import Admin, unique
+from ..support.rawamqp import entries_of, get_all, properties, publish_raw, table
 
 # An int32 that fits an int8 and a double that fits a float: pamqp would shrink both.
 PRODUCER = {

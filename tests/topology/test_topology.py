@@ -13,7 +13,7 @@ from rabbitflow import App, TopologyConflict
 from rabbitflow.topology.compiler import DELIVERY_LIMIT
 from rabbitflow.topology.render import render
 
-from .helpers import Admin, unique
+from ..helpers import Admin, unique
 
 
 def orders_app(queue_type: str = "quorum") -> App:

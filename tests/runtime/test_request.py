@@ -11,7 +11,7 @@ import pytest
 
 from rabbitflow import App, ChannelClosed, Message, RequestTimeout, Unroutable
 
-from .helpers import Admin, unique
+from ..helpers import Admin, unique
 
 
 def server(app: App, queue: str, delay: float = 0.0) -> None:

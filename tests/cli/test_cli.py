@@ -17,9 +17,9 @@ from pathlib import Path
 import aiormq
 import pytest
 
-from .helpers import Admin, unique
+from ..helpers import Admin, unique
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "tests.services.worker:app"
 
 

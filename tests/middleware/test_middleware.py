@@ -11,7 +11,7 @@ import pytest
 from rabbitflow import App, ConfigError, Message, Middleware, Reject, Unroutable
 from rabbitflow.middleware.base import Fate, Outcome, Outgoing
 
-from .helpers import Admin, unique, wait_for
+from ..helpers import Admin, unique, wait_for
 
 
 class Recorder(Middleware):

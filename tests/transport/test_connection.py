@@ -12,8 +12,8 @@ import pytest
 
 from rabbitflow import App, ConnectionFailed, Message
 
-from .helpers import BROKER_HOST, BROKER_NODE, BROKER_PORT, Admin, unique, wait_for
-from .support.tcpproxy import TcpProxy
+from ..helpers import BROKER_HOST, BROKER_NODE, BROKER_PORT, Admin, unique, wait_for
+from ..support.tcpproxy import TcpProxy
 
 DEAD = "amqp://guest:guest@127.0.0.1:1/"  # nothing listens on port 1: refused at once
 

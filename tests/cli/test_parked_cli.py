@@ -15,9 +15,9 @@ import pytest
 
 from rabbitflow.cli.main import load_app
 
-from .helpers import Admin, unique
+from ..helpers import Admin, unique
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -202,7 +202,8 @@ async def test_purge_with_a_filter_removes_only_those(lot: Lot, admin: Admin) ->
 async def test_the_old_form_is_gone_with_a_clear_error(lot: Lot) -> None:
     old = run_cli("parked", lot.target, lot.queue, "--replay")
     assert old.returncode == 2
-    assert "invalid choice" in old.stderr and "list" in old.stderr
+    assert "invalid choice" in old.stderr
+    assert "list" in old.stderr
 
 
 def one_line(result: subprocess.CompletedProcess[str]) -> str:

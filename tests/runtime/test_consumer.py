@@ -14,7 +14,7 @@ import pytest
 from rabbitflow import App, Message, Reject, Retry
 from rabbitflow.runtime import consumer
 
-from .helpers import Admin, unique, wait_for
+from ..helpers import Admin, unique, wait_for
 
 QUEUE_TYPES = ["quorum", "classic"]
 

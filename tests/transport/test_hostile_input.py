@@ -14,8 +14,8 @@ import pytest
 
 from rabbitflow import App, Message
 
-from .helpers import Admin, unique, wait_for
-from .support.rawamqp import get_all, properties, publish_raw, read_properties, shortstr, table
+from ..helpers import Admin, unique, wait_for
+from ..support.rawamqp import get_all, properties, publish_raw, read_properties, shortstr, table
 
 JSON = shortstr(b"application/json")
 MICROSECONDS = 1_764_000_000_000_000  # 2025-11-24 in microseconds: as milliseconds, year ~55,900
