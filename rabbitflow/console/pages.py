@@ -412,7 +412,6 @@ def confirm(
 ) -> str:
     """Says how many messages `action` will touch, and asks; the form carries that count, and the
     action touches no more than it."""
-    verb = "send back to" if action == "replay" else "delete from the parking lot of"
     back = f'<a href="{layout.href("/parked", queue=queue)}">cancel</a>'
     if outcome.done == 0:
         content = (
@@ -445,9 +444,8 @@ def confirm(
         else " They are gone for good."
     )
     content = (
-        f'<p class="confirm">This will {verb} <code>{_e(queue)}</code> '
-        f'<strong class="count">{outcome.done}</strong> of the {outcome.found} parked message(s): {_e(what)}.'
-        f"{target}</p>{groups}"
+        f'<p class="confirm">This will {_e(action)} <strong class="count">{outcome.done}</strong> of the '
+        f"{outcome.found} message(s) parked for <code>{_e(queue)}</code> ({_e(what)}).{target}</p>{groups}"
         f'<form method="post" action="{layout.href("/act")}">{layout.hidden()}{inputs}'
         f'<button class="button {_e(action)}" type="submit">{_e(action)} {outcome.done} message(s)</button>'
         f" {back}"
