@@ -21,15 +21,26 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl
 
 from ..errors import ChannelClosed, ConfigError, RabbitflowError
 from ..parking import Filter, Listing
-from . import pages
+from .charts import chart, sparkline
 from .guard import COOKIE, Guard, same_site, token_from
+from .pages import (
+    CSS,
+    Layout,
+    confirm_page,
+    done_page,
+    group_page,
+    login_page,
+    message_page,
+    overview_page,
+    parked_page,
+    problem_page,
+)
 from .rates import Rates
+from .request import FormTooLarge, Request, read_form
 
 if TYPE_CHECKING:
     from ..admin import Admin
@@ -43,7 +54,6 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
-_MAX_FORM = 16 * 1024
 _LIST_LIMIT = 50
 _ADMIN_BUDGET = 10.0  # seconds a page waits for a broker connection before saying it has none
 _LOGIN_PAUSE = 1.0  # seconds a refused login waits: guessing tokens is slow
@@ -59,60 +69,6 @@ _SECURITY_HEADERS = [
         b"frame-ancestors 'none'; base-uri 'none'",
     ),
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class _Request:
-    method: str
-    path: str  # under the console's root: "/", "/parked", ...
-    root: str
-    query: dict[str, str]
-    headers: dict[str, str]
-    cookies: dict[str, str]
-    client: str
-    scheme: str
-    server_port: int | None
-
-    @classmethod
-    def of(cls, scope: Scope) -> _Request:
-        root, path = scope.get("root_path", "") or "", scope["path"]
-        if root and path.startswith(root):  # servers differ on whether `path` has the mount
-            path = path[len(root) :]
-        headers: dict[str, str] = {}
-        for name, value in scope.get("headers", ()):
-            key = name.decode("latin-1").lower()
-            text = value.decode("latin-1")
-            headers[key] = f"{headers[key]}; {text}" if key == "cookie" and key in headers else text
-        client = scope.get("client")
-        server = scope.get("server")
-        return cls(
-            method=scope["method"],
-            path=path or "/",
-            root=root.rstrip("/"),
-            query=_pairs(scope.get("query_string", b"").decode("latin-1")),
-            headers=headers,
-            cookies=_cookies(headers.get("cookie", "")),
-            client=f"{client[0]}:{client[1]}" if client else "unknown",
-            scheme=scope.get("scheme", "http"),
-            server_port=server[1] if server else None,
-        )
-
-
-def _pairs(text: str) -> dict[str, str]:
-    """The first value of each field (a repeated field cannot widen a filter)."""
-    found: dict[str, str] = {}
-    for key, value in parse_qsl(text, keep_blank_values=True, max_num_fields=32):
-        found.setdefault(key, value)
-    return found
-
-
-def _cookies(header: str) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for part in header.split(";"):
-        name, sep, value = part.strip().partition("=")
-        if sep:
-            found.setdefault(name, value)
-    return found
 
 
 class _Refused(Exception):
@@ -162,12 +118,15 @@ class Console:
                     return
         if scope["type"] != "http":
             raise RuntimeError(f"rabbitflow.console serves HTTP, not {scope['type']!r}")
-        request = _Request.of(scope)
+        request = Request.of(scope)
         try:
-            form = await _form(receive) if request.method == "POST" else {}
+            try:
+                form = await read_form(receive) if request.method == "POST" else {}
+            except FormTooLarge:
+                raise _Refused(413, "Too large", "A console form is small; this one was not.") from None
             status, headers, body = await self._answer(request, form)
         except _Refused as refused:
-            status, headers, body = self._html(refused.status, pages.problem(
+            status, headers, body = self._html(refused.status, problem_page(
                 self._layout(request, None), refused.title, refused.text
             ))  # fmt: skip
         headers = [*headers, (b"content-length", str(len(body)).encode())]
@@ -176,13 +135,13 @@ class Console:
 
     # -- routing ----------------------------------------------------------------------------------
 
-    async def _answer(self, request: _Request, form: dict[str, str]) -> _Answer:
+    async def _answer(self, request: Request, form: dict[str, str]) -> _Answer:
         path, method = request.path, request.method
         if path == "/console.css":
             return (
                 200,
                 [(b"content-type", b"text/css; charset=utf-8"), (b"cache-control", b"max-age=3600")],
-                pages.CSS,
+                CSS,
             )
         if method == "POST":
             why = same_site(request.headers)
@@ -225,9 +184,9 @@ class Console:
             return self._html(200, await self._confirm(layout, request.query))
         raise _Refused(404, "Not found", f"No console page at {path}.")
 
-    def _layout(self, request: _Request, sid: str | None) -> pages.Layout:
+    def _layout(self, request: Request, sid: str | None) -> Layout:
         worker, siblings = _workers(request)
-        return pages.Layout(
+        return Layout(
             root=request.root,
             service=self.app.name,
             csrf=self.guard.csrf(sid) if sid is not None else None,
@@ -243,16 +202,16 @@ class Console:
 
     # -- sessions ---------------------------------------------------------------------------------
 
-    async def _login(self, request: _Request, form: dict[str, str], sid: str | None) -> _Answer:
+    async def _login(self, request: Request, form: dict[str, str], sid: str | None) -> _Answer:
         layout = self._layout(request, sid)
         if request.method != "POST":
-            return self._html(200, pages.login(layout, None, self.guard.has_token))
+            return self._html(200, login_page(layout, None, self.guard.has_token))
         new = self.guard.login(form.get("token", ""))
         if new is None:
             log.warning("console: refused a login from %s (wrong or no token)", request.client)
             await asyncio.sleep(_LOGIN_PAUSE)
             return self._html(
-                403, pages.login(layout, "That is not the operator token.", self.guard.has_token)
+                403, login_page(layout, "That is not the operator token.", self.guard.has_token)
             )
         log.info("console: %s logged in from %s", Guard.who(new), request.client)
         secure = "; Secure" if request.scheme == "https" else ""
@@ -276,7 +235,7 @@ class Console:
             raise _Refused(404, "No such queue", f"{self.app.name} has no consumer on queue {queue!r}.")
         return queue
 
-    async def _overview(self, layout: pages.Layout) -> str:
+    async def _overview(self, layout: Layout) -> str:
         health = self.app.health()
         plan = self._admin().plan
         source = "middleware" if self.rates in self.app.middleware else "snapshots"
@@ -287,9 +246,9 @@ class Console:
         health = {**health, "consumers": [*health.get("consumers", ()), *missing]}
         queues = [c.queue for c in plan.consumers]
         parked = await self._parked_counts(queues, {q.name for q in plan.queues if q.role == "parked"})
-        sparks = {q: pages.sparkline(_total(self.rates.series(q, minutes=self.minutes))) for q in queues}
-        chart = pages.chart(self.rates.series(minutes=self.minutes), minutes=self.minutes)
-        return pages.overview(layout, health, parked, chart, sparks, self.minutes, source)
+        sparks = {q: sparkline(_total(self.rates.series(q, minutes=self.minutes))) for q in queues}
+        drawn = chart(self.rates.series(minutes=self.minutes), minutes=self.minutes)
+        return overview_page(layout, health, parked, drawn, sparks, self.minutes, source)
 
     async def _parked_counts(self, queues: list[str], parking: set[str]) -> dict[str, int | str]:
         """How many messages each consumer's parking queue holds (a passive declare: nothing moves)."""
@@ -312,21 +271,21 @@ class Console:
             return dict.fromkeys(queues, f"broker unreachable: {exc}")
         return counts
 
-    async def _parked(self, layout: pages.Layout, query: Mapping[str, str]) -> str:
+    async def _parked(self, layout: Layout, query: Mapping[str, str]) -> str:
         queue = self._queue(query)
         async with self._lock(queue):
             listing = await _call(self._admin().list_parked(queue, limit=_LIST_LIMIT))
-        return pages.parked_queue(layout, queue, listing)
+        return parked_page(layout, queue, listing)
 
-    async def _group(self, layout: pages.Layout, query: Mapping[str, str]) -> str:
+    async def _group(self, layout: Layout, query: Mapping[str, str]) -> str:
         queue = self._queue(query)
         reason, exception = query.get("reason", ""), query.get("exception", "")
         chosen = _filter(reason=reason, exception=exception)
         async with self._lock(queue):
             listing = await _call(self._admin().list_parked(queue, filter=chosen, limit=_LIST_LIMIT))
-        return pages.group(layout, queue, reason, exception, _exact(listing, reason, exception))
+        return group_page(layout, queue, reason, exception, _exact(listing, reason, exception))
 
-    async def _message(self, layout: pages.Layout, query: Mapping[str, str]) -> str:
+    async def _message(self, layout: Layout, query: Mapping[str, str]) -> str:
         queue = self._queue(query)
         admin = self._admin()
         async with self._lock(queue):
@@ -338,7 +297,7 @@ class Console:
                 found = head.messages[position] if position < len(head.messages) else None
         if found is None:
             raise _Refused(404, "Not parked", f"No such message is parked for {queue} (any more).")
-        return pages.message(layout, queue, found)
+        return message_page(layout, queue, found)
 
     # -- acting -----------------------------------------------------------------------------------
 
@@ -355,7 +314,7 @@ class Console:
         chosen = _filter(reason=reason, exception=exception, message_id=message_id)
         return action, what or "all of them", chosen, self._queue(fields)
 
-    async def _confirm(self, layout: pages.Layout, query: Mapping[str, str]) -> str:
+    async def _confirm(self, layout: Layout, query: Mapping[str, str]) -> str:
         if not layout.can_act:
             raise _Refused(403, "Read-only", "Actions are not enabled on this console.")
         action, what, chosen, queue = self._chosen(query)
@@ -364,9 +323,9 @@ class Console:
         async with self._lock(queue):
             outcome = await _call(method(queue, filter=chosen, dry_run=True))
         fields = {k: query.get(k, "") for k in ("queue", "action", "reason", "exception", "id")}
-        return pages.confirm(layout, queue, action, what, outcome, fields)
+        return confirm_page(layout, queue, action, what, outcome, fields)
 
-    async def _act(self, request: _Request, form: dict[str, str], sid: str) -> _Answer:
+    async def _act(self, request: Request, form: dict[str, str], sid: str) -> _Answer:
         if not self.enable_actions:
             raise _Refused(403, "Read-only", "Actions are not enabled on this console.")
         action, what, chosen, queue = self._chosen(form)
@@ -387,7 +346,7 @@ class Console:
             [(g.reason, g.exception, g.count) for g in outcome.groups],
             request.client,
         )
-        return self._html(200, pages.done(self._layout(request, sid), queue, action, outcome, expected))
+        return self._html(200, done_page(self._layout(request, sid), queue, action, outcome, expected))
 
 
 async def _call(work: Awaitable[Any]) -> Any:
@@ -434,7 +393,7 @@ def _clear(root: str) -> tuple[bytes, bytes]:
     return b"set-cookie", f"{COOKIE}=; Path={root or '/'}; HttpOnly; SameSite=Strict; Max-Age=0".encode()
 
 
-def _workers(request: _Request) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+def _workers(request: Request) -> tuple[str | None, tuple[tuple[str, str], ...]]:
     """Under `rabbitflow run --workers N` worker K serves on PORT + K - 1: this one's number, and
     links to the others' consoles when the supervisor says how many there are."""
     number, count = os.environ.get(_WORKER_ENV), os.environ.get(_WORKERS_ENV)
@@ -450,20 +409,3 @@ def _workers(request: _Request) -> tuple[str | None, tuple[tuple[str, str], ...]
         if str(k) != number
     )
     return f"{number} of {count}", siblings
-
-
-async def _form(receive: Receive) -> dict[str, str]:
-    """An urlencoded form body, at most `_MAX_FORM` bytes."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > _MAX_FORM:
-            raise _Refused(413, "Too large", "A console form is small; this one was not.")
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            break
-    return _pairs(b"".join(chunks).decode("utf-8", "replace"))

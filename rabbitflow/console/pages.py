@@ -9,7 +9,6 @@ producers and handlers nobody vetted, and must read as text, never as markup.
 from __future__ import annotations
 
 import html
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -20,7 +19,18 @@ import orjson
 
 from ..parking import Group, Listing, Outcome, ParkedMessage, jsonable
 
-__all__ = ["CSS", "Layout", "chart"]
+__all__ = [
+    "CSS",
+    "Layout",
+    "confirm_page",
+    "done_page",
+    "group_page",
+    "login_page",
+    "message_page",
+    "overview_page",
+    "parked_page",
+    "problem_page",
+]
 
 _e = html.escape
 _BODY_SHOWN = 64 * 1024  # bytes of a body rendered; the rest is counted, not shown
@@ -105,85 +115,10 @@ def _button(layout: Layout, queue: str, action: str, label: str, **params: Any) 
     return f'<a class="button {_e(action)}" href="{href}">{_e(label)}</a>'
 
 
-_COLOURS = {"handled": "#2f855a", "retried": "#b7791f", "parked": "#c53030", "settled": "#2b6cb0"}
-
-
-def chart(series: Mapping[str, Sequence[float]], *, minutes: int, width: int = 640, height: int = 160) -> str:
-    """Lines of messages per second, oldest left, drawn as inline SVG (no script, no library)."""
-    pad_left, pad_bottom, pad_top = 44, 18, 8
-    plot_w, plot_h = width - pad_left - 8, height - pad_bottom - pad_top
-    top = max((max(values) for values in series.values() if values), default=0.0)
-    scale = _nice(top)
-    parts = [
-        f'<svg class="chart" role="img" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
-        f'xmlns="http://www.w3.org/2000/svg"><title>messages per second, last {minutes} min</title>',
-        f'<line x1="{pad_left}" y1="{pad_top}" x2="{pad_left}" y2="{pad_top + plot_h}" stroke="#999"/>',
-        f'<line x1="{pad_left}" y1="{pad_top + plot_h}" x2="{pad_left + plot_w}" y2="{pad_top + plot_h}" '
-        'stroke="#999"/>',
-        f'<text x="{pad_left - 4}" y="{pad_top + 10}" text-anchor="end" font-size="11">'
-        f"{_num(scale)}/s</text>",
-        f'<text x="{pad_left - 4}" y="{pad_top + plot_h}" text-anchor="end" font-size="11">0</text>',
-        f'<text x="{pad_left}" y="{height - 4}" font-size="11">−{minutes} min</text>',
-        f'<text x="{pad_left + plot_w}" y="{height - 4}" text-anchor="end" font-size="11">now</text>',
-    ]
-    for fate, values in series.items():
-        if not values:
-            continue
-        n = len(values)
-        points = " ".join(
-            f"{pad_left + (plot_w * i / max(1, n - 1)):.1f},{pad_top + plot_h - plot_h * v / scale:.1f}"
-            for i, v in enumerate(values)
-        )
-        colour = _COLOURS.get(fate, "#555")
-        parts.append(
-            f'<polyline class="line {_e(fate)}" fill="none" stroke="{colour}" stroke-width="2" '
-            f'points="{points}"/>'
-        )
-    if not series:
-        parts.append(
-            f'<text x="{pad_left + plot_w / 2}" y="{pad_top + plot_h / 2}" text-anchor="middle" '
-            'font-size="12" fill="#777">no messages yet</text>'
-        )
-    parts.append("</svg>")
-    legend = "".join(
-        f'<span class="key"><span class="swatch {_e(f)}"></span>{_e(f)} '
-        f"{_num(values[-1] if values else 0)}/s now, {_num(sum(values) / max(1, len(values)))}/s avg</span>"
-        for f, values in series.items()
-    )
-    return "".join(parts) + f'<div class="legend">{legend}</div>'
-
-
-def sparkline(values: Sequence[float], width: int = 120, height: int = 24) -> str:
-    if not values or not any(values):
-        return '<span class="muted">idle</span>'
-    top, n = max(values), len(values)
-    points = " ".join(
-        f"{width * i / max(1, n - 1):.1f},{height - 2 - (height - 4) * v / top:.1f}"
-        for i, v in enumerate(values)
-    )
-    return (
-        f'<svg class="spark" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
-        f'xmlns="http://www.w3.org/2000/svg"><polyline fill="none" stroke="#2b6cb0" stroke-width="1.5" '
-        f'points="{points}"/></svg> <span class="muted">{_num(values[-1])}/s</span>'
-    )
-
-
-def _nice(top: float) -> float:
-    """The chart's ceiling: 1, 2 or 5 times a power of ten, at least `top`."""
-    if top <= 0:
-        return 1.0
-    power = 10.0 ** math.floor(math.log10(top))
-    return next(m * power for m in (1, 2, 5, 10) if m * power >= top)
-
-
-def _num(value: float) -> str:
-    return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
-
-
 # -- pages ------------------------------------------------------------------------------------------
 
 
-def overview(
+def overview_page(
     layout: Layout,
     health: Mapping[str, Any],
     parked: Mapping[str, int | str],
@@ -307,7 +242,7 @@ def _message_rows(layout: Layout, queue: str, messages: Sequence[ParkedMessage])
 _MESSAGE_HEADS = ["#", "message id", "reason", "exception", "error", "attempts", "last failure", "size"]
 
 
-def parked_queue(layout: Layout, queue: str, listing: Listing) -> str:
+def parked_page(layout: Layout, queue: str, listing: Listing) -> str:
     """One consumer's parking lot: its groups, and the messages at its head."""
     if listing.total == 0:
         return layout.page(
@@ -331,7 +266,7 @@ def parked_queue(layout: Layout, queue: str, listing: Listing) -> str:
     return layout.page(f"Parked for {queue}", content)
 
 
-def group(layout: Layout, queue: str, reason: str, exception: str, listing: Listing) -> str:
+def group_page(layout: Layout, queue: str, reason: str, exception: str, listing: Listing) -> str:
     """The messages of one group (reason and exception type)."""
     buttons = _button(layout, queue, "replay", "replay this group", reason=reason, exception=exception)
     buttons += _button(layout, queue, "purge", "purge this group", reason=reason, exception=exception)
@@ -348,7 +283,7 @@ def group(layout: Layout, queue: str, reason: str, exception: str, listing: List
     return layout.page(f"Group {reason or '-'} / {exception.rpartition('.')[2] or '-'}", content)
 
 
-def message(layout: Layout, queue: str, m: ParkedMessage) -> str:
+def message_page(layout: Layout, queue: str, m: ParkedMessage) -> str:
     """One parked message: its failure, its headers, its body, its traceback."""
     facts = [
         ("message id", _or_dash(m.message_id)),
@@ -407,7 +342,7 @@ def _body(body: bytes, content_type: str | None) -> tuple[str, str]:
     return text + tail, "UTF-8 text"
 
 
-def confirm(
+def confirm_page(
     layout: Layout, queue: str, action: str, what: str, outcome: Outcome, fields: Mapping[str, str]
 ) -> str:
     """Says how many messages `action` will touch, and asks; the form carries that count, and the
@@ -456,7 +391,7 @@ def confirm(
     return layout.page(f"{action.capitalize()} {outcome.done} message(s)?", content)
 
 
-def done(layout: Layout, queue: str, action: str, outcome: Outcome, expected: int) -> str:
+def done_page(layout: Layout, queue: str, action: str, outcome: Outcome, expected: int) -> str:
     verb = "Replayed" if action == "replay" else "Purged"
     left = outcome.found - outcome.done
     content = (
@@ -468,7 +403,7 @@ def done(layout: Layout, queue: str, action: str, outcome: Outcome, expected: in
     return layout.page(f"{verb} {outcome.done} message(s)", content)
 
 
-def login(layout: Layout, error: str | None, has_token: bool) -> str:
+def login_page(layout: Layout, error: str | None, has_token: bool) -> str:
     if not has_token:
         content = (
             "<p>No operator token is set, so there is nothing to log in to: the console is read-only. "
@@ -484,7 +419,7 @@ def login(layout: Layout, error: str | None, has_token: bool) -> str:
     return layout.page("Log in", content)
 
 
-def problem(layout: Layout, title: str, text: str) -> str:
+def problem_page(layout: Layout, title: str, text: str) -> str:
     back = f'<p><a href="{layout.href("/")}">overview</a></p>'
     return layout.page(title, f'<p class="bad">{_e(text)}</p>{back}')
 

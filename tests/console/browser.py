@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
 
+import pytest
 from playwright.async_api import BrowserContext, async_playwright
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -19,6 +21,15 @@ FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+
+
+def require_chromium() -> None:
+    """In CI (CI=true) a missing Chromium fails the test; elsewhere it skips, saying what to do."""
+    if not os.path.exists(CHROMIUM):
+        message = f"no Chromium at {CHROMIUM}: apt-get install chromium"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
 
 
 @contextlib.asynccontextmanager

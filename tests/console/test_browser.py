@@ -13,8 +13,13 @@ from playwright.async_api import Dialog, Page, expect
 
 from rabbitflow.parking import Filter
 
-from .browser import chromium
+from .browser import chromium, require_chromium
 from .scenario import HOSTILE_HEADER, TOKEN, Shop, shop
+
+
+@pytest.fixture(autouse=True)
+def _chromium() -> None:
+    require_chromium()
 
 
 async def log_in(page: Page, shop: Shop) -> None:
