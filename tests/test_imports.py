@@ -32,6 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "rabbitflow.app",
         "rabbitflow.admin",
         "rabbitflow.http",
+        "rabbitflow.console",
         "rabbitflow.middleware",
         "rabbitflow.prometheus",
         "rabbitflow.opentelemetry",
