@@ -85,6 +85,7 @@ class Outbox:
         self.inbox = Inbox(self, message_key or message_id_key)
         self._relay: Relay | None = None
         self._state = _State.IDLE
+        self._sent_before = 0  # by relays of this Outbox that stopped
 
     def __repr__(self) -> str:
         return f"Outbox({self.engine.url.render_as_string(hide_password=True)!r}, {self._state.value})"
@@ -139,6 +140,7 @@ class Outbox:
         self._state = _State.IDLE
         if relay is not None:
             await relay.stop()
+            self._sent_before += relay.sent
 
     @contextlib.asynccontextmanager
     async def relaying(self, app: Publisher) -> AsyncIterator[Outbox]:
@@ -158,8 +160,8 @@ class Outbox:
 
     @property
     def sent(self) -> int:
-        """Messages this process's relay published and marked sent since it started."""
-        return self._relay.sent if self._relay is not None else 0
+        """Messages this Outbox's relay published and marked sent (all its runs)."""
+        return self._sent_before + (self._relay.sent if self._relay is not None else 0)
 
     async def pending(self) -> int:
         """Committed messages not sent yet."""
