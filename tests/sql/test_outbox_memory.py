@@ -80,27 +80,36 @@ async def test_a_rolled_back_transaction_publishes_nothing(sqlite_engine: AsyncE
     await tables(sqlite_engine, outbox)
     app = App("shop", url="memory://")
     async with TestClient(app) as client, outbox.relaying(app):
-        with pytest.raises(RuntimeError, match="card declined"):
+
+        async def declined() -> None:
             async with outbox.transaction() as tx:
                 await tx.session.execute(insert(invoices).values(payment="p1"))
                 tx.publish({"n": 1}, routing_key="events")
                 raise RuntimeError("card declined")
+
+        with pytest.raises(RuntimeError, match="card declined"):
+            await declined()
         assert await outbox.flush() == 0
         await client.drain()
         assert client.sent(routing_key="events") == []
     assert await count(sqlite_engine) == 0
 
 
-async def test_a_body_or_header_the_outbox_cannot_store_fails_the_transaction(sqlite_engine: AsyncEngine) -> None:
+async def test_a_body_or_header_the_outbox_cannot_store_fails_the_transaction(
+    sqlite_engine: AsyncEngine,
+) -> None:
     outbox = Outbox(sqlite_engine)
     await tables(sqlite_engine, outbox)
-    with pytest.raises(UnencodableMessage, match="JSON values"):
+
+    async def stage(body: object, headers: dict[str, object] | None) -> None:
         async with outbox.transaction() as tx:
             await tx.session.execute(insert(invoices).values(payment="p1"))
-            tx.publish({"n": 1}, routing_key="events", headers={"raw": b"bytes"})
+            tx.publish(body, routing_key="events", headers=headers)
+
+    with pytest.raises(UnencodableMessage, match="JSON values"):
+        await stage({"n": 1}, {"raw": b"bytes"})
     with pytest.raises(UnencodableMessage, match="cannot encode"):
-        async with outbox.transaction() as tx:
-            tx.publish(object(), routing_key="events")
+        await stage(object(), None)
     assert await count(sqlite_engine) == 0
     assert await outbox.pending() == 0
 
