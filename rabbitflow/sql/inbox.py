@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..errors import ConfigError, Reject
 from ..message import Message
-from . import schema
+from .schema import inbox_table
 from .transaction import Transaction
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ class Inbox:
 
 async def _record(session: AsyncSession, dialect: str, consumer: str, key: str) -> bool:
     """Insert the (consumer, key) record; False when it exists (a duplicate)."""
-    t = schema.inbox
+    t = inbox_table
     values = {"consumer": consumer, "message_id": key, "handled_at": datetime.now(UTC)}
     statement: Any
     if dialect == "postgresql":

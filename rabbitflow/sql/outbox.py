@@ -21,9 +21,9 @@ from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from ..errors import ConfigError, StateError
-from . import schema
 from .inbox import Inbox, MessageKey, message_id_key
 from .relay import Publisher, Relay
+from .schema import create_tables, inbox_table, outbox_table
 from .transaction import Transaction
 
 __all__ = ["Outbox"]
@@ -93,7 +93,7 @@ class Outbox:
     async def create_tables(self) -> None:
         """Create the outbox and inbox tables (and on PostgreSQL the notify trigger) where they
         do not exist; `rabbitflow.sql.schema_sql()` prints the same as SQL."""
-        await schema.create_tables(self.engine)
+        await create_tables(self.engine)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
@@ -165,7 +165,7 @@ class Outbox:
 
     async def pending(self) -> int:
         """Committed messages not sent yet."""
-        t = schema.outbox
+        t = outbox_table
         async with self.engine.connect() as connection:
             count = await connection.scalar(select(func.count()).where(t.c.sent_at.is_(None)))
         return int(count or 0)
@@ -176,7 +176,7 @@ class Outbox:
         """Delete inbox records older than `keep` and sent outbox rows older than `keep_sent`, a
         chunk per short transaction (consumers never wait long); returns (records, rows)."""
         now = datetime.now(UTC)
-        i, o = schema.inbox, schema.outbox
+        i, o = inbox_table, outbox_table
         old_records = select(i.c.consumer, i.c.message_id).where(i.c.handled_at < now - self.keep)
         old_rows = select(o.c.id).where(o.c.sent_at < now - self.keep_sent)
         records = await self._prune_chunks(

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from sqlalchemy import Row, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from . import schema
+from .schema import NOTIFY_CHANNEL, outbox_table
 
 __all__ = ["Publisher", "Relay"]
 
@@ -159,7 +159,7 @@ class Relay:
     async def _claim(self, connection: AsyncConnection) -> dict[str, list[Row[Any]]]:
         """The oldest unsent transactions' messages by batch, in order; on PostgreSQL their head
         rows stay locked until the connection's transaction ends."""
-        t = schema.outbox
+        t = outbox_table
         heads = select(t.c.batch).where(
             t.c.sent_at.is_(None), t.c.seq == 0, t.c.available_at <= datetime.now(UTC)
         )
@@ -203,7 +203,7 @@ class Relay:
         batches: dict[str, list[Row[Any]]],
         results: list[BaseException | None],
     ) -> int:
-        t = schema.outbox
+        t = outbox_table
         now = datetime.now(UTC)
         sent = [batch for batch, result in zip(batches, results, strict=True) if result is None]
         if sent:
@@ -254,7 +254,7 @@ class Relay:
             connection = await self._engine.connect()
             raw = await connection.get_raw_connection()
             driver: Any = raw.driver_connection  # asyncpg.Connection
-            await driver.add_listener(schema.NOTIFY_CHANNEL, self._notified)
+            await driver.add_listener(NOTIFY_CHANNEL, self._notified)
         except Exception as exc:
             log.warning("outbox relay: cannot LISTEN (%s); relaying every %.1fs meanwhile", exc, self._poll)
             return

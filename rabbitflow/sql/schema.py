@@ -31,7 +31,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.schema import DDL, CreateIndex, CreateTable
 
-__all__ = ["NOTIFY_CHANNEL", "create_tables", "inbox", "metadata", "outbox", "schema_sql"]
+__all__ = ["NOTIFY_CHANNEL", "create_tables", "inbox_table", "metadata", "outbox_table", "schema_sql"]
 
 NOTIFY_CHANNEL = "rabbitflow_outbox"
 
@@ -40,7 +40,7 @@ metadata = MetaData()
 # BIGINT identity on PostgreSQL; SQLite only auto-increments an INTEGER PRIMARY KEY.
 _Id = BigInteger().with_variant(Integer(), "sqlite")
 
-outbox = Table(
+outbox_table = Table(
     "rabbitflow_outbox",
     metadata,
     Column("id", _Id, primary_key=True, autoincrement=True),
@@ -76,7 +76,7 @@ outbox = Table(
     ),
 )
 
-inbox = Table(
+inbox_table = Table(
     "rabbitflow_inbox",
     metadata,
     Column("consumer", String(255), primary_key=True),  # the consumer's queue
@@ -99,7 +99,7 @@ $$""",
 
 for _statement in _NOTIFY_DDL:
     event.listen(
-        outbox,
+        outbox_table,
         "after_create",
         DDL(_statement).execute_if(dialect="postgresql"),  # type: ignore[no-untyped-call]
     )
@@ -133,6 +133,6 @@ def schema_sql(dialect: str | Dialect = "postgresql") -> str:
             str(CreateIndex(index).compile(dialect=target)).strip()
             for index in sorted(table.indexes, key=lambda i: i.name or "")
         )
-        if table is outbox and target.name == "postgresql":
+        if table is outbox_table and target.name == "postgresql":
             statements.extend(_NOTIFY_DDL)
     return "".join(f"{statement};\n\n" for statement in statements)

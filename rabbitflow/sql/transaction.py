@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..codec import encode
 from ..errors import UnencodableMessage
-from . import schema
+from .schema import outbox_table
 
 __all__ = ["Staged", "Transaction"]
 
@@ -99,7 +99,7 @@ class Transaction:
         batch = uuid.uuid4().hex
         now = datetime.now(UTC)
         await self.session.execute(
-            insert(schema.outbox),
+            insert(outbox_table),
             [
                 {
                     "batch": batch,

@@ -68,7 +68,7 @@ async def test_a_batch_that_cannot_be_sent_stays_with_its_error_and_is_tried_lat
         assert await outbox.flush() == 0  # not due again yet: no hot loop on a poison batch
     assert await outbox.pending() == 1
     async with sqlite_engine.connect() as connection:
-        row = (await connection.execute(select(schema.outbox))).one()
+        row = (await connection.execute(select(schema.outbox_table))).one()
     assert row.attempts == 1
     assert "Unroutable" in row.error
     assert row.available_at > row.created_at

@@ -163,7 +163,7 @@ async def test_prune_deletes_old_records_and_sent_rows_only(pg_engine: AsyncEngi
     old, fresh = now - timedelta(days=8), now - timedelta(days=6)
     async with pg_engine.begin() as connection:
         await connection.execute(
-            insert(schema.inbox),
+            insert(schema.inbox_table),
             [{"consumer": "q", "message_id": f"old-{n}", "handled_at": old} for n in range(2500)]
             + [{"consumer": "q", "message_id": f"new-{n}", "handled_at": fresh} for n in range(10)],
         )
@@ -179,7 +179,7 @@ async def test_prune_deletes_old_records_and_sent_rows_only(pg_engine: AsyncEngi
             "mandatory": True,
         }
         await connection.execute(
-            insert(schema.outbox),
+            insert(schema.outbox_table),
             [
                 {**row, "batch": "sent-long-ago", "sent_at": now - timedelta(hours=2)},
                 {**row, "batch": "sent-just-now", "sent_at": now},
@@ -188,8 +188,8 @@ async def test_prune_deletes_old_records_and_sent_rows_only(pg_engine: AsyncEngi
         )
     assert await outbox.prune() == (2500, 1)
     async with pg_engine.connect() as connection:
-        left = set((await connection.execute(select(schema.inbox.c.message_id))).scalars())
-        batches = set((await connection.execute(select(schema.outbox.c.batch))).scalars())
+        left = set((await connection.execute(select(schema.inbox_table.c.message_id))).scalars())
+        batches = set((await connection.execute(select(schema.outbox_table.c.batch))).scalars())
     assert left == {f"new-{n}" for n in range(10)}
     assert batches == {"sent-just-now", "unsent"}
 
