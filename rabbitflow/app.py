@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rabbitflow.admin import Admin
 from rabbitflow.breaker import Breaker
@@ -29,12 +29,16 @@ from rabbitflow.runtime.publisher import NackCount, not_confirmed
 from rabbitflow.runtime.request import ask, reply_message
 from rabbitflow.runtime.session import Session
 from rabbitflow.settings import Lifespan, Settings
+from rabbitflow.spec import ConsumerSpec
 from rabbitflow.topology.applier import Difference
 from rabbitflow.transport.base import Broker, Delivery, Properties
 from rabbitflow.transport.connection import ConnectionManager
 from rabbitflow.urls import Failover, parse_urls
 
 __all__ = ["App"]
+
+if TYPE_CHECKING:
+    from rabbitflow.sql import Outbox
 
 log = logging.getLogger("rabbitflow")
 
@@ -91,6 +95,9 @@ class App(Registry):
             resources, entered before consuming starts and exited after the last handler finished.
         middleware: `rabbitflow.middleware.base.Middleware` instances whose hooks see each attempt.
         ssl_context: TLS settings for `amqps://` nodes (default: the system's trust store).
+        outbox: a `rabbitflow.sql.Outbox`: its relay runs while the app runs, publishing what
+            transactions committed, and `exactly_once=True` consumers record their messages in
+            its database (docs/effectively-once.md).
     """
 
     def __init__(
@@ -112,6 +119,7 @@ class App(Registry):
         lifespan: Lifespan | None = None,
         middleware: Sequence[Middleware] = (),
         ssl_context: ssl.SSLContext | None = None,
+        outbox: Outbox | None = None,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -132,6 +140,7 @@ class App(Registry):
             lifespan=lifespan,
             ssl_context=ssl_context,
         )
+        self.outbox = outbox
         super().__init__(self.settings.name)
         self.middleware = tuple(middleware)
         self._publish_chain = publish_chain(self.middleware)
@@ -173,6 +182,17 @@ class App(Registry):
         """Hand the app the broker to connect through before it starts (a `MemoryBroker`, say)."""
         self._unopened("the broker")
         self._broker = broker
+
+    def _accept(self, consumers: dict[str, ConsumerSpec]) -> None:
+        if self.outbox is None:
+            for spec in consumers.values():
+                if spec.exactly_once:
+                    raise ConfigError(
+                        f"@{spec.decorator}.consumer({spec.queue!r}): exactly_once=True needs an "
+                        f"outbox: App({self.name!r}, ..., outbox=Outbox(engine)) "
+                        "(from rabbitflow.sql import Outbox)"
+                    )
+        super()._accept(consumers)
 
     def _registering(self) -> None:
         if self._state is not State.UNOPENED:
@@ -216,8 +236,16 @@ class App(Registry):
         try:
             if self.settings.lifespan is not None:
                 await stack.enter_async_context(self.settings.lifespan(self))
+            if self.outbox is not None:
+                self._bind_inbox(self.outbox)
             await runtime.start(self.settings.connect_budget)
+            self._runtime = runtime
+            if self.outbox is not None:
+                await self.outbox.start(self)
         except BaseException:
+            self._runtime = None
+            with contextlib.suppress(Exception):
+                await runtime.stop(self.settings.graceful_timeout)
             self._state = State.CLOSED
             self._started.set()  # publishes waiting for the start learn that it failed
             await stack.aclose()
@@ -227,12 +255,21 @@ class App(Registry):
         self._state = State.RUNNING
         self._started.set()
 
+    def _bind_inbox(self, outbox: Outbox) -> None:
+        from rabbitflow.sql.inbox import bind
+
+        for spec in self.consumers:
+            if spec.exactly_once:
+                bind(spec.handler, outbox.inbox)
+
     async def stop(self) -> None:
         """Stop taking messages, let running handlers finish (up to graceful_timeout), close."""
         if self._state is not State.RUNNING:
             return
         self._state = State.STOPPING
         try:
+            if self.outbox is not None:
+                await self.outbox.stop()  # its pass in progress still publishes through the runtime
             if self._runtime is not None:
                 await self._runtime.stop(self.settings.graceful_timeout)
             if self._lifespan_stack is not None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rabbitflow.transport.base import Delivery
 
-__all__ = ["Message"]
+__all__ = ["DUPLICATE", "Message"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,3 +52,17 @@ class Message:
             reply_to=p.reply_to,
             queue=queue,
         )
+
+
+class _Duplicate:
+    """What an `exactly_once` handler wrapper returns for a message it had handled before."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "DUPLICATE"
+
+
+# Returned by an exactly_once consumer's handler for a delivery handled before: the consumer acks
+# it without publishing a result, and middleware sees `Fate.DUPLICATE`.
+DUPLICATE = _Duplicate()

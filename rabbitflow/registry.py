@@ -46,6 +46,7 @@ class Consumers:
         handler_timeout: float | None = None,
         breaker: Breaker | None = None,
         publish_to: str | tuple[str, str] | None = None,
+        exactly_once: bool = False,
         **unknown: Any,
     ) -> Callable[[H], H]:
         """Register an async function as the consumer of `queue`.
@@ -71,6 +72,10 @@ class Consumers:
                 pair: the handler's return value, when not None, is published there, and the
                 input is acked only once the broker confirmed it (a failed publish is a failed
                 attempt). Without it, a return value answers a request (`reply_to` set).
+            exactly_once: run the handler `(body, tx: Transaction[, message])` in a database
+                transaction of the app's outbox that also records the message id, acked after
+                the commit: its database effects happen once per message id, a duplicate is
+                acked without calling it (`rabbitflow.sql`, docs/effectively-once.md).
 
         Every option is checked here, when the module is imported: a bad value, an unknown
         option or a second consumer of the same queue raises `ConfigError`. The handler's body
@@ -79,8 +84,14 @@ class Consumers:
         """
 
         def register(handler: H) -> H:
+            runs: Handler = handler
+            if exactly_once is True and publish_to is None:
+                # Only these consumers import SQLAlchemy (the rabbitflow[sql] extra).
+                from rabbitflow.sql.inbox import exactly_once as through_inbox
+
+                runs = through_inbox(handler)
             spec = build_spec(
-                handler,
+                runs,
                 queue,
                 exchange=exchange,
                 exchange_type=exchange_type,
@@ -97,6 +108,7 @@ class Consumers:
                 breaker=breaker,
                 decorator=self._decorator,
                 publish_to=publish_to,
+                exactly_once=exactly_once,
             )
             self._add([spec])
             return handler

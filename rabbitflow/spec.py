@@ -78,6 +78,7 @@ class ConsumerSpec:
     breaker: Breaker | None = None
     decorator: str = field(default="app", compare=False)  # "router": declared on a Router
     publish_to: tuple[str, str] | None = None  # (exchange, routing_key) for the handler's results
+    exactly_once: bool = False  # the handler runs through the app's outbox's inbox (rabbitflow.sql)
 
     @property
     def handler_name(self) -> str:
@@ -111,6 +112,7 @@ def build_spec(
     breaker: object = None,
     decorator: str = "app",
     publish_to: object = None,
+    exactly_once: object = False,
 ) -> ConsumerSpec:
     """Validate the decorator's options into a spec; every problem is a ConfigError."""
     where = f"@{decorator}.consumer({queue!r})"
@@ -118,7 +120,7 @@ def build_spec(
         raise ConfigError(
             f"{where}: unknown option(s) {', '.join(sorted(unknown))}; known: exchange, "
             "exchange_type, routing_key, retries, delay, retry_on, dont_retry, queue_type, "
-            "prefetch, concurrency, handler_timeout, breaker, publish_to"
+            "prefetch, concurrency, handler_timeout, breaker, publish_to, exactly_once"
         )
     try:
         queue = check_queue("queue", queue)
@@ -135,6 +137,13 @@ def build_spec(
         if queue_type not in QUEUE_TYPES:
             raise ConfigError(f"queue_type={queue_type!r}: expected 'quorum' or 'classic'")
         policy = RetryPolicy.build(retries, delay, retry_on, dont_retry)
+        if not isinstance(exactly_once, bool):
+            raise ConfigError(f"exactly_once={exactly_once!r}: expected True or False")
+        if exactly_once and publish_to is not None:
+            raise ConfigError(
+                "exactly_once=True with publish_to: a return value would be published after "
+                "the transaction; stage onward messages with tx.publish(...) instead"
+            )
         return ConsumerSpec(
             queue=queue,
             handler=handler,
@@ -150,6 +159,7 @@ def build_spec(
             breaker=_breaker(breaker),
             decorator=decorator,
             publish_to=_publish_to(publish_to),
+            exactly_once=exactly_once,
         )
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None

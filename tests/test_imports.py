@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ),
     # the transports, the topology (pure planning, and applying a plan on a channel) and the
     # registry of an app's consumers that compiles it
-    ("rabbitflow.transport", "rabbitflow.topology", "rabbitflow.registry"),
+    ("rabbitflow.transport", "rabbitflow.topology", "rabbitflow.registry", "rabbitflow.sql"),
     # running a service, and the operators' walks over parking queues
     ("rabbitflow.middleware.base", "rabbitflow.runtime", "rabbitflow.parking"),
     # what users hold: the app, its admin, the middlewares and the HTTP endpoints

@@ -50,6 +50,7 @@ class Fate(StrEnum):
     HANDLED = "handled"  # the handler returned: acked
     RETRIED = "retried"  # failed, sent to its retry queue for attempt + 1
     PARKED = "parked"  # failed for good (or undecodable): sent to the parking queue
+    DUPLICATE = "duplicate"  # an exactly_once consumer had handled it before: acked, not handled
 
 
 @dataclass(frozen=True, slots=True)

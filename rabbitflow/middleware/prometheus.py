@@ -37,8 +37,8 @@ __all__ = ["HealthCollector", "PrometheusMiddleware"]
 
 BROKER = "rabbitmq"  # FastStream's `broker` label for its RabbitMQ broker
 
-# FastStream's ProcessingStatus values used here (its "skipped" has no rabbitflow counterpart).
-ACKED, NACKED, REJECTED, ERROR = "acked", "nacked", "rejected", "error"
+# FastStream's ProcessingStatus values; "skipped" is an exactly_once consumer's duplicate.
+ACKED, NACKED, REJECTED, ERROR, SKIPPED = "acked", "nacked", "rejected", "error", "skipped"
 # FastStream's default received-size buckets (bytes): 16 B to 16 MiB by powers of four.
 SIZE_BUCKETS = (*(2.0**n for n in range(4, 25, 2)), float("inf"))
 
@@ -75,7 +75,7 @@ class _Metrics:
         )
         self.processed = counter(
             "received_processed_messages_total",
-            "Deliveries whose fate is decided, by status (acked, nacked, rejected, error)",
+            "Deliveries whose fate is decided, by status (acked, nacked, rejected, error, skipped)",
             (*consumer, "status"),
         )
         self.processed_duration = Histogram(
@@ -149,6 +149,7 @@ class _Consumed:
         "rejected",
         "retries",
         "size",
+        "skipped",
     )
 
     def __init__(self, metrics: _Metrics, app_name: str, queue: str) -> None:
@@ -162,6 +163,7 @@ class _Consumed:
         self.nacked = metrics.processed.labels(*labels, NACKED)
         self.rejected = metrics.processed.labels(*labels, REJECTED)
         self.error = metrics.processed.labels(*labels, ERROR)
+        self.skipped = metrics.processed.labels(*labels, SKIPPED)
         self.exceptions: dict[type[BaseException], Any] = {}
         self.retries: dict[float, Any] = {}
         self.parked: dict[str, Any] = {}
@@ -294,6 +296,9 @@ class PrometheusMiddleware(Middleware):
         fate = outcome.fate
         if fate is Fate.HANDLED:
             consumed.acked.inc()
+            return
+        if fate is Fate.DUPLICATE:
+            consumed.skipped.inc()
             return
         exception = outcome.exception
         if exception is not None and not isinstance(exception, _CONTROL_FLOW):

@@ -23,7 +23,7 @@ from rabbitflow.errors import (
     DecodeError,
     TopologyConflict,
 )
-from rabbitflow.message import Message
+from rabbitflow.message import DUPLICATE, Message
 from rabbitflow.middleware.base import (
     Fate,
     Middleware,
@@ -271,12 +271,12 @@ class Consumer:
         try:
             if self._timeout is None:
                 result = await self._call(delivery, body, headers, attempt, message)
-                if result is not None:
+                if result is not None and result is not DUPLICATE:
                     await self._answers.send(delivery, result)
             else:
                 async with (scope := asyncio.timeout(self._timeout)):
                     result = await self._call(delivery, body, headers, attempt, message)
-                    if result is not None:
+                    if result is not None and result is not DUPLICATE:
                         await self._answers.send(delivery, result)
         except BaseException as exc:
             # Any exception of the handler's, BaseExceptions included, is a failed attempt; only
@@ -294,7 +294,7 @@ class Consumer:
         if self._switch is not None:
             self._switch.attempted(None)
         if message is not None:
-            self._settled(message, Fate.HANDLED)
+            self._settled(message, Fate.DUPLICATE if result is DUPLICATE else Fate.HANDLED)
 
     async def _call(
         self,

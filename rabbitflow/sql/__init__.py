@@ -5,10 +5,10 @@ PostgreSQL, aiosqlite for tests). `import rabbitflow` never imports this package
 docs/effectively-once.md says what it guarantees and what not.
 """
 
-from .inbox import Inbox as Inbox
-from .inbox import Verdict as Verdict
-from .outbox import Outbox as Outbox
-from .schema import schema_sql as schema_sql
-from .transaction import Transaction as Transaction
+from rabbitflow.sql.inbox import Inbox as Inbox
+from rabbitflow.sql.inbox import Verdict as Verdict
+from rabbitflow.sql.outbox import Outbox as Outbox
+from rabbitflow.sql.schema import schema_sql as schema_sql
+from rabbitflow.sql.transaction import Transaction as Transaction
 
 __all__ = ["Inbox", "Outbox", "Transaction", "Verdict", "schema_sql"]

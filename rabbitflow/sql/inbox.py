@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ..errors import ConfigError, Reject
-from ..message import Message
-from .schema import inbox_table
-from .transaction import Transaction
+from rabbitflow.errors import ConfigError, Reject, StateError
+from rabbitflow.message import DUPLICATE, Message
+from rabbitflow.sql.schema import inbox_table
+from rabbitflow.sql.transaction import Transaction
 
 if TYPE_CHECKING:
-    from .outbox import Outbox
+    from rabbitflow.sql.outbox import Outbox
 
-__all__ = ["Inbox", "MessageKey", "Verdict"]
+__all__ = ["Inbox", "MessageKey", "Verdict", "bind", "exactly_once"]
 
 log = logging.getLogger("rabbitflow.sql")
 
@@ -96,53 +96,74 @@ class Inbox:
             return Verdict.DUPLICATE
         return Verdict.HANDLED
 
-    def exactly_once(self, handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[None]]:
-        """Decorate a handler `async def h(body: T, tx: Transaction[, message: Message])` into a
-        rabbitflow handler `(body: T, message: Message)` that runs it through `attempt`, keyed by
-        the consumer's queue. Put it under `@app.consumer(...)`. Its return value is not published:
-        stage onward messages with `tx.publish`."""
-        name = getattr(handler, "__qualname__", repr(handler))
-        if not inspect.iscoroutinefunction(handler):
-            raise ConfigError(f"exactly_once {name}: the handler must be an `async def` function")
-        hints = typing.get_type_hints(handler)
-        params = list(inspect.signature(handler).parameters.values())
-        if not params:
-            raise ConfigError(f"exactly_once {name}: the first parameter receives the message body")
-        body = params[0]
-        tx_param = next((p.name for p in params[1:] if hints.get(p.name) is Transaction), None)
-        message_param = next((p.name for p in params[1:] if hints.get(p.name) is Message), None)
-        if tx_param is None:
-            raise ConfigError(
-                f"exactly_once {name}: add a parameter annotated `Transaction` "
-                "(from rabbitflow.sql import Transaction): the handler's database work goes through it"
-            )
-        attempt = self.attempt
+    def exactly_once(self, handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        """`exactly_once(handler)` bound to this inbox now (for use under `@app.consumer`)."""
+        wrapped = exactly_once(handler)
+        bind(wrapped, self)
+        return wrapped
 
-        @functools.wraps(handler)
-        async def consume(body: Any, message: Message) -> None:
-            async def call(tx: Transaction) -> None:
-                extra: dict[str, Any] = {tx_param: tx}
-                if message_param is not None:
-                    extra[message_param] = message
-                await handler(body, **extra)
 
-            await attempt(message.queue, message, call)
-
-        # What rabbitflow's signature check reads: the body's annotation and a Message parameter.
-        body_hint = hints.get(body.name, inspect.Parameter.empty)
-        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-        consume.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-            [
-                inspect.Parameter(body.name, kind, annotation=body_hint),
-                inspect.Parameter("message", kind, annotation=Message),
-            ],
-            return_annotation=None,
+def exactly_once(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Make a handler `async def h(body: T, tx: Transaction[, message: Message])` a rabbitflow
+    handler `(body: T, message: Message)` that runs it through an inbox's `attempt`, keyed by the
+    consumer's queue. `@app.consumer(..., exactly_once=True)` does this and binds the app's
+    outbox's inbox when the app starts. It returns `DUPLICATE` for a message handled before; the
+    handler's own return value is not published: stage onward messages with `tx.publish`."""
+    name = getattr(handler, "__qualname__", repr(handler))
+    if not inspect.iscoroutinefunction(handler):
+        raise ConfigError(f"exactly_once {name}: the handler must be an `async def` function")
+    hints = typing.get_type_hints(handler)
+    params = list(inspect.signature(handler).parameters.values())
+    if not params:
+        raise ConfigError(f"exactly_once {name}: the first parameter receives the message body")
+    body = params[0]
+    tx_param = next((p.name for p in params[1:] if hints.get(p.name) is Transaction), None)
+    message_param = next((p.name for p in params[1:] if hints.get(p.name) is Message), None)
+    if tx_param is None:
+        raise ConfigError(
+            f"exactly_once {name}: add a parameter annotated `Transaction` "
+            "(from rabbitflow.sql import Transaction): the handler's database work goes through it"
         )
-        consume.__annotations__ = {"message": Message, "return": None}
-        if body_hint is not inspect.Parameter.empty:
-            consume.__annotations__[body.name] = body_hint
-        del consume.__wrapped__  # the signature above is the one to read
-        return consume
+    bound: list[Inbox] = []
+
+    @functools.wraps(handler)
+    async def consume(body: Any, message: Message) -> Any:
+        if not bound:
+            raise StateError(
+                f"exactly_once {name}: no inbox: give the App an outbox (App(..., outbox=Outbox(engine)))"
+            )
+
+        async def call(tx: Transaction) -> None:
+            extra: dict[str, Any] = {tx_param: tx}
+            if message_param is not None:
+                extra[message_param] = message
+            await handler(body, **extra)
+
+        verdict = await bound[-1].attempt(message.queue, message, call)
+        return DUPLICATE if verdict is Verdict.DUPLICATE else None
+
+    # What rabbitflow's signature check reads: the body's annotation and a Message parameter.
+    body_hint = hints.get(body.name, inspect.Parameter.empty)
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    consume.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter(body.name, kind, annotation=body_hint),
+            inspect.Parameter("message", kind, annotation=Message),
+        ],
+        return_annotation=None,
+    )
+    consume.__annotations__ = {"message": Message, "return": None}
+    if body_hint is not inspect.Parameter.empty:
+        consume.__annotations__[body.name] = body_hint
+    del consume.__wrapped__  # the signature above is the one to read
+    consume.__rabbitflow_inbox__ = bound  # type: ignore[attr-defined]
+    return consume
+
+
+def bind(handler: Callable[..., Awaitable[Any]], inbox: Inbox) -> None:
+    """Point an `exactly_once` handler at `inbox` (the app's outbox's, when the app starts)."""
+    bound: list[Inbox] = handler.__rabbitflow_inbox__  # type: ignore[attr-defined]
+    bound[:] = [inbox]
 
 
 async def _record(session: AsyncSession, dialect: str, consumer: str, key: str) -> bool:

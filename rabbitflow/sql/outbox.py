@@ -20,11 +20,11 @@ from typing import Any
 from sqlalchemy import delete, func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from ..errors import ConfigError, StateError
-from .inbox import Inbox, MessageKey, message_id_key
-from .relay import Publisher, Relay
-from .schema import create_tables, inbox_table, outbox_table
-from .transaction import Transaction
+from rabbitflow.errors import ConfigError, StateError
+from rabbitflow.sql.inbox import Inbox, MessageKey, message_id_key
+from rabbitflow.sql.relay import Publisher, Relay
+from rabbitflow.sql.schema import create_tables, inbox_table, outbox_table
+from rabbitflow.sql.transaction import Transaction
 
 __all__ = ["Outbox"]
 

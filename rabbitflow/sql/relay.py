@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from sqlalchemy import Row, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .schema import NOTIFY_CHANNEL, outbox_table
+from rabbitflow.sql.schema import NOTIFY_CHANNEL, outbox_table
 
 __all__ = ["Publisher", "Relay"]
 

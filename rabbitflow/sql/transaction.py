@@ -12,9 +12,9 @@ import orjson
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ..codec import encode
-from ..errors import UnencodableMessage
-from .schema import outbox_table
+from rabbitflow.codec import encode
+from rabbitflow.errors import UnencodableMessage
+from rabbitflow.sql.schema import outbox_table
 
 __all__ = ["Staged", "Transaction"]
 
