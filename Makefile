@@ -4,12 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-unit test-fast lint typecheck bench docs broker cluster-up cluster-down clean chaos
+.PHONY: run test test-unit test-fast lint typecheck bench docs broker cluster-up cluster-down clean chaos ledger postgres
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,docs]'
+	$(BIN)/pip install -q -e '.[dev,docs,sql]'
 	@# tests/test_docs.py renders the site in headless Chromium (installed like the broker: as root)
 	command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
@@ -33,7 +33,8 @@ typecheck: $(STAMP)
 # target starts beside the default broker and stops again afterwards.
 test: $(STAMP) broker lint typecheck
 	scripts/cluster.sh start
-	$(BIN)/python -m pytest -p no:cacheprovider; status=$$?; scripts/cluster.sh stop; exit $$status
+	scripts/postgres.sh start
+	$(BIN)/python -m pytest -p no:cacheprovider; status=$$?; scripts/postgres.sh stop; scripts/cluster.sh stop; exit $$status
 
 # The tests that need no broker, alone, in seconds.
 test-unit: $(STAMP)
@@ -58,6 +59,15 @@ docs: $(STAMP)
 # cluster when it does not run (and stops it after); fails when the ledger finds a lost or stuck message.
 chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos.runner
+
+# The effectively-once ledger (docs/reliability.md): exactly_once workers SIGKILLed between commit
+# and ack and mid-relay for LEDGER_MINUTES (10) and LEDGER_INPUTS (20000); --seed repeats a run.
+ledger: $(STAMP) broker
+	scripts/postgres.sh start
+	$(BIN)/python -m tests.sql.ledger --minutes $(or $(LEDGER_MINUTES),10) --inputs $(or $(LEDGER_INPUTS),20000); s=$$?; scripts/postgres.sh stop; exit $$s
+
+postgres:
+	scripts/postgres.sh start
 
 cluster-up:
 	scripts/cluster.sh start

@@ -15,6 +15,7 @@ from pathlib import Path
 from rabbitflow import __version__, names
 from rabbitflow.app import App
 from rabbitflow.cli.parked import add_parked
+from rabbitflow.cli.sql import add_sql
 from rabbitflow.cli.workers import WORKER_ENV, Supervisor
 from rabbitflow.errors import ConfigError, RabbitflowError
 from rabbitflow.topology.render import render
@@ -344,6 +345,7 @@ def parser() -> argparse.ArgumentParser:
     topo.set_defaults(handler=_topology)
 
     add_parked(commands, load_app, LEVELS)
+    add_sql(commands)
     return top
 
 
