@@ -493,6 +493,9 @@ async def _run_latency(runner: Runner, case: Case) -> Results:
     """Each contender consumes while the C producer offers a fixed rate; one fresh pair of
     processes per measurement, contenders interleaved and rotated as in the other scenarios."""
     units = [c for c in runner.contenders if c.error is None and c.supports("latency")]
+    # A contender that fell behind at a lower load falls further behind at a higher one: its latency
+    # there is the length of the run, not worth the minutes it takes to measure.
+    units = [c for c in units if c.name not in runner.behind or case.offered is not None]
     results: Results = {(c.name, ""): [] for c in units}
     producer = runner.by_name.get(CEILING)
     if producer is None or producer.argv is None:
@@ -541,7 +544,14 @@ async def _run_latency(runner: Runner, case: Case) -> Results:
                 results[(c.name, "")].append(m)
     for name in dead:
         results[(name, "")] = []
+    for (name, _), ms in results.items():
+        handled = [m.data.get("steady_rate") or 0.0 for m in ms]
+        if handled and statistics.median(handled) < KEPT_UP * case.offered:
+            runner.behind.setdefault(name, case.label)
     return results
+
+
+KEPT_UP = 0.97  # latency: handled at least this share of the offered rate
 
 
 register(
@@ -827,6 +837,7 @@ class Runner:
         self.probe = Probe()
         self.runner_errors: list[str] = []
         self._c_rate: float | None = None  # latency: the C client's steady consume rate
+        self.behind: dict[str, str] = {}  # latency: contender -> the case where it fell behind
 
     # -- logging -----------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -1425,6 +1436,11 @@ class Runner:
             if not ms:
                 if c.error is None and not c.supports("latency"):
                     continue
+                if (c.name, "") not in res and c.name in self.behind:
+                    lines.append(
+                        f"| {c.name} | not run: fell behind at {self.behind[c.name]} | | | | | | | |"
+                    )
+                    continue
                 lines.append(
                     f"| {c.name} | {self.unit_status(case.label, c.name, 'latency')} | | | | | | | |"
                 )
@@ -1438,7 +1454,7 @@ class Runner:
                 return statistics.median(float(m.data["producer"].get(key) or 0.0) for m in ms)
 
             handled = med("steady_rate") or 0.0
-            kept = "yes" if handled >= 0.97 * offered else "**no**"
+            kept = "yes" if handled >= KEPT_UP * offered else "**no**"
             cpu = med("cpu_us_per_msg")
             pcts = " | ".join(fmt_us(med(k)) for k in ("p50_us", "p99_us", "p999_us", "max_us"))
             lines.append(
