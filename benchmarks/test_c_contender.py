@@ -24,6 +24,10 @@ sys.path.insert(0, str(BENCH))
 import benchlib  # noqa: E402
 import run  # noqa: E402
 
+# Outside tests/ (no conftest) pytest-asyncio leaves an event loop of its own unclosed, which
+# pyproject's filterwarnings=error turns into a failure of whichever test runs next.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 
 @pytest.fixture(scope="module")
 def binary() -> Path:
@@ -65,11 +69,11 @@ def test_describe_lists_its_scenarios(binary: Path) -> None:
     assert info["import_module"] is None
 
 
-def test_consume_acks_every_message_and_reports_rate_and_cpu(binary: Path) -> None:
+async def test_consume_acks_every_message_and_reports_rate_and_cpu(binary: Path) -> None:
     def consume(queue: str) -> dict[str, Any]:
         return _run([str(binary), "consume", "--n", "2000", "--queue", queue, "--queue-type", "classic"])
 
-    result, depth = asyncio.run(_with_queue(2000, consume))
+    result, depth = await _with_queue(2000, consume)
     assert depth == (0, 0)  # all 2,000 acked, consumer gone
     assert result["rate"] > 0
     assert result["steady_rate"] > 0
@@ -77,16 +81,16 @@ def test_consume_acks_every_message_and_reports_rate_and_cpu(binary: Path) -> No
     assert result["clock"]["start"] <= result["clock"]["first"] <= result["clock"]["end"]
 
 
-def test_mixed_acks_the_sleeping_deliveries_too(binary: Path) -> None:
+async def test_mixed_acks_the_sleeping_deliveries_too(binary: Path) -> None:
     def mixed(queue: str) -> dict[str, Any]:
         return _run([str(binary), "mixed", "--n", "1500", "--queue", queue])
 
-    result, depth = asyncio.run(_with_queue(1500, mixed))
+    result, depth = await _with_queue(1500, mixed)
     assert depth == (0, 0)
     assert result["seconds"] >= benchlib.SLOW_SECONDS  # id 1000 slept its 100 ms before the last ack
 
 
-def test_paced_producer_and_latency_consumer(binary: Path) -> None:
+async def test_paced_producer_and_latency_consumer(binary: Path) -> None:
     def both(queue: str) -> tuple[dict[str, Any], dict[str, Any]]:
         env = {**os.environ, "BENCH_AMQP_URL": benchlib.AMQP_URL}
         consumer = subprocess.Popen(
@@ -100,7 +104,7 @@ def test_paced_producer_and_latency_consumer(binary: Path) -> None:
         assert consumer.returncode == 0
         return producer, json.loads(out)
 
-    (producer, consumer), depth = asyncio.run(_with_queue(0, both))
+    (producer, consumer), depth = await _with_queue(0, both)
     assert depth == (0, 0)
     assert 1500 < producer["rate"] < 2100  # paced: 1,000 messages take about half a second
     assert consumer["lat_n"] == 900  # the first 10% left out
