@@ -45,8 +45,12 @@ test-fast: $(STAMP) broker
 	$(BIN)/python -m pytest -m "not cluster" -x -q
 
 # The peers (FastStream) and matplotlib for the chart; the failover scenario starts the cluster.
+# The C contender (the ceiling, and the latency scenario's producer) needs librabbitmq's headers.
 bench: $(STAMP) broker
 	$(BIN)/pip install -q -r benchmarks/requirements.txt
+	test -f /usr/include/amqp.h || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq librabbitmq-dev >/dev/null; } \
+	  || echo "note: no librabbitmq-dev; the C contender will be reported as failed: apt-get install librabbitmq-dev"
 	$(BIN)/python benchmarks/run.py --out docs/benchmarks.md
 
 # The site into site/ (offline: Mermaid is vendored in docs/assets/javascripts); the hook in

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import resource
 import sys
@@ -58,6 +59,40 @@ async def mixed_handler(body: dict[str, Any]) -> None:
     """The mixed scenario's user handler, the same function for every contender."""
     if body["id"] % SLOW_EVERY == 0:
         await asyncio.sleep(SLOW_SECONDS)
+
+
+# latency: the paced C producer (contenders/c) stamps "sent_ns", CLOCK_REALTIME in ns, into each
+# body; the handler's first act is to take time.time_ns() (also CLOCK_REALTIME) minus that stamp.
+LATENCY_SKIP = 0.1  # the first 10% (connection, first prefetch window) are left out
+
+
+def percentile(sorted_xs: list[int], p: float) -> int:
+    """Nearest-rank percentile of an ascending list (the C contender uses the same rule)."""
+    k = min(len(sorted_xs), max(1, math.ceil(p * len(sorted_xs) - 1e-9)))
+    return sorted_xs[k - 1]
+
+
+class Latencies:
+    """Publish -> handler start, per message, in ns; ``handler`` is the latency scenario's handler."""
+
+    def __init__(self, n: int) -> None:
+        self.xs: list[int] = []
+        self.n = n
+
+    async def handler(self, body: dict[str, Any]) -> None:
+        self.xs.append(time.time_ns() - body["sent_ns"])
+
+    def summary(self) -> dict[str, Any]:
+        xs = sorted(self.xs[int(len(self.xs) * LATENCY_SKIP) :])
+        if not xs:
+            return {"lat_n": 0}
+        return {
+            "lat_n": len(xs),
+            "p50_us": percentile(xs, 0.5) / 1e3,
+            "p99_us": percentile(xs, 0.99) / 1e3,
+            "p999_us": percentile(xs, 0.999) / 1e3,
+            "max_us": xs[-1] / 1e3,
+        }
 
 
 def queue_arguments(queue_type: str) -> dict[str, Any]:

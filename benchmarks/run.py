@@ -58,9 +58,15 @@ sys.path.insert(0, str(BENCH_DIR))
 import benchlib  # noqa: E402
 
 BASELINE = "aiormq_raw"
-CONTENDER_ORDER = ["aiormq_raw", "aiormq_batched", "aio_pika", "faststream", "rabbitflow"]
-# Not in a default run: rabbitflow with middleware (`--contenders aiormq_raw,rabbitflow,rabbitflow_seam,...`).
-VARIANTS = ["rabbitflow_seam", "rabbitflow_prometheus", "rabbitflow_otel"]
+CONTENDER_ORDER = ["c_librabbitmq", "aiormq_raw", "aiormq_batched", "aio_pika", "faststream", "rabbitflow"]
+# Not in a default run: rabbitflow with middleware (`--contenders aiormq_raw,rabbitflow,rabbitflow_seam,...`),
+# and on uvloop (rabbitflow_uvloop: `pip install uvloop`).
+VARIANTS = ["rabbitflow_seam", "rabbitflow_prometheus", "rabbitflow_otel", "rabbitflow_uvloop"]
+# Contenders in C, built here from benchmarks/contenders/c/<name>.c (Debian: librabbitmq-dev). The C
+# client is the ceiling: what one single-threaded client on this machine gets out of the broker.
+NATIVE = {"c_librabbitmq": ["-lrabbitmq"]}
+CEILING = "c_librabbitmq"
+BUILD_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rabbitflow-bench"
 PEERS_PYTHON = ROOT / ".venv-bench-peers" / "bin" / "python"
 
 
@@ -96,6 +102,10 @@ class Config:
     queue_types: tuple[str, ...] = ("classic", "quorum")  # consume, mixed
     publish_queue_types: tuple[str, ...] = ("classic", "quorum")
     retry_queue_types: tuple[str, ...] = ("classic", "quorum")
+    latency_loads: tuple[float, ...] = (0.25, 0.5, 0.8)  # of the C client's consume rate
+    latency_rates: tuple[float, ...] = ()  # fixed offered rates (msg/s) instead of loads
+    latency_seconds: float = 3.0  # producing time per measurement
+    latency_rounds: int = 3
 
 
 # Sized for a 2-core machine: --quick ~2 minutes, full ~10 minutes (when nothing else runs; mixed
@@ -111,6 +121,8 @@ QUICK: dict[str, Any] = {
     "import_rounds": 3,
     "publish_queue_types": ("classic",),
     "retry_queue_types": ("classic",),
+    "latency_seconds": 1.5,
+    "latency_rounds": 2,
 }
 FULL: dict[str, Any] = {
     "rounds": 5,
@@ -123,6 +135,8 @@ FULL: dict[str, Any] = {
     "import_rounds": 15,
     "publish_queue_types": ("classic", "quorum"),
     "retry_queue_types": ("classic", "quorum"),
+    "latency_seconds": 3.0,
+    "latency_rounds": 3,
 }
 
 
@@ -137,6 +151,11 @@ class Contender:
     python: str
     info: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    argv: list[str] | None = None  # a native contender's command (else: python script)
+
+    @property
+    def command(self) -> list[str]:
+        return self.argv or [self.python, str(self.script)]
 
     @property
     def scenarios(self) -> list[str]:
@@ -158,13 +177,37 @@ class Contender:
         return qs, xs
 
 
+def build_native(name: str) -> Path:
+    """The C contender's binary, compiled with the system compiler (`$CC`, else cc) into BUILD_DIR
+    when it is missing or older than its source. Raises RuntimeError with the compiler's output."""
+    src = BENCH_DIR / "contenders" / "c" / f"{name}.c"
+    binary = BUILD_DIR / name
+    if binary.exists() and binary.stat().st_mtime >= src.stat().st_mtime:
+        return binary
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = binary.with_name(f".{name}.{os.getpid()}")
+    cmd = [os.environ.get("CC", "cc"), "-O2", "-Wall", "-o", str(tmp), str(src), *NATIVE[name]]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except OSError as exc:
+        raise RuntimeError(f"cannot run the C compiler: {exc!r}") from None
+    if p.returncode != 0:
+        hint = " (Debian: apt-get install librabbitmq-dev)" if "amqp" in p.stderr else ""
+        raise RuntimeError(f"build failed{hint}: {tail(p.stderr)}")
+    tmp.replace(binary)
+    return binary
+
+
 def load_contenders(names: list[str]) -> list[Contender]:
     out = []
     for name in names:
         c = Contender(name, BENCH_DIR / "contenders" / f"{name}.py", _python_for(name))
         try:
+            if name in NATIVE:
+                c.script = build_native(name)
+                c.argv = [str(c.script)]
             p = subprocess.run(
-                [c.python, str(c.script), "--describe"],
+                [*c.command, "--describe"],
                 capture_output=True,
                 text=True,
                 cwd=ROOT,
@@ -198,6 +241,8 @@ class Case:
     variants: tuple[str, ...] = ("",)  # e.g. retry: ("all_ok", "fail_once"), interleaved like contenders
     rounds: int = 5
     warmup: int = 1
+    load: float | None = None  # latency: offered load as a share of the C client's consume rate
+    offered: float | None = None  # latency: offered msg/s (fixed by --latency-rates, or from `load`)
 
 
 @dataclass
@@ -424,6 +469,123 @@ register(
         baseline=None,
     )
 )
+
+
+def _latency_cases(cfg: Config) -> list[Case]:
+    def case(label: str, load: float | None, offered: float | None) -> Case:
+        return Case(
+            "latency",
+            label,
+            0,
+            "classic",
+            rounds=cfg.latency_rounds,
+            warmup=cfg.warmup,
+            load=load,
+            offered=offered,
+        )
+
+    if cfg.latency_rates:
+        return [case(f"latency/classic/{r:,.0f} msg/s", None, r) for r in cfg.latency_rates]
+    return [case(f"latency/classic/{load:.0%}", load, None) for load in cfg.latency_loads]
+
+
+async def _run_latency(runner: Runner, case: Case) -> Results:
+    """Each contender consumes while the C producer offers a fixed rate; one fresh pair of
+    processes per measurement, contenders interleaved and rotated as in the other scenarios."""
+    units = [c for c in runner.contenders if c.error is None and c.supports("latency")]
+    # A contender that fell behind at a lower load falls further behind at a higher one: its latency
+    # there is the length of the run, not worth the minutes it takes to measure.
+    units = [c for c in units if c.name not in runner.behind or case.offered is not None]
+    results: Results = {(c.name, ""): [] for c in units}
+    producer = runner.by_name.get(CEILING)
+    if producer is None or producer.argv is None:
+        try:
+            producer_bin = build_native(CEILING)
+        except RuntimeError as exc:
+            for c in units:
+                runner.failures[(case.label, c.name)] = f"no paced producer: {exc}"
+            return {}
+    else:
+        producer_bin = Path(producer.argv[0])
+    if case.offered is None:
+        capacity = await runner.c_consume_rate()
+        if capacity is None:
+            for c in units:
+                runner.failures[(case.label, c.name)] = "the C client's consume rate could not be measured"
+            return {}
+        case.offered = (case.load or 1.0) * capacity
+    case.n = max(1_000, int(case.offered * runner.cfg.latency_seconds))
+    runner.log(f"{case.label}: offering {case.offered:,.0f} msg/s, N = {case.n:,}")
+    dead: set[str] = set()
+    for rnd in range(case.warmup + case.rounds):
+        k = rnd % len(units) if units else 0
+        tag = "warm-up" if rnd < case.warmup else f"round {rnd - case.warmup + 1}/{case.rounds}"
+        for c in units[k:] + units[:k]:
+            if c.name in dead:
+                continue
+            m = await runner.measure_latency(case, c, producer_bin, rnd)
+            if m.runner_error:
+                runner.runner_errors.append(f"{case.label} {tag} {c.name}: {m.error}")
+                runner.log(f"{case.label} {tag} {c.name}: SKIPPED, {m.error}")
+                continue
+            if not m.ok:
+                dead.add(c.name)
+                runner.failures[(case.label, c.name)] = m.error
+                runner.log(f"{case.label} {tag} {c.name}: FAILED: {m.error}")
+                continue
+            d = m.data
+            bg = d.get("bg_cores", 0.0)
+            note = f"   (background CPU {bg:.2f} cores)" if bg > Probe.QUIET else ""
+            runner.log(
+                f"{case.label} {tag} {c.name}: p50 {fmt_us(d['p50_us'])}, p99 {fmt_us(d['p99_us'])}, "
+                f"p99.9 {fmt_us(d['p999_us'])}; handled {d.get('steady_rate', 0):,.0f} msg/s{note}"
+            )
+            if rnd >= case.warmup:
+                results[(c.name, "")].append(m)
+    for name in dead:
+        results[(name, "")] = []
+    for (name, _), ms in results.items():
+        handled = [m.data.get("steady_rate") or 0.0 for m in ms]
+        if handled and statistics.median(handled) < KEPT_UP * case.offered:
+            runner.behind.setdefault(name, case.label)
+    return results
+
+
+KEPT_UP = 0.97  # latency: handled at least this share of the offered rate
+
+
+register(
+    Scenario(
+        name="latency",
+        title="End-to-end latency at a fixed offered load",
+        description="A paced producer in C (`contenders/c`, librabbitmq; it sleeps until the next message is "
+        "due and sends what is due, persistent ~256 B JSON without confirms, so it is never what limits "
+        "the rate) publishes to a classic queue at a fixed rate (a share of the C client's consume rate, the "
+        "steady msg/s of its consume/classic runs, measured first when this run has none) while the "
+        "contender consumes it (prefetch 256, ack after the handler). Each body carries `sent_ns`, "
+        "CLOCK_REALTIME in ns taken just before its publish; the handler's first act takes the time again "
+        "(`time.time_ns()`; in C "
+        "`clock_gettime(CLOCK_REALTIME)`): latency = publish → handler start, through the broker. The first "
+        "10% of the messages (connection, first prefetch window) are left out. Percentiles per run (nearest "
+        'rank), then the median over the rounds. "kept up" = the contender handled the messages at '
+        "≥ 97% of the offered rate; one that did not fell behind, its queue grew, and its latency grew with "
+        "the run's length, not with its per-message cost.",
+        metric="p99_us",
+        unit="µs",
+        higher_is_better=False,
+        cases=_latency_cases,
+        consumes=True,
+        run=_run_latency,
+        render=lambda runner, case, res: runner.render_latency(case, res),
+        baseline=None,
+    )
+)
+
+
+def fmt_us(v: float | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v / 1000:,.1f} ms" if v >= 10_000 else f"{v:,.0f} µs"
 
 
 # ---------------------------------------------------------------------------
@@ -674,6 +836,8 @@ class Runner:
         self.t_start = time.monotonic()
         self.probe = Probe()
         self.runner_errors: list[str] = []
+        self._c_rate: float | None = None  # latency: the C client's steady consume rate
+        self.behind: dict[str, str] = {}  # latency: contender -> the case where it fell behind
 
     # -- logging -----------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -685,8 +849,7 @@ class Runner:
         self, c: Contender, case: Case, variant: str, queue: str, phase: str = "run"
     ) -> Measurement:
         cmd = [
-            c.python,
-            str(c.script),
+            *c.command,
             case.scenario,
             "--phase",
             phase,
@@ -702,28 +865,37 @@ class Runner:
             str(self.cfg.window),
             "--app-name",
             self.app_name,
-            "--url",
-            benchlib.AMQP_URL,
         ]
         if variant:
             cmd += ["--mode", variant]
         # hang guard only (never a judgement on speed): generous for a slow contender
-        watchdog = 60.0 + case.n / 200.0
+        return await self.run_argv(cmd, 60.0 + case.n / 200.0)
+
+    async def run_argv(self, cmd: list[str], watchdog: float) -> Measurement:
+        """One process that prints its result as a JSON line; killed when it hangs (or when the
+        caller is cancelled: never left running)."""
         with tempfile.TemporaryFile() as errf:
+            # the broker's URL (and its password) by environment, never on a command line
             proc = await asyncio.create_subprocess_exec(
-                *cmd, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=errf
+                *cmd,
+                cwd=ROOT,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=errf,
+                env={**os.environ, "BENCH_AMQP_URL": benchlib.AMQP_URL},
             )
             try:
                 out, _ = await asyncio.wait_for(proc.communicate(), watchdog)
             except TimeoutError:
-                proc.kill()
-                await proc.wait()
                 errf.seek(0)
                 return Measurement(
                     False,
                     error=f"no result after {watchdog:.0f}s (killed); "
                     + tail(errf.read().decode(errors="replace")),
                 )
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
             errf.seek(0)
             err = errf.read().decode(errors="replace")
         if proc.returncode != 0:
@@ -882,6 +1054,106 @@ class Runner:
             if vals:
                 self.log(f"import {name} ({code}): median {statistics.median(vals) * 1000:.0f} ms")
         return results
+
+    # -- latency scenario --------------------------------------------------------
+    async def c_consume_rate(self) -> float | None:
+        """The C client's steady consume rate on a classic queue: from this run's consume/classic
+        case when it has one, else measured now (1 warm-up + 2 runs, N = 20,000)."""
+        if self._c_rate is not None:
+            return self._c_rate
+        got = self.results.get("consume/classic")
+        ms = got[1].get((CEILING, ""), []) if got else []
+        if not ms:
+            c = self.by_name.get(CEILING)
+            if c is None:
+                try:
+                    binary = build_native(CEILING)
+                except RuntimeError as exc:
+                    self.log(f"latency: no C client: {exc}")
+                    return None
+                c = Contender(CEILING, binary, sys.executable, argv=[str(binary)])
+            case = Case("consume", "latency calibration", 20_000, queue_type="classic")
+            for rnd in range(3):
+                m = await self.measure(SCENARIOS["consume"], case, c, "", rnd)
+                if m.ok and rnd:
+                    ms.append(m)
+        rates = [m.data["steady_rate"] for m in ms if m.data.get("steady_rate")]
+        if not rates:
+            return None
+        self._c_rate = statistics.median(rates)
+        self.log(f"latency: the C client consumes {self._c_rate:,.0f} msg/s (steady, classic)")
+        return self._c_rate
+
+    async def measure_latency(self, case: Case, c: Contender, producer: Path, rnd: int) -> Measurement:
+        queue = f"{self.prefix}.latency.{c.name}.{rnd}.{secrets.token_hex(2)}"
+        queues, exchanges = c.cleanup_names(queue, self.app_name)
+        try:
+            return await self._measure_latency(case, c, producer, queue, queues)
+        except Exception as exc:
+            return Measurement(False, error=f"runner: {exc!r}", runner_error=True)
+        finally:
+            try:
+                await self.admin.delete_queues(queues)
+                await self.admin.delete_exchanges(exchanges)
+            except Exception as exc:
+                self.log(f"cleanup of {queue} failed: {exc!r}")
+
+    async def _measure_latency(
+        self, case: Case, c: Contender, producer: Path, queue: str, queues: list[str]
+    ) -> Measurement:
+        sc = SCENARIOS["latency"]
+        if c.declares_own_queue:
+            m = await self.run_contender(c, case, "", queue, phase="declare")
+            if not m.ok:
+                return Measurement(False, error="declare phase: " + m.error)
+        else:
+            await self.admin.declare(queue, case.queue_type)
+        await self.probe.settle()
+        s0 = self.probe.snapshot()
+        consumer = asyncio.create_task(self.run_contender(c, case, "", queue))
+        try:
+            deadline = time.monotonic() + 60.0
+            while True:  # the producer starts once the contender's consumer is attached
+                if consumer.done():
+                    m = consumer.result()
+                    return Measurement(False, error="exited before consuming: " + (m.error or "?"))
+                got = await self.admin.depth(queue)
+                if got is not None and got[1] >= 1:
+                    break
+                if time.monotonic() > deadline:
+                    return Measurement(False, error="no consumer attached after 60 s")
+                await asyncio.sleep(0.01)
+            cmd = [
+                str(producer),
+                "produce",
+                "--queue",
+                queue,
+                "--n",
+                str(case.n),
+                "--rate",
+                f"{case.offered:.3f}",
+            ]
+            p = await self.run_argv(cmd, 60.0 + case.n / 200.0)
+            if not p.ok:
+                return Measurement(False, error="producer: " + p.error, runner_error=True)
+            m = await consumer
+        finally:
+            if not consumer.done():
+                consumer.cancel()  # run_argv kills the process
+                with contextlib.suppress(asyncio.CancelledError):
+                    await consumer
+        if not m.ok:
+            return m
+        cpu = float(m.data.get("cpu_total_s", 0.0)) + float(p.data.get("cpu_total_s", 0.0))
+        m.data.update(self.probe.account(s0, cpu))
+        m.data["offered_rate"] = case.offered
+        m.data["producer"] = {
+            k: p.data.get(k) for k in ("rate", "lag_mean_us", "lag_max_us", "cpu_us_per_msg")
+        }
+        problem = await self.verify(sc, case, queue, queues)
+        if problem:
+            return Measurement(False, m.data, error="check failed: " + problem)
+        return m
 
     # -- driver ----------------------------------------------------------------
     async def run(self) -> None:
@@ -1148,6 +1420,49 @@ class Runner:
             )
         return lines
 
+    def render_latency(self, case: Case, res: Results) -> list[str]:
+        offered = case.offered or 0.0
+        lines = [
+            f"Offered: {offered:,.0f} msg/s"
+            + (f" ({case.load:.0%} of the C client's steady consume rate)" if case.load else "")
+            + f" for {self.cfg.latency_seconds:g} s.",
+            "",
+            "| contender | p50 | p99 | p99.9 | max | handled msg/s | kept up | client CPU/msg "
+            "| producer lag (mean / max) |",
+            "|---|---:|---:|---:|---:|---:|:---:|---:|---:|",
+        ]
+        for c in self.contenders:
+            ms = res.get((c.name, ""))
+            if not ms:
+                if c.error is None and not c.supports("latency"):
+                    continue
+                if (c.name, "") not in res and c.name in self.behind:
+                    lines.append(
+                        f"| {c.name} | not run: fell behind at {self.behind[c.name]} | | | | | | | |"
+                    )
+                    continue
+                lines.append(
+                    f"| {c.name} | {self.unit_status(case.label, c.name, 'latency')} | | | | | | | |"
+                )
+                continue
+
+            def med(key: str, ms: list[Measurement] = ms) -> float | None:
+                vals = [float(m.data[key]) for m in ms if m.data.get(key) is not None]
+                return statistics.median(vals) if vals else None
+
+            def prod(key: str, ms: list[Measurement] = ms) -> float:
+                return statistics.median(float(m.data["producer"].get(key) or 0.0) for m in ms)
+
+            handled = med("steady_rate") or 0.0
+            kept = "yes" if handled >= KEPT_UP * offered else "**no**"
+            cpu = med("cpu_us_per_msg")
+            pcts = " | ".join(fmt_us(med(k)) for k in ("p50_us", "p99_us", "p999_us", "max_us"))
+            lines.append(
+                f"| {c.name} | {pcts} | {handled:,.0f} | {kept} | {'' if cpu is None else f'{cpu:.0f} µs'} | "
+                f"{fmt_us(prod('lag_mean_us'))} / {fmt_us(prod('lag_max_us'))} |"
+            )
+        return lines
+
     def markdown(self, machine: dict[str, str], command: str, chart: str | None) -> str:
         cfg = self.cfg
         out = ["# Benchmarks", ""]
@@ -1172,9 +1487,11 @@ class Runner:
         out.append(
             f'"cost vs {BASELINE}" is the contender\'s time per message (or seconds, or KiB) divided by the '
             f"baseline's: 1.00× = as cheap as a hand-written aiormq loop, 2.00× = twice the cost. "
-            "`aiormq_batched` acks every 64th message with `multiple=True`, which no ack-after-handler "
-            "framework "
-            'does: it is the client ceiling, not a peer. Other columns (medians): "steady msg/s" = (N-1) / '
+            f"`{CEILING}` is the same workload in C on librabbitmq (one basic.ack per message, "
+            "single-threaded): the ceiling, what one client gets out of this broker on this machine, not a "
+            "peer. `aiormq_batched` acks every 64th message with `multiple=True`, which no ack-after-handler "
+            "framework does: it is the Python client ceiling, not a peer. "
+            'Other columns (medians): "steady msg/s" = (N-1) / '
             "time from the first to the N-th handled message, i.e. without connection and topology set-up; "
             '"1st msg" = time from starting the consumer (connection included) to the first handled '
             'message; "client CPU/msg" = the contender process\'s CPU time (user+sys) over the timed section '
@@ -1253,7 +1570,12 @@ class Runner:
         for i, name in enumerate(names):
             xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(labels))]
             ys = [ratios[lbl].get(name, 0.0) for lbl in labels]
-            bars = ax.bar(xs, ys, width, label=name)
+            if name == CEILING:  # the ceiling: grey and hatched, so it does not read as a peer
+                bars = ax.bar(
+                    xs, ys, width, label=f"{name} (C, ceiling)", color="0.75", hatch="//", edgecolor="0.35"
+                )
+            else:
+                bars = ax.bar(xs, ys, width, label=name)
             for b, y in zip(bars, ys, strict=False):
                 if y:
                     ax.annotate(
@@ -1389,6 +1711,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="for consume, mixed, publish and retry (default classic,quorum; --quick: publish and retry "
         "classic only)",
     )
+    p.add_argument(
+        "--latency-loads",
+        help="latency: offered loads as shares of the C client's consume rate (default 0.25,0.5,0.8)",
+    )
+    p.add_argument("--latency-rates", help="latency: fixed offered rates in msg/s instead (e.g. 2000,5000)")
+    p.add_argument("--latency-seconds", type=float, help="latency: producing time per measurement")
     p.add_argument("--out", type=Path, help="write the markdown report here (and a PNG chart next to it)")
     a = p.parse_args(argv)
     d = QUICK if a.quick else FULL
@@ -1422,7 +1750,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
         queue_types=qts or ("classic", "quorum"),
         publish_queue_types=qts or d["publish_queue_types"],
         retry_queue_types=qts or d["retry_queue_types"],
+        latency_loads=_floats(a.latency_loads) or (0.25, 0.5, 0.8),
+        latency_rates=_floats(a.latency_rates),
+        latency_seconds=a.latency_seconds or d["latency_seconds"],
+        latency_rounds=a.rounds or d["latency_rounds"],
     )
+
+
+def _floats(text: str | None) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip()) if text else ()
 
 
 def main(argv: list[str] | None = None) -> int:

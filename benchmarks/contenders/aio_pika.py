@@ -32,14 +32,17 @@ async def handler(body: Any) -> None:
     """The user's handler: does no work."""
 
 
-async def _consume(args: argparse.Namespace, rss: bool, mixed: bool = False) -> dict[str, Any]:
+async def _consume(
+    args: argparse.Namespace, rss: bool, mixed: bool = False, latency: bool = False
+) -> dict[str, Any]:
     import aio_pika
     import orjson
 
     sampler = benchlib.RssSampler() if rss else None
     counter = benchlib.Counter(args.n, on_warm=sampler.mark_warm if sampler else None)
     loads = orjson.loads
-    handle = benchlib.mixed_handler if mixed else handler
+    lat = benchlib.Latencies(args.n) if latency else None
+    handle = lat.handler if lat else benchlib.mixed_handler if mixed else handler
     if sampler:
         sampler.start()
 
@@ -63,6 +66,8 @@ async def _consume(args: argparse.Namespace, rss: bool, mixed: bool = False) -> 
     await conn.close()
     if sampler:
         result.update(await sampler.stop())
+    if lat:
+        result.update(lat.summary())
     return result
 
 
@@ -76,6 +81,10 @@ async def rss(args: argparse.Namespace) -> dict[str, Any]:
 
 async def mixed(args: argparse.Namespace) -> dict[str, Any]:
     return await _consume(args, rss=False, mixed=True)
+
+
+async def latency(args: argparse.Namespace) -> dict[str, Any]:
+    return await _consume(args, rss=False, latency=True)
 
 
 async def publish(args: argparse.Namespace) -> dict[str, Any]:
@@ -109,7 +118,7 @@ async def publish(args: argparse.Namespace) -> dict[str, Any]:
 if __name__ == "__main__":
     benchlib.contender_main(
         "aio_pika",
-        {"consume": consume, "mixed": mixed, "publish": publish, "rss": rss},
+        {"consume": consume, "latency": latency, "mixed": mixed, "publish": publish, "rss": rss},
         import_module="aio_pika",
         notes="connect_robust; async with message.process() (ack after handler)",
     )

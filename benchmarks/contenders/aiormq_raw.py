@@ -47,7 +47,9 @@ async def handler(body: Any) -> None:
     """The user's handler: does no work."""
 
 
-async def _consume(args: argparse.Namespace, batched: bool, rss: bool, mixed: bool = False) -> dict[str, Any]:
+async def _consume(
+    args: argparse.Namespace, batched: bool, rss: bool, mixed: bool = False, latency: bool = False
+) -> dict[str, Any]:
     import aiormq
     import orjson
 
@@ -55,7 +57,8 @@ async def _consume(args: argparse.Namespace, batched: bool, rss: bool, mixed: bo
     counter = benchlib.Counter(args.n, on_warm=sampler.mark_warm if sampler else None)
     loads = orjson.loads
     n = args.n
-    handle = benchlib.mixed_handler if mixed else handler
+    lat = benchlib.Latencies(n) if latency else None
+    handle = lat.handler if lat else benchlib.mixed_handler if mixed else handler
     if sampler:
         sampler.start()
 
@@ -91,6 +94,8 @@ async def _consume(args: argparse.Namespace, batched: bool, rss: bool, mixed: bo
     await conn.close()
     if sampler:
         result.update(await sampler.stop())
+    if lat:
+        result.update(lat.summary())
     return result
 
 
@@ -200,7 +205,11 @@ def main(name: str, batched: bool) -> None:
         async def mixed(args: argparse.Namespace) -> dict[str, Any]:
             return await _consume(args, batched=False, rss=False, mixed=True)
 
+        async def latency(args: argparse.Namespace) -> dict[str, Any]:
+            return await _consume(args, batched=False, rss=False, latency=True)
+
         scenarios["mixed"] = mixed
+        scenarios["latency"] = latency
         scenarios["publish"] = _publish
         scenarios["retry"] = _retry
     benchlib.contender_main(

@@ -65,7 +65,9 @@ def _broker(args: argparse.Namespace) -> Any:
     return RabbitBroker(args.url, **kwargs)
 
 
-async def _consume(args: argparse.Namespace, rss: bool, mixed: bool = False) -> dict[str, Any]:
+async def _consume(
+    args: argparse.Namespace, rss: bool, mixed: bool = False, latency: bool = False
+) -> dict[str, Any]:
     _import()
     from faststream.rabbit import QueueType, RabbitQueue
 
@@ -75,7 +77,16 @@ async def _consume(args: argparse.Namespace, rss: bool, mixed: bool = False) -> 
     qtype = QueueType.QUORUM if args.queue_type == "quorum" else QueueType.CLASSIC
 
     sub = broker.subscriber(RabbitQueue(args.queue, queue_type=qtype, durable=True))
-    if mixed:
+    lat = benchlib.Latencies(args.n) if latency else None
+    if lat:
+        record = lat.handler
+
+        @sub
+        async def handle_latency(body: dict) -> None:  # type: ignore[type-arg]
+            await record(body)
+            counter.hit()
+
+    elif mixed:
         work = benchlib.mixed_handler
 
         @sub
@@ -99,6 +110,8 @@ async def _consume(args: argparse.Namespace, rss: bool, mixed: bool = False) -> 
     await broker.stop()
     if sampler:
         result.update(await sampler.stop())
+    if lat:
+        result.update(lat.summary())
     return result
 
 
@@ -112,6 +125,10 @@ async def rss(args: argparse.Namespace) -> dict[str, Any]:
 
 async def mixed(args: argparse.Namespace) -> dict[str, Any]:
     return await _consume(args, rss=False, mixed=True)
+
+
+async def latency(args: argparse.Namespace) -> dict[str, Any]:
+    return await _consume(args, rss=False, latency=True)
 
 
 async def publish(args: argparse.Namespace) -> dict[str, Any]:
@@ -133,7 +150,7 @@ async def publish(args: argparse.Namespace) -> dict[str, Any]:
 if __name__ == "__main__":
     benchlib.contender_main(
         "faststream",
-        {"consume": consume, "mixed": mixed, "publish": publish, "rss": rss},
+        {"consume": consume, "latency": latency, "mixed": mixed, "publish": publish, "rss": rss},
         import_module="faststream.rabbit",
         notes=(
             "RabbitBroker subscriber, default ack policy (REJECT_ON_ERROR: ack after handler); "

@@ -68,6 +68,16 @@ def _import() -> Any:
     return rabbitflow
 
 
+# RF_BENCH_UVLOOP=1: run the contender on uvloop's event loop instead of asyncio's (a probe, not part
+# of the default run: every contender runs on the default asyncio loop there).
+UVLOOP = os.environ.get("RF_BENCH_UVLOOP") == "1"
+if UVLOOP:
+    try:
+        import uvloop
+    except ImportError:
+        raise SystemExit("RF_BENCH_UVLOOP=1 needs uvloop: pip install uvloop") from None
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
 # The middleware variants (contenders/rabbitflow_<variant>.py set it): what the seam and the
 # metrics and tracing middlewares cost on the same workload.
 VARIANT = os.environ.get("RF_BENCH_MIDDLEWARE", "")
@@ -101,7 +111,13 @@ def _app(rf: Any, args: argparse.Namespace) -> Any:
     )
 
 
-def _consumer_app(rf: Any, args: argparse.Namespace, counter: benchlib.Counter | None, mode: str) -> Any:
+def _consumer_app(
+    rf: Any,
+    args: argparse.Namespace,
+    counter: benchlib.Counter | None,
+    mode: str,
+    latencies: benchlib.Latencies | None = None,
+) -> Any:
     app = _app(rf, args)
     Message = rf.Message
     deco = app.consumer(args.queue, queue_type=args.queue_type, retries=1, delay=RETRY_DELAY)
@@ -110,6 +126,16 @@ def _consumer_app(rf: Any, args: argparse.Namespace, counter: benchlib.Counter |
 
         @deco
         async def handle(body: dict) -> None:  # type: ignore[type-arg]
+            if counter is not None:
+                counter.hit()
+
+    elif mode == "latency":
+        assert latencies is not None
+        record = latencies.handler
+
+        @deco
+        async def handle_latency(body: dict) -> None:  # type: ignore[type-arg]
+            await record(body)
             if counter is not None:
                 counter.hit()
 
@@ -139,7 +165,7 @@ def _consumer_app(rf: Any, args: argparse.Namespace, counter: benchlib.Counter |
 
 async def declare(args: argparse.Namespace) -> dict[str, Any]:
     rf = _import()
-    mode = "consume" if args.scenario in ("consume", "rss", "mixed") else args.mode or "all_ok"
+    mode = "consume" if args.scenario in ("consume", "rss", "mixed", "latency") else args.mode or "all_ok"
     app = _consumer_app(rf, args, None, mode)
     async with app:
         pass
@@ -150,7 +176,8 @@ async def _consume(args: argparse.Namespace, mode: str, rss: bool) -> dict[str, 
     rf = _import()
     sampler = benchlib.RssSampler() if rss else None
     counter = benchlib.Counter(args.n, on_warm=sampler.mark_warm if sampler else None)
-    app = _consumer_app(rf, args, counter, mode)
+    latencies = benchlib.Latencies(args.n) if mode == "latency" else None
+    app = _consumer_app(rf, args, counter, mode, latencies)
     if sampler:
         sampler.start()
     t0 = benchlib.start_clock()
@@ -159,6 +186,8 @@ async def _consume(args: argparse.Namespace, mode: str, rss: bool) -> dict[str, 
     result = benchlib.timing_result(args.n, t0, t_end, counter)
     if sampler:
         result.update(await sampler.stop())
+    if latencies is not None:
+        result.update(latencies.summary())
     return result
 
 
@@ -172,6 +201,10 @@ async def rss(args: argparse.Namespace) -> dict[str, Any]:
 
 async def mixed(args: argparse.Namespace) -> dict[str, Any]:
     return await _consume(args, "mixed", rss=False)
+
+
+async def latency(args: argparse.Namespace) -> dict[str, Any]:
+    return await _consume(args, "latency", rss=False)
 
 
 async def retry(args: argparse.Namespace) -> dict[str, Any]:
@@ -198,8 +231,15 @@ async def publish(args: argparse.Namespace) -> dict[str, Any]:
 
 if __name__ == "__main__":
     benchlib.contender_main(
-        f"rabbitflow_{VARIANT}" if VARIANT else "rabbitflow",
-        {"consume": consume, "mixed": mixed, "publish": publish, "retry": retry, "rss": rss},
+        "rabbitflow" + (f"_{VARIANT}" if VARIANT else "") + ("_uvloop" if UVLOOP else ""),
+        {
+            "consume": consume,
+            "latency": latency,
+            "mixed": mixed,
+            "publish": publish,
+            "retry": retry,
+            "rss": rss,
+        },
         import_module="rabbitflow",
         declares_own_queue=True,
         declare=declare,
