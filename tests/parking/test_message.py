@@ -119,7 +119,7 @@ def test_show_says_where_a_message_came_from() -> None:
     text = out.getvalue()
     assert "correlation id: req-7" in text
     assert "origin-service: billing" in text
-    assert "origin-queue:   invoices" in text
+    assert "origin-queue: invoices" in text
     assert "original-exchange: shop" in text
     assert message.details()["origin"] == {
         "correlation_id": "req-7",
