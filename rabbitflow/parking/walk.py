@@ -15,6 +15,13 @@ what replaces it was confirmed. How a kept message stays parked depends on the q
   it republishes an exact copy to the back of the parking queue, then acks the original. It goes
   on to the last message parked when it began, so the kept ones end in their original order;
   a message parked while the walk runs lands between them.
+
+On RabbitMQ the walk's channel is transactional (AMQP tx): copies and acks take effect together,
+64 messages at a time, so a walk stopped by anything (an exception, Ctrl-C, a lost connection)
+leaves every message parked once: what was not committed never happened. Copies carry the parked
+message's property bytes as they arrived (`RawProperties`), edited only to drop headers by name,
+so what the client cannot decode is kept. The in-memory broker has no transactions: there each
+copy's original is acked at its confirm, and a stopped walk settles what is in flight first.
 """
 
 from __future__ import annotations
