@@ -212,8 +212,16 @@ def _print_message(m: ParkedMessage) -> None:
         ("last failure", m.last_failure or "-"),
         ("content type", m.content_type or "-"),
     ]
+    if m.undecodable:
+        fields.append(("undecodable", f"{m.undecodable} (kept as it came, byte for byte)"))
     for name, value in fields:
         print(f"{name + ':':<15}{value}")
+    origin = details["origin"]
+    if origin:
+        print("came from:")
+        for key, value in origin.items():
+            name = "correlation id" if key == "correlation_id" else key.removeprefix("x-rf-")
+            print(f"  {name}: {value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)}")
     print("headers:")
     for key, value in details["headers"].items():
         if key != "x-rf-traceback":

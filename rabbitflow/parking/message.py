@@ -33,9 +33,16 @@ COUNTERS = ("x-delivery-count", "x-acquired-count")
 
 
 def _text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return "" if value is None else str(value)
+    """A header value as text: bytes as UTF-8 where they are, hex-escaped (`\\xff`) where not;
+    anything else as `str` gives it. Never raises: a value rabbitflow cannot interpret is shown."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    if value is None:
+        return ""
+    try:
+        return str(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
 
 
 def _count(value: Any) -> int:
@@ -51,14 +58,39 @@ def _count(value: Any) -> int:
 
 
 def _time(value: Any) -> str | None:
-    """ISO 8601 UTC with milliseconds, as copies.py writes x-rf-*-failure."""
+    """ISO 8601 UTC with milliseconds, as copies.py writes x-rf-*-failure. A number is epoch
+    seconds, or milliseconds past 2**32 (as AMQP timestamps are read); one out of any date's range
+    (or anything else that is no date) is shown as the text it is."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        value = datetime.fromtimestamp(value, UTC)
+        try:
+            seconds = value if abs(value) <= 0xFFFFFFFF else value / 1000
+            value = datetime.fromtimestamp(seconds, UTC)
+        except (ValueError, OverflowError, OSError):
+            return _text(value)
     if isinstance(value, datetime):
-        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
-        return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+        try:
+            moment = value if value.tzinfo else value.replace(tzinfo=UTC)
+            moment = moment.astimezone(UTC)
+            return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+        except (ValueError, OverflowError):
+            return value.isoformat()
     text = _text(value)
     return text or None
+
+
+# The x-rf-* headers that say how the message failed (shown as such, not as its origin).
+_FAILURE = frozenset(
+    (
+        names.REASON,
+        names.PARKED_ATTEMPTS,
+        names.EXCEPTION,
+        names.ERROR,
+        names.TRACEBACK,
+        names.FIRST_FAILURE,
+        names.LAST_FAILURE,
+        names.RETRY_ATTEMPT,
+    )
+)
 
 
 def _death(headers: Mapping[str, Any]) -> dict[str, Any]:
@@ -77,7 +109,7 @@ def jsonable(value: Any) -> Any:
         return [jsonable(v) for v in value]
     if isinstance(value, datetime):
         return _time(value)
-    if isinstance(value, bytes):
+    if isinstance(value, bytes | bytearray | memoryview):
         return _text(value)
     if value is None or isinstance(value, bool | int | float | str):
         return value
@@ -100,11 +132,31 @@ class ParkedMessage:
     last_failure: str | None = None
     content_type: str | None = None
     position: int = 0  # its place in the parking queue when the walk met it, from 0
+    correlation_id: str | None = None
+    undecodable: str | None = None  # what of its properties the client could not decode
 
     @classmethod
     def of(cls, delivery: Delivery, position: int = 0) -> ParkedMessage:
+        """Never raises: whatever a header holds is read as far as it can be, or shown as text."""
+        try:
+            return cls._of(delivery, position)
+        except Exception as exc:  # a header no rule above foresaw: the message is still listed
+            return cls(
+                body=delivery.body,
+                headers={},
+                message_id=_text(getattr(delivery.properties, "message_id", None)) or None,
+                reason="",
+                attempts=0,
+                error=f"rabbitflow cannot read this message's headers ({type(exc).__name__})",
+                position=position,
+                undecodable=delivery.undecodable,
+            )
+
+    @classmethod
+    def _of(cls, delivery: Delivery, position: int) -> ParkedMessage:
         # The broker's counters describe this look, not the message: left out.
-        headers = names.without(delivery.properties.headers or {}, COUNTERS)
+        headers = delivery.properties.headers
+        headers = names.without(headers if isinstance(headers, dict) else {}, COUNTERS)
         death = _death(headers)
         reason = _text(headers.get(names.REASON)) or _text(death.get("reason")).replace("_", "-")
         when = _time(death.get("time"))
@@ -121,11 +173,24 @@ class ParkedMessage:
             last_failure=_time(headers.get(names.LAST_FAILURE)) or when,
             content_type=delivery.properties.content_type,
             position=position,
+            correlation_id=delivery.properties.correlation_id,
+            undecodable=delivery.undecodable,
         )
 
     def _header(self, name: str) -> str | None:
         value = self.headers.get(name)
         return None if value is None else _text(value)
+
+    def origin(self) -> dict[str, Any]:
+        """Where the message came from: its correlation id and every x-rf-* header that is not
+        its failure (original exchange and routing key, queue, and any rabbitflow adds later)."""
+        found: dict[str, Any] = {}
+        if self.correlation_id:
+            found["correlation_id"] = self.correlation_id
+        for key, value in self.headers.items():
+            if isinstance(key, str) and key.startswith("x-rf-") and key not in _FAILURE:
+                found[key] = jsonable(value)
+        return found
 
     def summary(self) -> dict[str, Any]:
         """What `list --json` prints of each message."""
@@ -153,6 +218,9 @@ class ParkedMessage:
         return {
             **self.summary(),
             "content_type": self.content_type,
+            "correlation_id": self.correlation_id,
+            "undecodable": self.undecodable,
+            "origin": self.origin(),
             "traceback": self.traceback or None,
             "headers": jsonable(self.headers),
             "body": body,

@@ -15,12 +15,20 @@ what replaces it was confirmed. How a kept message stays parked depends on the q
   it republishes an exact copy to the back of the parking queue, then acks the original. It goes
   on to the last message parked when it began, so the kept ones end in their original order;
   a message parked while the walk runs lands between them.
+
+On RabbitMQ the walk's channel is transactional (AMQP tx): copies and acks take effect together,
+64 messages at a time, so a walk stopped by anything (an exception, Ctrl-C, a lost connection)
+leaves every message parked once: what was not committed never happened. Copies carry the parked
+message's property bytes as they arrived (`RawProperties`), edited only to drop headers by name,
+so what the client cannot decode is kept. The in-memory broker has no transactions: there each
+copy's original is acked at its confirm, and a stopped walk settles what is in flight first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +46,8 @@ from rabbitflow.parking.message import (
     jsonable,
 )
 from rabbitflow.runtime.copies import exact_headers
+from rabbitflow.transport.amqp.encode import RawProperties
+from rabbitflow.transport.amqp.tables import edit_properties
 from rabbitflow.transport.base import Channel, Delivery, Transport, clone_properties, persistent_copy
 
 __all__ = [
@@ -93,6 +103,69 @@ async def _walk(
             f"queue {parked!r} does not exist on {transport.node}: nothing was parked for {queue!r} "
             "yet, or the service's topology is not declared (`rabbitflow topology MODULE:APP --apply`)"
         )
+    channel = await transport.transaction_channel()
+    if channel is None:
+        return await _walk_confirmed(transport, queue, decide, rotate=rotate, done=done, progress=progress)
+    moved = False  # since the last commit
+    pending = 0
+    try:
+        found = (await channel.declare_queue(parked, passive=True)).message_count
+        if progress is not None:
+            progress(0, found)
+        seen, rotated = 0, False
+        while seen < found and not (done() and not rotated):
+            delivery = await channel.get(parked)
+            if delivery is None:
+                break
+            if seen == 0 and any(counter in (delivery.properties.headers or {}) for counter in COUNTERS):
+                rotate = True  # a quorum queue after all: it counts returns
+            action = KEEP if done() else decide(ParkedMessage.of(delivery, seen))
+            seen += 1
+            if action == MOVE:
+                await _send(channel, delivery, queue, _replayed(delivery))
+                moved = True
+            elif action == KEEP and rotate:
+                rotated = True
+                await _send(channel, delivery, parked, _kept(delivery))
+            if action != KEEP or rotate:
+                await channel.ack(delivery.delivery_tag)
+                pending += 1
+            # else: held unacked; closing the channel returns it to its place
+            if pending >= _WINDOW:
+                await _commit(channel, queue if moved else None)
+                moved, pending = False, 0
+            if progress is not None:
+                progress(seen, found)
+        if pending:
+            await _commit(channel, queue if moved else None)
+    finally:
+        # Whatever stopped the walk (an error, a cancellation, a lost connection), what was not
+        # committed never happens: its copies are dropped and its originals stay parked.
+        await channel.close()
+    return found
+
+
+async def _commit(channel: Channel, moved_to: str | None) -> None:
+    """The copies and acks since the last commit take effect together. A replay checks first
+    that the queue it sends to is still there: a missing one closes the channel (404), which
+    takes nothing out of the parking queue, where an unroutable copy would be dropped."""
+    if moved_to is not None:
+        await channel.declare_queue(moved_to, passive=True)
+    await channel.commit()
+
+
+async def _walk_confirmed(
+    transport: Transport,
+    queue: str,
+    decide: Callable[[ParkedMessage], str],
+    *,
+    rotate: bool,
+    done: Callable[[], bool],
+    progress: Progress | None,
+) -> int:
+    """`_walk` on a transport without transactions (the in-memory broker): each copy's original
+    is acked at its confirm; a walk that stops settles what is already in flight first."""
+    parked = names.parked_queue(queue)
     channel = await transport.channel()
     window: collections.deque[tuple[asyncio.Future[None], int]] = collections.deque()
     try:
@@ -104,32 +177,19 @@ async def _walk(
             delivery = await channel.get(parked)
             if delivery is None:
                 break
-            headers = delivery.properties.headers or {}
-            if seen == 0 and any(counter in headers for counter in COUNTERS):
-                rotate = True  # a quorum queue after all: it counts returns
+            if seen == 0 and any(counter in (delivery.properties.headers or {}) for counter in COUNTERS):
+                rotate = True
             action = KEEP if done() else decide(ParkedMessage.of(delivery, seen))
             seen += 1
             if action == DROP:
                 await channel.ack(delivery.delivery_tag)
             elif action == MOVE:
-                copy = persistent_copy(
-                    delivery.properties,
-                    exact_headers(
-                        delivery, names.without(headers, names.RABBITFLOW_HEADERS, names.BROKER_HEADERS)
-                    )
-                    or None,
-                )
-                window.append((_send(channel, delivery, queue, copy), delivery.delivery_tag))
+                future = _send_nowait(channel, delivery, queue, _replayed(delivery))
+                window.append((future, delivery.delivery_tag))
             elif rotate:
                 rotated = True
-                same = clone_properties(
-                    delivery.properties,
-                    headers=exact_headers(delivery, names.without(headers, COUNTERS)) or None,
-                    expiration=delivery.properties.expiration,
-                    delivery_mode=delivery.properties.delivery_mode,
-                )
-                window.append((_send(channel, delivery, parked, same), delivery.delivery_tag))
-            # else: held unacked; closing the channel returns it to its place
+                future = _send_nowait(channel, delivery, parked, _kept(delivery))
+                window.append((future, delivery.delivery_tag))
             while len(window) >= _WINDOW or (window and window[0][0].done()):
                 await _settle(channel, window)
             if progress is not None:
@@ -137,13 +197,69 @@ async def _walk(
         while window:
             await _settle(channel, window)
     finally:
+        if window:  # stopped: the copies in flight are settled before their originals return
+            with contextlib.suppress(Exception):
+                await asyncio.shield(_settle_all(channel, window))
         await channel.close()
-        if window:  # failed: the channel's close failed the copies still in flight
-            await asyncio.gather(*(future for future, _ in window), return_exceptions=True)
     return found
 
 
-def _send(channel: Channel, delivery: Delivery, routing_key: str, properties: Any) -> asyncio.Future[None]:
+async def _settle_all(channel: Channel, window: collections.deque[tuple[asyncio.Future[None], int]]) -> None:
+    async with asyncio.timeout(10):
+        while window:
+            await _settle(channel, window)
+
+
+def _replayed(delivery: Delivery) -> Any:
+    """The properties a replayed copy goes back with: the parked message's, as they arrived,
+    without rabbitflow's headers, the broker's death records and counters; persistent."""
+    raw = _raw(delivery, _REPLAY_DROPS, persistent=True)
+    if raw is not None:
+        return raw
+    headers = delivery.properties.headers or {}
+    kept = names.without(headers, names.RABBITFLOW_HEADERS, names.BROKER_HEADERS, COUNTERS)
+    return persistent_copy(delivery.properties, exact_headers(delivery, kept) or None)
+
+
+def _kept(delivery: Delivery) -> Any:
+    """The properties of the copy that keeps a message parked: as they arrived, without the
+    broker's counters of this look."""
+    raw = _raw(delivery, _COUNTER_DROPS, persistent=False)
+    if raw is not None:
+        return raw
+    headers = delivery.properties.headers or {}
+    return clone_properties(
+        delivery.properties,
+        headers=exact_headers(delivery, names.without(headers, COUNTERS)) or None,
+        expiration=delivery.properties.expiration,
+        delivery_mode=delivery.properties.delivery_mode,
+    )
+
+
+_COUNTER_DROPS = frozenset(name.encode() for name in COUNTERS)
+_REPLAY_DROPS = frozenset(
+    name.encode() for name in (*names.RABBITFLOW_HEADERS, *names.BROKER_HEADERS, *COUNTERS)
+)
+
+
+def _raw(delivery: Delivery, drop: frozenset[bytes], *, persistent: bool) -> RawProperties | None:
+    """The delivery's property bytes, edited at the byte level only (so every header and property
+    the client could not decode goes out as it came); None from a broker that keeps no bytes.
+    A property list that cannot be cut goes out unchanged, counters and all (the queue it goes to
+    overwrites x-delivery-count if it is a quorum queue; a classic one keeps a stale one)."""
+    if delivery.raw_header is None:
+        return None
+    block = edit_properties(delivery.raw_header, drop_headers=drop, persistent=persistent)
+    return RawProperties.of(delivery.properties, block if block is not None else delivery.raw_header[12:])
+
+
+async def _send(channel: Channel, delivery: Delivery, routing_key: str, properties: Any) -> None:
+    await channel.publish(delivery.body, exchange="", routing_key=routing_key, properties=properties)
+
+
+def _send_nowait(
+    channel: Channel, delivery: Delivery, routing_key: str, properties: Any
+) -> asyncio.Future[None]:
     return channel.publish_nowait(delivery.body, exchange="", routing_key=routing_key, properties=properties)
 
 

@@ -206,6 +206,11 @@ class Channel(abc.ABC):
     async def get(self, queue: str) -> Delivery | None:
         """basic.get with manual ack; None when the queue is empty."""
 
+    async def commit(self) -> None:
+        """Commit the transaction of a `Transport.transaction_channel`: its publishes and acks
+        since the last commit take effect together."""
+        raise NotImplementedError(f"{type(self).__name__} has no transactions")
+
     @abc.abstractmethod
     async def close(self) -> None: ...
 
@@ -246,6 +251,12 @@ class Transport(abc.ABC):
     def server_version(self) -> str:
         """The broker's version as its server properties say ("3.10.8"), or "" when unknown."""
         return ""
+
+    async def transaction_channel(self) -> Channel | None:
+        """A channel in transaction mode (AMQP tx, no publisher confirms): its publishes and acks
+        take effect together at `commit`, and none of them if it closes (or the connection goes)
+        before. None when this transport has no transactions."""
+        return None
 
     async def native_channel(self) -> Any:
         """A channel of the underlying client library (aio-pika), for `App.ensure`."""

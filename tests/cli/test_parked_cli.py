@@ -273,3 +273,37 @@ async def test_progress_is_drawn_on_stderr_only_when_it_is_a_terminal(lot: Lot) 
     assert "would replay 5 of 5 parked message(s)" in result.stdout  # the report stays on stdout
     assert "replaying" in terminal
     assert "100%" in terminal
+
+
+async def test_byte_array_headers_print_as_text_and_match_filters_and_show_says_where_it_came_from(
+    lot: Lot, admin: Admin
+) -> None:
+    await admin.publish(
+        b'{"n": 9}',
+        routing_key=lot.parked,
+        message_id="m-9",
+        correlation_id="req-9",
+        headers={
+            "x-rf-reason": bytearray(b"rejected"),  # an AMQP byte array ('x'), as some clients write
+            "x-rf-origin-service": "billing",
+            "x-rf-original-exchange": "shop",
+            "tenant": bytearray(b"acme"),
+            "blob": bytearray(b"\xff\x00"),
+        },
+        delivery_mode=2,
+    )
+    listed = lot.json("list", "--reason", "rejected")
+    assert listed["total"] == 3  # m-1, m-3 and m-9
+    assert [m["message_id"] for m in listed["messages"]][-1] == "m-9"
+
+    shown = lot.cli("show", "--id", "m-9")
+    assert shown.returncode == 0, shown.stderr
+    assert "bytearray" not in shown.stdout
+    assert "reason:        rejected" in shown.stdout
+    assert '  tenant: "acme"' in shown.stdout
+    assert '  blob: "\\\\xff\\u0000"' in shown.stdout  # hex-escaped where it is not UTF-8
+    assert "came from:\n  correlation id: req-9\n" in shown.stdout
+    assert "  origin-service: billing" in shown.stdout
+    assert "  original-exchange: shop" in shown.stdout
+    assert lot.json("show", "--id", "m-9")["origin"]["x-rf-origin-service"] == "billing"
+    assert len(await admin.drain(lot.parked)) == 6

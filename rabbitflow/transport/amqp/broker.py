@@ -314,6 +314,10 @@ class AmqpChannel(Channel):
             message = await self._channel.basic_get(queue, no_ack=False)
         return _delivery(message) if isinstance(message.delivery, Basic.GetOk) else None
 
+    async def commit(self) -> None:
+        async with _translated:
+            await self._channel.tx_commit()
+
     async def close(self) -> None:
         if not self._channel.is_closed:
             with contextlib.suppress(TimeoutError, amqp_errors.AMQPError, ConnectionError):
@@ -367,6 +371,17 @@ class AmqpTransport(Transport):
                 channel = await self._amqp.channel(publisher_confirms=True, on_return_raises=True)
             except RuntimeError as exc:  # aiormq: "<Connection ...> closed", between its states
                 raise ConnectionLost(f"the connection to {self.node} is closed") from exc
+        return AmqpChannel(channel)
+
+    async def transaction_channel(self) -> Channel | None:
+        if self._amqp.is_closed:
+            raise ConnectionLost(f"the connection to {self.node} is closed")
+        async with _translated:
+            try:
+                channel = await self._amqp.channel(publisher_confirms=False, on_return_raises=False)
+            except RuntimeError as exc:  # as in `channel`
+                raise ConnectionLost(f"the connection to {self.node} is closed") from exc
+            await channel.tx_select()
         return AmqpChannel(channel)
 
     async def native_channel(self) -> aio_pika.abc.AbstractChannel:

@@ -27,10 +27,11 @@ from pamqp.header import ContentHeader
 
 from rabbitflow.transport.amqp.tables import Encoded, Timestamp
 
-__all__ = ["ack_frame", "body_frames", "content_header_frame"]
+__all__ = ["RawProperties", "ack_frame", "body_frames", "content_header_frame"]
 
 _FRAME_HEAD = Struct(">BHI")  # frame type (2 header, 3 body), channel, payload size
 _HEADER_HEAD = Struct(">HHQH")  # class 60 (basic), weight 0, body size, property flags
+_RAW_HEAD = Struct(">HHQ")  # the same, the property flags being part of the raw properties
 _UINT32 = Struct(">I")
 _UINT64 = Struct(">Q")
 _FRAME_END = b"\xce"
@@ -113,9 +114,34 @@ _PROPERTIES: tuple[tuple[str, int, Callable[[Any], bytes]], ...] = tuple(
 )
 
 
+class RawProperties(Basic.Properties):
+    """Properties that go out as these bytes (the property flags and list), as they arrived:
+    what the client could not decode is carried too. The attributes hold what could be decoded,
+    for readers; `raw` is what is sent (by `content_header_frame`, and by pamqp's `marshal` on
+    aiormq's own publish)."""
+
+    __slots__ = ("raw",)
+
+    raw: bytes
+
+    @classmethod
+    def of(cls, decoded: Basic.Properties, raw: bytes) -> RawProperties:
+        properties = cls.__new__(cls)
+        for name in Basic.Properties.__slots__:
+            setattr(properties, name, getattr(decoded, name, None))
+        properties.raw = raw
+        return properties
+
+    def marshal(self) -> bytes:
+        return self.raw
+
+
 def content_header_frame(channel: int, body_size: int, properties: Basic.Properties) -> bytes:
     """The content-header frame pamqp's `marshal(ContentHeader(0, body_size, properties), channel)`
-    writes, byte for byte."""
+    writes, byte for byte; `RawProperties` as their bytes."""
+    if type(properties) is RawProperties:
+        payload = _RAW_HEAD.pack(60, 0, body_size) + properties.raw
+        return _FRAME_HEAD.pack(2, channel, len(payload)) + payload + _FRAME_END
     if encode.DEPRECATED_RABBITMQ_SUPPORT:  # pamqp's other integer encoding: let pamqp do it all
         return _pamqp_frame(channel, body_size, properties)
     flags = 0

@@ -17,7 +17,19 @@ import decimal
 from struct import Struct, error
 from typing import Any
 
-__all__ = ["Encoded", "Timestamp", "Undecodable", "decode_table", "entries", "header_table", "timestamp"]
+__all__ = [
+    "Encoded",
+    "Timestamp",
+    "Undecodable",
+    "decode_table",
+    "edit_properties",
+    "entries",
+    "header_table",
+    "property_block",
+    "property_parts",
+    "timestamp",
+    "without_entries",
+]
 
 _U32 = Struct(">I")
 _I32 = Struct(">i")
@@ -201,3 +213,114 @@ def header_table(payload: bytes) -> bytes | None:
         if flags & flag:
             i += 1 + payload[i]
     return payload[i : i + 4 + _U32.unpack_from(payload, i)[0]]
+
+
+# Basic properties in wire order, with their flag bit and kind (s shortstr, o octet, t table,
+# T timestamp): enough to cut a property list into its parts without decoding any of them.
+_WIRE = (
+    ("content_type", 0x8000, "s"),
+    ("content_encoding", 0x4000, "s"),
+    ("headers", 0x2000, "t"),
+    ("delivery_mode", 0x1000, "o"),
+    ("priority", 0x0800, "o"),
+    ("correlation_id", 0x0400, "s"),
+    ("reply_to", 0x0200, "s"),
+    ("expiration", 0x0100, "s"),
+    ("message_id", 0x0080, "s"),
+    ("timestamp", 0x0040, "T"),
+    ("message_type", 0x0020, "s"),
+    ("user_id", 0x0010, "s"),
+    ("app_id", 0x0008, "s"),
+    ("cluster_id", 0x0004, "s"),
+)
+
+
+def property_parts(payload: bytes) -> dict[str, bytes] | None:
+    """Each present property of a content-header payload as its encoded bytes (a shortstr with
+    its length octet, a table with its length), nothing decoded; None when the property list is
+    not one that can be cut (a continued flag word, a length past the end)."""
+    try:
+        flags = _U16.unpack_from(payload, 12)[0]
+    except error:
+        return None
+    if flags & 1:
+        return None
+    parts: dict[str, bytes] = {}
+    i = 14
+    for name, flag, kind in _WIRE:
+        if not flags & flag:
+            continue
+        if i >= len(payload):
+            return None
+        if kind == "s":
+            end = i + 1 + payload[i]
+        elif kind == "o":
+            end = i + 1
+        elif kind == "T":
+            end = i + 8
+        else:
+            if i + 4 > len(payload):
+                return None
+            end = i + 4 + _U32.unpack_from(payload, i)[0]
+        if end > len(payload):
+            return None
+        parts[name], i = payload[i:end], end
+    return parts if i == len(payload) else None
+
+
+def property_block(parts: dict[str, bytes]) -> bytes:
+    """The property flags and list of these encoded parts (`property_parts`' form)."""
+    flags = 0
+    out = [b""]
+    for name, flag, _ in _WIRE:
+        if name in parts:
+            flags |= flag
+            out.append(parts[name])
+    out[0] = _U16.pack(flags)
+    return b"".join(out)
+
+
+def without_entries(encoded: bytes, names: frozenset[bytes]) -> bytes | None:
+    """An encoded table (its length included) without the entries whose names, as bytes, are in
+    `names`; every other entry as it was. None when the table cannot be walked (an unknown type
+    octet, a length past the end): then nothing can be taken out of it."""
+    try:
+        end = 4 + _U32.unpack_from(encoded, 0)[0]
+        if end != len(encoded):
+            return None
+        kept: list[bytes] = []
+        i = 4
+        while i < end:
+            start = i
+            key = encoded[i + 1 : i + 1 + encoded[i]]
+            i = _skip(encoded, i + 1 + encoded[i])
+            if i > end:
+                return None
+            if key not in names:
+                kept.append(encoded[start:i])
+    except (IndexError, error, Undecodable):
+        return None
+    body = b"".join(kept)
+    return _U32.pack(len(body)) + body
+
+
+def edit_properties(
+    payload: bytes, *, drop_headers: frozenset[bytes], persistent: bool = False
+) -> bytes | None:
+    """The property flags and list of a content-header payload as they arrived, without the
+    headers named in `drop_headers` (a table left empty goes) and, when `persistent`, with
+    delivery mode 2 and no expiration. None when the payload cannot be cut (see `property_parts`)."""
+    parts = property_parts(payload)
+    if parts is None:
+        return None
+    if "headers" in parts and drop_headers:
+        table = without_entries(parts["headers"], drop_headers)
+        if table is not None:
+            if len(table) == 4:
+                del parts["headers"]
+            else:
+                parts["headers"] = table
+    if persistent:
+        parts["delivery_mode"] = b"\x02"
+        parts.pop("expiration", None)
+    return property_block(parts)
