@@ -93,7 +93,7 @@ class App(Registry):
         publish_timeout: default seconds `publish()` waits for a confirm, across reconnects.
         lifespan: `lifespan(app)` returns an async context manager for the service's own
             resources, entered before consuming starts and exited after the last handler finished.
-        middleware: `rabbitflow.middleware.base.Middleware` instances whose hooks see each attempt.
+        middleware: `rabbitflow.Middleware` instances whose hooks see each attempt.
         ssl_context: TLS settings for `amqps://` nodes (default: the system's trust store).
         outbox: a `rabbitflow.sql.Outbox`: its relay runs while the app runs, publishing what
             transactions committed, and `exactly_once=True` consumers record their messages in

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from rabbitflow import App, ConfigError, Message, Middleware, Reject, Unroutable
-from rabbitflow.middleware.base import Fate, Outcome, Outgoing
+from rabbitflow.middleware import Fate, Outcome, Outgoing
 
 from ..helpers import Admin, unique, wait_for
 

@@ -9,7 +9,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, s
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from rabbitflow import App, ConfigError, Message, Middleware, Router
-from rabbitflow.middleware.base import Fate, Outcome
+from rabbitflow.middleware import Fate, Outcome
 from rabbitflow.sql import Outbox, Transaction
 from rabbitflow.testing import TestClient
 
