@@ -16,6 +16,7 @@ from pamqp.base import Frame
 from pamqp.commands import Basic
 
 from rabbitflow.errors import LoginRefused, PublishNacked, UnencodableMessage, Unroutable
+from rabbitflow.transport.amqp import internals
 from rabbitflow.transport.amqp.decode import Header, receiving
 from rabbitflow.transport.amqp.encode import ack_frame
 from rabbitflow.transport.amqp.pipeline import Pipeline, supported
@@ -355,9 +356,7 @@ class AmqpTransport(Transport):
 
     @property
     def blocked(self) -> bool:
-        # aiormq keeps the connection.blocked state private; ready() waits on the same event.
-        unblocked = getattr(self._amqp, "_Connection__connection_unblocked", None)
-        return isinstance(unblocked, asyncio.Event) and not unblocked.is_set()
+        return internals.blocked(self._amqp)
 
     async def wait_unblocked(self) -> None:
         async with _translated:

@@ -27,7 +27,6 @@ from contextvars import ContextVar
 from struct import Struct, error
 from typing import Any
 
-import aiormq.connection
 import pamqp.frame
 from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
 from pamqp.body import ContentBody
@@ -36,6 +35,7 @@ from pamqp.exceptions import PAMQPException
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
+from rabbitflow.transport.amqp import internals
 from rabbitflow.transport.amqp.tables import Undecodable, decode_table, timestamp
 
 __all__ = ["Header", "Receiver", "content_header", "install", "method", "receiving"]
@@ -148,7 +148,7 @@ def method(payload: bytes) -> Any:
     return None
 
 
-class Receiver(aiormq.connection.FrameReceiver):
+class Receiver(internals.FrameReceiver):
     """aiormq's frame receiver, with rabbitflow's decoders for content headers, bodies, and the
     basic.deliver and basic.ack methods; every other frame is pamqp's."""
 
@@ -196,28 +196,21 @@ class Receiver(aiormq.connection.FrameReceiver):
 
 
 _RECEIVING: ContextVar[bool] = ContextVar("rabbitflow_receiving", default=False)
-_AIORMQ_RECEIVER = aiormq.connection.FrameReceiver
 
 
-def _receiver(reader: asyncio.StreamReader) -> aiormq.connection.FrameReceiver:
+def _receiver(reader: asyncio.StreamReader) -> internals.FrameReceiver:
     if _RECEIVING.get():
         # Once: aiormq's own tasks (and the user's handlers) started from this connection's
         # context make their connections with aiormq's receiver.
         _RECEIVING.set(False)
         return Receiver(reader)
-    return _AIORMQ_RECEIVER(reader)
+    return internals.aiormq_receiver(reader)  # type: ignore[no-any-return]
 
 
 def install() -> bool:
     """Let `receiving()` connections use `Receiver`; False when this aiormq builds its receiver
-    some other way (then pamqp decodes, as before)."""
-    current = getattr(aiormq.connection, "FrameReceiver", None)
-    if current is _receiver:
-        return True
-    if current is not _AIORMQ_RECEIVER or not hasattr(_AIORMQ_RECEIVER, "get_frame"):
-        return False
-    aiormq.connection.FrameReceiver = _receiver  # type: ignore[misc,assignment]
-    return True
+    some other way, or the patches are off (then pamqp decodes, as before)."""
+    return internals.swap_frame_receiver(_receiver)
 
 
 @contextlib.contextmanager

@@ -4,10 +4,11 @@ write, and each still waits for its own publisher confirm.
 aiormq's `basic_publish` takes a lock, a timeout scope and a queue slot per message and the
 writer sends each message with its own syscall. Here the frames of every publish made in the same
 loop turn are marshalled into one buffer. Confirms and channel-close rejections stay aiormq's
-own: a publish registers its future under its delivery tag in `channel.confirmations`, as
-`basic_publish` does (aiormq 7.x). Returns are matched to their publish by `returns.Returns`, by
-the broker's order rather than by message id, so nothing is added to what the producer published.
-When a future aiormq lacks those, `supported()` is false and the plain `basic_publish` is used.
+own: a publish registers its future under its delivery tag in the channel's confirmations,
+as `basic_publish` does (every reach into aiormq's channel is in `internals`). Returns are
+matched to their publish by `returns.Returns`, by the broker's order rather than by message id,
+so nothing is added to what the producer published. When this aiormq lacks what that needs (or
+the patches are off), `supported()` is false and the plain `basic_publish` is used.
 """
 
 from __future__ import annotations
@@ -17,35 +18,24 @@ from collections import deque
 from collections.abc import Sequence
 
 import aiormq
-from aiormq.abc import ChannelFrame
 from aiormq.channel import Returning
 from pamqp.base import Frame
 from pamqp.commands import Basic
 from pamqp.frame import marshal
 
 from rabbitflow.errors import UnencodableMessage
+from rabbitflow.transport.amqp import internals
 from rabbitflow.transport.amqp.encode import body_frames, content_header_frame
-from rabbitflow.transport.amqp.returns import NEEDED, Returns
+from rabbitflow.transport.amqp.returns import Returns
 from rabbitflow.transport.base import ConnectionLost
 
 __all__ = ["Pipeline", "supported"]
-
-_NEEDED = ("delivery_tag", "write_queue", "max_content_size", *NEEDED)
-
 
 _FRAME_OVERHEAD = 8  # frame type, channel, size and end octet around a frame's payload
 
 
 def supported(channel: aiormq.Channel) -> bool:
-    return channel.publisher_confirms and all(hasattr(channel, name) for name in _NEEDED)
-
-
-def _closing(channel: aiormq.Channel) -> bool:
-    """Closed, or closing: aiormq answers the broker's channel.close (queueing close-ok) before
-    `is_closed` turns true, and a frame written after that close-ok is a connection error (504
-    CHANNEL_ERROR) that takes every channel down. aiormq's own methods check the same event."""
-    event = getattr(channel, "_Channel__close_event", None)
-    return channel.is_closed or (isinstance(event, asyncio.Event) and event.is_set())
+    return internals.can_pipeline(channel)
 
 
 class Pipeline:
@@ -56,7 +46,7 @@ class Pipeline:
         self._loop = asyncio.get_running_loop()
         self._chunks: list[bytes] = []  # this turn's marshalled frames, in delivery-tag order
         self._methods: dict[tuple[str, str, bool], bytes] = {}
-        self._outbox: deque[ChannelFrame] = deque()  # marshalled turns the write queue had no room for
+        self._outbox: deque[bytes] = deque()  # marshalled turns the write queue had no room for
         self._draining: asyncio.Task[None] | None = None
         self._returns = Returns(channel)
         channel.closing.add_done_callback(self._fail_pending)
@@ -66,7 +56,7 @@ class Pipeline:
     ) -> asyncio.Future[object]:
         """Queue the publish for this turn's write; the future resolves with the broker's confirm."""
         channel = self._channel
-        if _closing(channel):
+        if internals.closing(channel):
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         # Encoded and measured before a delivery tag is taken or anything is queued: a frame that
         # cannot be written leaves nothing half-sent (a method frame without its header is a 505
@@ -90,12 +80,11 @@ class Pipeline:
                 f"the message's properties and headers take {len(header)} bytes, more than the "
                 f"broker's frame size of {frame_max}; send less in headers"
             )
-        channel.delivery_tag += 1
-        tag = channel.delivery_tag
+        tag = internals.next_delivery_tag(channel)
         # A plain future: `_fail_pending` rejects it if the channel goes, so aiormq's future store
         # (a weak set and two callbacks per future) is not needed.
         confirmation: asyncio.Future[object] = self._loop.create_future()
-        channel.confirmations[tag] = confirmation
+        internals.confirmations(channel)[tag] = confirmation
         if mandatory:
             self._returns.expect(tag, exchange, routing_key, body)
 
@@ -112,7 +101,7 @@ class Pipeline:
         else the channel sends: an ack of tag 7 never overtakes a `multiple` ack covering it. A
         flush's acks behind an unsettled delivery then cost one syscall, not one per tag."""
         channel = self._channel
-        if _closing(channel):
+        if internals.closing(channel):
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         chunks = self._chunks
         if not chunks:
@@ -123,7 +112,7 @@ class Pipeline:
     def frames(self, payload: bytes) -> None:
         """Queue already marshalled frames (acks) for this turn's write, in order as `methods`."""
         channel = self._channel
-        if _closing(channel):
+        if internals.closing(channel):
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         chunks = self._chunks
         if not chunks:
@@ -138,7 +127,7 @@ class Pipeline:
             if isinstance(reason, aiormq.exceptions.AMQPChannelError)
             else ConnectionLost("channel closed before the broker confirmed")
         )
-        for confirmation in list(self._channel.confirmations.values()):
+        for confirmation in list(internals.confirmations(self._channel).values()):
             if not confirmation.done() and not isinstance(confirmation, Returning):
                 confirmation.set_exception(error)
         self._outbox.clear()
@@ -147,15 +136,11 @@ class Pipeline:
 
     def _flush(self) -> None:
         chunks, self._chunks = self._chunks, []
-        if not chunks or _closing(self._channel):
+        if not chunks or internals.closing(self._channel):
             return  # their confirmations fail with the channel (`_fail_pending`)
-        chunk = ChannelFrame(payload=b"".join(chunks), should_close=False)
-        if self._draining is None:
-            try:
-                self._channel.write_queue.put_nowait(chunk)
-                return
-            except asyncio.QueueFull:
-                pass
+        chunk = b"".join(chunks)
+        if self._draining is None and internals.write(self._channel, chunk):
+            return
         self._outbox.append(chunk)
         if self._draining is None:
             self._draining = self._loop.create_task(self._drain())
@@ -163,8 +148,8 @@ class Pipeline:
     async def _drain(self) -> None:
         """Hand over, in order, what did not fit in the connection's write queue."""
         try:
-            while self._outbox and not _closing(self._channel):
-                await self._channel.write_queue.put(self._outbox.popleft())
+            while self._outbox and not internals.closing(self._channel):
+                await internals.write_waiting(self._channel, self._outbox.popleft())
             self._outbox.clear()
         finally:
             self._draining = None

@@ -24,14 +24,12 @@ from aiormq.abc import DeliveredMessage
 from aiormq.channel import Returning
 from aiormq.exceptions import PublishError
 from pamqp.commands import Basic
-from pamqp.header import ContentHeader
 
-__all__ = ["NEEDED", "Returns"]
+from rabbitflow.transport.amqp import internals
+
+__all__ = ["Returns"]
 
 log = logging.getLogger("rabbitflow.transport")
-
-# What of aiormq's channel this relies on (aiormq 7.x); without it the pipeline is not used.
-NEEDED = ("_on_return_frame", "_on_confirm_frame", "_read_content", "_get_frame", "confirmations")
 
 
 class Returns:
@@ -45,20 +43,13 @@ class Returns:
         # Mandatory publishes awaiting their confirm, in delivery-tag order.
         self._expected: dict[int, tuple[str, str, bytes]] = {}
         self._returned: deque[DeliveredMessage] = deque()  # returns awaiting their ack
-        self._confirm = channel._on_confirm_frame
-        # aiormq's channel reader looks both up on the instance for every frame.
-        channel._on_return_frame = self._on_return  # type: ignore[method-assign]
-        channel._on_confirm_frame = self._on_confirm  # type: ignore[method-assign]
+        self._confirm = internals.hook_returns(channel, self._on_return, self._on_confirm)
 
     def expect(self, tag: int, exchange: str, routing_key: str, body: bytes) -> None:
         self._expected[tag] = (exchange, routing_key, body)
 
     async def _on_return(self, frame: Basic.Return) -> None:
-        channel = self._channel
-        header = await channel._get_frame()
-        if not isinstance(header, ContentHeader):
-            raise ValueError(f"Unexpected frame {header!r} instead of ContentHeader", header)
-        self._returned.append(await channel._read_content(frame, header))
+        self._returned.append(await internals.read_returned(self._channel, frame))
 
     async def _on_confirm(self, frame: Any) -> None:
         expected = self._expected
@@ -92,7 +83,7 @@ class Returns:
                 return  # its own ack is still to come
             returned.popleft()
             del expected[tag]
-            confirmations = self._channel.confirmations
+            confirmations = internals.confirmations(self._channel)
             confirmation = confirmations.pop(tag, None)
             confirmations[tag] = Returning()  # aiormq then ignores this tag's ack
             if confirmation is not None and not confirmation.done():
