@@ -24,6 +24,7 @@ from rabbitflow.middleware.base import Middleware as Middleware
 from rabbitflow.parking.walk import ParkedMessage as ParkedMessage
 from rabbitflow.registry import Router as Router
 from rabbitflow.retry import RetryPolicy as RetryPolicy
+from rabbitflow.runtime.partitions import partition as partition
 from rabbitflow.topology.compiler import Plan as Plan
 
 __version__ = "0.1.0"
@@ -53,4 +54,5 @@ __all__ = [
     "TransportError",
     "UnencodableMessage",
     "Unroutable",
+    "partition",
 ]

@@ -46,6 +46,8 @@ class Consumers:
         handler_timeout: float | None = None,
         breaker: Breaker | None = None,
         publish_to: str | tuple[str, str] | None = None,
+        partitions: int | None = None,
+        partition_key: Callable[[Any], object] | None = None,
         **unknown: Any,
     ) -> Callable[[H], H]:
         """Register an async function as the consumer of `queue`.
@@ -71,6 +73,13 @@ class Consumers:
                 pair: the handler's return value, when not None, is published there, and the
                 input is acked only once the broker confirmed it (a failed publish is a failed
                 attempt). Without it, a return value answers a request (`reply_to` set).
+            partitions: ordered partitions (docs/partitions.md): N single-active-consumer queues
+                `queue.p0`..`queue.p<N-1>` behind a direct exchange (`exchange`, default: the
+                queue's name), routed by `rabbitflow.partition(key, N)`. One key's messages are
+                handled one at a time in publish order; the partitions spread over the app's
+                replicas; a failing message is retried in place (the partition waits), then parked.
+            partition_key: a function of the body giving its key, so that
+                `app.publish(body, exchange=...)` finds the partition by itself.
 
         Every option is checked here, when the module is imported: a bad value, an unknown
         option or a second consumer of the same queue raises `ConfigError`. The handler's body
@@ -97,6 +106,8 @@ class Consumers:
                 breaker=breaker,
                 decorator=self._decorator,
                 publish_to=publish_to,
+                partitions=partitions,
+                partition_key=partition_key,
             )
             self._add([spec])
             return handler

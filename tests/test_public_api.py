@@ -33,6 +33,7 @@ def test_all_is_sorted_and_complete() -> None:
         "TransportError",
         "UnencodableMessage",
         "Unroutable",
+        "partition",
     }
     for name in rabbitflow.__all__:
         assert getattr(rabbitflow, name) is not None
