@@ -318,8 +318,9 @@ class PartitionGroup:
     async def stop(self, timeout: float) -> None:
         self._stopping = True
         await self.membership.stop()
-        for move in list(self._moves):
-            move.cancel()
+        # Never cancel a move halfway: a cancelled basic.consume makes aiormq close the channel
+        # in a way that costs the whole connection. A move stops at its next step.
+        await asyncio.gather(*self._moves, return_exceptions=True)
         await asyncio.gather(*(p.release(timeout) for p in self.held.values()))
         self.held.clear()
 

@@ -78,14 +78,24 @@ def test_plan_has_single_active_partition_queues_and_no_retry_queues() -> None:
 
     plan = app.plan.to_dict()
     queues = {q["name"]: q for q in plan["queues"]}
-    assert sorted(queues) == ["orders.events.p0", "orders.events.p1", "orders.events.p2", "orders.events.parked"]
-    assert all(queues[f"orders.events.p{i}"]["arguments"]["x-single-active-consumer"] is True for i in range(3))
+    assert sorted(queues) == [
+        "orders.events.p0",
+        "orders.events.p1",
+        "orders.events.p2",
+        "orders.events.parked",
+    ]
+    assert all(
+        queues[f"orders.events.p{i}"]["arguments"]["x-single-active-consumer"] is True for i in range(3)
+    )
     assert queues["orders.events.p0"]["arguments"]["x-dead-letter-routing-key"] == "orders.events.parked"
     routes = {(b["exchange"], b["routing_key"], b["queue"]) for b in plan["bindings"]}
     assert {("orders.events", str(i), f"orders.events.p{i}") for i in range(3)} <= routes
     exchanges = {e["name"]: e["type"] for e in plan["exchanges"]}
-    assert exchanges["orders.events"] == "direct" and exchanges["orders.events.members"] == "fanout"
-    assert [(c["queue"], c["retries"], c["delays"]) for c in plan["consumers"]] == [("orders.events", 2, [1, 5])]
+    assert exchanges["orders.events"] == "direct"
+    assert exchanges["orders.events.members"] == "fanout"
+    assert [(c["queue"], c["retries"], c["delays"]) for c in plan["consumers"]] == [
+        ("orders.events", 2, [1, 5])
+    ]
 
 
 # -- the in-memory broker -----------------------------------------------------------------------
@@ -112,7 +122,9 @@ async def test_memory_broker_gives_a_single_active_queue_to_one_consumer_at_a_ti
     await a.consume("q", on_a, prefetch=1)
     await b.consume("q", on_b, prefetch=1)
     for i in range(3):
-        await a.publish(str(i).encode(), exchange="", routing_key="q", properties=partitions_module.Properties())
+        await a.publish(
+            str(i).encode(), exchange="", routing_key="q", properties=partitions_module.Properties()
+        )
     await broker.drain(advance_clock=False)
     assert got == [("A", b"0")]  # B waits though A is full
     await a.close()  # A goes holding 0: it comes back first, to B
@@ -142,15 +154,19 @@ async def test_memory_partitioned_consumer_keeps_each_keys_order_and_retries_in_
                 await app.publish({"key": key, "seq": seq}, exchange="events")  # partition_key routes it
         await wait_for(lambda: sum(map(len, seen.values())) == 29, timeout=10)
         parked = client.parked("events")
-    assert seen["k0"] == list(range(10)) and seen["k2"] == list(range(10))
+    assert seen["k0"] == list(range(10))
+    assert seen["k2"] == list(range(10))
     assert seen["k1"] == [s for s in range(10) if s != 5]  # in order around the parked one
-    assert [p.reason for p in parked] == ["exhausted"] and parked[0].attempts == 3
+    assert [p.reason for p in parked] == ["exhausted"]
+    assert parked[0].attempts == 3
 
 
 # -- the real RabbitMQ 3.10 ---------------------------------------------------------------------
 
 
-def _replicas(broker_url: str, service: str, queue: str, n: int, handle: Callable[..., Any], **opts: Any) -> list[App]:
+def _replicas(
+    broker_url: str, service: str, queue: str, n: int, handle: Callable[..., Any], **opts: Any
+) -> list[App]:
     apps = []
     for _ in range(n):
         app = App(service, url=broker_url, graceful_timeout=5)
@@ -161,7 +177,8 @@ def _replicas(broker_url: str, service: str, queue: str, n: int, handle: Callabl
 
 def _groups(app: App) -> list[PartitionGroup]:
     runtime = app._runtime
-    assert runtime is not None and runtime.session is not None
+    assert runtime is not None
+    assert runtime.session is not None
     return runtime.session.partitioned
 
 
@@ -217,7 +234,9 @@ async def test_replicas_share_the_partitions_and_rebalance_when_one_leaves_or_di
         await asyncio.gather(*(app.stop() for app in apps[:2]))
 
 
-def _spawn(broker_url: str, service: str, queue: str, ledger: Path, pause: float = 0.001) -> subprocess.Popen[str]:
+def _spawn(
+    broker_url: str, service: str, queue: str, ledger: Path, pause: float = 0.001
+) -> subprocess.Popen[str]:
     args = [sys.executable, str(WORKER), broker_url, service, queue, "8", str(ledger), str(pause)]
     return subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": "."})
 
@@ -235,7 +254,8 @@ def _check_ledger(lines: list[str], killed: set[int]) -> tuple[int, int]:
             if key in open_by_key:
                 other_seq, other_pid = open_by_key[key]
                 # Only a killed worker's message in hand may be started again elsewhere.
-                assert other_pid in killed and other_seq == seq, (line, open_by_key[key])
+                assert other_pid in killed, (line, open_by_key[key])
+                assert other_seq == seq, (line, open_by_key[key])
                 redeliveries += 1  # the message a killed worker had in hand
             if seq <= last.get(key, -1):
                 # Only the last one again: handled, its ack lost with its worker.
@@ -280,7 +300,9 @@ async def test_ledger_per_key_order_through_sigkills(broker_url: str, admin: Adm
                     await asyncio.gather(
                         *(
                             producer.publish(
-                                {"key": f"k{k}", "seq": seq}, exchange=queue, routing_key=partition(f"k{k}", 8)
+                                {"key": f"k{k}", "seq": seq},
+                                exchange=queue,
+                                routing_key=partition(f"k{k}", 8),
                             )
                             for k in range(keys)
                         )
@@ -296,14 +318,21 @@ async def test_ledger_per_key_order_through_sigkills(broker_url: str, admin: Adm
             await publishing
 
             def done() -> bool:
-                handled = {(line.split()[1], line.split()[2]) for line in ledger.read_text().splitlines() if line[0] == "E"}
+                handled = {
+                    (line.split()[1], line.split()[2])
+                    for line in ledger.read_text().splitlines()
+                    if line[0] == "E"
+                }
                 return len(handled) == keys * events
 
             await wait_for(done, timeout=45)
         lines = ledger.read_text().splitlines()
         handled, redeliveries = _check_ledger(lines, killed)
         elapsed = time.monotonic() - started
-        print(f"ledger: {handled} events in order, {redeliveries} redeliveries, {len(killed)} SIGKILLs, {elapsed:.1f}s")
+        print(
+            f"ledger: {handled} events in order, {redeliveries} redeliveries, "
+            f"{len(killed)} SIGKILLs, {elapsed:.1f}s"
+        )
         assert handled == keys * events
         assert elapsed < 60
     finally:
