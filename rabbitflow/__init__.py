@@ -7,6 +7,7 @@ from rabbitflow.errors import ChannelClosed as ChannelClosed
 from rabbitflow.errors import ConfigError as ConfigError
 from rabbitflow.errors import ConnectionFailed as ConnectionFailed
 from rabbitflow.errors import ConnectionLost as ConnectionLost
+from rabbitflow.errors import DecodeError as DecodeError
 from rabbitflow.errors import LoginRefused as LoginRefused
 from rabbitflow.errors import PublishNacked as PublishNacked
 from rabbitflow.errors import PublishTimeout as PublishTimeout
@@ -24,6 +25,7 @@ from rabbitflow.middleware.base import Middleware as Middleware
 from rabbitflow.parking.walk import ParkedMessage as ParkedMessage
 from rabbitflow.registry import Router as Router
 from rabbitflow.retry import RetryPolicy as RetryPolicy
+from rabbitflow.runtime.partitions import partition as partition
 from rabbitflow.topology.compiler import Plan as Plan
 
 __version__ = "0.1.0"
@@ -35,6 +37,7 @@ __all__ = [
     "ConfigError",
     "ConnectionFailed",
     "ConnectionLost",
+    "DecodeError",
     "LoginRefused",
     "Message",
     "Middleware",
@@ -53,4 +56,5 @@ __all__ = [
     "TransportError",
     "UnencodableMessage",
     "Unroutable",
+    "partition",
 ]

@@ -24,6 +24,7 @@ from rabbitflow.message import Message
 from rabbitflow.middleware.base import Middleware, PublishChain, publish_chain
 from rabbitflow.parking.message import ParkedMessage
 from rabbitflow.registry import Registry
+from rabbitflow.runtime import partitions
 from rabbitflow.runtime.failover import Runtime
 from rabbitflow.runtime.publisher import NackCount, not_confirmed
 from rabbitflow.runtime.request import ask, reply_message
@@ -329,7 +330,7 @@ class App(Registry):
         body: Any,
         *,
         exchange: str = "",
-        routing_key: str,
+        routing_key: str | None = None,
         headers: dict[str, Any] | None = None,
         message_id: str | None = None,
         content_type: str | None = None,
@@ -338,6 +339,7 @@ class App(Registry):
         persistent: bool = True,
         mandatory: bool = True,
         timeout: float | None = None,
+        key: str | bytes | int | None = None,
     ) -> None:
         """Publish and return once the broker confirmed it.
 
@@ -346,7 +348,12 @@ class App(Registry):
         broker refused it (a missing exchange: 404), and `PublishTimeout` when no node confirmed it within
         `timeout` (reconnects included: a publish whose outcome a lost connection made unknown is
         sent again — duplicates are possible, loss is not).
+
+        `key` (or, without a routing key, the consumer's `partition_key` of the body) routes to
+        the partition of that key on this app's partitioned consumer behind `exchange`.
         """
+        if key is not None or routing_key is None:
+            routing_key = partitions.route(self.consumers, exchange, routing_key, key, body)
         data, properties = outgoing(
             body,
             message_id=message_id or f"{self._id_prefix}{next(self._ids):x}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +24,10 @@ __all__ = [
     "dead_letter_exchange",
     "delay_label",
     "derived_from",
+    "members_exchange",
     "parked_queue",
+    "partition_of",
+    "partition_queue",
     "retry_prefix",
     "retry_queue",
     "without",
@@ -123,6 +127,28 @@ def derived_from(name: str) -> list[str]:
         bases.append(name[:start])
         start = name.find(".retry.", start + 1)
     return bases
+
+
+def partition_queue(queue: str, index: int) -> str:
+    """Partition `index` of a partitioned consumer of `queue`: `Q.p3`."""
+    return f"{queue}.p{index}"
+
+
+def members_exchange(queue: str) -> str:
+    """The fanout exchange the replicas of a partitioned consumer of `queue` send heartbeats on."""
+    return f"{queue}.members"
+
+
+def partition_of(key: str | bytes | int, partitions: int) -> int:
+    """The partition of `key` among `partitions`: CRC-32 (zlib's, ISO-HDLC) of the key's UTF-8
+    bytes (an int: of its decimal digits), modulo the number of partitions. A producer in any
+    language routes to a partitioned consumer with this rule and the partition as routing key."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        key = str(key)
+    data = key.encode() if isinstance(key, str) else key
+    if not isinstance(data, bytes):
+        raise TypeError(f"a partition key is a str, bytes or int, not {type(key).__name__}")
+    return zlib.crc32(data) % partitions
 
 
 # What AMQP and RabbitMQ can take. Queue, exchange and routing key names are AMQP short strings:

@@ -47,6 +47,8 @@ class Consumers:
         breaker: Breaker | None = None,
         publish_to: str | tuple[str, str] | None = None,
         exactly_once: bool = False,
+        partitions: int | None = None,
+        partition_key: Callable[[Any], object] | None = None,
         **unknown: Any,
     ) -> Callable[[H], H]:
         """Register an async function as the consumer of `queue`.
@@ -76,6 +78,13 @@ class Consumers:
                 transaction of the app's outbox that also records the message id, acked after
                 the commit: its database effects happen once per message id, a duplicate is
                 acked without calling it (`rabbitflow.sql`, docs/effectively-once.md).
+            partitions: ordered partitions (docs/partitions.md): N single-active-consumer queues
+                `queue.p0`..`queue.p<N-1>` behind a direct exchange (`exchange`, default: the
+                queue's name), routed by `rabbitflow.partition(key, N)`. One key's messages are
+                handled one at a time in publish order; the partitions spread over the app's
+                replicas; a failing message is retried in place (the partition waits), then parked.
+            partition_key: a function of the body giving its key, so that
+                `app.publish(body, exchange=...)` finds the partition by itself.
 
         Every option is checked here, when the module is imported: a bad value, an unknown
         option or a second consumer of the same queue raises `ConfigError`. The handler's body
@@ -109,6 +118,8 @@ class Consumers:
                 decorator=self._decorator,
                 publish_to=publish_to,
                 exactly_once=exactly_once,
+                partitions=partitions,
+                partition_key=partition_key,
             )
             self._add([spec])
             return handler

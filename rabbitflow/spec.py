@@ -79,6 +79,8 @@ class ConsumerSpec:
     decorator: str = field(default="app", compare=False)  # "router": declared on a Router
     publish_to: tuple[str, str] | None = None  # (exchange, routing_key) for the handler's results
     exactly_once: bool = False  # the handler runs through the app's outbox's inbox (rabbitflow.sql)
+    partitions: int | None = None  # ordered partitions: Q.p0..Q.p<n-1>, one active replica each
+    partition_key: Callable[[Any], object] | None = field(default=None, compare=False)
 
     @property
     def handler_name(self) -> str:
@@ -113,6 +115,8 @@ def build_spec(
     decorator: str = "app",
     publish_to: object = None,
     exactly_once: object = False,
+    partitions: object = None,
+    partition_key: object = None,
 ) -> ConsumerSpec:
     """Validate the decorator's options into a spec; every problem is a ConfigError."""
     where = f"@{decorator}.consumer({queue!r})"
@@ -120,7 +124,8 @@ def build_spec(
         raise ConfigError(
             f"{where}: unknown option(s) {', '.join(sorted(unknown))}; known: exchange, "
             "exchange_type, routing_key, retries, delay, retry_on, dont_retry, queue_type, "
-            "prefetch, concurrency, handler_timeout, breaker, publish_to, exactly_once"
+            "prefetch, concurrency, handler_timeout, breaker, publish_to, exactly_once, partitions, "
+            "partition_key"
         )
     try:
         queue = check_queue("queue", queue)
@@ -144,6 +149,7 @@ def build_spec(
                 "exactly_once=True with publish_to: a return value would be published after "
                 "the transaction; stage onward messages with tx.publish(...) instead"
             )
+        partitions = _partitions(partitions, partition_key, exchange_type, routing_key, publish_to)
         return ConsumerSpec(
             queue=queue,
             handler=handler,
@@ -160,6 +166,8 @@ def build_spec(
             decorator=decorator,
             publish_to=_publish_to(publish_to),
             exactly_once=exactly_once,
+            partitions=partitions,
+            partition_key=partition_key,  # type: ignore[arg-type]  # checked by _partitions
         )
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
@@ -182,3 +190,33 @@ def _publish_to(value: object) -> tuple[str, str] | None:
         exchange = "" if exchange == "" else check_name("publish_to's exchange", exchange)
         return exchange, check_text("publish_to's routing key", routing_key, allow_empty=True)
     raise ConfigError(f"publish_to={value!r}: expected a routing key or an (exchange, routing_key) pair")
+
+
+MAX_PARTITIONS = 1024
+
+
+def _partitions(
+    partitions: object, partition_key: object, exchange_type: object, routing_key: object, publish_to: object
+) -> int | None:
+    """`partitions=N`: N single-active-consumer queues; the routing key is the partition number."""
+    if partitions is None:
+        if partition_key is not None:
+            raise ConfigError("partition_key=... needs partitions=N")
+        return None
+    if isinstance(partitions, bool) or not isinstance(partitions, int) or not 0 < partitions <= 1024:
+        raise ConfigError(f"partitions={partitions!r}: expected a whole number from 1 to {MAX_PARTITIONS}")
+    if partition_key is not None and not callable(partition_key):
+        raise ConfigError(f"partition_key={partition_key!r}: expected a function of the body giving its key")
+    if exchange_type != "direct":
+        raise ConfigError(
+            f"exchange_type={exchange_type!r}: a partitioned consumer's exchange is direct, "
+            "with partition i bound by routing key 'i'"
+        )
+    if routing_key is not None:
+        raise ConfigError(
+            f"routing_key={routing_key!r}: a partitioned consumer's routing keys are the partition "
+            "numbers; publish with key=... (or rabbitflow.partition(key, n))"
+        )
+    if publish_to is not None:
+        raise ConfigError("publish_to=... is not available on a partitioned consumer")
+    return partitions

@@ -15,6 +15,7 @@ def test_all_is_sorted_and_complete() -> None:
         "ConfigError",
         "ConnectionFailed",
         "ConnectionLost",
+        "DecodeError",
         "LoginRefused",
         "Message",
         "Middleware",
@@ -33,6 +34,7 @@ def test_all_is_sorted_and_complete() -> None:
         "TransportError",
         "UnencodableMessage",
         "Unroutable",
+        "partition",
     }
     for name in rabbitflow.__all__:
         assert getattr(rabbitflow, name) is not None

@@ -10,6 +10,7 @@ from rabbitflow import names
 from rabbitflow.errors import ChannelClosed, TopologyConflict
 from rabbitflow.middleware.base import Middleware
 from rabbitflow.runtime.consumer import Consumer
+from rabbitflow.runtime.partitions import PartitionGroup
 from rabbitflow.runtime.publisher import Publisher
 from rabbitflow.runtime.request import Requests
 from rabbitflow.settings import Settings
@@ -50,6 +51,7 @@ class Session:
         self.copies = Publisher(links.publish, known=known, repair=self._repair)  # retry, parked copies
         self.requests = Requests(links.publish, self.publisher)  # app.request, opened on first use
         self.consumers: list[Consumer] = []
+        self.partitioned: list[PartitionGroup] = []
         self._retry_queues: set[str] = set()
         self._refused: dict[str, TopologyConflict] = {}
         self._repairing: asyncio.Task[None] | None = None
@@ -66,6 +68,9 @@ class Session:
         await self.copies.channel()
         s = self.settings
         for spec in self._specs:
+            if spec.partitions is not None:
+                await self._open_partitions(spec)
+                continue
             channel = await self.links.consume.channel()
             consumer = Consumer(
                 spec,
@@ -86,6 +91,22 @@ class Session:
             await consumer.start()
             consumer.subscription.watch(self._probe, functools.partial(_settled, consumer))
             self.consumers.append(consumer)
+
+    async def _open_partitions(self, spec: ConsumerSpec) -> None:
+        s = self.settings
+        group = PartitionGroup(
+            spec,
+            service=s.name,
+            links=self.links,
+            copies=self.copies,
+            concurrency=spec.concurrency or s.concurrency,
+            handler_timeout=spec.handler_timeout or s.handler_timeout,
+            publish_timeout=s.publish_timeout,
+            release_timeout=s.graceful_timeout,
+            on_lost=self._lost,
+        )
+        await group.start()
+        self.partitioned.append(group)
 
     def _lost(self, reason: BaseException | None) -> None:
         """A consumer's channel is gone while the connection stays: end the session (close the
@@ -140,9 +161,12 @@ class Session:
         self._retry_queues.add(name)
 
     async def stop(self, graceful_timeout: float) -> None:
-        await asyncio.gather(*(c.stop(graceful_timeout) for c in self.consumers))
+        await asyncio.gather(
+            *(c.stop(graceful_timeout) for c in self.consumers),
+            *(g.stop(graceful_timeout) for g in self.partitioned),
+        )
         await asyncio.gather(self.publisher.close(), self.copies.close(), self.requests.close())
 
     async def abandon(self) -> None:
         self.requests.abandon()
-        await asyncio.gather(*(c.abandon() for c in self.consumers))
+        await asyncio.gather(*(c.abandon() for c in self.consumers), *(g.abandon() for g in self.partitioned))

@@ -6,6 +6,11 @@ For service S and a consumer of queue Q with delays d1..dn:
     queue Q            consume       dead-letters (reject, delivery limit) to S.dlx → Q.parked
     queue Q.retry.<d>  retry         x-message-ttl=d, dead-letters to "" → Q (to Q only)
     queue Q.parked     parked        no TTL, no expiry
+
+A partitioned consumer of Q (`partitions=N`, docs/partitions.md) has no queue Q and no retry
+queues (it retries in place): queues Q.p0..Q.p<N-1> (consume, single active consumer) bound to
+its direct exchange E (default: Q) by routing keys "0".."N-1", Q.parked, and the fanout
+exchange Q.members its replicas send their heartbeats on.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ __all__ = [
     "Plan",
     "QueuePlan",
     "compile_plan",
+    "partition_exchange",
     "retry_plan",
 ]
 
@@ -152,6 +158,9 @@ def compile_plan(service: str, consumers: Iterable[ConsumerSpec]) -> Plan:
     bindings: list[Binding] = []
     plans: list[ConsumerPlan] = []
     for spec in specs:
+        if spec.partitions is not None:
+            _plan_partitions(spec, dlx, exchanges, queues, bindings, plans)
+            continue
         queue, parked = spec.queue, names.parked_queue(spec.queue)
         typed = _queue_type_args(spec.queue_type)
         consume_args = {
@@ -190,6 +199,49 @@ def compile_plan(service: str, consumers: Iterable[ConsumerSpec]) -> Plan:
     plan = Plan(service, tuple(exchanges.values()), tuple(queues), tuple(bindings), tuple(plans))
     _check_routes(plan)
     return plan
+
+
+def partition_exchange(spec: ConsumerSpec) -> str:
+    """The direct exchange a partitioned consumer's producers publish to."""
+    return spec.queue if spec.exchange is None else spec.exchange
+
+
+def _plan_partitions(
+    spec: ConsumerSpec,
+    dlx: str,
+    exchanges: dict[str, ExchangePlan],
+    queues: list[QueuePlan],
+    bindings: list[Binding],
+    plans: list[ConsumerPlan],
+) -> None:
+    assert spec.partitions is not None
+    parked = names.parked_queue(spec.queue)
+    exchange = partition_exchange(spec)
+    _add_exchange(exchanges, ExchangePlan(exchange, "direct"))
+    _add_exchange(exchanges, ExchangePlan(names.members_exchange(spec.queue), "fanout"))
+    arguments: dict[str, Any] = {
+        **_queue_type_args(spec.queue_type),
+        "x-dead-letter-exchange": dlx,
+        "x-dead-letter-routing-key": parked,
+        # The broker delivers a partition to one consumer at a time, whoever else subscribes:
+        # a handover may overlap in the replicas' views, never in deliveries.
+        "x-single-active-consumer": True,
+    }
+    if spec.queue_type == "quorum":
+        arguments["x-delivery-limit"] = DELIVERY_LIMIT
+    for index in range(spec.partitions):
+        name = names.partition_queue(spec.queue, index)
+        queues.append(QueuePlan(name, "consume", True, _args(arguments)))
+        bindings.append(Binding(exchange, name, str(index)))
+    parked_args = (
+        {"x-queue-type": "quorum", "x-delivery-limit": names.PARKED_DELIVERY_LIMIT}
+        if spec.queue_type == "quorum"
+        else {}
+    )
+    queues.append(QueuePlan(parked, "parked", True, _args(parked_args)))
+    bindings.append(Binding(dlx, parked, parked))
+    delays = tuple(spec.policy.delay_for(k) for k in range(1, spec.policy.retries + 1))
+    plans.append(ConsumerPlan(spec.queue, spec.handler_name, spec.policy.retries, delays))
 
 
 def retry_plan(service: str, spec: ConsumerSpec, delay: float) -> Plan:

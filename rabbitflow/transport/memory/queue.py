@@ -117,6 +117,11 @@ class MemoryQueue:
         self.consumer_timeout = None if timeout is None or not self.is_quorum else timeout / 1000
         self.unacked_count = 0
         self.consumers: list[Consumer] = []
+        # x-single-active-consumer: only the earliest subscribed consumer gets messages; when it
+        # goes (cancel, channel closed), the next in subscription order at once, even while the
+        # one that went still holds unacked messages (seen on 3.10.8). Consumer priorities do
+        # not change which one is active (3.10.8).
+        self.single_active = arguments.get("x-single-active-consumer") is True
         self._ready: deque[Message] = deque()
         self._returns: deque[Message] = deque()  # quorum: returned messages go first
         self._next_consumer = 0
@@ -245,6 +250,9 @@ class MemoryQueue:
 
     def next_consumer(self) -> Consumer | None:
         """The next consumer with room under its prefetch, round-robin as RabbitMQ does."""
+        if self.single_active:
+            active = self.consumers[0] if self.consumers else None
+            return active if active is not None and active.has_capacity else None
         count = len(self.consumers)
         for offset in range(count):
             index = (self._next_consumer + offset) % count

@@ -1,0 +1,350 @@
+"""Ordered partitions: per-key order, spread over replicas, in-place retries, on 3.10 and in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rabbitflow import App, ConfigError, Message, partition
+from rabbitflow.runtime import partitions as partitions_module
+from rabbitflow.runtime.partitions import PartitionGroup, assign
+from rabbitflow.testing import TestClient
+
+from ..helpers import Admin, unique, wait_for
+
+WORKER = Path(__file__).with_name("partition_worker.py")
+
+
+# -- pure parts ---------------------------------------------------------------------------------
+
+
+def test_the_documented_hash_rule_is_crc32_modulo_n() -> None:
+    # What a foreign producer implements: str(zlib.crc32(key.encode("utf-8")) % N).
+    for key in ("order-17", "é", "", "x" * 300):
+        assert partition(key, 8) == str(zlib.crc32(key.encode()) % 8)
+    assert partition(17, 8) == partition("17", 8)
+    assert partition(b"order-17", 8) == partition("order-17", 8)
+
+
+def test_assignment_is_even_deterministic_and_moves_little() -> None:
+    members = ["a", "b", "c", "d"]
+    owners = assign(members, 8)
+    assert sorted(collections.Counter(owners.values()).values()) == [2, 2, 2, 2]
+    assert assign(reversed(members), 8) == owners  # every replica computes the same
+    assert sorted(collections.Counter(assign(["a", "b", "c"], 8).values()).values()) == [2, 3, 3]
+    # A fifth replica joining 20 partitions over 4: a share of 4 moves to it, little else moves.
+    before, after = assign(members, 20), assign([*members, "e"], 20)
+    moved = [p for p in before if before[p] != after[p]]
+    assert sum(after[p] == "e" for p in after) == 4
+    assert len(moved) <= 8
+
+
+@pytest.mark.parametrize(
+    ("options", "complaint"),
+    [
+        ({"partitions": 0}, "partitions=0"),
+        ({"partitions": True}, "partitions=True"),
+        ({"partitions": 4, "exchange": "e", "routing_key": "k"}, "routing keys are the partition numbers"),
+        ({"partitions": 4, "exchange": "e", "exchange_type": "topic"}, "exchange is direct"),
+        ({"partition_key": lambda b: b}, "needs partitions=N"),
+        ({"partitions": 4, "partition_key": "id"}, "a function of the body"),
+        ({"partitions": 4, "publish_to": "out"}, "publish_to"),
+    ],
+)
+def test_bad_partition_options_fail_at_import(options: dict[str, Any], complaint: str) -> None:
+    app = App("svc", url="memory://")
+    with pytest.raises(ConfigError, match=complaint):
+
+        @app.consumer("orders.events", **options)
+        async def handle(body: Any) -> None: ...
+
+
+def test_plan_has_single_active_partition_queues_and_no_retry_queues() -> None:
+    app = App("svc", url="memory://")
+
+    @app.consumer("orders.events", partitions=3, retries=2, delay=[1, 5])
+    async def handle(body: Any) -> None: ...
+
+    plan = app.plan.to_dict()
+    queues = {q["name"]: q for q in plan["queues"]}
+    assert sorted(queues) == [
+        "orders.events.p0",
+        "orders.events.p1",
+        "orders.events.p2",
+        "orders.events.parked",
+    ]
+    assert all(
+        queues[f"orders.events.p{i}"]["arguments"]["x-single-active-consumer"] is True for i in range(3)
+    )
+    assert queues["orders.events.p0"]["arguments"]["x-dead-letter-routing-key"] == "orders.events.parked"
+    routes = {(b["exchange"], b["routing_key"], b["queue"]) for b in plan["bindings"]}
+    assert {("orders.events", str(i), f"orders.events.p{i}") for i in range(3)} <= routes
+    exchanges = {e["name"]: e["type"] for e in plan["exchanges"]}
+    assert exchanges["orders.events"] == "direct"
+    assert exchanges["orders.events.members"] == "fanout"
+    assert [(c["queue"], c["retries"], c["delays"]) for c in plan["consumers"]] == [
+        ("orders.events", 2, [1, 5])
+    ]
+
+
+# -- the in-memory broker -----------------------------------------------------------------------
+
+
+async def test_memory_broker_gives_a_single_active_queue_to_one_consumer_at_a_time() -> None:
+    from rabbitflow.testing import MemoryBroker
+    from rabbitflow.urls import parse_urls
+
+    broker = MemoryBroker()
+    endpoint = parse_urls("memory://")[0]
+    conn = await broker.connect(endpoint, timeout=1, heartbeat=0, name="t")
+    a, b = await conn.channel(), await conn.channel()
+    await a.declare_queue("q", arguments={"x-queue-type": "quorum", "x-single-active-consumer": True})
+    got: list[tuple[str, bytes]] = []
+
+    async def on_a(d: Any) -> None:
+        got.append(("A", d.body))  # holds it, unacked
+
+    async def on_b(d: Any) -> None:
+        got.append(("B", d.body))
+        await b.ack(d.delivery_tag)
+
+    await a.consume("q", on_a, prefetch=1)
+    await b.consume("q", on_b, prefetch=1)
+    for i in range(3):
+        await a.publish(
+            str(i).encode(), exchange="", routing_key="q", properties=partitions_module.Properties()
+        )
+    await broker.drain(advance_clock=False)
+    assert got == [("A", b"0")]  # B waits though A is full
+    await a.close()  # A goes holding 0: it comes back first, to B
+    await broker.drain(advance_clock=False)
+    assert got == [("A", b"0"), ("B", b"0"), ("B", b"1"), ("B", b"2")]
+    await conn.close()
+
+
+async def test_memory_partitioned_consumer_keeps_each_keys_order_and_retries_in_place() -> None:
+    app = App("svc", url="memory://")
+    seen: dict[str, list[int]] = collections.defaultdict(list)
+    failures = collections.Counter[tuple[str, int]]()
+
+    @app.consumer("events", partitions=4, retries=2, delay=0.01, partition_key=lambda e: e["key"])
+    async def handle(event: dict[str, Any], message: Message) -> None:
+        key, seq = event["key"], event["seq"]
+        if seq == 3 and failures[(key, seq)] < 2:  # fails twice, then works: retried in place
+            failures[(key, seq)] += 1
+            raise RuntimeError("flaky")
+        if key == "k1" and seq == 5:
+            raise RuntimeError("poison")  # parked after 3 attempts; k1 goes on with 6
+        seen[key].append(seq)
+
+    async with TestClient(app) as client:
+        for seq in range(10):
+            for key in ("k0", "k1", "k2"):
+                await app.publish({"key": key, "seq": seq}, exchange="events")  # partition_key routes it
+        await wait_for(lambda: sum(map(len, seen.values())) == 29, timeout=10)
+        parked = client.parked("events")
+    assert seen["k0"] == list(range(10))
+    assert seen["k2"] == list(range(10))
+    assert seen["k1"] == [s for s in range(10) if s != 5]  # in order around the parked one
+    assert [p.reason for p in parked] == ["exhausted"]
+    assert parked[0].attempts == 3
+
+
+# -- the real RabbitMQ 3.10 ---------------------------------------------------------------------
+
+
+def _replicas(
+    broker_url: str, service: str, queue: str, n: int, handle: Callable[..., Any], **opts: Any
+) -> list[App]:
+    apps = []
+    for _ in range(n):
+        app = App(service, url=broker_url, graceful_timeout=5)
+        app.consumer(queue, partitions=opts.get("partitions", 8), **opts.get("consumer", {}))(handle)
+        apps.append(app)
+    return apps
+
+
+def _groups(app: App) -> list[PartitionGroup]:
+    runtime = app._runtime
+    assert runtime is not None
+    assert runtime.session is not None
+    return runtime.session.partitioned
+
+
+def _held(apps: list[App]) -> list[list[int]]:
+    return [sorted(_groups(a)[0].held) for a in apps]
+
+
+async def test_replicas_share_the_partitions_and_rebalance_when_one_leaves_or_dies(
+    broker_url: str, admin: Admin, tmp_path: Path
+) -> None:
+    service, queue = unique("svc"), unique("part")
+    handled: list[int] = []
+
+    async def handle(body: Any) -> None:
+        handled.append(body["seq"])
+
+    apps = _replicas(broker_url, service, queue, 3, handle)
+    admin.forget_app(apps[0])
+    await asyncio.gather(*(app.start() for app in apps))
+    worker = _spawn(broker_url, service, queue, tmp_path / "ledger")  # the fourth replica, a process
+    try:
+        assert worker.stdout is not None
+        assert (await asyncio.to_thread(worker.stdout.readline)).strip() == "ready"
+        # 8 partitions over 4 replicas: 2 each (the worker holds the 2 the three here do not).
+        await wait_for(lambda: sorted(map(len, _held(apps))) == [2, 2, 2], timeout=10)
+        assert len({p for held in _held(apps) for p in held}) == 6
+        # A graceful leave (it says goodbye): its partitions move at once.
+        started = time.monotonic()
+        await apps[2].stop()
+        # 8 over 3 replicas: 3, 3 and 2, whichever gets the 2.
+        await wait_for(lambda: sorted(map(len, _held(apps[:2]))) in ([2, 3], [3, 3]), timeout=10)
+        leave = time.monotonic() - started
+        # A replica SIGKILLed: the others notice its silence within MISSED heartbeats.
+        started = time.monotonic()
+        worker.send_signal(signal.SIGKILL)
+        await wait_for(lambda: sorted(map(len, _held(apps[:2]))) == [4, 4], timeout=15)
+        death = time.monotonic() - started
+        print(f"rebalance after a leave {leave:.2f}s, after a SIGKILL {death:.2f}s")
+        assert leave < 2.0
+        assert death < partitions_module.HEARTBEAT * (partitions_module.MISSED + 2)
+        # Everything flows to the two left, and nothing is handled twice.
+        for seq in range(40):
+            await apps[0].publish({"seq": seq}, exchange=queue, key=f"k{seq}")
+        await wait_for(lambda: len(handled) == 40)
+        await asyncio.sleep(0.2)
+        assert sorted(handled) == list(range(40))
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        await asyncio.to_thread(worker.wait, 10)
+        assert worker.stdout is not None
+        worker.stdout.close()
+        await asyncio.gather(*(app.stop() for app in apps[:2]))
+
+
+def _spawn(
+    broker_url: str, service: str, queue: str, ledger: Path, pause: float = 0.001
+) -> subprocess.Popen[str]:
+    args = [sys.executable, str(WORKER), broker_url, service, queue, "8", str(ledger), str(pause)]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": "."})
+
+
+def _check_ledger(lines: list[str], killed: set[int]) -> tuple[int, int]:
+    """Every key's events handled in order, none missing, one at a time; returns (handled,
+    redeliveries). A redelivery is allowed only of the message a killed worker had in hand."""
+    open_by_key: dict[str, tuple[int, int]] = {}
+    last: dict[str, int] = {}
+    redeliveries = 0
+    for line in lines:
+        kind, key, seq_text, pid_text = line.split()
+        seq, pid = int(seq_text), int(pid_text)
+        if kind == "S":
+            if key in open_by_key:
+                other_seq, other_pid = open_by_key[key]
+                # Only a killed worker's message in hand may be started again elsewhere.
+                assert other_pid in killed, (line, open_by_key[key])
+                assert other_seq == seq, (line, open_by_key[key])
+                redeliveries += 1  # the message a killed worker had in hand
+            if seq <= last.get(key, -1):
+                # Only the last one again: handled, its ack lost with its worker.
+                assert seq == last[key], f"{key}: {seq} after {last[key]}"
+                redeliveries += 1
+            else:
+                assert seq == last.get(key, -1) + 1, f"{key}: gap or disorder, {seq} after {last.get(key)}"
+            open_by_key[key] = (seq, pid)
+        else:
+            assert open_by_key.get(key) == (seq, pid), line
+            del open_by_key[key]
+            last[key] = max(last.get(key, -1), seq)
+    handled = sum(v + 1 for v in last.values())
+    return handled, redeliveries
+
+
+async def test_ledger_per_key_order_through_sigkills(broker_url: str, admin: Admin, tmp_path: Path) -> None:
+    """200 keys x 50 events while 3 of 4 worker processes are SIGKILLed and replaced: every key's
+    events handled in order, without a gap, one at a time."""
+    service, queue, keys, events = unique("svc"), unique("ledger"), 200, 50
+    ledger = tmp_path / "ledger"
+    ledger.touch()
+    planner = App(service, url=broker_url)
+    planner.consumer(queue, partitions=8)(_noop)
+    admin.forget_app(planner)
+
+    def spawn() -> subprocess.Popen[str]:
+        return _spawn(broker_url, service, queue, ledger)
+
+    workers = [spawn() for _ in range(4)]
+    killed: set[int] = set()
+    started = time.monotonic()
+    try:
+        for worker in workers:
+            assert worker.stdout is not None
+            assert (await asyncio.to_thread(worker.stdout.readline)).strip() == "ready"
+        producer = App(unique("producer"), url=broker_url)
+        async with producer:
+
+            async def publish_all() -> None:
+                for seq in range(events):
+                    await asyncio.gather(
+                        *(
+                            producer.publish(
+                                {"key": f"k{k}", "seq": seq},
+                                exchange=queue,
+                                routing_key=partition(f"k{k}", 8),
+                            )
+                            for k in range(keys)
+                        )
+                    )
+
+            publishing = asyncio.ensure_future(publish_all())
+            for round_ in range(3):  # kill one worker mid-stream, start a new one
+                await asyncio.sleep(1.5)
+                victim = workers[round_]
+                victim.send_signal(signal.SIGKILL)
+                killed.add(victim.pid)
+                workers.append(spawn())
+            await publishing
+
+            def done() -> bool:
+                handled = {
+                    (line.split()[1], line.split()[2])
+                    for line in ledger.read_text().splitlines()
+                    if line[0] == "E"
+                }
+                return len(handled) == keys * events
+
+            await wait_for(done, timeout=45)
+        lines = ledger.read_text().splitlines()
+        handled, redeliveries = _check_ledger(lines, killed)
+        elapsed = time.monotonic() - started
+        print(
+            f"ledger: {handled} events in order, {redeliveries} redeliveries, "
+            f"{len(killed)} SIGKILLs, {elapsed:.1f}s"
+        )
+        assert handled == keys * events
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+        for worker in workers:
+            try:
+                await asyncio.to_thread(worker.wait, 10)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+            assert worker.stdout is not None
+            worker.stdout.close()
+
+
+async def _noop(body: Any) -> None: ...
