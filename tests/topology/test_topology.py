@@ -221,7 +221,7 @@ def nested_app() -> App:
 def test_a_handler_defined_in_a_function_renders_without_locals(fmt: str) -> None:
     out = render(nested_app().plan, fmt)
     assert "<locals>" not in out
-    assert "tests.test_topology.nested_app.create_app.on_order" in out
+    assert "tests.topology.test_topology.nested_app.create_app.on_order" in out
 
 
 def test_mermaid_labels_and_ids_survive_any_name() -> None:
@@ -239,4 +239,4 @@ def test_mermaid_labels_and_ids_survive_any_name() -> None:
     assert "#quot;odd#quot;#lt;handler#gt;" in mermaid
     assert '-- "key #quot;#lt;1#gt;#quot;" -->' in mermaid
     assert '[("q#35;1")]' in mermaid  # '#' starts a Mermaid entity: escaped too
-    assert "h_tests_test_topology_make__odd__handler_" in mermaid  # ids: letters, digits, _
+    assert "h_tests_topology_test_topology_make__odd__handler_" in mermaid  # ids: letters, digits, _
