@@ -60,14 +60,15 @@ import benchlib  # noqa: E402
 BASELINE = "aiormq_raw"
 CONTENDER_ORDER = ["c_librabbitmq", "aiormq_raw", "aiormq_batched", "aio_pika", "faststream", "rabbitflow"]
 # Not in a default run: rabbitflow with middleware (`--contenders aiormq_raw,rabbitflow,rabbitflow_seam,...`),
-# on uvloop (rabbitflow_uvloop: `pip install uvloop`), and another checkout (rabbitflow_baseline:
-# RF_BASELINE).
+# on uvloop (rabbitflow_uvloop: `pip install uvloop`), another checkout (rabbitflow_baseline:
+# RF_BASELINE), and the least a Python asyncio consumer does (python_floor: consume only).
 VARIANTS = [
     "rabbitflow_seam",
     "rabbitflow_prometheus",
     "rabbitflow_otel",
     "rabbitflow_uvloop",
     "rabbitflow_baseline",
+    "python_floor",
 ]
 # Contenders in C, built here from benchmarks/contenders/c/<name>.c (Debian: librabbitmq-dev). The C
 # client is the ceiling: what one single-threaded client on this machine gets out of the broker.
