@@ -13,7 +13,9 @@ from rabbitflow import App, StateError
 from ..helpers import unique
 
 
-async def test_a_request_pending_at_stop_fails_at_once_with_a_clear_error(make_app: Callable[..., App]) -> None:
+async def test_a_request_pending_at_stop_fails_at_once_with_a_clear_error(
+    make_app: Callable[..., App],
+) -> None:
     app = make_app()
     queue = unique("slow")
     started = asyncio.Event()
