@@ -1,7 +1,7 @@
 """`rabbitflow run --workers N`: N worker processes, each a whole app, kept running.
 
 A worker that dies on its own (a nonzero exit or a signal that was not the supervisor's stop) is
-started again after a backoff. A worker that died at start-up (before it handled any message:
+started again after a backoff. A worker that died otherwise than in a handler (at start-up:
 a bad URL, a crash on import) waits 1 s, doubling up to 30 s while it keeps dying, back to 1 s
 once a worker has run for a minute. A worker that died while handling messages (a handler that
 kills its process) starts again after 1 s every time: the crash journal (runtime/quarantine.py,
@@ -167,7 +167,7 @@ class Supervisor:
             ran = loop.time() - started
             if ran >= self.reset_after:
                 backoff = self.first_backoff
-            consuming = record is not None  # it got as far as handling messages: not a start-up crash
+            consuming = bool(record and record.running)  # died in a handler: not a start-up crash
             wait = self.first_backoff if consuming else backoff
             running = (
                 ""
