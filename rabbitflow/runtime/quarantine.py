@@ -26,6 +26,7 @@ A writer whose journal still ends in `.journal` counts as dead when its pid is g
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -76,11 +77,13 @@ class Record:
 def read_journal(path: Path) -> Record:
     """Lines `s KEY` (started), `a KEY` (started alone), `e KEY` (ended)."""
     record = Record()
-    try:
-        text = path.read_bytes().decode("ascii", "replace")
-    except OSError:
-        return record
-    for line in text.splitlines():
+    with contextlib.suppress(OSError):
+        _parse(record, path.read_bytes())
+    return record
+
+
+def _parse(record: Record, data: bytes) -> None:
+    for line in data.decode("ascii", "replace").splitlines():
         kind, _, key = line.partition(" ")
         if kind in ("s", "a"):
             record.running[key] += 1
@@ -91,7 +94,31 @@ def read_journal(path: Path) -> Record:
             if not record.running[key]:
                 del record.running[key]
                 record.alone.discard(key)
-    return record
+
+
+class _Reader:
+    """A journal read as it grows: only the bytes added since the last look are parsed (after a
+    failover every redelivered message asks for a verdict)."""
+
+    __slots__ = ("inode", "offset", "record")
+
+    def __init__(self) -> None:
+        self.inode, self.offset, self.record = -1, 0, Record()
+
+    def read(self, path: Path) -> Record:
+        try:
+            with path.open("rb") as file:
+                inode = os.fstat(file.fileno()).st_ino
+                if inode != self.inode:  # new, or written afresh (`_rotate`)
+                    self.inode, self.offset, self.record = inode, 0, Record()
+                file.seek(self.offset)
+                data = file.read()
+        except OSError:
+            return self.record
+        whole = data.rfind(b"\n") + 1  # a line still being written waits for the next look
+        _parse(self.record, data[:whole])
+        self.offset += whole
+        return self.record
 
 
 def bury(directory: Path, pid: int) -> Record | None:
@@ -141,6 +168,7 @@ class Quarantine:
         self._lone: asyncio.Lock | None = None  # held while a suspect runs alone
         self._open_gate = asyncio.Event()
         self._open_gate.set()
+        self._readers: dict[Path, _Reader] = {}
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -154,7 +182,10 @@ class Quarantine:
         """(convictions, suspect) of `key` from the journals of dead writers (and of writers that
         lost the message to us: it came back redelivered while they still had it running)."""
         convictions, suspect = 0, False
-        for path in self.directory.iterdir():
+        paths = list(self.directory.iterdir())
+        for gone in self._readers.keys() - set(paths):
+            del self._readers[gone]
+        for path in paths:
             if path == self._path:
                 continue
             if path.suffix == ".dead":
@@ -166,7 +197,10 @@ class Quarantine:
                     continue
             else:
                 continue
-            record = read_journal(path)
+            reader = self._readers.get(path)
+            if reader is None:
+                reader = self._readers[path] = _Reader()
+            record = reader.read(path)
             if key in record.running:
                 suspect = True
                 if dead and key in record.alone:
