@@ -92,7 +92,7 @@ class Breaker:
 class Circuit:
     """One consumer's breaker state, fed with each attempt's outcome and the time."""
 
-    __slots__ = ("_attempts", "_failures", "breaker", "opened_at", "reason", "state", "trips")
+    __slots__ = ("_attempts", "_failures", "breaker", "last_trip", "opened_at", "reason", "state", "trips")
 
     def __init__(self, breaker: Breaker) -> None:
         self.breaker = breaker
@@ -100,7 +100,8 @@ class Circuit:
         self._attempts: deque[tuple[float, bool]] = deque()  # (time, failed), oldest first
         self._failures = 0
         self.opened_at: float | None = None
-        self.reason = ""
+        self.reason = ""  # why it is open now; empty while closed
+        self.last_trip = ""  # why it opened the last time, kept once it closed again
         self.trips = 0
 
     def record(self, now: float, exc: BaseException | None) -> BreakerState:
@@ -114,6 +115,7 @@ class Circuit:
             else:
                 self.state = BreakerState.CLOSED
                 self.opened_at = None
+                self.reason = ""
                 self._attempts.clear()
                 self._failures = 0
             return self.state
@@ -140,6 +142,7 @@ class Circuit:
             if window
             else "the probe failed"
         ) + (f"; last: {type(exc).__name__}: {exc}" if exc is not None else "")
+        self.last_trip = self.reason
         self._attempts.clear()
         self._failures = 0
 

@@ -16,6 +16,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -190,19 +191,41 @@ class HttpServer:
     async def _read(self, reader: asyncio.StreamReader) -> bytes | None:
         try:
             async with asyncio.timeout(_READ_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
+                head = await _head(reader)
         except (TimeoutError, asyncio.IncompleteReadError):
             return None
-        except asyncio.LimitOverrunError:
+        except (asyncio.LimitOverrunError, ValueError):
             return _encode("GET", _plain(400, b"request too large\n"))
-        if len(head) > _MAX_REQUEST:
+        if head is None:
             return _encode("GET", _plain(400, b"request too large\n"))
         try:
-            method, target, _version = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+            method, target, _version = head.split(b"\n", 1)[0].decode("latin-1").split()
         except ValueError:
             return _encode("GET", _plain(400, b"bad request line\n"))
-        path = target.split("?", 1)[0]
-        return _encode(method, self._endpoints.respond(method, path))
+        return _encode(method, self._endpoints.respond(method, _path(target)))
+
+
+async def _head(reader: asyncio.StreamReader) -> bytes | None:
+    """The request line and headers, up to the empty line; lines may end in CRLF or, as RFC 9112
+    lets a server accept, a bare LF. None when longer than `_MAX_REQUEST`."""
+    head = b""
+    while True:
+        line = await reader.readline()
+        if not line:
+            raise asyncio.IncompleteReadError(head, None)
+        head += line
+        if len(head) > _MAX_REQUEST:
+            return None
+        if line in (b"\r\n", b"\n") and head != line:
+            return head
+
+
+def _path(target: str) -> str:
+    """The path of a request target: origin-form (`/health?x`) or absolute-form
+    (`http://host/health`, what a client talking to a proxy sends)."""
+    if "://" in target.split("?", 1)[0]:
+        target = urlsplit(target).path or "/"
+    return target.split("?", 1)[0]
 
 
 def _encode(method: str, response: Response) -> bytes:

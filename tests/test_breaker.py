@@ -57,6 +57,8 @@ def test_the_probe_closes_or_opens_it_again() -> None:
     circuit.half_open()
     assert circuit.record(3.0, None) is BreakerState.CLOSED
     assert circuit.opened_at is None
+    assert circuit.reason == ""
+    assert "the probe failed" in circuit.last_trip
 
 
 @pytest.mark.parametrize(
@@ -177,7 +179,10 @@ async def _outage(app: App, admin: Admin | None, with_breaker: bool, n: int = 50
             await service.on()
             if with_breaker:
                 await wait_for(lambda: len(handled) == n, timeout=90)
-                assert app.health()["consumers"][0]["breaker"]["state"] == "closed"
+                closed = app.health()["consumers"][0]["breaker"]
+                assert closed["state"] == "closed"
+                assert closed["reason"] is None  # no outage now: health does not say there is one
+                assert "attempts failed" in closed["last_trip"] or "probe" in closed["last_trip"]
             else:
                 await wait_for(lambda: len(handled) + len(parked) >= n, timeout=90)
     if with_breaker:

@@ -180,3 +180,34 @@ asyncio.run(main())
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "501 metrics need prometheus-client: pip install 'rabbitflow[prometheus]'"
+
+
+async def _raw(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(3):
+            return await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_the_server_reads_absolute_form_targets_and_bare_lf_requests() -> None:
+    """A client speaking to a proxy sends `GET http://host/health`; a hand-typed or minimal client
+    ends its lines with a bare LF (RFC 9112 lets a server accept both): both get the answer."""
+    app = App(unique("svc"), url="amqp://guest:guest@127.0.0.1:1/")  # not started: 503, unopened
+    async with await serve(app, 0, host="127.0.0.1") as server:
+        for request in (
+            b"GET http://127.0.0.1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+            b"GET https://example.org:9000/health?verbose=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /health HTTP/1.1\nHost: 127.0.0.1\n\n",
+            b"GET http://127.0.0.1/health HTTP/1.0\n\n",
+        ):
+            answer = await _raw(server.port, request)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 "), (request, answer)
+            assert orjson.loads(body)["state"] == "unopened"
+        answer = await _raw(server.port, b"GET http://127.0.0.1/nothing HTTP/1.1\n\n")
+        assert answer.startswith(b"HTTP/1.1 404 ")

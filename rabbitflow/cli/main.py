@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import importlib
 import importlib.util
 import logging
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from rabbitflow import __version__, names
 from rabbitflow.app import App
 from rabbitflow.cli.parked import add_parked
 from rabbitflow.cli.sql import add_sql
-from rabbitflow.cli.workers import WORKER_ENV, Supervisor
+from rabbitflow.cli.workers import EXIT_PORT_TAKEN, PARENT_FD_ENV, WORKER_ENV, Supervisor, follow_parent
 from rabbitflow.errors import ConfigError, RabbitflowError
 from rabbitflow.topology.render import render
 from rabbitflow.urls import mask
@@ -90,16 +92,34 @@ def _run(args: argparse.Namespace) -> int:
         app.use_url(os.environ["RABBITFLOW_URL"])
     elif args.url:
         app.use_url(args.url)
-    if args.http_port is None:
+    if args.http_port is None and not os.environ.get(PARENT_FD_ENV):
         app.run()
-    else:
-        # Worker N of `--workers` serves on PORT + N - 1: one scrape target per process.
-        port = args.http_port + int(os.environ.get(WORKER_ENV) or 1) - 1
-        asyncio.run(_serve_with_http(app, port))
+        return 0
+    # Worker N of `--workers` serves on PORT + N - 1: one scrape target per process.
+    port = None if args.http_port is None else args.http_port + int(os.environ.get(WORKER_ENV) or 1) - 1
+    try:
+        asyncio.run(_serve(app, port, args.http_host))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        log.error(
+            "cannot serve /health and /metrics on %s:%s: the port is taken (%s)", args.http_host, port, exc
+        )
+        return EXIT_PORT_TAKEN
     return 0
 
 
-async def _serve_with_http(app: App, port: int) -> None:
+async def _serve(app: App, port: int | None, host: str) -> None:
+    """`app.serve()`, under `--workers` stopping when the supervisor goes, with the HTTP server
+    of `--http-port` (bound before the app starts: a taken port fails at once)."""
+    follow_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))  # app.serve's graceful stop
+    if port is None:
+        await app.serve()
+    else:
+        await _serve_with_http(app, port, host)
+
+
+async def _serve_with_http(app: App, port: int, host: str) -> None:
     from rabbitflow.http import serve
 
     try:
@@ -111,8 +131,8 @@ async def _serve_with_http(app: App, port: int) -> None:
             metrics = PrometheusMiddleware()  # /metrics is about this app, not only the process
             app.middleware = (*app.middleware, metrics)
             metrics.bind(app)
-    server = await serve(app, port)
-    log.info("serving /health and /metrics on port %d", server.port)
+    server = await serve(app, port, host)
+    log.info("serving /health and /metrics on %s:%d", host, server.port)
     try:
         await app.serve()
     finally:
@@ -132,7 +152,7 @@ def _child(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     under --reload): the URL goes in the environment, since a command line shows in `ps`."""
     command = [sys.executable, "-m", "rabbitflow", "run", args.app, "--log-level", args.log_level]
     if args.http_port is not None:
-        command += ["--http-port", str(args.http_port)]
+        command += ["--http-port", str(args.http_port), "--http-host", args.http_host]
     env = dict(os.environ)
     if args.url:
         command.append("--url-from-env")
@@ -162,6 +182,9 @@ def _run_reloading(args: argparse.Namespace) -> int:
     directory = module_directory(args.app)
     log.warning("watching %s for changes to .py files (--reload)", directory)
     os.environ.update(env)  # watchfiles starts the command with this process's environment
+    # watchfiles stops on KeyboardInterrupt (it turns SIGTERM into one). A shell's background job
+    # starts with SIGINT ignored, and then Python raises none: stop on SIGINT whatever we inherited.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     watchfiles.run_process(
         directory,
         target=shlex.join(command),
@@ -287,6 +310,13 @@ def parser() -> argparse.ArgumentParser:
         help="serve /health (200 healthy, 503 not) and /metrics (Prometheus text; the app's metrics "
         "when prometheus-client is installed) on this port; worker N of --workers serves on "
         "PORT + N - 1",
+    )
+    run.add_argument(
+        "--http-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="the address --http-port listens on: 0.0.0.0 (or ::) for every interface, e.g. for a "
+        "scraper on another host (default: %(default)s, this host only)",
     )
     run.add_argument(
         "--reload",

@@ -27,7 +27,16 @@ __all__ = [
 
 # x-rf-reason values rabbitflow writes, and the broker's own dead-letter reasons (a message the
 # broker moved to the parking queue carries no x-rf-reason; its x-death says why).
-REASONS = ("exhausted", "rejected", "decode-error", "delivery-limit", "not-retryable", "expired", "maxlen")
+REASONS = (
+    "exhausted",
+    "rejected",
+    "decode-error",
+    "delivery-limit",
+    "not-retryable",
+    "worker-crash",
+    "expired",
+    "maxlen",
+)
 # Headers a quorum queue writes on delivery: a kept copy starts without them, as a fresh message.
 COUNTERS = ("x-delivery-count", "x-acquired-count")
 

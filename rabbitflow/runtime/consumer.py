@@ -38,6 +38,7 @@ from rabbitflow.retry import Action, Decision, decide
 from rabbitflow.runtime import copies
 from rabbitflow.runtime.copies import Copier
 from rabbitflow.runtime.publisher import Publisher
+from rabbitflow.runtime.quarantine import delivery_key, quarantine_from_env
 from rabbitflow.runtime.results import Answers
 from rabbitflow.runtime.settlement import Settlement
 from rabbitflow.runtime.subscription import Redeclare, Subscription
@@ -115,6 +116,9 @@ class Consumer:
         )
         self._idle = asyncio.Event()
         self._idle.set()
+        # The crash journal (`RABBITFLOW_CRASH_JOURNAL`, set by `run --workers`): a message that
+        # kills its worker is found and parked alone.
+        self._quarantine = quarantine_from_env()
 
     @property
     def subscribed(self) -> bool:
@@ -212,15 +216,16 @@ class Consumer:
         if not tasks:
             self._idle.clear()
         tasks.add(task)
+        handle = self._handle if self._quarantine is None else self._handle_journaled
         try:
             if self._limit is None:
-                await self._handle(delivery)
+                await handle(delivery)
             else:
                 async with self._limit:
                     if self._stopping:
                         settlement.requeue(tag)  # waited for a slot while stopping: never started
                         return
-                    await self._handle(delivery)
+                    await handle(delivery)
         except asyncio.CancelledError:
             settlement.requeue(tag)  # a shutdown or a lost session cancelled the handler
             raise
@@ -243,6 +248,40 @@ class Consumer:
             tasks.discard(task)
             if not tasks:
                 self._idle.set()
+
+    async def _handle_journaled(self, delivery: Delivery) -> None:
+        """`_handle` in the crash journal: a suspect runs alone, a convicted killer is parked."""
+        quarantine = self._quarantine
+        assert quarantine is not None
+        key = delivery_key(self.spec.queue, delivery)
+        alone = False
+        if delivery.redelivered:
+            convictions, alone = quarantine.verdict(key)
+            if convictions >= quarantine.convictions:
+                self._park_killer(delivery, convictions)
+                return
+        if alone:
+            await quarantine.begin_alone(key)
+            log.warning(
+                "queue %s: message %s was running when a worker died; running it alone",
+                self.spec.queue,
+                delivery.properties.message_id or "-",
+            )
+        else:
+            while not quarantine.begin(key):
+                await quarantine.wait()
+        try:
+            await self._handle(delivery)
+        finally:
+            quarantine.end(key, alone=alone)
+
+    def _park_killer(self, delivery: Delivery, convictions: int) -> None:
+        spec = self.spec
+        headers = delivery.properties.headers or {}
+        attempt = copies.attempt(delivery, headers, spec.queue, spec.policy.retries) if headers else 1
+        message = Message.of(delivery, headers, attempt, spec.queue) if self._observed else None
+        why = f"its handler killed the worker process {convictions} time(s) while running alone"
+        self._park_unread(delivery, "worker-crash", attempt, None, message, why)
 
     async def _handle(self, delivery: Delivery) -> None:
         """Run the handler once and carry out the decision; every path ends the delivery in

@@ -114,6 +114,8 @@ def park_headers(
         copy[names.ERROR] = (
             f"delivered {count + 1} times without being settled (a handler that crashes its worker?)"
         )
+    elif reason == "worker-crash":
+        copy[names.ERROR] = "its handler killed the worker process each time it ran alone (crash journal)"
     return copy
 
 

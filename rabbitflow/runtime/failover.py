@@ -288,7 +288,8 @@ def _breaker(consumer: Consumer, loop_now: float) -> dict[str, Any] | None:
     return {
         "state": circuit.state.value,
         "since": _wall(circuit.opened_at, loop_now),
-        "reason": circuit.reason or None,
+        "reason": circuit.reason or None,  # None once closed again
+        "last_trip": circuit.last_trip or None,
         "trips": circuit.trips,
     }
 

@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import uuid
 
-from rabbitflow.errors import ConnectionLost
+from rabbitflow.errors import ConnectionLost, StateError
 from rabbitflow.message import Message
 from rabbitflow.middleware.base import PublishChain
 from rabbitflow.runtime.publisher import Publisher
@@ -89,7 +89,13 @@ class Requests:
         self._closed(ConnectionLost("the session ended"))
 
     async def close(self) -> None:
+        """The app stops: a request still waiting fails now, rather than wait for a next session
+        that will never come until its timeout."""
         channel, self._channel = self._channel, None
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(StateError("the app stopped while this request waited for its reply"))
         if channel is not None:
             await channel.close()
         self._closed(None)

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from rabbitflow.breaker import BreakerState, Circuit
-from rabbitflow.errors import TopologyConflict, TransportError
+from rabbitflow.errors import ConnectionLost, TopologyConflict, TransportError
 from rabbitflow.spec import ConsumerSpec
 from rabbitflow.transport.base import Channel, OnDelivery, QueueInfo
 
@@ -211,5 +211,8 @@ class Subscription:
         error): nothing would consume the queue again, so the session ends and the runtime opens
         a new one."""
         if not self.stopping:
-            log.error("queue %s: the broker closed the consumer's channel (%s)", self._queue, reason)
+            if isinstance(reason, ConnectionLost):  # the runtime says so once, at WARNING
+                log.debug("queue %s: the consumer's channel went with its connection", self._queue)
+            else:
+                log.error("queue %s: the broker closed the consumer's channel (%s)", self._queue, reason)
             self._on_lost(reason)

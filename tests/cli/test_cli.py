@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -18,6 +19,7 @@ import aiormq
 import pytest
 
 from ..helpers import Admin, unique
+from .conftest import Processes
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "tests.services.worker:app"
@@ -36,6 +38,7 @@ class Worker:
                 env={**os.environ, **env, "RF_LOG": str(log)},
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # the fixture kills its group; a terminal's signals miss it
             )
 
     def lines(self, word: str) -> list[list[str]]:
@@ -80,9 +83,9 @@ def service(tmp_path: Path, broker_url: str, admin: Admin) -> Iterator[Service]:
     svc = Service(tmp_path / "handled.log", broker_url)
     yield svc
     for worker in svc.workers:
-        if worker.process.poll() is None:
-            worker.process.kill()
-            worker.process.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(worker.process.pid, signal.SIGKILL)
+        worker.process.wait()
     forget_service(admin, svc.env)
 
 
@@ -158,9 +161,11 @@ async def test_sigkill_mid_retry_loses_nothing(service: Service, admin: Admin) -
     assert await admin.count(f"{queue}.parked") == 0
 
 
-async def test_workers_option_runs_several_processes(service: Service, admin: Admin) -> None:
+async def test_workers_option_runs_several_processes(
+    service: Service, admin: Admin, processes: Processes
+) -> None:
     queue = service.queue
-    parent = subprocess.Popen(  # noqa: ASYNC220 - the test is the parent of the process
+    parent = processes.start(
         [sys.executable, "-m", "rabbitflow", "run", SERVICE, "--workers", "2"],
         cwd=ROOT,
         env={**os.environ, **service.env, "RF_LOG": str(service.log)},
@@ -192,13 +197,13 @@ def command_line(pid: int) -> str:
 
 
 async def test_workers_get_the_url_in_the_environment_not_on_their_command_line(
-    service: Service, admin: Admin, broker_url: str
+    service: Service, admin: Admin, broker_url: str, processes: Processes
 ) -> None:
     """`ps` shows every user a process's command line: the password must not be on the workers'.
     The URL list's second node carries a password of its own, which must not show either."""
     secret = "s3cret;p@ss"
     url = f"{broker_url};amqp://rf:{secret}@127.0.0.1:1/"
-    parent = subprocess.Popen(  # noqa: ASYNC220 - the test is the parent of the process
+    parent = processes.start(
         [sys.executable, "-m", "rabbitflow", "run", SERVICE, "--workers", "2", "--url", url],
         cwd=ROOT,
         # The workers' own environment points nowhere: only --url can bring them to the broker.
@@ -323,14 +328,14 @@ RUN = [sys.executable, "-m", "rabbitflow", "run"]
 
 
 async def test_a_killed_worker_is_started_again_and_every_log_line_names_its_worker(
-    tmp_path: Path, broker_url: str, admin: Admin
+    tmp_path: Path, broker_url: str, admin: Admin, processes: Processes
 ) -> None:
     service, queue = unique("svc"), unique("pids")
     admin.queues.update({queue, f"{queue}.parked"})
     admin.exchanges.add(f"{service}.dlx")
     log = tmp_path / "run.log"
     with log.open("w") as out:
-        parent = subprocess.Popen(  # noqa: ASYNC220 - the test is the parent of the process
+        parent = processes.start(
             [*RUN, "tests.services.pids:app", "--workers", "2", "--log-level", "debug"],
             cwd=ROOT,
             env={**os.environ, "RF_SERVICE": service, "RF_QUEUE": queue, "RABBITFLOW_URL": broker_url},
@@ -493,7 +498,7 @@ async def handle(body: dict) -> None: ...
 
 
 async def test_run_reload_starts_the_service_again_when_a_file_changes(
-    tmp_path: Path, broker_url: str, admin: Admin
+    tmp_path: Path, broker_url: str, admin: Admin, processes: Processes
 ) -> None:
     service, queue = unique("svc"), unique("reload")
     admin.queues.update({queue, f"{queue}.parked"})
@@ -504,7 +509,7 @@ async def test_run_reload_starts_the_service_again_when_a_file_changes(
     code.write_text(RELOADED_SERVICE.format(log=str(starts), service=service, queue=queue))
     out = tmp_path / "run.out"
     with out.open("w") as output:
-        parent = subprocess.Popen(  # noqa: ASYNC220 - the test is the parent of the process
+        parent = processes.start(
             [*RUN, f"{code}:app", "--reload"],
             cwd=ROOT,
             env={**os.environ, "RABBITFLOW_URL": broker_url},
@@ -581,9 +586,11 @@ async def _wait_status(port: int, path: str, status: int, timeout: float = 30) -
             await asyncio.sleep(0.1)
 
 
-async def test_run_http_port_serves_health_and_metrics_per_worker(service: Service, admin: Admin) -> None:
+async def test_run_http_port_serves_health_and_metrics_per_worker(
+    service: Service, admin: Admin, processes: Processes
+) -> None:
     port = _free_ports(2)
-    parent = subprocess.Popen(  # noqa: ASYNC220 - the test is the parent of the process
+    parent = processes.start(
         [sys.executable, "-m", "rabbitflow", "run", SERVICE, "--workers", "2", "--http-port", str(port)],
         cwd=ROOT,
         env={**os.environ, **service.env, "RF_LOG": str(service.log)},

@@ -245,3 +245,5 @@ async def test_a_lost_connection_is_one_line_not_an_aiormq_traceback(
     assert not [r for r in lines if r.name.startswith("aiormq") and r.exc_info], [
         r.getMessage() for r in lines
     ]
+    # The loss is the one WARNING above; the consumer's channel going with it is no ERROR.
+    assert not [r for r in lines if r.levelno >= logging.ERROR], [r.getMessage() for r in lines]
