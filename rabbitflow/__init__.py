@@ -3,15 +3,18 @@ queues and cluster failover."""
 
 from rabbitflow.app import App as App
 from rabbitflow.breaker import Breaker as Breaker
+from rabbitflow.depends import Depends as Depends
 from rabbitflow.errors import ChannelClosed as ChannelClosed
 from rabbitflow.errors import ConfigError as ConfigError
 from rabbitflow.errors import ConnectionFailed as ConnectionFailed
 from rabbitflow.errors import ConnectionLost as ConnectionLost
+from rabbitflow.errors import DecodeError as DecodeError
 from rabbitflow.errors import LoginRefused as LoginRefused
 from rabbitflow.errors import PublishNacked as PublishNacked
 from rabbitflow.errors import PublishTimeout as PublishTimeout
 from rabbitflow.errors import RabbitflowError as RabbitflowError
 from rabbitflow.errors import Reject as Reject
+from rabbitflow.errors import RequestFailed as RequestFailed
 from rabbitflow.errors import RequestTimeout as RequestTimeout
 from rabbitflow.errors import Retry as Retry
 from rabbitflow.errors import StateError as StateError
@@ -35,6 +38,8 @@ __all__ = [
     "ConfigError",
     "ConnectionFailed",
     "ConnectionLost",
+    "DecodeError",
+    "Depends",
     "LoginRefused",
     "Message",
     "Middleware",
@@ -44,6 +49,7 @@ __all__ = [
     "PublishTimeout",
     "RabbitflowError",
     "Reject",
+    "RequestFailed",
     "RequestTimeout",
     "Retry",
     "RetryPolicy",

@@ -129,7 +129,7 @@ class Answers:
         headers[names.ERROR_REPLY] = reason
         headers[names.ERROR] = text[:1000]
         if exc is not None:
-            headers[names.EXCEPTION] = type(exc).__name__
+            headers[names.EXCEPTION] = f"{type(exc).__module__}.{type(exc).__qualname__}"
         data, answer = outgoing(
             b"",
             message_id=f"{self._prefix}{next(self._ids):x}",
