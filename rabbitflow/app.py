@@ -415,9 +415,10 @@ class App(Registry):
         body annotation) decoded and validated as that type. Concurrent requests share one reply
         queue; none waits for another, and one request's failure reaches its caller alone.
 
-        The request expires with its timeout: it carries it as its AMQP expiration and as an
-        `x-rf-deadline` header, and a rabbitflow consumer drops a request whose caller gave up
-        instead of handling it (retries included).
+        The request expires with its timeout: it carries its deadline in an `x-rf-deadline`
+        header, and a rabbitflow consumer drops (acks, logs) a request whose caller gave up instead
+        of handling it, retries included. (No AMQP expiration: the queues of rabbitflow consumers
+        dead-letter expired messages to their parking queue.)
 
         Raises `RequestTimeout` when no reply came within `timeout` (the app's publish_timeout by
         default), `RequestFailed` when the responder failed it for good (rejected, retries
@@ -443,7 +444,7 @@ class App(Registry):
         try:
             runtime = self._runtime or await self._running(deadline)
             reply = await runtime.on_live(
-                deadline, _ask, data, exchange, routing_key, properties, self._publish_chain, deadline
+                deadline, _ask, data, exchange, routing_key, properties, self._publish_chain
             )
         except TimeoutError:
             raise RequestTimeout(
@@ -547,10 +548,5 @@ async def _ask(
     routing_key: str,
     properties: Properties,
     chain: PublishChain | None,
-    deadline: float,
 ) -> Delivery:
-    # The broker drops the request once its caller has given up (at the head of the queue; the
-    # consumer checks the x-rf-deadline header as well); sent again, it has less time left.
-    remaining = deadline - asyncio.get_running_loop().time()
-    properties.expiration = str(max(1, int(remaining * 1000)))
     return await ask(session.requests, body, exchange, routing_key, properties, chain)

@@ -75,8 +75,8 @@ async def test_dependencies_of_dependencies_resolve_once_per_attempt_and_tear_do
         body: dict[str, int],
         c: Annotated[str, Depends(client)],
         tx: Annotated[tuple[str, int], Depends(transaction)],
-        a: object = Depends(fresh),  # noqa: B008
-        b: object = Depends(fresh, use_cache=False),  # noqa: B008
+        a: object = Depends(fresh),
+        b: object = Depends(fresh, use_cache=False),
     ) -> None:
         seen.append((c, tx, a is not b))
         events.append("handler")
@@ -121,7 +121,7 @@ async def test_a_teardown_cannot_turn_a_failed_attempt_into_a_success(app_on: Ca
     queue = unique("deps")
 
     @app.consumer(queue, queue_type="classic")
-    async def handle(body: object, _: None = Depends(swallowing)) -> None:  # noqa: B008
+    async def handle(body: object, _: None = Depends(swallowing)) -> None:
         raise Reject("no")
 
     async with app:
@@ -133,7 +133,7 @@ async def test_a_teardown_cannot_turn_a_failed_attempt_into_a_success(app_on: Ca
 
 async def _parked(app: App, queue: str) -> list[Any]:
     async with asyncio.timeout(10):
-        while not (parked := await app.parked(queue)):
+        while not (parked := await app.parked(queue)):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     return parked
 
@@ -164,7 +164,7 @@ def needs_something(thing: int) -> int:
     return thing
 
 
-def loop_a(b: int = Depends(lambda: 1)) -> int:  # noqa: B008
+def loop_a(b: int = Depends(lambda: 1)) -> int:
     return b
 
 
@@ -173,7 +173,7 @@ def test_bad_declarations_fail_when_the_decorator_runs() -> None:
     with pytest.raises(ConfigError, match="'thing' has no default"):
 
         @app.consumer("q1")
-        async def one(body: object, x: int = Depends(needs_something)) -> None:  # noqa: B008
+        async def one(body: object, x: int = Depends(needs_something)) -> None:
             pass
 
     with pytest.raises(ConfigError, match="'other' has no default"):
@@ -185,14 +185,14 @@ def test_bad_declarations_fail_when_the_decorator_runs() -> None:
     with pytest.raises(ConfigError, match="expected a function"):
         Depends(42)  # type: ignore[arg-type]
 
-    def cyclic(x: int = Depends(lambda: 0)) -> int:  # noqa: B008
+    def cyclic(x: int = Depends(lambda: 0)) -> int:
         return x
 
     cyclic.__defaults__ = (Depends(cyclic),)
     with pytest.raises(ConfigError, match="depends on itself"):
 
         @app.consumer("q3")
-        async def three(body: object, x: int = Depends(cyclic)) -> None:  # noqa: B008
+        async def three(body: object, x: int = Depends(cyclic)) -> None:
             pass
 
     assert app.consumers == ()

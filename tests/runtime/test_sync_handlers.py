@@ -27,7 +27,7 @@ def app_on(request: pytest.FixtureRequest, make_app: Callable[..., App]) -> Call
 
 async def _parked(app: App, queue: str, count: int = 1) -> list[Any]:
     async with asyncio.timeout(15):
-        while len(parked := await app.parked(queue)) < count:
+        while len(parked := await app.parked(queue)) < count:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     return parked
 
@@ -98,7 +98,7 @@ async def test_retries_parking_and_reject_work_as_for_async_handlers(app_on: Cal
     reasons = {p.body: (p.reason, p.attempts) for p in parked}
     assert reasons == {b"retry": ("exhausted", 3), b"reject": ("rejected", 1), b"boom": ("exhausted", 3)}
     assert sorted(attempts) == sorted(
-        [("retry", 1), ("retry", 2), ("retry", 3), ("reject", 1)] + [("boom", 1), ("boom", 2), ("boom", 3)]
+        [("retry", 1), ("retry", 2), ("retry", 3), ("reject", 1), ("boom", 1), ("boom", 2), ("boom", 3)]
     )
     assert sorted(seen.failed) == sorted(
         [
@@ -135,7 +135,8 @@ async def test_handler_timeout_fails_the_attempt_on_time_and_discards_the_late_r
             await asyncio.to_thread(finished.wait, 5)
             await asyncio.sleep(0.1)
     assert took < 0.9, f"parked after {took:.2f}s: the attempt waited for the thread"
-    assert parked[0].reason == "exhausted" and parked[0].exception == "builtins.TimeoutError"
+    assert parked[0].reason == "exhausted"
+    assert parked[0].exception == "builtins.TimeoutError"
     assert "returned after its attempt had ended" in caplog.text
 
 
