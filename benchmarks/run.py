@@ -60,7 +60,7 @@ import benchlib  # noqa: E402
 BASELINE = "aiormq_raw"
 CONTENDER_ORDER = ["aiormq_raw", "aiormq_batched", "aio_pika", "faststream", "rabbitflow"]
 # Not in a default run: rabbitflow with middleware (`--contenders aiormq_raw,rabbitflow,rabbitflow_seam,...`).
-VARIANTS = ["rabbitflow_seam", "rabbitflow_prometheus", "rabbitflow_otel"]
+VARIANTS = ["rabbitflow_seam", "rabbitflow_prometheus", "rabbitflow_otel", "rabbitflow_depends", "rabbitflow_sync"]
 PEERS_PYTHON = ROOT / ".venv-bench-peers" / "bin" / "python"
 
 
