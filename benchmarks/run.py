@@ -60,7 +60,13 @@ import benchlib  # noqa: E402
 BASELINE = "aiormq_raw"
 CONTENDER_ORDER = ["aiormq_raw", "aiormq_batched", "aio_pika", "faststream", "rabbitflow"]
 # Not in a default run: rabbitflow with middleware (`--contenders aiormq_raw,rabbitflow,rabbitflow_seam,...`).
-VARIANTS = ["rabbitflow_seam", "rabbitflow_prometheus", "rabbitflow_otel", "rabbitflow_depends", "rabbitflow_sync"]
+VARIANTS = [
+    "rabbitflow_seam",
+    "rabbitflow_prometheus",
+    "rabbitflow_otel",
+    "rabbitflow_depends",  # a handler with Depends (issue 24)
+    "rabbitflow_sync",  # a sync `def` handler in worker threads (issue 24)
+]
 PEERS_PYTHON = ROOT / ".venv-bench-peers" / "bin" / "python"
 
 
