@@ -69,6 +69,8 @@ VARIANTS = [
     "rabbitflow_uvloop",
     "rabbitflow_baseline",
     "python_floor",
+    "rabbitflow_depends",  # a handler with Depends (issue 24)
+    "rabbitflow_sync",  # a sync `def` handler in worker threads (issue 24)
 ]
 # Contenders in C, built here from benchmarks/contenders/c/<name>.c (Debian: librabbitmq-dev). The C
 # client is the ceiling: what one single-threaded client on this machine gets out of the broker.

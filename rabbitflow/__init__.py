@@ -3,6 +3,7 @@ queues and cluster failover."""
 
 from rabbitflow.app import App as App
 from rabbitflow.breaker import Breaker as Breaker
+from rabbitflow.depends import Depends as Depends
 from rabbitflow.errors import ChannelClosed as ChannelClosed
 from rabbitflow.errors import ConfigError as ConfigError
 from rabbitflow.errors import ConnectionFailed as ConnectionFailed
@@ -13,6 +14,7 @@ from rabbitflow.errors import PublishNacked as PublishNacked
 from rabbitflow.errors import PublishTimeout as PublishTimeout
 from rabbitflow.errors import RabbitflowError as RabbitflowError
 from rabbitflow.errors import Reject as Reject
+from rabbitflow.errors import RequestFailed as RequestFailed
 from rabbitflow.errors import RequestTimeout as RequestTimeout
 from rabbitflow.errors import Retry as Retry
 from rabbitflow.errors import StateError as StateError
@@ -38,6 +40,7 @@ __all__ = [
     "ConnectionFailed",
     "ConnectionLost",
     "DecodeError",
+    "Depends",
     "LoginRefused",
     "Message",
     "Middleware",
@@ -47,6 +50,7 @@ __all__ = [
     "PublishTimeout",
     "RabbitflowError",
     "Reject",
+    "RequestFailed",
     "RequestTimeout",
     "Retry",
     "RetryPolicy",

@@ -10,15 +10,18 @@ import itertools
 import logging
 import signal
 import ssl
+import time
+import typing
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from rabbitflow import names
 from rabbitflow.admin import Admin
 from rabbitflow.breaker import Breaker
-from rabbitflow.codec import outgoing
+from rabbitflow.codec import check_size, outgoing, reader_for
 from rabbitflow.errors import ConfigError, RequestTimeout, StateError
 from rabbitflow.message import Message
 from rabbitflow.middleware.base import Middleware, PublishChain, publish_chain
@@ -28,6 +31,7 @@ from rabbitflow.runtime import partitions
 from rabbitflow.runtime.failover import Runtime
 from rabbitflow.runtime.publisher import NackCount, not_confirmed
 from rabbitflow.runtime.request import ask, reply_message
+from rabbitflow.runtime.results import ORIGIN, derived
 from rabbitflow.runtime.session import Session
 from rabbitflow.settings import Lifespan, Settings
 from rabbitflow.spec import ConsumerSpec
@@ -99,7 +103,12 @@ class App(Registry):
         outbox: a `rabbitflow.sql.Outbox`: its relay runs while the app runs, publishing what
             transactions committed, and `exactly_once=True` consumers record their messages in
             its database (docs/effectively-once.md).
+        max_message_size: the largest body in bytes `publish`, `request` and a handler's result
+            may have (default 16 MiB, RabbitMQ 4.0's limit; 3.10 takes up to 512 MiB): a larger one
+            raises `UnencodableMessage` before anything is sent.
     """
+
+    __rabbitflow_app__ = True  # a handler's parameter annotated `App` receives the running app
 
     def __init__(
         self,
@@ -121,6 +130,7 @@ class App(Registry):
         middleware: Sequence[Middleware] = (),
         ssl_context: ssl.SSLContext | None = None,
         outbox: Outbox | None = None,
+        max_message_size: int = 16 * 1024 * 1024,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -140,6 +150,7 @@ class App(Registry):
             publish_timeout=publish_timeout,
             lifespan=lifespan,
             ssl_context=ssl_context,
+            max_message_size=max_message_size,
         )
         self.outbox = outbox
         super().__init__(self.settings.name)
@@ -232,7 +243,7 @@ class App(Registry):
             raise StateError(f"App {self.name!r} is {self._state.value}; stop it before starting it again")
         self._state = State.STARTING
         self._started = asyncio.Event()
-        runtime = Runtime(self.settings, self._plan, self.consumers, self.broker, self.middleware)
+        runtime = Runtime(self.settings, self._plan, self.consumers, self.broker, self.middleware, app=self)
         stack = contextlib.AsyncExitStack()
         try:
             if self.settings.lifespan is not None:
@@ -354,6 +365,8 @@ class App(Registry):
         """
         if key is not None or routing_key is None:
             routing_key = partitions.route(self.consumers, exchange, routing_key, key, body)
+        # Inside a handler: the message carries the input's correlation id and origin headers.
+        headers, correlation_id = derived(ORIGIN.get(), headers, correlation_id)
         data, properties = outgoing(
             body,
             message_id=message_id or f"{self._id_prefix}{next(self._ids):x}",
@@ -363,6 +376,7 @@ class App(Registry):
             reply_to=reply_to,
             persistent=persistent,
         )
+        check_size(data, self.settings.max_message_size, f"publish to {exchange!r}/{routing_key!r}")
         limit = self.settings.publish_timeout if timeout is None else timeout
         deadline = asyncio.get_running_loop().time() + limit
         nacks = NackCount()
@@ -385,6 +399,21 @@ class App(Registry):
         except TimeoutError:
             raise not_confirmed(exchange, routing_key, limit, nacks) from None
 
+    def publish_sync(self, body: Any, **options: Any) -> None:
+        """`publish` from a sync handler (a `def`, run in a worker thread): runs `app.publish` on
+        the app's event loop and waits for its confirm; same options, same errors. Only from a
+        thread that rabbitflow (anyio) started: elsewhere use `asyncio.run_coroutine_threadsafe`."""
+        import anyio.from_thread
+
+        origin = ORIGIN.get()  # the thread's context: the delivery its handler is handling
+
+        async def publish() -> None:
+            ORIGIN.set(origin)  # this task's own context
+            await self.publish(body, **options)
+
+        anyio.from_thread.run(publish)
+
+    @typing.overload
     async def request(
         self,
         body: Any,
@@ -395,23 +424,66 @@ class App(Registry):
         message_id: str | None = None,
         content_type: str | None = None,
         timeout: float | None = None,
-    ) -> Message:
-        """Publish a request over RabbitMQ's direct reply-to and return the reply: what the
-        consumer's handler returned (any rabbitflow consumer answers a message that has
-        `reply_to`). Concurrent requests share one channel; none waits for another.
+        response_type: None = None,
+    ) -> Message: ...
+
+    @typing.overload
+    async def request(
+        self,
+        body: Any,
+        *,
+        exchange: str = "",
+        routing_key: str,
+        headers: dict[str, Any] | None = None,
+        message_id: str | None = None,
+        content_type: str | None = None,
+        timeout: float | None = None,
+        response_type: type[T],
+    ) -> T: ...
+
+    async def request(
+        self,
+        body: Any,
+        *,
+        exchange: str = "",
+        routing_key: str,
+        headers: dict[str, Any] | None = None,
+        message_id: str | None = None,
+        content_type: str | None = None,
+        timeout: float | None = None,
+        response_type: Any = None,
+    ) -> Any:
+        """Publish a request and return the reply: what the consumer's handler returned (any
+        rabbitflow consumer answers a message that has `reply_to`), as a `Message`, or with
+        `response_type` (a pydantic model, dataclass, TypedDict, `dict`, `str`, ... as a handler's
+        body annotation) decoded and validated as that type. Concurrent requests share one reply
+        queue; none waits for another, and one request's failure reaches its caller alone.
+
+        The request expires with its timeout: it carries its deadline in an `x-rf-deadline`
+        header, and a rabbitflow consumer drops (acks, logs) a request whose caller gave up instead
+        of handling it, retries included. (No AMQP expiration: the queues of rabbitflow consumers
+        dead-letter expired messages to their parking queue.)
 
         Raises `RequestTimeout` when no reply came within `timeout` (the app's publish_timeout by
-        default), `Unroutable` when no queue takes the request, `ChannelClosed` for a missing
-        exchange. A request whose connection was lost before its reply is sent again on the next
-        node (the handler may see it twice, as with any at-least-once delivery).
+        default), `RequestFailed` when the responder failed it for good (rejected, retries
+        exhausted, undecodable: it answers at once), `DecodeError` for a reply that is no valid
+        `response_type`, `Unroutable` when no queue takes the request, `ChannelClosed` for a
+        missing exchange, `UnencodableMessage` for a body over `max_message_size`. A request whose
+        connection was lost before its reply is sent again on the next node (the handler may see
+        it twice, as with any at-least-once delivery).
         """
+        read = None if response_type is None else reader_for(response_type)
+        limit = self.settings.publish_timeout if timeout is None else timeout
+        headers, _ = derived(ORIGIN.get(), headers, None)  # its correlation id matches the reply
+        headers = dict(headers or {})
+        headers[names.DEADLINE] = int((time.time() + limit) * 1000)
         data, properties = outgoing(
             body,
             message_id=message_id or f"{self._id_prefix}{next(self._ids):x}",
             content_type=content_type,
             headers=headers,
         )
-        limit = self.settings.publish_timeout if timeout is None else timeout
+        check_size(data, self.settings.max_message_size, f"request to {exchange!r}/{routing_key!r}")
         deadline = asyncio.get_running_loop().time() + limit
         try:
             runtime = self._runtime or await self._running(deadline)
@@ -423,7 +495,10 @@ class App(Registry):
                 f"no reply to the request to exchange {exchange!r} with routing key {routing_key!r} "
                 f"within {limit}s"
             ) from None
-        return reply_message(reply)
+        message = reply_message(reply)
+        if read is None:
+            return message
+        return read(message.body, message.content_type)
 
     async def ensure(
         self,

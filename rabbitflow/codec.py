@@ -10,10 +10,10 @@ from typing import Any
 
 import orjson
 
-from rabbitflow.errors import ConfigError, DecodeError
+from rabbitflow.errors import ConfigError, DecodeError, UnencodableMessage
 from rabbitflow.transport.base import Properties
 
-__all__ = ["Reader", "decode", "encode", "outgoing", "reader_for"]
+__all__ = ["Reader", "check_size", "decode", "encode", "outgoing", "reader_for"]
 
 JSON = "application/json"
 TEXT = "text/plain"
@@ -57,6 +57,17 @@ def outgoing(
         reply_to=reply_to,
     )
     return data, properties
+
+
+def check_size(data: bytes, limit: int, what: str) -> None:
+    """`UnencodableMessage` for a body over the broker's maximum message size: RabbitMQ would close
+    the channel for it (4.0: "message size N is larger than configured max size 16777216")."""
+    if len(data) > limit:
+        raise UnencodableMessage(
+            f"{what}: a body of {len(data)} bytes is over max_message_size={limit} "
+            "(RabbitMQ's max_message_size: 16 MiB by default from 4.0); nothing was sent. Send a "
+            "reference to the data (an object store key) instead, or raise both limits"
+        )
 
 
 def _to_json(value: object) -> object:

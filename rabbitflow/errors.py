@@ -7,6 +7,7 @@ RabbitflowError
 │   └── LoginRefused      a node refused the user name or password (ACCESS_REFUSED)
 ├── PublishTimeout        a publish was not confirmed within its timeout
 ├── RequestTimeout        `app.request` got no reply within its timeout
+├── RequestFailed         the responder failed the request for good (parked it) and said so
 ├── Unroutable            the broker returned a mandatory publish: no queue is bound
 ├── PublishNacked         the broker refused a publish (basic.nack)
 ├── UnencodableMessage    properties or headers that cannot be encoded or do not fit a frame
@@ -34,6 +35,7 @@ __all__ = [
     "PublishTimeout",
     "RabbitflowError",
     "Reject",
+    "RequestFailed",
     "RequestTimeout",
     "Retry",
     "StateError",
@@ -83,6 +85,18 @@ class PublishTimeout(RabbitflowError, TimeoutError):
 
 class RequestTimeout(RabbitflowError, TimeoutError):
     """`app.request` got no reply within its timeout (the request itself may have been handled)."""
+
+
+class RequestFailed(RabbitflowError):
+    """The responder of an `app.request` failed it for good (rejected, retries exhausted, an
+    undecodable request...) and answered with an error reply instead of a result."""
+
+    def __init__(self, reason: str, error: str = "", *, exception: str = "") -> None:
+        what = f"{exception}: {error}" if exception and error else error or exception or "no details"
+        super().__init__(f"the request failed for good ({reason}): {what}")
+        self.reason = reason  # the responder's park reason: rejected, exhausted, decode-error...
+        self.error = error  # the text of the responder's exception
+        self.exception = exception  # its type's name
 
 
 class Unroutable(RabbitflowError):

@@ -163,3 +163,14 @@ MAX_DELAY = MAX_TTL_MS / 1000
 # a queue name leaves room for it, so any `Retry(delay=...)` a handler raises has a queue.
 MAX_QUEUE = MAX_NAME - len(retry_queue("", MAX_DELAY).encode())
 MAX_SERVICE = MAX_NAME - len(dead_letter_exchange("").encode())
+
+
+# Messages published because of another (a handler's result, a reply, a publish inside a handler)
+# say where they came from; their correlation id is the input's (its correlation id, else its id).
+ORIGIN_QUEUE = "x-rf-origin-queue"
+ORIGIN_MESSAGE_ID = "x-rf-origin-message-id"
+# A request's deadline (Unix time in ms): a consumer drops a request whose caller has given up.
+DEADLINE = "x-rf-deadline"
+# On a reply: the request failed for good (its value is the park reason); x-rf-error and
+# x-rf-exception say why. `app.request` raises RequestFailed for it.
+ERROR_REPLY = "x-rf-error-reply"

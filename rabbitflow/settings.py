@@ -125,6 +125,7 @@ class Settings:
     connect_budget: float = 30.0
     publish_timeout: float = 10.0
     breaker: Breaker | None = None
+    max_message_size: int = 16 * 1024 * 1024  # RabbitMQ 4.0's default max_message_size
     lifespan: Lifespan | None = field(default=None, compare=False)
     ssl_context: ssl.SSLContext | None = field(default=None, compare=False)
 
@@ -156,6 +157,8 @@ class Settings:
                     options[what] = check_seconds(what, options[what])
             if options.get("breaker") is not None and not isinstance(options["breaker"], Breaker):
                 raise ConfigError(f"breaker={options['breaker']!r}: expected rabbitflow.Breaker(...) or None")
+            if "max_message_size" in options:
+                check_positive("max_message_size", options["max_message_size"], optional=False)
             if "handler_timeout" in options:
                 options["handler_timeout"] = check_seconds(
                     "handler_timeout", options["handler_timeout"], optional=True

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from rabbitflow import depends
 from rabbitflow.breaker import Breaker
 from rabbitflow.codec import Reader, reader_for
 from rabbitflow.errors import ConfigError
@@ -17,47 +18,72 @@ from rabbitflow.settings import AMQP_SHORT, check_name, check_positive, check_qu
 
 __all__ = ["EXCHANGE_TYPES", "QUEUE_TYPES", "ConsumerSpec", "Handler", "HandlerSignature"]
 
-Handler = Callable[..., Awaitable[Any]]
+Handler = Callable[..., Any]  # an `async def`, or a `def` run in a worker thread
 EXCHANGE_TYPES = ("direct", "fanout", "topic", "headers")
 QUEUE_TYPES = ("quorum", "classic")
 
 
 @dataclass(frozen=True, slots=True)
 class HandlerSignature:
-    """How to call a handler: read the body, and where (if anywhere) the Message goes."""
+    """How to call a handler: read the body, where (if anywhere) the Message goes, what its
+    dependencies and App parameters need (`needs`, None without any), and whether it is a plain
+    `def` that runs in a worker thread (`sync`). Worked out once, when the decorator runs."""
 
     read: Reader
     message_param: str | None
     message_positional: bool
+    needs: depends.Plan | None = None
+    sync: bool = False
+
+    @property
+    def plain(self) -> bool:
+        """An `async def` with no dependencies: the consumer's fastest path."""
+        return self.needs is None and not self.sync
 
     @classmethod
     def of(cls, handler: Handler) -> HandlerSignature:
         name = getattr(handler, "__qualname__", repr(handler))
-        if not inspect.iscoroutinefunction(handler):
-            raise ConfigError(f"consumer {name}: the handler must be an `async def` function")
-        try:
-            hints = typing.get_type_hints(handler)
-        except Exception as exc:
-            raise ConfigError(f"consumer {name}: cannot resolve its type hints: {exc}") from None
+        if inspect.isasyncgenfunction(handler) or inspect.isgeneratorfunction(handler):
+            raise ConfigError(
+                f"consumer {name}: the handler is a generator; write an `async def` (or a `def`, "
+                "which runs in a worker thread) that returns"
+            )
+        if not callable(handler):
+            raise ConfigError(f"consumer {name}: the handler must be a function")
+        sync = not inspect.iscoroutinefunction(handler)
+        hints = depends.hints_of(handler, f"consumer {name}")
         params = list(inspect.signature(handler).parameters.values())
         positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        if not positional or hints.get(positional[0].name) is Message:
+        if not positional or _bare(hints.get(positional[0].name)) is Message:
             raise ConfigError(
                 f"consumer {name}: the first parameter receives the message body; "
                 "write `async def handler(body, message: Message)`"
             )
         message_param = None
         message_positional = False
+        wanted = []
         for p in params[1:]:
-            if hints.get(p.name) is Message:
+            annotation = hints.get(p.name)
+            if depends.marker(p, annotation) is not None or depends.is_app(_bare(annotation)):
+                if p.kind is p.POSITIONAL_ONLY:
+                    raise ConfigError(f"consumer {name}: parameter {p.name!r} is positional-only")
+                wanted.append((p.name, p, annotation))
+            elif _bare(annotation) is Message:
                 message_param = p.name
                 message_positional = p.kind == p.POSITIONAL_ONLY
             elif p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 raise ConfigError(
                     f"consumer {name}: parameter {p.name!r} has no default and is not annotated "
-                    "`Message`; rabbitflow passes only the body and the Message"
+                    "`Message` or `App`, nor a `Depends(...)`; rabbitflow cannot supply it"
                 )
-        return cls(reader_for(hints.get(positional[0].name)), message_param, message_positional)
+        needs = depends.plan(f"consumer {name}", wanted)
+        body = _bare(hints.get(positional[0].name))
+        return cls(reader_for(body), message_param, message_positional, needs, sync)
+
+
+def _bare(annotation: object) -> object:
+    """`X` of `Annotated[X, ...]`; anything else as it is."""
+    return typing.get_args(annotation)[0] if hasattr(annotation, "__metadata__") else annotation
 
 
 @dataclass(frozen=True, slots=True)

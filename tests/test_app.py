@@ -217,8 +217,8 @@ def test_bad_decorator_options_fail_when_decorating() -> None:
         app.consumer("q", retires=3)(handler)
     with pytest.raises(ConfigError, match="delay"):
         app.consumer("q", delay="soon")(handler)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="async def"):
-        app.consumer("q")(lambda body: None)  # type: ignore[arg-type,return-value]
+    with pytest.raises(ConfigError, match="async def"):  # a `def` is fine; a generator is not
+        app.consumer("q")(lambda body: (yield))  # type: ignore[arg-type,return-value]
     app.consumer("q")(handler)
     with pytest.raises(ConfigError, match="already has a consumer"):
         app.consumer("q")(handler)

@@ -20,6 +20,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "rabbitflow.breaker",
         "rabbitflow.settings",
         "rabbitflow.spec",
+        "rabbitflow.depends",
         "rabbitflow.transport.base",
     ),
     # the transports, the topology (pure planning, and applying a plan on a channel) and the

@@ -152,9 +152,11 @@ def test_an_editable_install_is_seen_by_mypy_strict_in_another_project(tmp_path:
     broken = mypy(python, project, "broken.py")
     assert "import-not-found" not in broken.stdout, broken.stdout
     assert broken.returncode == 1, broken.stdout + broken.stderr
-    assert re.search(r'broken\.py:\d+: error: .*"routing_key" .*"int"; expected "str"', broken.stdout), (
-        broken.stdout
+    # `request` is overloaded (its return type follows `response_type`): mypy names no argument then
+    wrong_key = (
+        r'"routing_key" .*"int"; expected "str"|No overload variant of "request" .* "dict\[str, int\]", "int"'
     )
+    assert re.search(rf"broken\.py:\d+: error: (?:{wrong_key})", broken.stdout), broken.stdout
     assert 'Unsupported operand types for + ("int" and "str")' in broken.stdout, broken.stdout
 
 

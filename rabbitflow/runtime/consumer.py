@@ -10,8 +10,10 @@ handler asks for one).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -39,9 +41,10 @@ from rabbitflow.runtime import copies
 from rabbitflow.runtime.copies import Copier
 from rabbitflow.runtime.publisher import Publisher
 from rabbitflow.runtime.quarantine import delivery_key, quarantine_from_env
-from rabbitflow.runtime.results import Answers
+from rabbitflow.runtime.results import ORIGIN, Answers
 from rabbitflow.runtime.settlement import Settlement
 from rabbitflow.runtime.subscription import Redeclare, Subscription
+from rabbitflow.runtime.threads import Threads
 from rabbitflow.spec import ConsumerSpec
 from rabbitflow.transport.base import Channel, Delivery
 
@@ -54,6 +57,13 @@ EnsureRetryQueue = Callable[[ConsumerSpec, float], Awaitable[None]]
 # Park a message ourselves, with full headers, before the quorum queue's own backstop would.
 PARK_AFTER_DELIVERIES = names.DELIVERY_LIMIT // 2
 _CANCEL_GRACE = 1.0  # seconds cancelled handlers get to end before a stop or failover goes on
+
+
+def _expired(deadline: object) -> bool:
+    """Is a request's deadline header (Unix time in ms) past?"""
+    if isinstance(deadline, bool) or not isinstance(deadline, int | float):
+        return False
+    return time.time() * 1000 > deadline
 
 
 class Consumer:
@@ -77,14 +87,26 @@ class Consumer:
         handler_timeout: float | None,
         breaker: Breaker | None = None,
         middleware: tuple[Middleware, ...] = (),
+        app: Any = None,
     ) -> None:
         self.spec = spec
+        self._app = app  # what a handler's parameter annotated `App` receives
+        # A plain `def` handler runs in worker threads, as many at once as handlers may run.
+        self._threads = Threads(spec.queue, concurrency) if spec.signature.sync else None
         self._dlx = names.dead_letter_exchange(service)
         self._parked = names.parked_queue(spec.queue)
         # The planned retry queues by delay, named once rather than on every failure.
         self._retry_queues = {d: names.retry_queue(spec.queue, d) for d in spec.policy.distinct_delays}
         self._channel = channel
-        self._answers = Answers(spec.publish_to, onward, timeout=publish_timeout, middleware=middleware)
+        max_size = getattr(getattr(app, "settings", None), "max_message_size", 16 * 1024 * 1024)
+        self._answers = Answers(
+            spec.publish_to,
+            onward,
+            timeout=publish_timeout,
+            middleware=middleware,
+            queue=spec.queue,
+            max_size=max_size,
+        )
         self._ensure_retry_queue = ensure_retry_queue
         self._timeout = handler_timeout
         self._on_received = overriding(middleware, "received")
@@ -290,6 +312,16 @@ class Consumer:
         properties = delivery.properties
         headers = properties.headers or {}
         attempt = copies.attempt(delivery, headers, spec.queue, spec.policy.retries) if headers else 1
+        if headers and names.DEADLINE in headers and _expired(headers[names.DEADLINE]):
+            # The caller of this request has given up: nobody would read the answer.
+            log.info(
+                "queue %s: request %s expired before its attempt %d (its caller gave up); dropping it",
+                spec.queue,
+                properties.message_id or "-",
+                attempt,
+            )
+            self.settlement.ack(delivery.delivery_tag)
+            return
         message = None
         if self._observed:
             message = Message.of(delivery, headers, attempt, self.spec.queue)
@@ -345,25 +377,70 @@ class Consumer:
     ) -> Any:
         spec = self.spec
         signature = spec.signature
-        if message is not None:
-            if self._attempt_chain is None:
-                return await self._run(body, message)
-            return await self._attempt_chain(message, functools.partial(self._run, body, message))
+        token = ORIGIN.set((delivery, spec.queue))  # what the handler publishes comes from here
+        try:
+            if message is not None:
+                if self._attempt_chain is None:
+                    return await self._run(body, message)
+                return await self._attempt_chain(message, functools.partial(self._run, body, message))
+            if not signature.plain:
+                needs = signature.needs
+                if signature.message_param is None and (needs is None or not needs.needs_message):
+                    return await self._run(body, None)
+                return await self._run(body, Message.of(delivery, headers, attempt, spec.queue))
+            if signature.message_param is None:
+                return await spec.handler(body)
+            message = Message.of(delivery, headers, attempt, self.spec.queue)
+            if signature.message_positional:
+                return await spec.handler(body, message)
+            return await spec.handler(body, **{signature.message_param: message})
+        finally:
+            ORIGIN.reset(token)
+
+    async def _run(self, body: Any, message: Message | None) -> Any:
+        spec = self.spec
+        signature = spec.signature
+        if not signature.plain:
+            return await self._invoke(body, message)
         if signature.message_param is None:
             return await spec.handler(body)
-        message = Message.of(delivery, headers, attempt, self.spec.queue)
         if signature.message_positional:
             return await spec.handler(body, message)
         return await spec.handler(body, **{signature.message_param: message})
 
-    async def _run(self, body: Any, message: Message) -> Any:
-        spec = self.spec
-        signature = spec.signature
-        if signature.message_param is None:
-            return await spec.handler(body)
-        if signature.message_positional:
-            return await spec.handler(body, message)
-        return await spec.handler(body, **{signature.message_param: message})
+    async def _invoke(self, body: Any, message: Message | None) -> Any:
+        """A handler with dependencies, or a sync one: resolve what it needs, call it (a `def` in
+        a worker thread), then end the generator dependencies with the attempt's outcome."""
+        signature = self.spec.signature
+        needs = signature.needs
+        args: tuple[Any, ...] = (body,)
+        kwargs: dict[str, Any] = {}
+        if signature.message_param is not None:
+            if signature.message_positional:
+                args = (body, message)
+            else:
+                kwargs[signature.message_param] = message
+        if needs is None:
+            return await self._invoke_handler(args, kwargs)
+        if not needs.has_teardown:
+            kwargs.update(await needs.resolve(message, self._app, None))
+            return await self._invoke_handler(args, kwargs)
+        exits = contextlib.AsyncExitStack()
+        try:
+            kwargs.update(await needs.resolve(message, self._app, exits))
+            result = await self._invoke_handler(args, kwargs)
+        except BaseException as exc:
+            # The teardowns see the exception; one may not turn a failed attempt into a success.
+            await exits.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        await exits.aclose()
+        return result
+
+    async def _invoke_handler(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        handler = self.spec.handler
+        if self._threads is None:
+            return await handler(*args, **kwargs)
+        return await self._threads.run(handler, args, kwargs)
 
     def _settled(
         self,
@@ -447,5 +524,7 @@ class Consumer:
     ) -> None:
         if message is not None:
             self._settled(message, Fate.PARKED, exc, reason=reason)
+        if delivery.properties.reply_to:
+            self._answers.failed(delivery, reason, exc)  # the caller learns it now, not at its timeout
         headers = copies.park_headers(delivery, reason, attempt, self.spec.queue, exc)
         self._copier.send(delivery, self._parked, headers)

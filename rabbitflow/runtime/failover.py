@@ -52,8 +52,10 @@ class Runtime:
         specs: tuple[ConsumerSpec, ...],
         broker: Broker,
         middleware: tuple[Middleware, ...] = (),
+        app: Any = None,
     ) -> None:
         self.settings = settings
+        self.app = app
         self.plan = plan
         self._specs = specs
         self._middleware = middleware
@@ -132,7 +134,7 @@ class Runtime:
     async def _open(self, links: Links) -> Session:
         """Declare and subscribe on `links`. Bounded: a node whose quorum queues are still
         electing a leader can leave a declaration unanswered, and then the next node is better."""
-        session = Session(links, self.settings, self.plan, self._specs, self._middleware)
+        session = Session(links, self.settings, self.plan, self._specs, self._middleware, self.app)
         try:
             async with asyncio.timeout(self.timeout):
                 await session.open()

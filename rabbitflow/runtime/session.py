@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from typing import Any
 
 from rabbitflow import names
 from rabbitflow.errors import ChannelClosed, TopologyConflict
@@ -40,8 +41,10 @@ class Session:
         plan: Plan,
         specs: tuple[ConsumerSpec, ...],
         middleware: tuple[Middleware, ...] = (),
+        app: Any = None,
     ) -> None:
         self.links = links
+        self.app = app  # what handlers' parameters annotated `App` receive
         self.settings = settings
         self.plan = plan
         self._specs = specs
@@ -49,7 +52,8 @@ class Session:
         known = [exchange.name for exchange in plan.exchanges]
         self.publisher = Publisher(links.publish, known=known)  # the app's own publishes
         self.copies = Publisher(links.publish, known=known, repair=self._repair)  # retry, parked copies
-        self.requests = Requests(links.publish, self.publisher)  # app.request, opened on first use
+        # app.request: published on the app's publisher, replies consumed on the consuming connection
+        self.requests = Requests(links.consume, self.publisher)
         self.consumers: list[Consumer] = []
         self.partitioned: list[PartitionGroup] = []
         self._retry_queues: set[str] = set()
@@ -87,6 +91,7 @@ class Session:
                 handler_timeout=spec.handler_timeout or s.handler_timeout,
                 breaker=spec.breaker or s.breaker,
                 middleware=self._middleware,
+                app=self.app,
             )
             await consumer.start()
             consumer.subscription.watch(self._probe, functools.partial(_settled, consumer))

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
+from unittest.mock import MagicMock
 
 from rabbitflow import names
 from rabbitflow.app import App
 from rabbitflow.codec import decode, outgoing
-from rabbitflow.errors import ConfigError, DecodeError, Reject, Retry
+from rabbitflow.errors import ConfigError, DecodeError, Reject, RequestTimeout, Retry
+from rabbitflow.message import Message
 from rabbitflow.middleware.base import Middleware
 from rabbitflow.transport.base import Channel, Properties
 from rabbitflow.transport.memory.broker import MemoryBroker
 
-__all__ = ["Failure", "Parked", "Sent", "TestClient"]
+__all__ = ["Call", "Failure", "Parked", "Sent", "TestClient"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,14 +59,51 @@ class Failure:
     time: float
 
 
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One handler call (one attempt): what it got and how it ended."""
+
+    queue: str
+    body: Any  # decoded as the handler's first parameter asked
+    message: Message
+    attempt: int
+    result: Any  # what the handler returned (None when it raised)
+    exception: BaseException | None  # what it raised, Retry and Reject included
+    time: float  # virtual seconds when it began
+
+    @property
+    def ok(self) -> bool:
+        return self.exception is None
+
+
 class _Recorder(Middleware):
     """What the client listens with: the middleware seam any user has."""
 
     def __init__(self, client: TestClient) -> None:
         self._client = client
 
+    async def attempt(self, message: Message, call_next: Callable[[], Awaitable[Any]]) -> Any:
+        client = self._client
+        started = client.broker.now
+        spec = client._specs.get(message.queue)
+        try:
+            body = message.body if spec is None else spec.signature.read(message.body, message.content_type)
+        except DecodeError:
+            body = message.body
+        client._mock(message.queue)(body)
+        try:
+            result = await call_next()
+        except BaseException as exc:
+            client._calls.append(Call(message.queue, body, message, message.attempt, None, exc, started))
+            raise
+        client._calls.append(Call(message.queue, body, message, message.attempt, result, None, started))
+        return result
+
     def attempt_failed(self, queue: str, attempt: int, exception: BaseException) -> None:
         self._client._record(queue, attempt, exception)
+
+
+_WALL_LIMIT = 3600.0  # real seconds a client.request may take: its own timeout is virtual
 
 
 def _decoded(properties: Properties, raw: bytes) -> Any:
@@ -101,6 +141,9 @@ class TestClient:
         self._channel: Channel | None = None
         self._own_ids: set[str] = set()
         self._ids = itertools.count(1)
+        self._calls: list[Call] = []
+        self._mocks: dict[str, MagicMock] = {}
+        self._specs = {spec.queue: spec for spec in app.consumers}
 
     async def __aenter__(self) -> TestClient:
         self.app.use_broker(self.broker)
@@ -116,6 +159,71 @@ class TestClient:
     ) -> None:
         await self.app.stop()
         self.app.middleware = tuple(m for m in self.app.middleware if not isinstance(m, _Recorder))
+
+    def calls(self, queue: str | None = None) -> list[Call]:
+        """Every handler call (of the consumer of `queue`), oldest first: its decoded body, the
+        Message, the attempt and the outcome."""
+        return [c for c in self._calls if queue is None or c.queue == queue]
+
+    def mock(self, queue: str) -> MagicMock:
+        """A `MagicMock` called with the decoded body on each handler call of `queue`'s consumer,
+        as FastStream's `handler.mock`: `client.mock("orders").assert_called_once_with({...})`."""
+        return self._mock(queue)
+
+    def _mock(self, queue: str) -> MagicMock:
+        found = self._mocks.get(queue)
+        if found is None:
+            found = self._mocks[queue] = MagicMock(name=f"handler of {queue}")
+        return found
+
+    async def request(
+        self,
+        body: Any,
+        *,
+        exchange: str = "",
+        routing_key: str,
+        headers: dict[str, Any] | None = None,
+        timeout: float = 5.0,
+        response_type: Any = None,
+    ) -> Any:
+        """`app.request` on the virtual clock: the clock moves over retry delays while the request
+        waits (no `drain()` needed), and `timeout` is virtual seconds (`RequestTimeout` once the
+        clock passed it without a reply)."""
+        started = self.broker.now
+        deadline = started + timeout
+        ask = asyncio.ensure_future(
+            self.app.request(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                headers=headers,
+                timeout=_WALL_LIMIT,
+                response_type=response_type,
+            )
+        )
+        try:
+            while not ask.done():
+                await self.broker.drain(advance_clock=False)
+                if ask.done():
+                    break
+                due = self.broker._vhost.next_expiry()  # the next message TTL that runs out
+                if due is None or due > deadline:
+                    await asyncio.wait({ask}, timeout=self.broker.ack_grace)
+                    if not ask.done():
+                        await self.broker.advance(max(0.0, deadline - self.broker.now))
+                    break
+                await self.broker.advance(max(0.0, due - self.broker.now))
+            if not ask.done():
+                raise RequestTimeout(
+                    f"no reply to the request to exchange {exchange!r} with routing key "
+                    f"{routing_key!r} within {timeout}s (virtual)"
+                )
+            return ask.result()
+        finally:
+            if not ask.done():
+                ask.cancel()
+                await asyncio.gather(ask, return_exceptions=True)
+            self._raise()
 
     def _record(self, queue: str, attempt: int, exc: BaseException) -> None:
         self.failures.append(Failure(queue, attempt, exc, self.broker.now))
