@@ -199,6 +199,7 @@ cmd_build() {
     fi
     [[ -x "$partial$RMQ_BIN/rabbitmq-server" ]] || die "debootstrap left no rabbitmq-server; see $build_log"
     printf '127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n' >"$partial/etc/hosts"
+    # shellcheck disable=SC2016 # ${Version} is dpkg-query's field, not the shell's
     chroot "$partial" dpkg-query -W -f '${Version}\n' rabbitmq-server >"$partial/.rabbitflow-rabbitmq4"
     mv "$partial" "$ROOT"
     log "built $ROOT (rabbitmq-server $(cat "$MARKER")) in $((SECONDS - started))s"
