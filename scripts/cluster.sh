@@ -26,7 +26,15 @@
 # Environment:
 #   RABBITFLOW_CLUSTER_DIR      state folder (default /tmp/rabbitflow-cluster)
 #   RABBITFLOW_CLUSTER_TIMEOUT  seconds to wait for a node (default 120)
+#   RABBITFLOW_BROKER_VERSION   4.0: run the same command on the RabbitMQ 4.0 cluster of
+#                               scripts/rabbitmq4.sh instead (r4c1..3, ports 5691-5693)
 set -euo pipefail
+
+case "${RABBITFLOW_BROKER_VERSION:-3.10}" in
+    3.10) ;;
+    4.0) exec "$(dirname "${BASH_SOURCE[0]}")/rabbitmq4.sh" cluster "$@" ;;
+    *) printf 'cluster.sh: error: RABBITFLOW_BROKER_VERSION must be 3.10 or 4.0\n' >&2; exit 2 ;;
+esac
 
 readonly RMQ_BIN=/usr/lib/rabbitmq/bin
 readonly NODES=(1 2 3)

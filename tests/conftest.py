@@ -11,6 +11,7 @@ import pytest
 
 from rabbitflow import App
 
+from .brokers import broker_version  # noqa: F401 - a fixture: the test broker's version
 from .helpers import BROKER_URL, Admin, unique
 
 

@@ -15,13 +15,14 @@ import pytest
 
 from rabbitflow import App, Message, PublishTimeout
 
+from .brokers import cluster_ports
 from .helpers import unique, wait_for
 
 pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "cluster.sh"
-PORTS = {1: 5673, 2: 5674, 3: 5675}
+PORTS = cluster_ports()  # 5673-5675, or 5691-5693 with RABBITFLOW_BROKER_VERSION=4.0
 
 
 def url(node: int) -> str:

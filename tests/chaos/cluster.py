@@ -10,9 +10,11 @@ from typing import Any
 
 import aiormq
 
+from ..brokers import cluster_ports
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "cluster.sh"
-PORTS = {1: 5673, 2: 5674, 3: 5675}
+PORTS = cluster_ports()  # 5673-5675, or 5691-5693 with RABBITFLOW_BROKER_VERSION=4.0
 NORMAL_WATERMARK = "0.4"
 ALARM_WATERMARK = "0.0000001"
 

@@ -6,7 +6,8 @@ things that differ between them (waiting, settling, cleanup). The assertions are
 the real 3.10 and memory-3.10, so wherever the in-memory broker stops behaving like RabbitMQ,
 its half of a test fails. Where a later RabbitMQ behaves differently by design, the test says
 what each version does (`env.version`), from the release notes cited in
-rabbitflow/transport/memory/profile.py; those rows are checked only against the memory broker.
+rabbitflow/transport/memory/profile.py; those rows are checked against the memory broker, and
+against a real RabbitMQ 4.0 when RABBITFLOW_TEST_URL points at one (scripts/rabbitmq4.sh start).
 Real waits stay short (TTLs of 200-900 ms); on the memory broker they cost nothing.
 """
 
@@ -37,6 +38,8 @@ from rabbitflow.transport.base import (
 from rabbitflow.transport.memory.broker import VERSIONS, MemoryBroker, use_broker
 from rabbitflow.urls import parse_urls
 
+from ..brokers import behaves_as
+
 log = logging.getLogger(__name__)
 
 QUORUM: dict[str, Any] = {"x-queue-type": "quorum"}
@@ -60,8 +63,9 @@ class Env:
 
     def __init__(self, kind: str, transport: Transport, broker: MemoryBroker | None, url: str) -> None:
         self.kind = kind
-        # The RabbitMQ whose behaviour to expect: the memory broker's profile, or the real 3.10.
-        self.version = broker.version if broker is not None else "3.10"
+        # The RabbitMQ whose behaviour to expect: the memory broker's profile, or the profile the
+        # real server's announced version maps to (3.10.8 -> "3.10", 4.0.5 -> "4.0").
+        self.version = broker.version if broker is not None else behaves_as(transport.server_version)
         self.transport = transport
         self.broker = broker
         self.url = url
