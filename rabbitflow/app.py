@@ -155,7 +155,6 @@ class App(Registry):
         self.outbox = outbox
         super().__init__(self.settings.name)
         self.middleware = tuple(middleware)
-        self._publish_chain = publish_chain(self.middleware)
         for item in self.middleware:
             if not isinstance(item, Middleware):
                 raise ConfigError(
@@ -205,6 +204,16 @@ class App(Registry):
                         "(from rabbitflow.sql import Outbox)"
                     )
         super()._accept(consumers)
+
+    @property
+    def middleware(self) -> tuple[Middleware, ...]:
+        """The app's middleware; settable before the app starts (the CLI adds its metrics)."""
+        return self._middleware
+
+    @middleware.setter
+    def middleware(self, middleware: Sequence[Middleware]) -> None:
+        self._middleware = tuple(middleware)
+        self._publish_chain = publish_chain(self._middleware)  # built once, not per publish
 
     def _registering(self) -> None:
         if self._state is not State.UNOPENED:

@@ -1,12 +1,13 @@
-"""`/health` and `/metrics` over HTTP: an ASGI app to mount in a web server, and a small server
-of its own for `rabbitflow run --http-port`.
+"""A service over HTTP: `/health` and `/metrics` as an ASGI app to mount in a web server, and the
+one small HTTP/1.1 server of `rabbitflow run --http-port`, which serves them and, given one, the
+operator console at `/console` (`rabbitflow.console`).
 
 - `/health`: `app.health()` as JSON; 200 when `healthy`, else 503.
 - `/metrics`: the Prometheus text of `registry` (by default: the registry of the app's
   `PrometheusMiddleware`, else prometheus-client's global one); 501 without prometheus-client.
 
-Both read the app on the event loop that runs it. Standard library only (prometheus-client
-when installed): no web framework needed.
+Everything reads the app on the event loop that runs it. Standard library only
+(prometheus-client when installed): no web framework needed.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import orjson
 
 if TYPE_CHECKING:
     from rabbitflow.app import App
 
-__all__ = ["HttpServer", "health_app", "metrics_and_health", "serve"]
+__all__ = ["HttpServer", "health_app", "metrics_and_health", "serve", "service_app"]
 
 log = logging.getLogger("rabbitflow.http")
 
@@ -35,9 +36,11 @@ Response = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 _JSON = b"application/json"
 _TEXT = b"text/plain; charset=utf-8"
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+_REASONS = {200: "OK", 303: "See Other", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+            405: "Method Not Allowed", 413: "Content Too Large", 500: "Internal Server Error",
             501: "Not Implemented", 503: "Service Unavailable"}  # fmt: skip
-_MAX_REQUEST = 8192  # bytes of request line and headers read before giving up
+_MAX_HEAD = 16 * 1024  # bytes of request line and headers read before giving up
+_MAX_BODY = 64 * 1024  # a console form; nothing else takes a body
 _READ_TIMEOUT = 5.0
 
 
@@ -127,21 +130,39 @@ def _asgi(endpoints: _Endpoints) -> ASGIApp:
     return asgi
 
 
+def service_app(app: App, console: ASGIApp | None = None, registry: Any = None) -> ASGIApp:
+    """`/console...` to `console` (mounted there) when given; every other path to `/health` and
+    `/metrics`."""
+    endpoints = metrics_and_health(app, registry)
+    if console is None:
+        return endpoints
+
+    async def route(scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path == "/console" or path.startswith("/console/")):
+            await console({**scope, "root_path": scope.get("root_path", "") + "/console"}, receive, send)
+        else:
+            await endpoints(scope, receive, send)
+
+    return route
+
+
 # -- a server of its own --------------------------------------------------------------------------
 
 
 class HttpServer:
-    """A small HTTP/1.1 server for `/health` and `/metrics`: GET and HEAD, one request per
-    connection (closed after the response).
+    """A small HTTP/1.1 server for an ASGI app: GET, HEAD and POST, one request per connection
+    (closed after the response), a bounded head and body. Enough for a scraper and an operator's
+    browser, without a web server dependency.
 
-        async with HttpServer(app, 9000):  # or: server = await serve(app, 9000) ... await server.close()
+        async with HttpServer(service_app(app), 9000):  # or: server = await serve(app, 9000)
             await app.serve()
     """
 
-    def __init__(self, app: App, port: int, host: str = "0.0.0.0", registry: Any = None) -> None:
+    def __init__(self, asgi: ASGIApp, port: int, host: str = "127.0.0.1") -> None:
+        self.asgi = asgi
         self.host = host
         self.port = port  # the bound port once started (useful with port=0)
-        self._endpoints = _Endpoints(app, registry)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -174,11 +195,8 @@ class HttpServer:
         assert task is not None
         self._connections.add(task)
         try:
-            response = await self._read(reader)
-            if response is not None:
-                writer.write(response)
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
+            await self._exchange(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass
         except Exception:
             log.exception("http: answering a request failed")
@@ -188,58 +206,120 @@ class HttpServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _read(self, reader: asyncio.StreamReader) -> bytes | None:
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(_READ_TIMEOUT):
                 head = await _head(reader)
-        except (TimeoutError, asyncio.IncompleteReadError):
-            return None
         except (asyncio.LimitOverrunError, ValueError):
-            return _encode("GET", _plain(400, b"request too large\n"))
+            head = None
         if head is None:
-            return _encode("GET", _plain(400, b"request too large\n"))
+            await _write(writer, *_plain(400, b"request too large\n"))
+            return
+        lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
         try:
-            method, target, _version = head.split(b"\n", 1)[0].decode("latin-1").split()
+            method, target, _version = lines[0].split()
         except ValueError:
-            return _encode("GET", _plain(400, b"bad request line\n"))
-        return _encode(method, self._endpoints.respond(method, _path(target)))
+            await _write(writer, *_plain(400, b"bad request line\n"))
+            return
+        headers = []
+        for line in lines[1:]:
+            if not line:
+                continue
+            name, sep, value = line.partition(":")
+            if not sep:
+                await _write(writer, *_plain(400, b"bad header line\n"))
+                return
+            headers.append((name.strip().lower().encode("latin-1"), value.strip().encode("latin-1")))
+        length = next((v for n, v in headers if n == b"content-length"), b"0")
+        if not length.isdigit() or int(length) > _MAX_BODY:
+            await _write(writer, *_plain(413 if length.isdigit() else 400, b"bad or too large body\n"))
+            return
+        async with asyncio.timeout(_READ_TIMEOUT):
+            body = await reader.readexactly(int(length)) if int(length) else b""
+        path, _, query = _origin(target).partition("?")
+        peer, sock = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+        scope: Scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": method.upper(),
+            "scheme": "http",
+            "path": unquote(path),
+            "raw_path": path.encode("latin-1"),
+            "query_string": query.encode("latin-1"),
+            "root_path": "",
+            "headers": headers,
+            "client": (peer[0], peer[1]) if isinstance(peer, tuple) else None,
+            "server": (sock[0], sock[1]) if isinstance(sock, tuple) else None,
+        }
+        received = False
+
+        async def receive() -> MutableMapping[str, Any]:
+            nonlocal received
+            if received:
+                return {"type": "http.disconnect"}
+            received = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        response: dict[str, Any] = {"status": 500, "headers": [], "body": []}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                response["status"], response["headers"] = message["status"], list(message.get("headers", []))
+            elif message["type"] == "http.response.body":
+                response["body"].append(message.get("body", b""))
+
+        await self.asgi(scope, receive, send)
+        content = b"" if scope["method"] == "HEAD" else b"".join(response["body"])
+        await _write(writer, response["status"], response["headers"], content)
 
 
 async def _head(reader: asyncio.StreamReader) -> bytes | None:
     """The request line and headers, up to the empty line; lines may end in CRLF or, as RFC 9112
-    lets a server accept, a bare LF. None when longer than `_MAX_REQUEST`."""
+    lets a server accept, a bare LF. None when longer than `_MAX_HEAD`."""
     head = b""
     while True:
         line = await reader.readline()
         if not line:
             raise asyncio.IncompleteReadError(head, None)
         head += line
-        if len(head) > _MAX_REQUEST:
+        if len(head) > _MAX_HEAD:
             return None
         if line in (b"\r\n", b"\n") and head != line:
             return head
 
 
-def _path(target: str) -> str:
-    """The path of a request target: origin-form (`/health?x`) or absolute-form
+def _origin(target: str) -> str:
+    """The origin form (`/health?x`) of a request target, also of the absolute form
     (`http://host/health`, what a client talking to a proxy sends)."""
     if "://" in target.split("?", 1)[0]:
-        target = urlsplit(target).path or "/"
-    return target.split("?", 1)[0]
+        parts = urlsplit(target)
+        return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return target
 
 
-def _encode(method: str, response: Response) -> bytes:
-    status, headers, body = response
+async def _write(
+    writer: asyncio.StreamWriter, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
     lines = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}".encode()]
-    lines += [name + b": " + value for name, value in headers]
+    lines += [n + b": " + v for n, v in headers if n.lower() not in (b"content-length", b"connection")]
     lines += [b"content-length: " + str(len(body)).encode(), b"connection: close", b"", b""]
-    return b"\r\n".join(lines) + (b"" if method == "HEAD" else body)
+    writer.write(b"\r\n".join(lines) + body)
+    await writer.drain()
 
 
-async def serve(app: App, port: int, host: str = "0.0.0.0", registry: Any = None) -> HttpServer:
-    """Start serving `/health` and `/metrics` for `app` on `host:port` (port 0: any free one,
-    then `server.port`); returns the running server: `await server.close()` stops it, and it is
-    an async context manager too. `registry` as for `metrics_and_health`."""
-    server = HttpServer(app, port, host, registry)
+async def serve(
+    app: App,
+    port: int,
+    host: str = "127.0.0.1",
+    *,
+    console: ASGIApp | None = None,
+    registry: Any = None,
+) -> HttpServer:
+    """Start serving `/health`, `/metrics` and, given a `console` (`rabbitflow.console.console_app`),
+    `/console` for `app` on `host:port` (port 0: any free one, then `server.port`; 127.0.0.1
+    unless told otherwise); returns the running server: `await server.close()` stops it, and it
+    is an async context manager too. `registry` as for `metrics_and_health`."""
+    server = HttpServer(service_app(app, console, registry), port, host)
     await server.start()
     return server

@@ -83,6 +83,14 @@ def configure_logging(level: str, *, worker: str | None = None, clients: int = l
 
 
 def _run(args: argparse.Namespace) -> int:
+    console = "actions" if args.console_actions else "read-only" if args.console else None
+    if console and args.http_port is None:
+        raise SystemExit("rabbitflow: the console is served on --http-port; give one")
+    if console == "actions" and not os.environ.get("RABBITFLOW_CONSOLE_TOKEN"):
+        raise SystemExit(
+            "rabbitflow: --console-actions needs an operator token in RABBITFLOW_CONSOLE_TOKEN "
+            "(the environment, never the command line)"
+        )
     if args.reload:
         return _run_reloading(args)
     if args.workers > 1:
@@ -98,28 +106,26 @@ def _run(args: argparse.Namespace) -> int:
     # Worker N of `--workers` serves on PORT + N - 1: one scrape target per process.
     port = None if args.http_port is None else args.http_port + int(os.environ.get(WORKER_ENV) or 1) - 1
     try:
-        asyncio.run(_serve(app, port, args.http_host))
+        asyncio.run(_serve(app, port, args.http_host, console))
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
-        log.error(
-            "cannot serve /health and /metrics on %s:%s: the port is taken (%s)", args.http_host, port, exc
-        )
+        log.error("cannot serve HTTP on %s:%s: the port is taken (%s)", args.http_host, port, exc)
         return EXIT_PORT_TAKEN
     return 0
 
 
-async def _serve(app: App, port: int | None, host: str) -> None:
+async def _serve(app: App, port: int | None, host: str, console: str | None) -> None:
     """`app.serve()`, under `--workers` stopping when the supervisor goes, with the HTTP server
     of `--http-port` (bound before the app starts: a taken port fails at once)."""
     follow_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))  # app.serve's graceful stop
     if port is None:
         await app.serve()
     else:
-        await _serve_with_http(app, port, host)
+        await _serve_with_http(app, port, host, console)
 
 
-async def _serve_with_http(app: App, port: int, host: str) -> None:
+async def _serve_with_http(app: App, port: int, host: str, console: str | None) -> None:
     from rabbitflow.http import serve
 
     try:
@@ -131,8 +137,16 @@ async def _serve_with_http(app: App, port: int, host: str) -> None:
             metrics = PrometheusMiddleware()  # /metrics is about this app, not only the process
             app.middleware = (*app.middleware, metrics)
             metrics.bind(app)
-    server = await serve(app, port, host)
-    log.info("serving /health and /metrics on %s:%d", host, server.port)
+    panel = None
+    if console:
+        from rabbitflow.console import Rates, console_app
+
+        if not any(isinstance(m, Rates) for m in app.middleware):
+            app.middleware = (*app.middleware, Rates())  # the console's charts, by fate
+        # Replay and purge only with --console-actions, behind RABBITFLOW_CONSOLE_TOKEN.
+        panel = console_app(app, enable_actions=console == "actions")
+    server = await serve(app, port, host, console=panel)
+    log.info("serving /health, /metrics%s on %s:%d", " and /console" if panel else "", host, server.port)
     try:
         await app.serve()
     finally:
@@ -153,6 +167,7 @@ def _child(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     command = [sys.executable, "-m", "rabbitflow", "run", args.app, "--log-level", args.log_level]
     if args.http_port is not None:
         command += ["--http-port", str(args.http_port), "--http-host", args.http_host]
+    command += ["--console"] * args.console + ["--console-actions"] * args.console_actions
     env = dict(os.environ)
     if args.url:
         command.append("--url-from-env")
@@ -317,6 +332,18 @@ def parser() -> argparse.ArgumentParser:
         metavar="HOST",
         help="the address --http-port listens on: 0.0.0.0 (or ::) for every interface, e.g. for a "
         "scraper on another host (default: %(default)s, this host only)",
+    )
+    run.add_argument(
+        "--console",
+        action="store_true",
+        help="also serve the operator console at /console on --http-port, read-only "
+        "(docs/console.md); worker N of --workers serves its own on PORT + N - 1",
+    )
+    run.add_argument(
+        "--console-actions",
+        action="store_true",
+        help="the console with its replay and purge buttons (implies --console); needs an "
+        "operator token in the environment variable RABBITFLOW_CONSOLE_TOKEN",
     )
     run.add_argument(
         "--reload",

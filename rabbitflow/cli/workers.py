@@ -51,6 +51,7 @@ FIRST_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
 RESET_AFTER = 60.0  # a worker that ran this long before dying starts again after FIRST_BACKOFF
 WORKER_ENV = "RABBITFLOW_WORKER"  # the worker's number, 1..N, for its log lines
+WORKERS_ENV = "RABBITFLOW_WORKERS"  # how many: the console links each worker's page to the others'
 PARENT_FD_ENV = "RABBITFLOW_PARENT_FD"  # the worker's end of the supervisor's pipe
 PARENT_PID_ENV = "RABBITFLOW_PARENT_PID"
 EXIT_PORT_TAKEN = 78  # EX_CONFIG: a worker could not listen on its HTTP port; restarting won't help
@@ -137,6 +138,7 @@ class Supervisor:
         env = {
             **self.env,
             WORKER_ENV: str(number),
+            WORKERS_ENV: str(self.count),
             JOURNAL_ENV: str(self._journal),
             PARENT_FD_ENV: str(reading),
             PARENT_PID_ENV: str(os.getpid()),

@@ -4,8 +4,9 @@
     web.mount("/console", console_app(app))            # FastAPI / Starlette: an ASGI app
 
 `rabbitflow run --http-port PORT --console` serves it at `/console` beside `/health` and
-`/metrics` (`serve` here). Read-only unless `enable_actions=True`, which needs an operator token
-(`token=` or `RABBITFLOW_CONSOLE_TOKEN`); see docs/console.md.
+`/metrics` (`rabbitflow.http.serve(app, port, console=console_app(app))`). Read-only unless
+`enable_actions=True`, which needs an operator token (`token=` or `RABBITFLOW_CONSOLE_TOKEN`);
+see docs/console.md.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ from typing import TYPE_CHECKING
 
 from rabbitflow.console.application import Console
 from rabbitflow.console.rates import Rates
-from rabbitflow.console.server import AsgiServer, serve
 
 if TYPE_CHECKING:
     from rabbitflow.app import App
 
-__all__ = ["AsgiServer", "Console", "Rates", "console_app", "serve"]
+__all__ = ["Console", "Rates", "console_app"]
 
 
 def console_app(

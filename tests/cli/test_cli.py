@@ -610,3 +610,53 @@ async def test_run_http_port_serves_health_and_metrics_per_worker(
     finally:
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(30) == 0
+
+
+async def test_run_console_serves_each_workers_console_read_only(
+    service: Service, admin: Admin, processes: Processes
+) -> None:
+    port = _free_ports(2)
+    env = {k: v for k, v in os.environ.items() if k != "RABBITFLOW_CONSOLE_TOKEN"}
+    command = [sys.executable, "-m", "rabbitflow", "run", SERVICE, "--workers", "2", "--http-port", str(port)]
+    parent = processes.start(
+        [*command, "--console"],
+        cwd=ROOT,
+        env={**env, **service.env, "RF_LOG": str(service.log)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await wait_consumers(admin, service.queue, count=2)
+        for number, worker_port in enumerate((port, port + 1), start=1):
+            page = (await _wait_status(worker_port, "/console", 200)).decode()
+            assert service.queue in page  # its consumer, with its health
+            assert f"{number} of 2" in page  # which worker's console this is
+            assert "replay" not in page.lower() or "disabled" in page.lower() or "<form" not in page
+            assert (await _wait_status(worker_port, "/health", 200)).startswith(b"{")
+    finally:
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(30) == 0
+
+
+def test_run_console_actions_need_a_token_from_the_environment() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RABBITFLOW_CONSOLE_TOKEN"}
+    refused = subprocess.run(
+        [sys.executable, "-m", "rabbitflow", "run", SERVICE, "--http-port", "0", "--console-actions"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode != 0
+    assert "RABBITFLOW_CONSOLE_TOKEN" in refused.stderr
+    no_port = subprocess.run(
+        [sys.executable, "-m", "rabbitflow", "run", SERVICE, "--console"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert no_port.returncode != 0
+    assert "--http-port" in no_port.stderr

@@ -21,7 +21,8 @@ from typing import Any
 import aiormq
 
 from rabbitflow import App, Message, Reject
-from rabbitflow.console import AsgiServer, Rates, console_app, serve
+from rabbitflow.console import Rates, console_app
+from rabbitflow.http import HttpServer, serve
 
 BROKER_URL = os.environ.get("RABBITFLOW_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/")
 TOKEN = "console-test-token-" + uuid.uuid4().hex[:8]
@@ -33,7 +34,7 @@ HOSTILE_HEADER = ("<img src=x onerror=alert('header')>", "<b>not bold</b>")
 @dataclass
 class Shop:
     app: App
-    server: AsgiServer
+    server: HttpServer
     orders: str  # the consumer's queue that parks
     shipped: str  # a healthy consumer's queue
     exchange: str

@@ -101,7 +101,8 @@ async def test_the_console_shows_the_parking_lot_and_replays_a_group_to_its_queu
 
 async def test_a_read_only_console_shows_no_buttons_and_refuses_actions(broker_url: str) -> None:
     async with shop() as the_shop, chromium() as browser:
-        from rabbitflow.console import console_app, serve
+        from rabbitflow.console import console_app
+        from rabbitflow.http import serve
 
         read_only = await serve(the_shop.app, 0, console=console_app(the_shop.app, token=""))
         try:

@@ -16,7 +16,8 @@ import pytest
 from fastapi import FastAPI
 
 from rabbitflow import App, ConfigError
-from rabbitflow.console import Rates, console_app, serve
+from rabbitflow.console import Rates, console_app
+from rabbitflow.http import serve
 
 TOKEN = "s3cret-operator-token"
 HOSTILE = "<script>alert(1)</script>"
