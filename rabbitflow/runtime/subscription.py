@@ -28,6 +28,8 @@ Probe = Callable[[ConsumerSpec], Awaitable[QueueInfo | None]]
 # Seconds a subscribed consumer may go without a delivery before it asks the broker whether its
 # queue (and its place on it) is still there.
 IDLE_PROBE = 30.0
+# Seconds between declaring a cancelled consumer's queue again and checking it is still there.
+_SETTLE = 0.2
 
 
 class Subscription:
@@ -55,6 +57,7 @@ class Subscription:
         self._tag: str | None = None
         self._changing: asyncio.Task[None] | None = None  # the last change queued
         self._watching: asyncio.Task[None] | None = None
+        self._probe: Probe | None = None
         self.stopping = False
         self.cancelled_since: float | None = None  # loop time the broker cancelled it
         self.resubscribed = 0
@@ -91,6 +94,7 @@ class Subscription:
         its channel, without a basic.cancel, and it waits for deliveries that never come (seen
         in the chaos soak). A consumer nothing is delivered to looks exactly like an idle one;
         only asking tells them apart."""
+        self._probe = probe
         self._watching = asyncio.get_running_loop().create_task(self._watch(probe, activity))
 
     async def _watch(self, probe: Probe, activity: Callable[[], int]) -> None:
@@ -166,6 +170,8 @@ class Subscription:
             try:
                 if self.cancelled_since is not None:
                     await self._redeclare(self._spec)
+                    if not await self._still_there():
+                        continue
                 await self.start(prefetch=prefetch)
             except (TransportError, TopologyConflict) as exc:
                 failures += 1
@@ -177,6 +183,19 @@ class Subscription:
                 self.cancelled_since = None
                 log.info("queue %s: consuming again", self._queue)
             return
+
+    async def _still_there(self) -> bool:
+        """After a broker cancel and a declare: is the queue there a moment later? RabbitMQ 4.0
+        cancels a deleted queue's consumers before the deletion is complete, and a declare then
+        answers declare-ok for the queue on its way out; the basic.consume that follows gets 404,
+        which closes the consumer's channel (and so the session). Seen on 4.0.5 (docs/compatibility.md)."""
+        if self._probe is None:
+            return True
+        await asyncio.sleep(_SETTLE)
+        if await self._probe(self._spec) is not None:
+            return True
+        log.info("queue %s: still being deleted; declaring it again", self._queue)
+        return False
 
     async def _rearm(self) -> None:
         if self._tag is None:

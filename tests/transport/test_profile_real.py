@@ -215,6 +215,39 @@ async def first_get_delivery_count(side: Side) -> Any:
     return [headers.get("x-delivery-count") for headers in await _returned_twice(side)]
 
 
+async def dead_letter_keeps_counts(side: Side) -> Any:
+    """A quorum message rejected round a dead-letter loop (reject -> TTL queue -> back): how it
+    comes back each round (redelivered, x-delivery-count)."""
+    channel = await side.transport.channel()
+    work = await side.queue(channel, "loop-work", **QUORUM)
+    back = await side.queue(
+        channel,
+        "loop-back",
+        **{"x-message-ttl": 100, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": work},
+    )
+    await channel.delete_queue(work)
+    await channel.declare_queue(
+        work, arguments={**QUORUM, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": back}
+    )
+    await channel.publish(b"m", exchange="", routing_key=work, properties=props())
+    seen = []
+    for round_ in range(3):
+        delivery = None
+        for _ in range(40):
+            delivery = await channel.get(work)
+            if delivery is not None:
+                break
+            await side.until(lambda: False, 0.25)
+        assert delivery is not None, side.kind
+        seen.append((delivery.redelivered, (delivery.properties.headers or {}).get("x-delivery-count")))
+        if round_ < 2:
+            await channel.reject(delivery.delivery_tag, requeue=False)
+        else:
+            await channel.ack(delivery.delivery_tag)
+        await side.settle()
+    return seen
+
+
 async def unknown_exchange_type(side: Side) -> Any:
     """exchange.declare with a type the broker does not know: what closes, with which code."""
     transport = await side.connect()
@@ -402,31 +435,26 @@ SCENARIOS: dict[str, Callable[[Side], Awaitable[Any]]] = {
     "requeue_to_back": requeue_to_back,
     # one scenario for the three consumer-timeout rules: each costs a minute on a real broker
     "consumer_timeouts": consumer_timeouts,
-    # behaviours the memory broker plays alike on every version (no rule in the profile), where
-    # a later RabbitMQ was seen to differ
+    # behaviours first seen to differ on 4.0.5, now rules of the profile
     "first_get_delivery_count": first_get_delivery_count,
     "unknown_exchange_type": unknown_exchange_type,
+    "dead_letter_keeps_counts": dead_letter_keeps_counts,
 }
 # The profile rules each scenario checks, where its name is not one.
-COVERS = {"consumer_timeouts": {"timeout_cancels", "timeout_counts", "queue_consumer_timeout"}}
+COVERS = {
+    "consumer_timeouts": {
+        "timeout_cancels",
+        "timeout_counts",
+        "queue_consumer_timeout",
+        "classic_consumer_timeout",
+    },
+    "first_get_delivery_count": {"get_adds_delivery_count"},
+    "unknown_exchange_type": {"unknown_exchange_type_closes_connection"},
+}
 
 # Where the memory broker is known to disagree with the real RabbitMQ of a profile (seen on
 # 4.0.5): xfail(strict), so fixing the memory broker makes the test say so.
-KNOWN_DISAGREEMENTS = {
-    ("4.0", "consumer_timeouts"): (
-        "queue_consumer_timeout: 4.0.5 honours x-consumer-timeout on a classic queue too (the "
-        "channel closes with 406 after the timeout); the memory broker only on quorum queues"
-    ),
-    ("4.0", "first_get_delivery_count"): (
-        "4.0.5 adds no x-delivery-count to the first basic.get of a quorum message ([None, 1, 2]); "
-        "the memory broker plays 3.10's basic.get, which adds x-delivery-count 0 ([0, 1, 2])"
-    ),
-    ("4.0", "unknown_exchange_type"): (
-        "4.0.5 refuses an unknown exchange type with a channel error (406 PRECONDITION_FAILED - "
-        "unknown exchange type 'nope'), the connection stays open; the memory broker closes the "
-        "connection (503 COMMAND_INVALID) as 3.10 does"
-    ),
-}
+KNOWN_DISAGREEMENTS: dict[tuple[str, str], str] = {}
 
 
 def test_every_profile_rule_has_a_scenario() -> None:

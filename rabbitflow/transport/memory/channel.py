@@ -90,7 +90,9 @@ class MemoryChannel(Channel):
                 if name not in vhost.exchanges:
                     raise not_found("exchange", name)
             elif type not in EXCHANGE_TYPES:
-                # A connection-level error: RabbitMQ closes the whole connection.
+                if not vhost.profile.unknown_exchange_type_closes_connection:
+                    raise precondition_failed(f"unknown exchange type '{type}'")
+                # A connection-level error: 3.10 closes the whole connection.
                 lost = ConnectionLost(
                     f"the broker closed the connection: 503 COMMAND_INVALID - unknown exchange type '{type}'"
                 )

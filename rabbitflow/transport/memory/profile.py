@@ -1,8 +1,9 @@
 """What differs between the RabbitMQ versions the in-memory broker emulates.
 
-Only 3.10 runs here (the contract suite checks the memory broker against it); every other
-profile follows the release notes and docs cited beside each field, and `rabbitflow.topology.versions`
-reads the same table to say what a plan relies on that a server does differently.
+3.10.8 and 4.0.5 run here: tests/transport/test_profile_real.py plays every rule against the
+real broker of its version. The 3.13 and 4.3 profiles follow the release notes and docs cited
+beside each field. `rabbitflow.topology.versions` reads the same table to say what a plan relies
+on that a server does differently.
 """
 
 from __future__ import annotations
@@ -45,6 +46,18 @@ class Profile:
     # x-consumer-timeout as a queue argument: 3.12+ (3.11.15); 3.10 only has the broker setting
     # https://www.rabbitmq.com/docs/consumers#per-queue-delivery-timeouts-using-an-optional-queue-argument
     queue_consumer_timeout: bool
+    # ... on classic queues too: seen on 4.0.5 (its channel closes with the same 406); refused on
+    # classic queues from 4.3.2 (release notes), which the memory broker plays as not honoured
+    classic_consumer_timeout: bool
+    # 3.10's basic.get adds x-delivery-count 0 to a quorum message's first hand-out; 4.0.5 adds
+    # none until it was returned (seen on 4.0.5; 3.13 not checked: played as 3.10)
+    get_adds_delivery_count: bool
+    # An unknown exchange type: 3.10 closes the connection (503 COMMAND_INVALID), 4.0.5 only the
+    # channel (406 PRECONDITION_FAILED - unknown exchange type 'x'; seen on 4.0.5)
+    unknown_exchange_type_closes_connection: bool
+    # A dead-lettered message keeps its delivery count (the rejection counted) round a loop back
+    # to a quorum queue, and arrives redelivered: seen on 4.0.5, not on 3.10.8
+    dead_letter_keeps_counts: bool
     # https://github.com/rabbitmq/rabbitmq-server/pull/11455 (4.0: 16 MiB, was 128 MiB)
     max_message_size: int
     # rabbit_fifo up to 3.13 appends a message rejected with requeue to the back of a quorum
@@ -66,6 +79,10 @@ _3_10 = Profile(
     refuses_queue_mode=False,
     timeout_cancels=False,
     queue_consumer_timeout=False,
+    classic_consumer_timeout=False,
+    get_adds_delivery_count=True,
+    unknown_exchange_type_closes_connection=True,
+    dead_letter_keeps_counts=False,
     max_message_size=128 * MiB,
     requeue_to_back=True,
 )
@@ -75,6 +92,7 @@ _3_13 = replace(
     server_version="3.13.7",
     last_death_headers=True,
     queue_consumer_timeout=True,
+    classic_consumer_timeout=True,
 )
 _4_0 = replace(
     _3_13,
@@ -84,6 +102,9 @@ _4_0 = replace(
     interprets_client_x_death=False,
     max_message_size=16 * MiB,
     requeue_to_back=False,
+    get_adds_delivery_count=False,
+    unknown_exchange_type_closes_connection=False,
+    dead_letter_keeps_counts=True,
 )
 _4_3 = replace(
     _4_0,
@@ -96,6 +117,7 @@ _4_3 = replace(
     refuses_global_qos=True,
     refuses_queue_mode=True,
     timeout_cancels=True,
+    classic_consumer_timeout=False,
 )
 
 PROFILES: dict[str, Profile] = {p.version: p for p in (_3_10, _3_13, _4_0, _4_3)}

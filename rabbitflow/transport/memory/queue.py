@@ -114,7 +114,8 @@ class MemoryQueue:
             self.overflow = "drop-head"  # quorum queues log a warning and use their default
         self.delivery_limit = _delivery_limit(arguments, profile) if self.is_quorum else None
         timeout = _int(arguments, "x-consumer-timeout") if profile.queue_consumer_timeout else None
-        self.consumer_timeout = None if timeout is None or not self.is_quorum else timeout / 1000
+        honoured = self.is_quorum or profile.classic_consumer_timeout
+        self.consumer_timeout = None if timeout is None or not honoured else timeout / 1000
         self.unacked_count = 0
         self.consumers: list[Consumer] = []
         # x-single-active-consumer: only the earliest subscribed consumer gets messages; when it
@@ -239,8 +240,9 @@ class MemoryQueue:
         p = message.properties
         headers = copy_table(p.headers) if p.headers is not None else None
         # Quorum queues add x-delivery-count once a message was returned (absent on the first
-        # delivery); 3.10's basic.get adds it always, 0 on the first get.
-        if self.is_quorum and not peek and (message.delivery_count or basic_get):
+        # delivery); 3.10's basic.get adds it always, 0 on the first get (4.0: not).
+        first_get = basic_get and self.profile.get_adds_delivery_count
+        if self.is_quorum and not peek and (message.delivery_count or first_get):
             headers = {**(headers or {}), "x-delivery-count": message.delivery_count}
         # 4.3 adds x-acquired-count, every hand-out before this one
         # (https://github.com/rabbitmq/rabbitmq-server/releases/tag/v4.3.0)

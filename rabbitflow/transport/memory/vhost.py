@@ -259,12 +259,15 @@ class VHost:
         routing_key: str,
         ttl: int | None,
         publisher: object,
+        counts: tuple[int, int] = (0, 0),
     ) -> bool:
         """Put a message from `publisher` (a channel, or the dead-lettering queue) on `q`; False
-        if the queue refused it (x-overflow=reject-publish)."""
+        if the queue refused it (x-overflow=reject-publish). `counts`: the delivery and acquired
+        counts a dead-lettered message carries (4.0)."""
         now = self.clock()
         message = Message(body, properties, exchange, routing_key, next(self._seq), q.expiry(ttl, now))
         message.broker_deaths = isinstance(publisher, MemoryQueue)  # dead-lettered, not published
+        message.delivery_count, message.acquired_count = counts
         self.activity += 1
         if q.refuses(publisher):
             if q.overflow == "reject-publish-dlx":
@@ -372,8 +375,14 @@ class VHost:
         if not targets:
             self._drop(q, message, reason, f"no queue is bound to '{dlx.name}' for '{routing_key}'")
             return
+        counts = (0, 0)
+        if self.profile.dead_letter_keeps_counts:
+            # 4.0 carries a message's delivery count round a dead-letter loop, the rejection
+            # counted: it comes back redelivered with x-delivery-count 1, 2, ... (seen on 4.0.5).
+            rejected = 1 if reason == "rejected" else 0
+            counts = (message.delivery_count + rejected, message.acquired_count + rejected)
         for target in targets:
-            if not self.enqueue(target, message.body, dead, dlx.name, routing_key, None, q):
+            if not self.enqueue(target, message.body, dead, dlx.name, routing_key, None, q, counts):
                 self._drop(q, message, reason, f"queue '{target.name}' refused it (x-overflow)")
 
     def _drop(self, q: MemoryQueue, message: Message, reason: str, cause: str) -> None:
