@@ -28,8 +28,6 @@ Probe = Callable[[ConsumerSpec], Awaitable[QueueInfo | None]]
 # Seconds a subscribed consumer may go without a delivery before it asks the broker whether its
 # queue (and its place on it) is still there.
 IDLE_PROBE = 30.0
-# Seconds between declaring a cancelled consumer's queue again and checking it is still there.
-_SETTLE = 0.2
 
 
 class Subscription:
@@ -189,9 +187,9 @@ class Subscription:
         cancels a deleted queue's consumers before the deletion is complete, and a declare then
         answers declare-ok for the queue on its way out; the basic.consume that follows gets 404,
         which closes the consumer's channel (and so the session). Seen on 4.0.5 (docs/compatibility.md)."""
-        if self._probe is None:
+        if self._probe is None or not self._channel.deletion_lag:
             return True
-        await asyncio.sleep(_SETTLE)
+        await asyncio.sleep(self._channel.deletion_lag)
         if await self._probe(self._spec) is not None:
             return True
         log.info("queue %s: still being deleted; declaring it again", self._queue)

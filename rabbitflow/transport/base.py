@@ -104,6 +104,9 @@ class Channel(abc.ABC):
     # How long settled deliveries may wait to share one multiple-ack; a broker on the same
     # event loop (the in-memory one) wants them at once.
     ack_linger: float = 0.005
+    # Seconds a queue the broker cancelled our consumer for may still answer declare-ok while it
+    # is being deleted (RabbitMQ 4.0); 0 where deletion is atomic (the in-memory broker).
+    deletion_lag: float = 0.2
 
     @property
     @abc.abstractmethod

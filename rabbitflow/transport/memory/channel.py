@@ -51,6 +51,7 @@ class MemoryChannel(Channel):
     """A channel in confirm mode: a publish returns once the broker has taken the message."""
 
     ack_linger = 0.0  # the broker runs on this event loop: acks go out on the next turn
+    deletion_lag = 0.0  # a queue is deleted at once
 
     def __init__(self, transport: MemoryTransport, number: int) -> None:
         self.number = number
