@@ -14,7 +14,9 @@ from pathlib import Path
 
 from rabbitflow import __version__, names
 from rabbitflow.app import App
+from rabbitflow.cli.asyncapi import add_asyncapi
 from rabbitflow.cli.parked import add_parked
+from rabbitflow.cli.publish import add_publish
 from rabbitflow.cli.workers import WORKER_ENV, Supervisor
 from rabbitflow.errors import ConfigError, RabbitflowError
 from rabbitflow.topology.render import render
@@ -344,6 +346,8 @@ def parser() -> argparse.ArgumentParser:
     topo.set_defaults(handler=_topology)
 
     add_parked(commands, load_app, LEVELS)
+    add_asyncapi(commands, load_app, LEVELS)
+    add_publish(commands, load_app, LEVELS)
     return top
 
 
@@ -357,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run" and (args.workers > 1 or args.reload):
         worker = "main"
     # An operator command ends with one line saying what failed; aiormq's own would repeat it.
-    clients = logging.CRITICAL if args.command == "parked" else logging.WARNING
+    clients = logging.CRITICAL if args.command in ("parked", "publish", "request") else logging.WARNING
     configure_logging(args.log_level, worker=worker, clients=clients)
     try:
         code: int = args.handler(args)
