@@ -162,9 +162,7 @@ def _queue_channel(spec: ConsumerSpec, plan: Plan, vhost: str, message: str) -> 
     ]
     queue = plan.queue(spec.queue)
     bindings = [
-        {"exchange": b.exchange, "routingKey": b.routing_key}
-        for b in plan.bindings
-        if b.queue == spec.queue
+        {"exchange": b.exchange, "routingKey": b.routing_key} for b in plan.bindings if b.queue == spec.queue
     ]
     return {
         "address": spec.queue,

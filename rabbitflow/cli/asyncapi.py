@@ -53,7 +53,10 @@ def add_asyncapi(commands: Any, load_app: Callable[[str], App], levels: Sequence
     )
     sub.add_argument("app", metavar="MODULE:APP", help="the service: a module or file path, a colon, the App")
     sub.add_argument(
-        "--format", choices=["json", "yaml"], default="json", help="json, or yaml (needs PyYAML) (default: json)"
+        "--format",
+        choices=["json", "yaml"],
+        default="json",
+        help="json, or yaml (needs PyYAML) (default: json)",
     )
     sub.add_argument("--out", metavar="FILE", help="write the document to FILE instead of stdout")
     sub.add_argument(

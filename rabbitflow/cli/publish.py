@@ -58,7 +58,9 @@ def read_body(argument: str) -> bytes:
         try:
             return Path(argument[1:]).read_bytes()
         except OSError as exc:
-            raise SystemExit(f"rabbitflow: cannot read the body from {argument[1:]}: {exc.strerror}") from None
+            raise SystemExit(
+                f"rabbitflow: cannot read the body from {argument[1:]}: {exc.strerror}"
+            ) from None
     return argument.encode()
 
 
@@ -96,7 +98,11 @@ def _destination(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _where(exchange: str, routing_key: str) -> str:
-    return f"queue {routing_key!r}" if exchange == "" else f"exchange {exchange!r} with routing key {routing_key!r}"
+    return (
+        f"queue {routing_key!r}"
+        if exchange == ""
+        else f"exchange {exchange!r} with routing key {routing_key!r}"
+    )
 
 
 async def _send(app: App, args: argparse.Namespace, *, ask: bool) -> Delivery | None:
@@ -118,9 +124,7 @@ async def _send(app: App, args: argparse.Namespace, *, ask: bool) -> Delivery | 
             if ask:
                 properties.correlation_id = uuid.uuid4().hex
                 properties.reply_to = DIRECT_REPLY_TO
-                await channel.consume_replies(
-                    lambda d: None if replies.done() else replies.set_result(d)
-                )
+                await channel.consume_replies(lambda d: None if replies.done() else replies.set_result(d))
             try:
                 async with asyncio.timeout(args.timeout):
                     await channel.publish(
@@ -131,7 +135,9 @@ async def _send(app: App, args: argparse.Namespace, *, ask: bool) -> Delivery | 
                     return await replies
             except TimeoutError:
                 what = "no reply" if ask and not replies.done() else "no confirm"
-                raise Failed("timeout", f"{what} from {transport.node} within {args.timeout}s ({where})") from None
+                raise Failed(
+                    "timeout", f"{what} from {transport.node} within {args.timeout}s ({where})"
+                ) from None
     except LoginRefused as exc:
         raise Failed("login-refused", str(exc)) from None
     except ConnectionFailed as exc:
@@ -199,7 +205,9 @@ def add_publish(commands: Any, load_app: Callable[[str], App], levels: Sequence[
             metavar="BODY",
             help="the body: text, @FILE (the file's bytes) or - (standard input)",
         )
-        sub.add_argument("--app", metavar="MODULE:APP", help="use this service's URL (its url= or RABBITFLOW_URL)")
+        sub.add_argument(
+            "--app", metavar="MODULE:APP", help="use this service's URL (its url= or RABBITFLOW_URL)"
+        )
         sub.add_argument("--url", help="the broker URL(s); else the --app's, else RABBITFLOW_URL")
         sub.add_argument("--queue", help="publish to this queue (the default exchange, routing key QUEUE)")
         sub.add_argument("--exchange", default="", help="publish to this exchange (with --routing-key)")

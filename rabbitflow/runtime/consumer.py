@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from rabbitflow import names
+from rabbitflow import logs, names
 from rabbitflow.breaker import Breaker, BreakerState, Circuit, Switch
 from rabbitflow.errors import (
     ChannelClosed,
@@ -251,6 +251,7 @@ class Consumer:
         properties = delivery.properties
         headers = properties.headers or {}
         attempt = copies.attempt(delivery, headers, spec.queue, spec.policy.retries) if headers else 1
+        logs.delivering(spec.queue, properties.message_id, properties.correlation_id, attempt)
         message = None
         if self._observed:
             message = Message.of(delivery, headers, attempt, self.spec.queue)

@@ -73,7 +73,9 @@ async def test_publish_to_an_exchange_reaches_its_bound_queues_only(broker_url: 
     for queue, key in ((hit, "a"), (miss, "b")):
         await admin.channel.queue_declare(queue)
         await admin.channel.queue_bind(queue, exchange, routing_key=key)
-    code, _, err = await cli("publish", "--url", broker_url, "--exchange", exchange, "--routing-key", "a", "x")
+    code, _, err = await cli(
+        "publish", "--url", broker_url, "--exchange", exchange, "--routing-key", "a", "x"
+    )
     assert code == 0, err
     assert [m.body for m in await admin.drain(hit)] == [b"x"]
     assert await admin.count(miss) == 0
@@ -115,7 +117,7 @@ async def test_the_app_url_is_used_and_failures_are_one_line_with_their_exit_cod
         "timeout": ("request", "--queue", queue, "--timeout", "1", "x"),  # nobody consumes it
     }
     for kind, args in failures.items():
-        code, out, err = await cli(*args, env=env)
+        code, _, err = await cli(*args, env=env)
         assert code == EXIT_CODES[kind], (kind, err)
         assert len(err.strip().splitlines()) == 1, err
         assert err.startswith("rabbitflow: ")
