@@ -66,10 +66,17 @@ def current() -> dict[str, Any]:
 class ContextFilter(logging.Filter):
     """Adds `service`, `queue`, `message_id`, `correlation_id`, `attempt` and `worker` to each
     record as attributes (None where they do not apply), for a formatter to use:
-    `%(queue)s`, or `JsonFormatter`. Put it on a handler, so that it sees every logger's records."""
+    `%(queue)s`, or `JsonFormatter`. Put it on a handler, so that it sees every logger's records.
+    `service` names the service where the CLI did not (an app embedded in another program)."""
+
+    def __init__(self, name: str = "", service: str | None = None) -> None:
+        super().__init__(name)
+        self.service = service
 
     def filter(self, record: logging.LogRecord) -> bool:
         fields = current()
+        if self.service is not None:
+            fields.setdefault("service", self.service)
         for name in FIELDS:
             if not hasattr(record, name):
                 setattr(record, name, fields.get(name))

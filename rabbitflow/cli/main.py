@@ -314,6 +314,8 @@ def _read_log_config(path: str) -> dict[str, Any]:
         raise SystemExit(f"rabbitflow: --log-config {path}: not valid: {exc}") from None
     if not isinstance(config, dict) or "version" not in config:
         raise SystemExit(f"rabbitflow: --log-config {path}: expected a logging dictConfig (with version: 1)")
+    # rabbitflow's loggers exist before the file is read: keep them unless the file says otherwise.
+    config.setdefault("disable_existing_loggers", False)
     return config
 
 
