@@ -22,9 +22,19 @@ from rabbitflow.topology.versions import concerns
 from rabbitflow.transport.base import Transport
 from rabbitflow.transport.connection import ConnectionManager
 
-__all__ = ["Admin", "Inspection"]
+__all__ = ["Admin", "Inspection", "Removal"]
 
 log = logging.getLogger("rabbitflow.admin")
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """What `Admin.removal` found and did (or, in a dry run, would do)."""
+
+    deleted: list[str]  # the service's objects that existed (nothing when refused)
+    missing: list[str]  # already gone
+    holding: list[str]  # "QUEUE (N)": queues that hold messages
+    refused: bool  # queues hold messages and it was not forced: nothing deleted
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,31 +181,49 @@ class Admin:
     async def delete(self, *, force: bool = False) -> list[str]:
         """Delete the service's queues and its own exchange (`<service>.dlx`; exchanges its
         consumers bind to may be shared, and stay). Refuses (ConfigError, deleting nothing) while a
-        queue holds messages, unless `force`. Returns what was deleted."""
+        queue holds messages, unless `force`. Returns what was deleted: objects already gone are
+        not in it."""
+        removal = await self.removal(force=force)
+        if removal.refused:
+            raise ConfigError(
+                f"not deleting service {self.plan.service!r}: queues hold messages: "
+                f"{', '.join(removal.holding)}; consume or purge them first, or force it"
+            )
+        return removal.deleted
+
+    async def removal(self, *, force: bool = False, dry_run: bool = False) -> Removal:
+        """What `delete` finds on the broker — which of the service's objects exist, which queues
+        hold messages — and, unless `dry_run` or refused, deletes them. A dry run answers with
+        the same `deleted` and `refused` the real run would have."""
+        own = names.dead_letter_exchange(self.plan.service)
         async with self.connection() as transport:
             channel = await transport.channel()
             try:
-                holding = []
+                present, missing, holding = [], [], []
                 for queue in self.plan.queues:
                     try:
                         info = await channel.declare_queue(queue.name, passive=True)
                     except ChannelClosed:
                         channel = await transport.channel()  # a 404 closes the channel: not there
+                        missing.append(queue.name)
                         continue
+                    present.append(queue.name)
                     if info.message_count:
                         holding.append(f"{queue.name} ({info.message_count})")
-                if holding and not force:
-                    raise ConfigError(
-                        f"not deleting service {self.plan.service!r}: queues hold messages: "
-                        f"{', '.join(holding)}; consume or purge them first, or force it"
-                    )
-                deleted = []
-                for queue in self.plan.queues:
-                    await channel.delete_queue(queue.name)
-                    deleted.append(queue.name)
-                own = names.dead_letter_exchange(self.plan.service)
-                await channel.delete_exchange(own)
-                deleted.append(own)
+                try:
+                    await channel.declare_exchange(own, "direct", passive=True)
+                    present.append(own)
+                except ChannelClosed:
+                    channel = await transport.channel()
+                    missing.append(own)
+                refused = bool(holding) and not force
+                deleted = [] if refused else present
+                if not (dry_run or refused):
+                    for name in present:
+                        if name == own:
+                            await channel.delete_exchange(own)
+                        else:
+                            await channel.delete_queue(name)
             finally:
                 await channel.close()
-        return deleted
+        return Removal(deleted, missing, holding, refused)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rabbitflow import __version__, names
+from rabbitflow import __version__
 from rabbitflow.app import App
 from rabbitflow.cli.asyncapi import add_asyncapi
 from rabbitflow.cli.parked import add_parked
@@ -234,26 +234,31 @@ def _topology(args: argparse.Namespace) -> int:
 def _delete(app: App, *, force: bool, dry_run: bool) -> int:
     """The service's queues (consume, retry, parked) and its own `S.dlx`; the exchanges its
     consumers bind to may be shared with other services, and stay (their bindings to the deleted
-    queues go with the queues)."""
+    queues go with the queues). A dry run asks the broker too, and says what the real run would do."""
     plan = app.plan
-    if dry_run:
-        for queue in plan.queues:
-            print(f"would delete queue {queue.name} ({queue.role})")
-        for exchange in plan.exchanges:
-            if exchange.name == names.dead_letter_exchange(plan.service):
-                print(f"would delete exchange {exchange.name}")
-            else:
-                print(f"would keep exchange {exchange.name} (it may be shared with other services)")
-        return 0
-    try:
-        deleted = asyncio.run(app.admin().delete(force=force))
-    except ConfigError as exc:
-        print(f"rabbitflow: {mask(str(exc))} (--force deletes them with their messages)", file=sys.stderr)
+    removal = asyncio.run(app.admin().removal(force=force, dry_run=dry_run))
+    would = "would " if dry_run else ""
+    if removal.refused:
+        print(
+            f"rabbitflow: {would}delete nothing: queues hold messages: {', '.join(removal.holding)} "
+            "(consume or purge them first; --force deletes them with their messages)",
+            file=sys.stderr,
+        )
         return 1
-    for name in deleted:
-        print(f"deleted {name}")
-    kept = [e.name for e in plan.exchanges if e.name not in deleted]
-    if kept:
+    roles = {q.name: q.role for q in plan.queues}
+    for name in removal.deleted:
+        what = f"queue {name} ({roles[name]})" if name in roles else f"exchange {name}"
+        print(f"would delete {what}" if dry_run else f"deleted {name}")
+    for name in removal.missing:
+        print(f"{name}: already gone, nothing to delete")
+    if removal.holding:
+        print(f"{would}delete messages with their queues: {', '.join(removal.holding)} (--force)")
+    gone = {*removal.deleted, *removal.missing}
+    kept = [e.name for e in plan.exchanges if e.name not in gone]
+    if dry_run:
+        for name in kept:
+            print(f"would keep exchange {name} (it may be shared with other services)")
+    elif kept:
         print(f"kept exchange(s) {', '.join(kept)}: they may be shared with other services")
     return 0
 
@@ -358,9 +363,9 @@ def _flag(text: str) -> bool:
     raise ValueError(text)
 
 
-def _environment_defaults(names: Iterable[str], environ: Mapping[str, str]) -> dict[str, object]:
+def _environment_defaults(dests: Iterable[str], environ: Mapping[str, str]) -> dict[str, object]:
     defaults: dict[str, object] = {}
-    for dest in names:
+    for dest in dests:
         variable, parse = RUN_ENVIRONMENT[dest]
         text = environ.get(variable, "").strip()
         if not text:
