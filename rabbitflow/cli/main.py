@@ -226,9 +226,13 @@ def _topology(args: argparse.Namespace) -> int:
     if args.delete:
         return _delete(app, force=args.force, dry_run=args.dry_run)
     if not (args.check or args.apply):
-        print(render(app.plan, args.format))
+        destinations = {c.queue: c.publish_to for c in app.consumers if c.publish_to is not None}
+        print(render(app.plan, args.format, destinations))
         return 0
-    return asyncio.run(_against_broker(app, check=args.check))
+    management = args.management_url or os.environ.get("RABBITFLOW_MANAGEMENT_URL") or None
+    if management and not args.check:
+        raise SystemExit("rabbitflow: --management-url goes with --check")
+    return asyncio.run(_against_broker(app, check=args.check, management=management))
 
 
 def _delete(app: App, *, force: bool, dry_run: bool) -> int:
@@ -263,7 +267,7 @@ def _delete(app: App, *, force: bool, dry_run: bool) -> int:
     return 0
 
 
-async def _against_broker(app: App, *, check: bool) -> int:
+async def _against_broker(app: App, *, check: bool, management: str | None = None) -> int:
     plan = app.plan
     if not check:
         node = await app.declare()
@@ -277,12 +281,22 @@ async def _against_broker(app: App, *, check: bool) -> int:
     print(f"{node} runs RabbitMQ {report.server_version or '(version not announced)'}")
     for concern in report.concerns:
         print(f"note: {concern}")
-    for difference in differences:
+    found = [str(d) for d in differences]
+    compared = "exchanges and queues; bindings are not readable over AMQP: --management-url compares them"
+    if management:
+        bindings = await app.admin().check_bindings(management, app.endpoints[0].vhost or "/")
+        if bindings.compared:
+            found += bindings.differences
+            compared = "exchanges, queues, bindings and the consumers of its queues"
+        else:
+            print(bindings.note)
+            compared = "exchanges and queues only; bindings not compared"
+    for difference in found:
         print(difference)
-    if differences:
-        print(f"{len(differences)} difference(s) between the plan and {node}")
+    if found:
+        print(f"{len(found)} difference(s) between the plan and {node}")
         return 1
-    print(f"{node} matches the plan (exchanges and queues; bindings are not readable over AMQP)")
+    print(f"{node} matches the plan ({compared})")
     return 0
 
 
@@ -525,6 +539,13 @@ def parser() -> argparse.ArgumentParser:
         help="with --delete: print what would be deleted and kept, touch nothing",
     )
     topo.add_argument("--url", help=f"for --check, --apply and --delete: {URL_HELP}")
+    topo.add_argument(
+        "--management-url",
+        metavar="URL",
+        help="with --check: also compare bindings, and find consumers of the plan's queues that are "
+        "not this service's (two apps sharing a queue), through the management API at URL "
+        "(http://user:password@host:15672; default: RABBITFLOW_MANAGEMENT_URL; off when neither)",
+    )
     topo.add_argument(
         "--log-level", default="warning", metavar="LEVEL", type=str.lower, choices=LEVELS, help=LEVEL_HELP
     )
