@@ -3,6 +3,7 @@ code arguments win over the environment, flags over both; `--env-file FILE` (doc
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -109,7 +110,7 @@ def test_env_files_are_read_and_the_real_environment_wins(
     s = App("envsvc").settings
     assert (s.prefetch, s.concurrency, s.failover) == (12, 9, "shuffle")
     (tmp_path / "bad.env").write_text("RABBITFLOW_PREFETCH 12\n")
-    with pytest.raises(ConfigError, match="bad.env, line 1: expected NAME=value"):
+    with pytest.raises(ConfigError, match=r"bad\.env, line 1: expected NAME=value"):
         read_env_file(tmp_path / "bad.env")
     for name in ("RABBITFLOW_PREFETCH", "RABBITFLOW_FAILOVER"):
         monkeypatch.delenv(name, raising=False)
@@ -121,7 +122,8 @@ async def test_env_file_gives_a_command_its_broker_url(broker_url: str, admin: A
     await admin.channel.queue_declare(queue)
     (tmp_path / "local.env").write_text(f"RABBITFLOW_URL={broker_url}\n")
     environ = {k: v for k, v in os.environ.items() if k != "RABBITFLOW_URL"}
-    ran = subprocess.run(
+    ran = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "rabbitflow", "publish", "--env-file", "local.env", "--queue", queue, "hi"],
         cwd=tmp_path,
         env={**environ, "PYTHONPATH": str(ROOT)},
@@ -132,7 +134,8 @@ async def test_env_file_gives_a_command_its_broker_url(broker_url: str, admin: A
     )
     assert ran.returncode == 0, ran.stderr
     assert [m.body for m in await admin.drain(queue)] == [b"hi"]
-    missing = subprocess.run(
+    missing = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "rabbitflow", "publish", "--env-file", "nope.env", "--queue", queue, "hi"],
         cwd=tmp_path,
         env={**environ, "PYTHONPATH": str(ROOT)},
