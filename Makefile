@@ -3,23 +3,33 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 
-.PHONY: run test test-unit test-fast lint typecheck bench docs broker cluster-up cluster-down clean chaos
+.PHONY: run test test-unit test-fast test-docs lint typecheck bench docs broker browser cluster-up cluster-down clean chaos
 
-$(STAMP): pyproject.toml
+# What running the example needs: rabbitflow itself.
+$(RUN_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $(RUN_STAMP)
+
+# What the tests, the linters and the docs need.
+$(STAMP): pyproject.toml $(RUN_STAMP)
 	$(BIN)/pip install -q -e '.[dev,docs]'
-	@# tests/test_docs.py renders the site in headless Chromium (installed like the broker: as root)
-	command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	touch $(STAMP)
+
+# tests/test_docs.py renders the site in headless Chromium (installed like the broker: as root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 	  || echo "note: no chromium; tests/test_docs.py will skip (and fail in CI): apt-get install chromium"
-	touch $(STAMP)
 
 broker:
 	scripts/broker.sh
 
-run: $(STAMP) broker
+run: $(RUN_STAMP) broker
 	$(BIN)/rabbitflow run examples/orders.py:app
 
 lint: $(STAMP)
@@ -31,9 +41,14 @@ typecheck: $(STAMP)
 
 # Lint, types, then every test; the failover tests run on a local 3-node cluster that this
 # target starts beside the default broker and stops again afterwards.
-test: $(STAMP) broker lint typecheck
+test: $(STAMP) browser broker lint typecheck
 	scripts/cluster.sh start
 	$(BIN)/python -m pytest -p no:cacheprovider; status=$$?; scripts/cluster.sh stop; exit $$status
+
+# The documentation's tests: the site builds, its examples run, the topology diagram draws in
+# headless Chromium (this installs it when missing and you are root).
+test-docs: $(STAMP) browser
+	$(BIN)/python -m pytest tests/test_docs.py -q -p no:cacheprovider
 
 # The tests that need no broker, alone, in seconds.
 test-unit: $(STAMP)

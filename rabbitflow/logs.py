@@ -5,7 +5,7 @@ task), so every line logged while the handler runs — rabbitflow's and the user
 `queue`, `message_id`, `correlation_id` and `attempt`. `ContextFilter` adds them (and `service`,
 `worker`) to each record; `JsonFormatter` writes one JSON object per line. The library configures
 no logging: the CLI does (`--log-format json`, `--log-config FILE`), or the user's own dictConfig
-(docs/observability.md, "Log fields").
+(docs/operations.md, "Logging").
 """
 
 from __future__ import annotations
