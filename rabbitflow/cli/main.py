@@ -57,6 +57,8 @@ def load_app(target: str) -> App:
                 f"rabbitflow: cannot import {module_name!r}: no module named {exc.name!r}"
             ) from None
         raise SystemExit(f"rabbitflow: cannot import {module_name!r}: {_where_failed(exc)}") from None
+    except RabbitflowError:
+        raise  # a ConfigError says itself what to change (main prints it, exit code 2)
     except Exception as exc:
         raise SystemExit(f"rabbitflow: cannot import {module_name!r}: {_where_failed(exc)}") from None
     app = getattr(module, attr, None)
