@@ -91,6 +91,9 @@ class App(Registry):
             resources, entered before consuming starts and exited after the last handler finished.
         middleware: `rabbitflow.middleware.base.Middleware` instances whose hooks see each attempt.
         ssl_context: TLS settings for `amqps://` nodes (default: the system's trust store).
+
+    An option left out that is a plain value (failover, prefetch, concurrency, the timeouts,
+    heartbeat) comes from RABBITFLOW_<OPTION> when that is set (docs/operations.md).
     """
 
     def __init__(
