@@ -3,23 +3,34 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 
-.PHONY: run test test-rabbitmq4 test-unit test-fast lint typecheck bench docs broker cluster-up cluster-down clean chaos ledger postgres
+.PHONY: run test test-rabbitmq4 test-unit test-fast test-docs lint typecheck bench docs broker browser \
+	cluster-up cluster-down clean chaos ledger postgres
 
-$(STAMP): pyproject.toml
+# What running the example needs: rabbitflow itself.
+$(RUN_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $(RUN_STAMP)
+
+# What the tests, the linters and the docs need.
+$(STAMP): pyproject.toml $(RUN_STAMP)
 	$(BIN)/pip install -q -e '.[dev,docs,sql]'
-	@# tests/test_docs.py renders the site in headless Chromium (installed like the broker: as root)
-	command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	touch $(STAMP)
+
+# tests/test_docs.py renders the site in headless Chromium (installed like the broker: as root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 	  || echo "note: no chromium; tests/test_docs.py will skip (and fail in CI): apt-get install chromium"
-	touch $(STAMP)
 
 broker:
 	scripts/broker.sh
 
-run: $(STAMP) broker
+run: $(RUN_STAMP) broker
 	$(BIN)/rabbitflow run examples/orders.py:app
 
 lint: $(STAMP)
@@ -29,20 +40,20 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# Lint, types, then every test; the failover tests run on a local 3-node cluster that this
-# target starts beside the default broker and stops again afterwards.
-test: $(STAMP) broker lint typecheck
-	scripts/cluster.sh start
-	scripts/postgres.sh start
-	$(BIN)/python -m pytest -p no:cacheprovider; status=$$?; scripts/postgres.sh stop; scripts/cluster.sh stop; exit $$status
+# Lint, types, then every test on RabbitMQ 3.10.8 and every broker test again on a real 4.0.5
+# (scripts/suite.sh): the failover tests on a local 3-node cluster of each version, rabbitflow.sql
+# on the project's own PostgreSQL; all started beside the default broker and stopped afterwards.
+test: $(STAMP) browser broker lint typecheck
+	scripts/suite.sh $(BIN)/python
 
-# The suite (cluster tests aside) on a real RabbitMQ 4.0.5 beside the default broker: a node on
-# 5690 from a Debian trixie root that scripts/rabbitmq4.sh builds once (as root); stopped after.
-# The cluster tests on a 4.0 cluster: RABBITFLOW_BROKER_VERSION=4.0 pytest -m cluster.
-test-rabbitmq4: $(STAMP)
-	scripts/rabbitmq4.sh start
-	RABBITFLOW_TEST_URL=$$(scripts/rabbitmq4.sh url) $(BIN)/python -m pytest -m "not cluster" -q \
-	  -p no:cacheprovider; status=$$?; scripts/rabbitmq4.sh stop; exit $$status
+# The broker tests on a real RabbitMQ 4.0.5 alone (phases 2 and 3 of scripts/suite.sh).
+test-rabbitmq4: $(STAMP) broker
+	RABBITFLOW_SUITE_PHASES=2,3 scripts/suite.sh $(BIN)/python
+
+# The documentation's tests: the site builds, its examples run, the topology diagram draws in
+# headless Chromium (this installs it when missing and you are root).
+test-docs: $(STAMP) browser
+	$(BIN)/python -m pytest tests/test_docs.py -q -p no:cacheprovider
 
 # The tests that need no broker, alone, in seconds.
 test-unit: $(STAMP)
@@ -53,7 +64,6 @@ test-fast: $(STAMP) broker
 	$(BIN)/python -m pytest -m "not cluster" -x -q
 
 # The peers (FastStream) and matplotlib for the chart; the failover scenario starts the cluster.
-# The C contender (the ceiling, and the latency scenario's producer) needs librabbitmq's headers.
 bench: $(STAMP) broker
 	$(BIN)/pip install -q -r benchmarks/requirements.txt
 	test -f /usr/include/amqp.h || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
@@ -69,6 +79,7 @@ docs: $(STAMP)
 # The chaos soak (docs/reliability.md): faults on the 3-node cluster for CHAOS_MINUTES (10) and
 # CHAOS_MESSAGES (200000); CHAOS_SEED repeats a run (random and printed otherwise). Starts the
 # cluster when it does not run (and stops it after); fails when the ledger finds a lost or stuck message.
+# RABBITFLOW_BROKER_VERSION=4.0 runs it on a 4.0.5 cluster (scripts/rabbitmq4.sh).
 chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos.runner
 

@@ -33,7 +33,7 @@ from rabbitflow.runtime.publisher import NackCount, not_confirmed
 from rabbitflow.runtime.request import ask, reply_message
 from rabbitflow.runtime.results import ORIGIN, derived
 from rabbitflow.runtime.session import Session
-from rabbitflow.settings import Lifespan, Settings
+from rabbitflow.settings import Lifespan, Settings, default
 from rabbitflow.spec import ConsumerSpec
 from rabbitflow.topology.applier import Difference
 from rabbitflow.transport.base import Broker, Delivery, Properties
@@ -106,6 +106,9 @@ class App(Registry):
         max_message_size: the largest body in bytes `publish`, `request` and a handler's result
             may have (default 16 MiB, RabbitMQ 4.0's limit; 3.10 takes up to 512 MiB): a larger one
             raises `UnencodableMessage` before anything is sent.
+
+    An option left out that is a plain value (failover, prefetch, concurrency, the timeouts,
+    heartbeat) comes from RABBITFLOW_<OPTION> when that is set (docs/operations.md).
     """
 
     __rabbitflow_app__ = True  # a handler's parameter annotated `App` receives the running app
@@ -116,16 +119,16 @@ class App(Registry):
         url: str | Sequence[str] | None = None,
         *,
         broker: Broker | None = None,
-        failover: Failover = "round-robin",
-        prefetch: int = 64,
-        concurrency: int = 32,
+        failover: Failover = default("round-robin"),
+        prefetch: int = default(64),
+        concurrency: int = default(32),
         handler_timeout: float | None = None,
         breaker: Breaker | None = None,
-        graceful_timeout: float = 30.0,
-        heartbeat: int = 5,
-        connect_timeout: float = 5.0,
-        connect_budget: float = 30.0,
-        publish_timeout: float = 10.0,
+        graceful_timeout: float = default(30.0),
+        heartbeat: int = default(5),
+        connect_timeout: float = default(5.0),
+        connect_budget: float = default(30.0),
+        publish_timeout: float = default(10.0),
         lifespan: Lifespan | None = None,
         middleware: Sequence[Middleware] = (),
         ssl_context: ssl.SSLContext | None = None,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rabbitflow import names
 from rabbitflow.breaker import Breaker
@@ -19,12 +21,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AMQP_SHORT",
+    "ENV_OPTIONS",
     "Settings",
     "check_name",
     "check_positive",
     "check_queue",
     "check_seconds",
     "check_text",
+    "default",
+    "environment_options",
+    "read_env_file",
 ]
 
 AMQP_SHORT = 2**16 - 1  # prefetch (basic.qos) and heartbeat are unsigned shorts on the wire
@@ -109,6 +115,111 @@ def check_seconds(what: str, value: object, *, optional: bool = False) -> float 
     return float(value)
 
 
+# -- the environment -----------------------------------------------------------------------------
+# Every App option that is a plain value can come from RABBITFLOW_<OPTION> (the URL from
+# RABBITFLOW_URL, read by parse_urls). An option given in code wins: App's signature marks its
+# defaults with `default(...)`, so an option left out is told apart from one passed explicitly.
+
+T = TypeVar("T")
+
+ENV_OPTIONS: dict[str, Callable[[str], object]] = {
+    "failover": str,
+    "prefetch": int,
+    "concurrency": int,
+    "handler_timeout": float,
+    "graceful_timeout": float,
+    "heartbeat": int,
+    "connect_timeout": float,
+    "connect_budget": float,
+    "publish_timeout": float,
+}
+
+
+class _DefaultInt(int):
+    pass
+
+
+class _DefaultFloat(float):
+    pass
+
+
+class _DefaultStr(str):
+    __slots__ = ()
+
+
+_DEFAULTS = (_DefaultInt, _DefaultFloat, _DefaultStr)
+
+
+def default(value: T) -> T:
+    """`value`, marked as App's default (left out by the caller: the environment may set it)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return _DefaultInt(value)  # type: ignore[return-value]
+    if isinstance(value, float):
+        return _DefaultFloat(value)  # type: ignore[return-value]
+    if isinstance(value, str):
+        return _DefaultStr(value)  # type: ignore[return-value]
+    return value
+
+
+def _plain(value: object) -> object:
+    """A marked default as the plain value it stands for."""
+    if isinstance(value, _DefaultInt):
+        return int(value)
+    if isinstance(value, _DefaultFloat):
+        return float(value)
+    if isinstance(value, _DefaultStr):
+        return str(value)
+    return value
+
+
+def environment_options(options: dict[str, Any], environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`options` with every option the caller left out (a marked default, or None) taken from
+    RABBITFLOW_<OPTION> when that is set; a value that does not parse is a ConfigError naming
+    the variable."""
+    environ = os.environ if environ is None else environ
+    resolved = dict(options)
+    for option, parse in ENV_OPTIONS.items():
+        value = options.get(option)
+        given = option in options and value is not None and not isinstance(value, _DEFAULTS)
+        variable = f"RABBITFLOW_{option.upper()}"
+        text = environ.get(variable, "").strip()
+        if given or not text:
+            if option in resolved:
+                resolved[option] = _plain(value)
+            continue
+        try:
+            resolved[option] = parse(text)
+        except ValueError:
+            kind = "a whole number" if parse is int else "a number of seconds"
+            raise ConfigError(f"{variable}={text!r}: expected {kind}") from None
+    return resolved
+
+
+def read_env_file(path: str | Path) -> dict[str, str]:
+    """`NAME=value` lines (`#` comments, blank lines, an optional `export `, quotes around the
+    value); a line that is none of these is a ConfigError naming the file and line."""
+    variables: dict[str, str] = {}
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"--env-file {path}: {exc.strerror}") from None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").strip()
+        name, sep, value = line.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name.isidentifier():
+            raise ConfigError(f"--env-file {path}, line {number}: expected NAME=value")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        variables[name] = value
+    return variables
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything `App(...)` was given, validated."""
@@ -131,8 +242,10 @@ class Settings:
 
     @classmethod
     def build(cls, name: object, url: str | Sequence[str] | None, **options: Any) -> Settings:
-        """Validate `App(name, url, **options)`; every problem is a ConfigError naming the option."""
+        """Validate `App(name, url, **options)`; every problem is a ConfigError naming the option.
+        Options the caller left out come from RABBITFLOW_* variables when they are set."""
         try:
+            options = environment_options(options)
             checked_name = check_name(
                 "name",
                 name,

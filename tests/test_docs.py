@@ -6,6 +6,7 @@ install (`make test` installs both)."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import re
@@ -75,16 +76,18 @@ def test_the_getting_started_service_and_its_test_work(tmp_path: Path) -> None:
     blocks = fenced(DOCS / "getting-started.md", "python")
     [service] = [b for b in blocks if b.startswith("from dataclasses")]
     [test] = [b for b in blocks if b.startswith("# test_service.py")]
+    [settings] = fenced(DOCS / "getting-started.md", "toml")
     (tmp_path / "service.py").write_text(service)
     (tmp_path / "test_service.py").write_text(test)
+    (tmp_path / "pyproject.toml").write_text(settings)  # the page's pytest settings
 
     shown = rabbitflow("topology", "service.py:app", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     for name in ("shop.orders.retry.1s", "shop.orders.retry.5s", "shop.orders.parked", "shop.dlx"):
         assert name in shown.stdout  # what the page says it declares
 
-    ran = subprocess.run(  # as the page says: RABBITFLOW_URL=memory:// pytest, asyncio_mode = "auto"
-        [*PYTEST, "-o", "asyncio_mode=auto", "-o", "asyncio_default_fixture_loop_scope=function"],
+    ran = subprocess.run(  # as the page says: RABBITFLOW_URL=memory:// pytest, with its pyproject.toml
+        PYTEST,
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(ROOT), "RABBITFLOW_URL": "memory://"},
         capture_output=True,
@@ -144,3 +147,153 @@ def test_the_site_builds_and_draws_the_topology_offline(tmp_path: Path) -> None:
     labels = re.sub(r"<[^>]+>", " ", svgs[0])
     for name in ("orders.created.retry.30s", "orders.dlx (direct)", "orders.create_app.on_created"):
         assert name in labels
+
+
+# -- every code block is run, or marked as a fragment --------------------------------------------
+
+PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+FRAGMENT = re.compile(r"^\s*<!-- fragment: .+ -->$")
+# The blocks the tests above and below run, by page and the start of their first line.
+RUN = {
+    ("getting-started.md", "from dataclasses"),  # test_the_getting_started_service_and_its_test_work
+    ("getting-started.md", "# test_service.py"),
+    ("getting-started.md", "[tool.pytest.ini_options]"),
+    ("getting-started.md", "rabbitflow topology service.py:app"),
+    ("topology.md", "flowchart LR"),  # test_the_topology_page_shows_what_the_cli_prints
+    ("asyncapi.md", "{"),  # test_the_asyncapi_page_shows_what_the_cli_prints
+    ("testing.md", "from rabbitflow import App, Message"),  # test_the_testing_page_example_passes
+}
+
+
+def blocks(page: Path) -> list[tuple[int, str, str, str]]:
+    """(line, language, first line, the line above) of each fenced block of `page`."""
+    lines = page.read_text().splitlines()
+    found = []
+    n = 0
+    while n < len(lines):
+        opening = re.match(r"^\s*```(\S*)", lines[n])
+        if opening is None:
+            n += 1
+            continue
+        end = next(k for k in range(n + 1, len(lines)) if re.match(r"^\s*```\s*$", lines[k]))
+        above = next((lines[k] for k in range(n - 1, -1, -1) if lines[k].strip()), "")
+        found.append((n + 1, opening.group(1), lines[n + 1].strip() if n + 1 < end else "", above))
+        n = end + 1
+    return found
+
+
+def test_every_code_block_is_run_by_the_tests_or_marked_as_a_fragment() -> None:
+    unaccounted = []
+    for page in PAGES:
+        if page.name == "cli.md":  # generated from the parser: test_the_cli_reference_page_is_current
+            continue
+        for line, language, first, above in blocks(page):
+            ran = any(page.name == name and first.startswith(start) for name, start in RUN)
+            if not ran and not FRAGMENT.match(above):
+                unaccounted.append(f"{page.relative_to(ROOT)}:{line} ```{language} {first[:50]!r}")
+    assert not unaccounted, (
+        "blocks neither run by a test nor marked `<!-- fragment: why -->` on the line above:\n"
+        + "\n".join(unaccounted)
+    )
+    for name, start in RUN:  # every block the tests claim to run is still on its page
+        assert any(first.startswith(start) for _, _, first, _ in blocks(DOCS / name)), (name, start)
+
+
+def test_the_asyncapi_page_shows_what_the_cli_prints() -> None:
+    environ = {k: v for k, v in os.environ.items() if k != "RABBITFLOW_URL"}  # the App's default URL
+    printed = subprocess.run(
+        [sys.executable, "-m", "rabbitflow", "asyncapi", "examples/orders.py:app"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert printed.returncode == 0, printed.stderr
+    [document] = fenced(DOCS / "asyncapi.md", "json")
+    assert document == printed.stdout
+
+
+def test_the_testing_page_example_passes(tmp_path: Path) -> None:
+    [example] = [
+        b for b in fenced(DOCS / "testing.md", "python") if b.startswith("from rabbitflow import App")
+    ]
+    (tmp_path / "test_example.py").write_text(example)
+    ran = subprocess.run(
+        [*PYTEST, "-o", "asyncio_mode=auto", "-o", "asyncio_default_fixture_loop_scope=function"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "1 passed" in ran.stdout
+
+
+# -- every documented flag exists ----------------------------------------------------------------
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """(where, words) of every `rabbitflow ...` command in the README and the docs: an inline code
+    span that starts with it, or a line of a shell or output block that does (`$ ` allowed)."""
+    found = []
+    for page in PAGES:
+        language: str | None = None  # inside a fenced block: its language
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            fence = re.match(r"^\s*```(\S*)", line)
+            if fence is not None:
+                language = fence.group(1) if language is None else None
+                continue
+            where = f"{page.relative_to(ROOT)}:{number}"
+            if language is None:
+                spans = re.findall(r"`(rabbitflow [^`]+)`", line)
+            elif language in ("", "sh", "text", "console"):
+                spans = re.findall(r"^\s*(?:\$ )?(rabbitflow .*)", line)
+            else:
+                spans = []
+            for span in spans:
+                command = re.split(r"\s[#|;]|\s&&|\\\|", span)[0]
+                found.append((where, command.split()[1:]))
+    return found
+
+
+def _subcommands(command: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in command._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def test_every_documented_command_and_flag_exists() -> None:
+    from rabbitflow.cli.main import parser
+
+    top = parser()
+    problems = []
+    checked = 0
+    for where, words in documented_commands():
+        command = top
+        path = ["rabbitflow"]
+        for word in words:
+            subs = _subcommands(command)
+            if not subs or word.startswith("-"):
+                break
+            if word.isupper() or word.startswith("["):
+                break  # a placeholder (COMMAND, ACTION) or an optional part of a synopsis
+            unknown = [w for w in word.split("|") if w not in subs]
+            if unknown:
+                problems.append(f"{where}: {' '.join(path)} has no command {unknown[0]!r}")
+                break
+            command = subs[word.split("|")[0]]
+            path.append(word)
+        options = {o for action in command._actions for o in action.option_strings}
+        for word in words:
+            flag = word.split("=", 1)[0]
+            if re.fullmatch(r"--[a-z][a-z0-9-]*", flag):
+                checked += 1
+                if flag not in options:
+                    problems.append(f"{where}: {' '.join(path)} has no option {flag}")
+    assert checked > 30  # the docs do document flags: the scan finds them
+    assert not problems, "\n".join(problems)

@@ -14,6 +14,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "rabbitflow.errors",
         "rabbitflow.names",
         "rabbitflow.urls",
+        "rabbitflow.logs",
         "rabbitflow.message",
         "rabbitflow.codec",
         "rabbitflow.retry",
@@ -32,6 +33,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "rabbitflow.app",
         "rabbitflow.admin",
+        "rabbitflow.asyncapi",
         "rabbitflow.http",
         "rabbitflow.console",
         "rabbitflow.middleware",

@@ -7,19 +7,28 @@ import asyncio
 import errno
 import importlib
 import importlib.util
+import json
 import logging
+import logging.config
 import os
 import shlex
 import signal
 import sys
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from rabbitflow import __version__, names
+from rabbitflow import __version__
 from rabbitflow.app import App
+from rabbitflow.cli.asyncapi import add_asyncapi
 from rabbitflow.cli.parked import add_parked
+from rabbitflow.cli.publish import add_publish
 from rabbitflow.cli.sql import add_sql
 from rabbitflow.cli.workers import EXIT_PORT_TAKEN, PARENT_FD_ENV, WORKER_ENV, Supervisor, follow_parent
 from rabbitflow.errors import ConfigError, RabbitflowError
+from rabbitflow.logs import ContextFilter, JsonFormatter, set_service
+from rabbitflow.settings import read_env_file
 from rabbitflow.topology.render import render
 from rabbitflow.urls import mask
 
@@ -29,30 +38,60 @@ log = logging.getLogger("rabbitflow.cli.main")
 
 
 def load_app(target: str) -> App:
-    """`package.module:app` or `path/to/file.py:app` (`:app` may be omitted)."""
+    """`package.module:app` or `path/to/file.py:app` (`:app` may be omitted). A file inside a
+    package (a directory with `__init__.py`) is imported as that package's module, so its relative
+    imports work; the package's parent directory goes on sys.path. Any failure is one line."""
     module_name, _, attr = target.partition(":")
     attr = attr or "app"
-    if module_name.endswith(".py") or os.sep in module_name:
+    if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
         path = Path(module_name).resolve()
-        if not path.exists():
-            raise SystemExit(f"rabbitflow: no such file {module_name!r}")
-        sys.path.insert(0, str(path.parent))
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module
-        spec.loader.exec_module(module)
+        if not path.is_file():
+            raise SystemExit(f"rabbitflow: no such file {module_name!r} (from {os.getcwd()})")
+        root, dotted = _package_root(path)
+        sys.path.insert(0, str(root))
     else:
         sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            raise SystemExit(f"rabbitflow: cannot import {module_name!r}: {exc}") from None
+        dotted = module_name
+    try:
+        module = importlib.import_module(dotted)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (dotted == exc.name or dotted.startswith(exc.name + ".")):
+            raise SystemExit(
+                f"rabbitflow: cannot import {module_name!r}: no module named {exc.name!r}"
+            ) from None
+        raise SystemExit(f"rabbitflow: cannot import {module_name!r}: {_where_failed(exc)}") from None
+    except RabbitflowError:
+        raise  # a ConfigError says itself what to change (main prints it, exit code 2)
+    except Exception as exc:
+        raise SystemExit(f"rabbitflow: cannot import {module_name!r}: {_where_failed(exc)}") from None
     app = getattr(module, attr, None)
     if not isinstance(app, App):
-        raise SystemExit(f"rabbitflow: {module_name}:{attr} is not a rabbitflow.App")
+        apps = sorted(name for name, value in vars(module).items() if isinstance(value, App))
+        found = f"; App objects in it: {', '.join(apps)}" if apps else ""
+        raise SystemExit(f"rabbitflow: {module_name}:{attr} is not a rabbitflow.App{found}")
+    set_service(app.name)
     return app
+
+
+def _package_root(path: Path) -> tuple[Path, str]:
+    """The directory to put on sys.path for `path`, and the dotted module name it imports as."""
+    parts = [path.stem]
+    directory = path.parent
+    while (directory / "__init__.py").is_file() and directory.parent != directory:
+        parts.insert(0, directory.name)
+        directory = directory.parent
+    if parts[-1] == "__init__":
+        parts.pop()
+    return directory, ".".join(parts)
+
+
+def _where_failed(exc: BaseException) -> str:
+    """`Type: text (file, line N)`: the exception and the last line of the user's code it passed."""
+    if isinstance(exc, SyntaxError):
+        return f"SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "importlib" not in f.filename]
+    where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+    return mask(f"{type(exc).__name__}: {exc}{where}")
 
 
 class _MaskingFormatter(logging.Formatter):
@@ -169,6 +208,9 @@ def _child(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         command += ["--http-port", str(args.http_port), "--http-host", args.http_host]
     command += ["--console"] * args.console + ["--console-actions"] * args.console_actions
     env = dict(os.environ)
+    for name in ("RABBITFLOW_WORKERS", "RABBITFLOW_RELOAD"):  # the child is one plain process
+        env.pop(name, None)
+    env.update(_log_environment(args))
     if args.url:
         command.append("--url-from-env")
         env["RABBITFLOW_URL"] = args.url
@@ -225,39 +267,48 @@ def _topology(args: argparse.Namespace) -> int:
     if args.delete:
         return _delete(app, force=args.force, dry_run=args.dry_run)
     if not (args.check or args.apply):
-        print(render(app.plan, args.format))
+        destinations = {c.queue: c.publish_to for c in app.consumers if c.publish_to is not None}
+        print(render(app.plan, args.format, destinations))
         return 0
-    return asyncio.run(_against_broker(app, check=args.check))
+    management = args.management_url or os.environ.get("RABBITFLOW_MANAGEMENT_URL") or None
+    if management and not args.check:
+        raise SystemExit("rabbitflow: --management-url goes with --check")
+    return asyncio.run(_against_broker(app, check=args.check, management=management))
 
 
 def _delete(app: App, *, force: bool, dry_run: bool) -> int:
     """The service's queues (consume, retry, parked) and its own `S.dlx`; the exchanges its
     consumers bind to may be shared with other services, and stay (their bindings to the deleted
-    queues go with the queues)."""
+    queues go with the queues). A dry run asks the broker too, and says what the real run would do."""
     plan = app.plan
-    if dry_run:
-        for queue in plan.queues:
-            print(f"would delete queue {queue.name} ({queue.role})")
-        for exchange in plan.exchanges:
-            if exchange.name == names.dead_letter_exchange(plan.service):
-                print(f"would delete exchange {exchange.name}")
-            else:
-                print(f"would keep exchange {exchange.name} (it may be shared with other services)")
-        return 0
-    try:
-        deleted = asyncio.run(app.admin().delete(force=force))
-    except ConfigError as exc:
-        print(f"rabbitflow: {mask(str(exc))} (--force deletes them with their messages)", file=sys.stderr)
+    removal = asyncio.run(app.admin().removal(force=force, dry_run=dry_run))
+    would = "would " if dry_run else ""
+    if removal.refused:
+        print(
+            f"rabbitflow: {would}delete nothing: queues hold messages: {', '.join(removal.holding)} "
+            "(consume or purge them first; --force deletes them with their messages)",
+            file=sys.stderr,
+        )
         return 1
-    for name in deleted:
-        print(f"deleted {name}")
-    kept = [e.name for e in plan.exchanges if e.name not in deleted]
-    if kept:
+    roles = {q.name: q.role for q in plan.queues}
+    for name in removal.deleted:
+        what = f"queue {name} ({roles[name]})" if name in roles else f"exchange {name}"
+        print(f"would delete {what}" if dry_run else f"deleted {name}")
+    for name in removal.missing:
+        print(f"{name}: already gone, nothing to delete")
+    if removal.holding:
+        print(f"{would}delete messages with their queues: {', '.join(removal.holding)} (--force)")
+    gone = {*removal.deleted, *removal.missing}
+    kept = [e.name for e in plan.exchanges if e.name not in gone]
+    if dry_run:
+        for name in kept:
+            print(f"would keep exchange {name} (it may be shared with other services)")
+    elif kept:
         print(f"kept exchange(s) {', '.join(kept)}: they may be shared with other services")
     return 0
 
 
-async def _against_broker(app: App, *, check: bool) -> int:
+async def _against_broker(app: App, *, check: bool, management: str | None = None) -> int:
     plan = app.plan
     if not check:
         node = await app.declare()
@@ -271,13 +322,165 @@ async def _against_broker(app: App, *, check: bool) -> int:
     print(f"{node} runs RabbitMQ {report.server_version or '(version not announced)'}")
     for concern in report.concerns:
         print(f"note: {concern}")
-    for difference in differences:
+    found = [str(d) for d in differences]
+    compared = "exchanges and queues; bindings are not readable over AMQP: --management-url compares them"
+    if management:
+        bindings = await app.admin().check_bindings(management, app.endpoints[0].vhost or "/")
+        if bindings.compared:
+            found += bindings.differences
+            compared = "exchanges, queues, bindings and the consumers of its queues"
+        else:
+            print(bindings.note)
+            compared = "exchanges and queues only; bindings not compared"
+    for difference in found:
         print(difference)
-    if differences:
-        print(f"{len(differences)} difference(s) between the plan and {node}")
+    if found:
+        print(f"{len(found)} difference(s) between the plan and {node}")
         return 1
-    print(f"{node} matches the plan (exchanges and queues; bindings are not readable over AMQP)")
+    print(f"{node} matches the plan ({compared})")
     return 0
+
+
+def configure_log_output(fmt: str, config: str | None) -> None:
+    """`--log-config FILE`: the user's dictConfig (JSON, or YAML with PyYAML) replaces ours.
+    Else every line gets the fields of `rabbitflow.logs.ContextFilter`, and `--log-format json`
+    writes one JSON object per line."""
+    if config:
+        logging.config.dictConfig(_read_log_config(config))
+        return
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(ContextFilter())
+        if fmt == "json":
+            handler.setFormatter(JsonFormatter())
+
+
+def _read_log_config(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SystemExit(f"rabbitflow: --log-config {path}: {exc.strerror}") from None
+    try:
+        if path.endswith((".yaml", ".yml")):
+            try:
+                import yaml
+            except ImportError:
+                raise SystemExit(
+                    "rabbitflow: --log-config in YAML needs PyYAML: pip install pyyaml"
+                ) from None
+            config = yaml.safe_load(text)
+        else:
+            config = json.loads(text)
+    except ValueError as exc:  # json.JSONDecodeError and yaml.YAMLError's parse errors
+        raise SystemExit(f"rabbitflow: --log-config {path}: not valid: {exc}") from None
+    if not isinstance(config, dict) or "version" not in config:
+        raise SystemExit(f"rabbitflow: --log-config {path}: expected a logging dictConfig (with version: 1)")
+    # rabbitflow's loggers exist before the file is read: keep them unless the file says otherwise.
+    config.setdefault("disable_existing_loggers", False)
+    return config
+
+
+def _log_environment(args: argparse.Namespace) -> dict[str, str]:
+    """The log options of a child process (a worker, the --reload child), as its environment."""
+    env = {"RABBITFLOW_LOG_FORMAT": getattr(args, "log_format", "text")}
+    if getattr(args, "log_config", None):
+        env["RABBITFLOW_LOG_CONFIG"] = str(Path(args.log_config).resolve())
+    return env
+
+
+def load_env_file(argv: Sequence[str]) -> None:
+    """`--env-file FILE` anywhere in argv: its variables join the environment before the parser
+    reads its defaults from it; a variable already set in the environment keeps its value."""
+    for n, arg in enumerate(argv):
+        if arg == "--env-file" and n + 1 < len(argv):
+            path = argv[n + 1]
+        elif arg.startswith("--env-file="):
+            path = arg.partition("=")[2]
+        else:
+            continue
+        for name, value in read_env_file(path).items():
+            os.environ.setdefault(name, value)
+
+
+# `run`'s flags from the environment (a flag given wins; App options: settings.ENV_OPTIONS).
+RUN_ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
+    "workers": ("RABBITFLOW_WORKERS", int),
+    "http_port": ("RABBITFLOW_HTTP_PORT", int),
+    "reload": ("RABBITFLOW_RELOAD", lambda text: _flag(text)),
+    "log_level": ("RABBITFLOW_LOG_LEVEL", str.lower),
+}
+
+
+def _flag(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(text)
+
+
+def _environment_defaults(dests: Iterable[str], environ: Mapping[str, str]) -> dict[str, object]:
+    defaults: dict[str, object] = {}
+    for dest in dests:
+        variable, parse = RUN_ENVIRONMENT[dest]
+        text = environ.get(variable, "").strip()
+        if not text:
+            continue
+        try:
+            value = parse(text)
+        except ValueError:
+            raise SystemExit(
+                f"rabbitflow: {variable}={text!r}: not a valid value for --{dest.replace('_', '-')}"
+            ) from None
+        if dest == "log_level" and value not in LEVELS:
+            raise SystemExit(f"rabbitflow: {variable}={text!r}: expected one of {', '.join(LEVELS)}")
+        defaults[dest] = value
+    return defaults
+
+
+def _add_environment_options(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """--log-format, --log-config and --env-file on every command that has --log-level, their
+    defaults and run's from RABBITFLOW_* variables."""
+    environ = os.environ
+    fmt = environ.get("RABBITFLOW_LOG_FORMAT", "").strip().lower() or "text"
+    if fmt not in ("text", "json"):
+        raise SystemExit(f"rabbitflow: RABBITFLOW_LOG_FORMAT={fmt!r}: expected text or json")
+    for command in _commands(commands):
+        dests = {action.dest for action in command._actions}
+        if "log_level" not in dests:
+            continue
+        command.add_argument(
+            "--log-format",
+            choices=["text", "json"],
+            default=fmt,
+            help="text, or json: one JSON object per line with time, level, logger, message and "
+            "service, queue, message_id, correlation_id, attempt, worker where they apply "
+            "(default: %(default)s; RABBITFLOW_LOG_FORMAT)",
+        )
+        command.add_argument(
+            "--log-config",
+            metavar="FILE",
+            default=environ.get("RABBITFLOW_LOG_CONFIG") or None,
+            help="configure logging from FILE, a logging dictConfig in JSON (or YAML, .yaml/.yml, "
+            "with PyYAML); replaces --log-level and --log-format (RABBITFLOW_LOG_CONFIG)",
+        )
+        command.add_argument(
+            "--env-file",
+            metavar="FILE",
+            help="read NAME=value lines from FILE into the environment first (RABBITFLOW_URL, "
+            "RABBITFLOW_PREFETCH, ...); variables already set keep their value",
+        )
+        known = [d for d in RUN_ENVIRONMENT if d in dests]
+        command.set_defaults(**_environment_defaults(known, environ))
+
+
+def _commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> Iterator[argparse.ArgumentParser]:
+    for command in commands.choices.values():
+        yield command
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                yield from _commands(action)
 
 
 APP_HELP = (
@@ -397,17 +600,32 @@ def parser() -> argparse.ArgumentParser:
     )
     topo.add_argument("--url", help=f"for --check, --apply and --delete: {URL_HELP}")
     topo.add_argument(
+        "--management-url",
+        metavar="URL",
+        help="with --check: also compare bindings, and find consumers of the plan's queues that are "
+        "not this service's (two apps sharing a queue), through the management API at URL "
+        "(http://user:password@host:15672; default: RABBITFLOW_MANAGEMENT_URL; off when neither)",
+    )
+    topo.add_argument(
         "--log-level", default="warning", metavar="LEVEL", type=str.lower, choices=LEVELS, help=LEVEL_HELP
     )
     topo.set_defaults(handler=_topology)
 
     add_parked(commands, load_app, LEVELS)
     add_sql(commands)
+    add_asyncapi(commands, load_app, LEVELS)
+    add_publish(commands, load_app, LEVELS)
+    _add_environment_options(commands)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        load_env_file(argv)
+    except ConfigError as exc:
+        raise SystemExit(f"rabbitflow: {exc}") from None
+    args = parser().parse_args(argv)
     worker = os.environ.get(WORKER_ENV) if args.command == "run" else None
     if args.command == "run" and args.workers < 1:
         raise SystemExit("rabbitflow: --workers must be at least 1")
@@ -416,8 +634,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run" and (args.workers > 1 or args.reload):
         worker = "main"
     # An operator command ends with one line saying what failed; aiormq's own would repeat it.
-    clients = logging.CRITICAL if args.command == "parked" else logging.WARNING
+    clients = logging.CRITICAL if args.command in ("parked", "publish", "request") else logging.WARNING
     configure_logging(args.log_level, worker=worker, clients=clients)
+    configure_log_output(getattr(args, "log_format", "text"), getattr(args, "log_config", None))
     try:
         code: int = args.handler(args)
     except RabbitflowError as exc:

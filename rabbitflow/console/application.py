@@ -57,7 +57,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 _LIST_LIMIT = 50
 _ADMIN_BUDGET = 10.0  # seconds a page waits for a broker connection before saying it has none
 _LOGIN_PAUSE = 1.0  # seconds a refused login waits: guessing tokens is slow
-_WORKER_ENV, _WORKERS_ENV = "RABBITFLOW_WORKER", "RABBITFLOW_WORKERS"
+_WORKER_ENV, _WORKERS_ENV = "RABBITFLOW_WORKER", "RABBITFLOW_WORKER_COUNT"
 _SECURITY_HEADERS = [
     (b"cache-control", b"no-store"),
     (b"x-content-type-options", b"nosniff"),

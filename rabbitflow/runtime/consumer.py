@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from rabbitflow import names
+from rabbitflow import logs, names
 from rabbitflow.breaker import Breaker, BreakerState, Circuit, Switch
 from rabbitflow.errors import (
     ChannelClosed,
@@ -322,6 +322,7 @@ class Consumer:
             )
             self.settlement.ack(delivery.delivery_tag)
             return
+        logs.delivering(spec.queue, properties.message_id, properties.correlation_id, attempt)
         message = None
         if self._observed:
             message = Message.of(delivery, headers, attempt, self.spec.queue)

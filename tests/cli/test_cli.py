@@ -442,9 +442,15 @@ def test_topology_delete_refuses_a_queue_with_a_message_until_forced(
 
     asyncio.run(publish_one())
 
-    plan = run_cli("topology", target, "--delete", "--dry-run", env=env)
+    # the dry run asks the broker: it promises what the real run does (a refusal here)
+    promise = run_cli("topology", target, "--delete", "--dry-run", env=env)
+    assert promise.returncode == 1
+    assert f"would delete nothing: queues hold messages: {queue} (1)" in promise.stderr
+    assert "would delete queue" not in promise.stdout
+    plan = run_cli("topology", target, "--delete", "--dry-run", "--force", env=env)
     assert plan.returncode == 0, plan.stderr
     assert f"would delete queue {queue}.parked (parked)" in plan.stdout
+    assert f"would delete messages with their queues: {queue} (1)" in plan.stdout
     assert f"would delete exchange {service}.dlx" in plan.stdout
     assert f"would keep exchange {exchange}" in plan.stdout
 
@@ -461,6 +467,11 @@ def test_topology_delete_refuses_a_queue_with_a_message_until_forced(
     assert f"kept exchange(s) {exchange}" in forced.stdout
     assert not queue_exists(broker_url, queue)
     assert not queue_exists(broker_url, f"{queue}.retry.5s")
+
+    again = run_cli("topology", target, "--delete", env=env)  # nothing left: nothing "deleted"
+    assert again.returncode == 0, again.stderr
+    assert "deleted" not in again.stdout
+    assert f"{queue}: already gone, nothing to delete" in again.stdout
 
     after = run_cli("topology", target, "--check", env=env)
     assert f"exchange {service}.dlx: missing" in after.stdout
