@@ -162,6 +162,12 @@ RUN = {
     ("topology.md", "flowchart LR"),  # test_the_topology_page_shows_what_the_cli_prints
     ("asyncapi.md", "{"),  # test_the_asyncapi_page_shows_what_the_cli_prints
     ("testing.md", "from rabbitflow import App, Message"),  # test_the_testing_page_example_passes
+    # tests/testing/test_faststream_page.py: the page's blocks are one service and its test
+    ("faststream.md", "from collections.abc import Iterator"),
+    ("faststream.md", "router = Router()"),
+    ("faststream.md", "async def price_of(order: Order) -> int:"),
+    ("faststream.md", '@app.consumer("audit")'),
+    ("faststream.md", "# test_service.py"),
 }
 
 
