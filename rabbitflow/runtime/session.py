@@ -66,36 +66,42 @@ class Session:
         return self.links.node
 
     async def open(self) -> None:
-        """Declare the whole plan before any consumer starts, then subscribe every consumer."""
-        await apply_plan(self.plan, self.links.publish)
-        await self.publisher.channel()
-        await self.copies.channel()
+        """Declare the whole plan before any consumer starts, then subscribe every consumer. What
+        does not wait on another goes at once: the publishers' channels open while the plan is
+        declared, and the consumers subscribe side by side (each on a channel of its own)."""
+        await asyncio.gather(
+            apply_plan(self.plan, self.links.publish), self.publisher.channel(), self.copies.channel()
+        )
+        await asyncio.gather(*(self._open_consumer(spec) for spec in self._specs))
+        order = {spec.queue: i for i, spec in enumerate(self._specs)}
+        self.consumers.sort(key=lambda c: order[c.spec.queue])  # health() lists them as declared
+
+    async def _open_consumer(self, spec: ConsumerSpec) -> None:
+        if spec.partitions is not None:
+            await self._open_partitions(spec)
+            return
         s = self.settings
-        for spec in self._specs:
-            if spec.partitions is not None:
-                await self._open_partitions(spec)
-                continue
-            channel = await self.links.consume.channel()
-            consumer = Consumer(
-                spec,
-                service=s.name,
-                channel=channel,
-                copies=self.copies,
-                onward=self.publisher,
-                publish_timeout=s.publish_timeout,
-                ensure_retry_queue=self.ensure_retry_queue,
-                redeclare=self._redeclare,
-                on_lost=self._lost,
-                prefetch=spec.prefetch or s.prefetch,
-                concurrency=spec.concurrency or s.concurrency,
-                handler_timeout=spec.handler_timeout or s.handler_timeout,
-                breaker=spec.breaker or s.breaker,
-                middleware=self._middleware,
-                app=self.app,
-            )
-            await consumer.start()
-            consumer.subscription.watch(self._probe, functools.partial(_settled, consumer))
-            self.consumers.append(consumer)
+        channel = await self.links.consume.channel()
+        consumer = Consumer(
+            spec,
+            service=s.name,
+            channel=channel,
+            copies=self.copies,
+            onward=self.publisher,
+            publish_timeout=s.publish_timeout,
+            ensure_retry_queue=self.ensure_retry_queue,
+            redeclare=self._redeclare,
+            on_lost=self._lost,
+            prefetch=spec.prefetch or s.prefetch,
+            concurrency=spec.concurrency or s.concurrency,
+            handler_timeout=spec.handler_timeout or s.handler_timeout,
+            breaker=spec.breaker or s.breaker,
+            middleware=self._middleware,
+            app=self.app,
+        )
+        await consumer.start()
+        consumer.subscription.watch(self._probe, functools.partial(_settled, consumer))
+        self.consumers.append(consumer)  # now, so that a session that fails to open stops it
 
     async def _open_partitions(self, spec: ConsumerSpec) -> None:
         s = self.settings

@@ -227,6 +227,9 @@ class Transport(abc.ABC):
     """One connection to one broker node."""
 
     node: str  # the node's URL with the password masked
+    # Channels a topology is declared over at once (`topology.applier`): each of a channel's
+    # methods waits for the one before, a round trip each; 1 where a call takes no round trip.
+    declare_width: int = 8
 
     @property
     @abc.abstractmethod
