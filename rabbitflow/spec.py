@@ -176,10 +176,18 @@ def build_spec(
                 "the transaction; stage onward messages with tx.publish(...) instead"
             )
         partitions = _partitions(partitions, partition_key, exchange_type, routing_key, publish_to)
+        signature = HandlerSignature.of(handler)
+        if partitions is not None and not signature.plain:
+            # runtime/partitions.py calls the handler itself, in order: not yet in a thread, not
+            # with dependencies (docs/partitions.md, "Limits").
+            raise ConfigError(
+                "a partitioned consumer's handler is an `async def` without Depends or App "
+                "parameters (for now); take what it needs from module state or a lifespan"
+            )
         return ConsumerSpec(
             queue=queue,
             handler=handler,
-            signature=HandlerSignature.of(handler),
+            signature=signature,
             policy=policy,
             exchange=exchange,
             exchange_type=str(exchange_type),

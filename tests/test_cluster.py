@@ -8,12 +8,13 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from rabbitflow import App, Message, PublishTimeout
+from rabbitflow import App, Message, PublishTimeout, Reject, RequestFailed
 
 from .brokers import cluster_ports
 from .helpers import unique, wait_for
@@ -368,3 +369,55 @@ async def _count(queue: str) -> int:
         return int(ok.message_count or 0)
     finally:
         await connection.close()
+
+
+@dataclass
+class Quote:
+    sku: str
+    price: int
+
+
+async def test_typed_and_error_replies_across_a_failover(running_cluster: None) -> None:
+    """Requests in flight while the caller's node is killed are answered on the next one, typed;
+    a responder that fails one for good answers at once, before and after the failover."""
+    queue = unique("quotes")
+    responder = App(unique("pricing"), url=[url(1), url(2), url(3)], heartbeat=2)
+    caller = App(unique("orders"), url=[url(2), url(3), url(1)], heartbeat=2)
+
+    @responder.consumer(queue, retries=2, delay=0.2)
+    async def price(req: dict[str, Any], message: Message) -> Quote:
+        if req["sku"] == "bad":
+            raise Reject("no such sku")
+        if req["sku"] == "flaky" and message.attempt == 1:
+            raise RuntimeError("the price list is loading")
+        await asyncio.sleep(1.0)  # in flight when the caller's node goes
+        return Quote(req["sku"], 42)
+
+    async def ask(sku: str) -> Quote:
+        return await caller.request({"sku": sku}, routing_key=queue, response_type=Quote, timeout=90)
+
+    victim = 0
+    try:
+        async with responder, caller:
+            assert node_of(responder) != node_of(caller)
+            assert await ask("a") == Quote("a", 42)
+            started = time.monotonic()
+            with pytest.raises(RequestFailed) as failed:
+                await ask("bad")
+            assert failed.value.reason == "rejected"
+            assert "no such sku" in failed.value.error
+            assert time.monotonic() - started < 10  # at once, not after the request's timeout
+
+            victim = node_of(caller)
+            in_flight = [asyncio.create_task(ask(sku)) for sku in ("k1", "k2", "k3", "flaky")]
+            await asyncio.sleep(0.5)
+            await cluster("kill-node", str(victim))
+            answers = await asyncio.wait_for(asyncio.gather(*in_flight), 120)
+            assert answers == [Quote("k1", 42), Quote("k2", 42), Quote("k3", 42), Quote("flaky", 42)]
+            assert caller.reconnects >= 1
+            with pytest.raises(RequestFailed):
+                await ask("bad")
+    finally:
+        if victim:
+            await cluster("start-node", str(victim))
+        await _delete(responder)

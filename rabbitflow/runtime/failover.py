@@ -245,14 +245,16 @@ class Runtime:
     def health(self) -> dict[str, Any]:
         session = self.live
         consumers = [self._consumer_health(c) for c in session.consumers] if session is not None else []
+        partitioned = [g.health() for g in session.partitioned] if session is not None else []
         return {
             "connected": session is not None,
             "node": session.node if session is not None else None,
             "blocked": bool(session is not None and session.links.publish.blocked),
             "server_version": session.links.consume.server_version if session is not None else None,
             "reconnects": self.reconnects,
-            "healthy": session is not None and all(c["healthy"] for c in consumers),
+            "healthy": session is not None and all(c["healthy"] for c in consumers + partitioned),
             "consumers": consumers,
+            "partitioned": partitioned,  # ordered partitions: this replica's share of each
         }
 
     def _consumer_health(self, consumer: Consumer) -> dict[str, Any]:

@@ -215,6 +215,7 @@ class Partition:
         self.queue = names.partition_queue(group.spec.queue, index)
         self.channel: Channel | None = None
         self._handling: asyncio.Task[Any] | None = None
+        self.handling_since: float | None = None  # loop time the message in hand arrived
         self._releasing = False
         self.handled = 0
 
@@ -259,6 +260,7 @@ class Partition:
         if self._releasing:
             return  # never started: the channel's close returns it first in line
         self._handling = asyncio.current_task()
+        self.handling_since = asyncio.get_running_loop().time()
         try:
             async with self.group.slots:
                 if self._releasing:
@@ -267,6 +269,7 @@ class Partition:
                 self.handled += 1
         finally:
             self._handling = None
+            self.handling_since = None
 
 
 class PartitionGroup:
@@ -336,6 +339,25 @@ class PartitionGroup:
         if not self._stopping:
             log.error("%s; reconnecting", why)
             self._on_lost(None)
+
+    def health(self) -> dict[str, Any]:
+        """What `app.health()` says of this partitioned consumer on this replica."""
+        now = asyncio.get_running_loop().time()
+        held = [self.held[i] for i in sorted(self.held)]
+        subscribed = all(p.channel is not None and p.channel.is_open for p in held)
+        in_hand = [now - p.handling_since for p in held if p.handling_since is not None]
+        return {
+            "queue": self.spec.queue,
+            "partitions": self.count,
+            "replicas": len(self.membership.members),
+            "held": [p.index for p in held],
+            "assigned": sorted(self._mine),
+            "subscribed": subscribed,
+            "in_flight": len(in_hand),
+            "oldest_in_hand_age": round(max(in_hand), 3) if in_hand else None,
+            "handled": sum(p.handled for p in held),
+            "healthy": subscribed and not self._stopping,
+        }
 
     async def settled(self) -> None:
         """Until every move under way (taking or giving up a partition) is done."""

@@ -205,6 +205,11 @@ async def test_replicas_share_the_partitions_and_rebalance_when_one_leaves_or_di
         # 8 partitions over 4 replicas: 2 each (the worker holds the 2 the three here do not).
         await wait_for(lambda: sorted(map(len, _held(apps))) == [2, 2, 2], timeout=10)
         assert len({p for held in _held(apps) for p in held}) == 6
+        shares = [app.health()["partitioned"] for app in apps]  # health() tells each replica's share
+        assert all(share[0]["healthy"] and share[0]["replicas"] == 4 for share in shares)
+        assert sorted(p for share in shares for p in share[0]["held"]) == sorted(
+            p for held in _held(apps) for p in held
+        )
         # A graceful leave (it says goodbye): its partitions move at once.
         started = time.monotonic()
         await apps[2].stop()
@@ -348,3 +353,21 @@ async def test_ledger_per_key_order_through_sigkills(broker_url: str, admin: Adm
 
 
 async def _noop(body: Any) -> None: ...
+
+
+def test_a_partitioned_consumer_refuses_what_it_cannot_call_yet() -> None:
+    from rabbitflow import ConfigError, Depends
+
+    app = App("svc", url="memory://")
+    with pytest.raises(ConfigError, match="an `async def` without Depends"):
+
+        @app.consumer("sync-events", partitions=4)
+        def blocking(body: Any) -> None: ...
+
+    def clock() -> int:
+        return 1
+
+    with pytest.raises(ConfigError, match="an `async def` without Depends"):
+
+        @app.consumer("dep-events", partitions=4)
+        async def with_dependency(body: Any, now: int = Depends(clock)) -> None: ...
