@@ -20,6 +20,8 @@ from .helpers import Admin, unique
 
 ROOT = Path(__file__).resolve().parent.parent
 
+BEFORE = dict(os.environ)  # as the tests of this module found it
+
 ENVIRONMENT = {
     "RABBITFLOW_FAILOVER": "shuffle",
     "RABBITFLOW_PREFETCH": "7",
@@ -104,7 +106,10 @@ def test_env_files_are_read_and_the_real_environment_wins(
         "RABBITFLOW_FAILOVER": "shuffle",
     }
     for name in ("RABBITFLOW_PREFETCH", "RABBITFLOW_FAILOVER"):
-        monkeypatch.delenv(name, raising=False)
+        # Recorded as it is now (set or not), so that what the env file sets is undone after the
+        # test: a RABBITFLOW_FAILOVER=shuffle left behind reorders every later test's nodes.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("RABBITFLOW_CONCURRENCY", "9")
     load_env_file(["run", "svc:app", "--env-file", str(env)])
     s = App("envsvc").settings
@@ -112,8 +117,6 @@ def test_env_files_are_read_and_the_real_environment_wins(
     (tmp_path / "bad.env").write_text("RABBITFLOW_PREFETCH 12\n")
     with pytest.raises(ConfigError, match=r"bad\.env, line 1: expected NAME=value"):
         read_env_file(tmp_path / "bad.env")
-    for name in ("RABBITFLOW_PREFETCH", "RABBITFLOW_FAILOVER"):
-        monkeypatch.delenv(name, raising=False)
 
 
 async def test_env_file_gives_a_command_its_broker_url(broker_url: str, admin: Admin, tmp_path: Path) -> None:
@@ -148,3 +151,10 @@ async def test_env_file_gives_a_command_its_broker_url(broker_url: str, admin: A
         1,
         "rabbitflow: --env-file nope.env: No such file or directory\n",
     )
+
+
+def test_no_rabbitflow_setting_is_left_in_the_environment_by_these_tests() -> None:
+    """Runs after the others of this module: a RABBITFLOW_* variable one of them set and left
+    (an env file read in-process) would change every later test's apps."""
+    changed = {k: os.environ.get(k) for k in ENVIRONMENT if os.environ.get(k) != BEFORE.get(k)}
+    assert not changed, changed
