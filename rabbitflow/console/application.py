@@ -38,7 +38,7 @@ from rabbitflow.console.pages import (
     problem_page,
 )
 from rabbitflow.console.rates import Rates
-from rabbitflow.console.request import FormTooLarge, Request, read_form
+from rabbitflow.console.request import FormTooLarge, Request, TooManyFields, read_form
 from rabbitflow.errors import ChannelClosed, ConfigError, RabbitflowError
 from rabbitflow.parking.message import Filter, Listing
 
@@ -118,12 +118,26 @@ class Console:
                     return
         if scope["type"] != "http":
             raise RuntimeError(f"rabbitflow.console serves HTTP, not {scope['type']!r}")
-        request = Request.of(scope)
+        try:
+            request = Request.of(scope)
+        except TooManyFields:
+            body = b"too many query fields\n"
+            headers = [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+            ]
+            await send({"type": "http.response.start", "status": 400, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
         try:
             try:
                 form = await read_form(receive) if request.method == "POST" else {}
             except FormTooLarge:
                 raise _Refused(413, "Too large", "A console form is small; this one was not.") from None
+            except TooManyFields:
+                raise _Refused(
+                    400, "Bad request", "A console form has a few fields; this one had many."
+                ) from None
             status, headers, body = await self._answer(request, form)
         except _Refused as refused:
             status, headers, body = self._html(refused.status, problem_page(

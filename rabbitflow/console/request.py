@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-__all__ = ["MAX_FORM", "FormTooLarge", "Request", "read_form"]
+__all__ = ["MAX_FORM", "FormTooLarge", "Request", "TooManyFields", "read_form"]
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -18,6 +18,10 @@ MAX_FORM = 16 * 1024
 
 class FormTooLarge(Exception):
     """A form body over MAX_FORM bytes."""
+
+
+class TooManyFields(Exception):
+    """A query string or form with more fields than any console page takes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +64,16 @@ class Request:
 def _pairs(text: str) -> dict[str, str]:
     """The first value of each field (a repeated field cannot widen a filter)."""
     found: dict[str, str] = {}
-    for key, value in parse_qsl(text, keep_blank_values=True, max_num_fields=32):
+    try:
+        pairs = parse_qsl(text, keep_blank_values=True, max_num_fields=_MAX_FIELDS)
+    except ValueError:  # "Max number of fields exceeded"
+        raise TooManyFields from None
+    for key, value in pairs:
         found.setdefault(key, value)
     return found
+
+
+_MAX_FIELDS = 32
 
 
 def _cookies(header: str) -> dict[str, str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -235,3 +236,29 @@ def test_rates_from_health_snapshots_spread_the_count_over_the_seconds_between()
     assert rates.series("orders", minutes=1, step=10, now=1011)["settled"][-1] == 5.0
     rates.snapshot({"consumers": [{"queue": "orders", "settled": 20}]}, now=1020.0)  # a new session
     assert rates.series("orders", minutes=1, step=10, now=1021)["settled"][-1] == 2.0
+
+
+async def test_a_query_or_form_with_too_many_fields_is_a_400_and_the_next_request_is_served(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app, _ = make_service()
+    async with app:
+        server = await serve(app, 0, console=console_app(app, token="t0ken"))
+        try:
+
+            def call(path: str, data: bytes | None = None) -> int:
+                try:
+                    with urllib.request.urlopen(
+                        f"http://127.0.0.1:{server.port}{path}", data=data, timeout=5
+                    ) as response:
+                        return int(response.status)
+                except urllib.error.HTTPError as error:
+                    return int(error.code)
+
+            many = "&".join(f"a{i}=1" for i in range(40))
+            assert await asyncio.to_thread(call, f"/console/?{many}") == 400
+            assert await asyncio.to_thread(call, "/console/login", many.encode()) in (400, 403)
+            assert await asyncio.to_thread(call, "/health") == 200  # the neighbour
+        finally:
+            await server.close()
+    assert "answering a request failed" not in caplog.text
