@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from rabbitflow import App
@@ -366,6 +366,7 @@ PROPERTIES = st.fixed_dictionaries(
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(published=PROPERTIES)
+@example(published={"headers": table({})})  # an empty table stays (4.0.5 adds no counter to drop)
 async def test_any_parked_message_is_listed_shown_and_kept_byte_for_byte(
     service: tuple[App, str], admin: Admin, published: dict[str, bytes]
 ) -> None:

@@ -308,18 +308,19 @@ def edit_properties(
     payload: bytes, *, drop_headers: frozenset[bytes], persistent: bool = False
 ) -> bytes | None:
     """The property flags and list of a content-header payload as they arrived, without the
-    headers named in `drop_headers` (a table left empty goes) and, when `persistent`, with
-    delivery mode 2 and no expiration. None when the payload cannot be cut (see `property_parts`)."""
+    headers named in `drop_headers` (a table the edit left empty goes; one sent empty stays)
+    and, when `persistent`, with delivery mode 2 and no expiration. None when the payload cannot
+    be cut (see `property_parts`)."""
     parts = property_parts(payload)
     if parts is None:
         return None
     if "headers" in parts and drop_headers:
         table = without_entries(parts["headers"], drop_headers)
         if table is not None:
-            if len(table) == 4:
-                del parts["headers"]
+            if len(table) == 4 and len(parts["headers"]) > 4:
+                del parts["headers"]  # emptied by the edit: as if the broker had never added it
             else:
-                parts["headers"] = table
+                parts["headers"] = table  # an empty table the producer sent stays, byte for byte
     if persistent:
         parts["delivery_mode"] = b"\x02"
         parts.pop("expiration", None)
