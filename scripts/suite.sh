@@ -65,6 +65,7 @@ fi
 if [[ $PHASES == *,3,* ]]; then
     RABBITFLOW_BROKER_VERSION=4.0 scripts/cluster.sh start \
         && started+=("RABBITFLOW_BROKER_VERSION=4.0 scripts/cluster.sh stop")
+    scripts/postgres.sh start && started+=("scripts/postgres.sh stop")
     phase "4.0.5 cluster" env RABBITFLOW_BROKER_VERSION=4.0 \
         "$PYTHON" -m pytest -p no:cacheprovider -q -m cluster --ignore=tests/chaos "$@"
     stop_all

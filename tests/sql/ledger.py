@@ -47,6 +47,8 @@ from rabbitflow import App, Message, Middleware
 from rabbitflow.middleware import Outgoing
 from rabbitflow.sql import Outbox, Transaction
 
+from ..brokers import cluster_ports
+
 ROOT = Path(__file__).resolve().parents[2]
 BROKER_URL = os.environ.get("RABBITFLOW_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/")
 PG_URL = os.environ.get("RABBITFLOW_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5433/postgres")
@@ -72,13 +74,14 @@ class Config:
     outputs: str
     kill_chance: float  # per kill point and message
     calm_file: str  # once it exists, workers stop killing themselves
+    queue_type: str = "classic"  # quorum when broker nodes are killed too
 
 
 def build(config: Config, outbox: Outbox | None = None, kill: Callable[[str], None] = lambda _: None) -> App:
     """The worker's app (also what the runner declares, with no outbox)."""
     app = App(config.service, url=config.broker, graceful_timeout=2, middleware=[KillMidRelay(kill)])
 
-    @app.consumer(config.inputs, queue_type="classic", retries=5, delay=1, prefetch=16)
+    @app.consumer(config.inputs, queue_type=config.queue_type, retries=5, delay=1, prefetch=16)
     async def on_input(body: dict[str, str], message: Message) -> None:
         assert outbox is not None
 
@@ -89,7 +92,7 @@ def build(config: Config, outbox: Outbox | None = None, kill: Callable[[str], No
         await outbox.inbox.attempt(config.inputs, message, work)
         kill("input committed, not acked")
 
-    @app.consumer(config.outputs, queue_type="classic", retries=5, delay=1, prefetch=16)
+    @app.consumer(config.outputs, queue_type=config.queue_type, retries=5, delay=1, prefetch=16)
     async def on_output(body: dict[str, str], message: Message) -> None:
         assert outbox is not None
         async with outbox.engine.begin() as connection:  # its own transaction: every delivery counts
@@ -155,6 +158,7 @@ class Result:
     external_kills: int
     worker_deaths: int  # every SIGKILL: the runner's and the workers' own
     seconds: float
+    node_kills: int = 0  # broker nodes SIGKILLed (cluster runs)
 
     def problems(self) -> list[str]:
         out = []
@@ -220,26 +224,45 @@ async def run(
     kill_every: float,
     kill_chance: float,
     seed: int,
+    cluster: bool = False,
 ) -> Result:
-    """One ledger run on `database` (which must exist and be empty)."""
+    """One ledger run on `database` (which must exist and be empty). With `cluster`, on the local
+    3-node cluster (scripts/cluster.sh) with quorum queues, and nodes 2 and 3 SIGKILLed in turn
+    (each started again before the next) while the workers die too."""
     rng = random.Random(seed)
     tag = uuid.uuid4().hex[:8]
     calm = Path(f"/tmp/rabbitflow-ledger-{tag}.calm")
+    runner_url = BROKER_URL
+    workers_url = BROKER_URL
+    if cluster:
+        ports = cluster_ports()
+        runner_url = f"amqp://guest:guest@127.0.0.1:{ports[1]}/"  # node 1 is never killed
+        workers_url = ";".join(f"amqp://guest:guest@127.0.0.1:{ports[n]}/" for n in (2, 3, 1))
     config = Config(
-        database, BROKER_URL, f"ledger-{tag}", f"ledger-{tag}-in", f"ledger-{tag}-out", kill_chance, str(calm)
+        database,
+        workers_url,
+        f"ledger-{tag}",
+        f"ledger-{tag}-in",
+        f"ledger-{tag}-out",
+        kill_chance,
+        str(calm),
+        "quorum" if cluster else "classic",
     )
     engine = create_async_engine(database)
     await Outbox(engine).create_tables()
     async with engine.begin() as connection:
         await connection.run_sync(ledger.create_all)
     plan_app = build(config)
+    plan_app.use_url(runner_url)
     await plan_app.declare()
-    connection = await aiormq.connect(BROKER_URL)
+    connection = await aiormq.connect(runner_url)
     channel = await connection.channel()
     await channel.confirm_delivery()
     pool = Workers(config, workers)
     started = time.monotonic()
     kills = 0
+    node_kills = 0
+    faults: asyncio.Task[int] | None = None
     try:
         for n in range(inputs):
             await channel.basic_publish(
@@ -251,6 +274,8 @@ async def run(
             )
         pool.replace_dead()
         end = time.monotonic() + seconds
+        if cluster:
+            faults = asyncio.get_running_loop().create_task(_kill_nodes(end))
         while time.monotonic() < end:
             await asyncio.sleep(rng.uniform(0.5, 1.5) * kill_every)
             pool.replace_dead()
@@ -259,6 +284,8 @@ async def run(
                 victim.send_signal(signal.SIGKILL)
                 kills += 1
             pool.replace_dead()
+        if faults is not None:
+            node_kills = await faults
         calm.touch()  # noqa: ASYNC240 - a marker file, once
         settle = time.monotonic() + max(60.0, seconds)
         while time.monotonic() < settle:
@@ -269,6 +296,10 @@ async def run(
                 break
             await asyncio.sleep(0.5)
     finally:
+        if faults is not None and not faults.done():
+            faults.cancel()
+            for node in (2, 3):  # whatever a cancelled fault left down
+                await _cluster("start-node", str(node))
         pool.stop()
         calm.unlink(missing_ok=True)  # noqa: ASYNC240
         result = await _tally(engine, channel, config, inputs)
@@ -280,9 +311,38 @@ async def run(
         await connection.close()
         await engine.dispose()
     result.external_kills = kills
+    result.node_kills = node_kills
     result.worker_deaths = pool.deaths
     result.seconds = round(time.monotonic() - started, 1)
     return result
+
+
+async def _cluster(*args: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        str(ROOT / "scripts" / "cluster.sh"),
+        *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"cluster.sh {' '.join(args)}: {err.decode().strip()}")
+
+
+async def _kill_nodes(end: float) -> int:
+    """SIGKILL node 2, then node 3, ... until `end`: each down for 3 s, then started again and
+    given time to rejoin (a quorum queue keeps its majority: one node down at a time)."""
+    kills = 0
+    node = 2
+    while time.monotonic() + 10 < end:
+        await asyncio.sleep(2)
+        await _cluster("kill-node", str(node))
+        kills += 1
+        await asyncio.sleep(3)
+        await _cluster("start-node", str(node))
+        await asyncio.sleep(3)  # the queues' members catch up before the next node goes
+        node = 5 - node
+    return kills
 
 
 async def _tally(engine: Any, channel: aiormq.abc.AbstractChannel, config: Config, inputs: int) -> Result:
@@ -311,6 +371,7 @@ async def _tally(engine: Any, channel: aiormq.abc.AbstractChannel, config: Confi
             parked=parked,
             external_kills=0,
             worker_deaths=0,
+            node_kills=0,
             seconds=0.0,
         )
 
@@ -333,6 +394,7 @@ async def _main(args: argparse.Namespace) -> int:
             kill_every=args.kill_every,
             kill_chance=args.kill_chance,
             seed=seed,
+            cluster=args.cluster,
         )
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -354,6 +416,11 @@ def main() -> int:
     parser.add_argument("--kill-every", type=float, default=2.0, help="seconds between the runner's kills")
     parser.add_argument("--kill-chance", type=float, default=0.002, help="per kill point and message")
     parser.add_argument("--seed", type=int)
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="on the 3-node cluster (scripts/cluster.sh), killing nodes 2 and 3 too",
+    )
     return asyncio.run(_main(parser.parse_args()))
 
 

@@ -17,3 +17,23 @@ async def test_sigkilled_workers_leave_every_effect_exactly_once(broker_url: str
     assert result.problems() == []
     assert result.worker_deaths >= 10  # the faults did happen ...
     assert result.arrivals > result.inputs  # ... and some outputs reached the broker twice
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(180)
+async def test_every_effect_exactly_once_while_broker_nodes_are_killed_too(pg_database: str) -> None:
+    """The same ledger on the 3-node cluster with quorum queues: nodes 2 and 3 SIGKILLed in turn
+    while the workers die too."""
+    result = await ledger.run(
+        pg_database,
+        inputs=300,
+        seconds=30,
+        workers=3,
+        kill_every=3.0,
+        kill_chance=0.01,
+        seed=2626,
+        cluster=True,
+    )
+    assert result.problems() == []
+    assert result.node_kills >= 2  # the broker's faults did happen
+    assert result.worker_deaths >= 5
