@@ -84,10 +84,12 @@ chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos.runner
 
 # The effectively-once ledger (docs/reliability.md): exactly_once workers SIGKILLed between commit
-# and ack and mid-relay for LEDGER_MINUTES (10) and LEDGER_INPUTS (20000); --seed repeats a run.
+# and ack and mid-relay for LEDGER_MINUTES (10) and LEDGER_INPUTS (20000); LEDGER_ARGS=--cluster
+# runs it on the 3-node cluster (start it first: make cluster-up) with broker nodes killed too.
 ledger: $(STAMP) broker
 	scripts/postgres.sh start
-	$(BIN)/python -m tests.sql.ledger --minutes $(or $(LEDGER_MINUTES),10) --inputs $(or $(LEDGER_INPUTS),20000); s=$$?; scripts/postgres.sh stop; exit $$s
+	$(BIN)/python -m tests.sql.ledger --minutes $(or $(LEDGER_MINUTES),10) \
+	  --inputs $(or $(LEDGER_INPUTS),20000) $(LEDGER_ARGS); s=$$?; scripts/postgres.sh stop; exit $$s
 
 postgres:
 	scripts/postgres.sh start
