@@ -143,7 +143,11 @@ async def _consume(args: argparse.Namespace) -> dict[str, Any]:
     # quorum queue settles acks through its log; a connection cut short returns the late ones).
     from pamqp import commands, frame
 
-    writer.write(frame.marshal(commands.Connection.Close(reply_code=200, reply_text="done"), 0))
+    writer.write(
+        frame.marshal(
+            commands.Connection.Close(reply_code=200, reply_text="done", class_id=0, method_id=0), 0
+        )
+    )
     await writer.drain()
     with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
         async with asyncio.timeout(10):
