@@ -20,6 +20,7 @@
 #   stop             stop the single node (data is kept)
 #   status           show the single node; exit 1 unless it runs and answers
 #   url              print the single node's AMQP URL
+#   management-url   print the single node's management API URL (it runs rabbitmq_management)
 #   cluster-start    boot the three cluster nodes in parallel and join r4c2, r4c3 to r4c1
 #                    (idempotent: does nothing when all three already run clustered)
 #   cluster-stop     stop the three cluster nodes (data is kept)
@@ -69,6 +70,7 @@ die() { printf 'rabbitmq4.sh: error: %s\n' "$*" >&2; exit 1; }
 node_name() { if (($1 == 0)); then printf 'rabbit4@localhost'; else printf 'r4c%s@localhost' "$1"; fi; }
 short_name() { local name; name=$(node_name "$1"); printf '%s' "${name%@*}"; }
 amqp_port() { printf '%s' $((5690 + $1)); }
+readonly MANAGEMENT_PORT=15690 # the single node's management API
 dist_port() { printf '%s' $((25690 + $1)); }
 epmd_port() { if (($1 == 0)); then printf 4390; else printf 4391; fi; }
 node_dir_in() { printf '%s/%s' "$STATE_IN" "$(short_name "$1")"; }
@@ -272,7 +274,13 @@ write_node_files() {
     local n=$1 d
     d=$(node_dir "$n")
     mkdir -p "$d/mnesia" "$d/log"
-    [[ -f "$d/enabled_plugins" ]] || : >"$d/enabled_plugins"
+    if ((n == 0)); then
+        # The single node has the management API (on 15690), for `topology --check
+        # --management-url` against a real one; the cluster nodes do not need it.
+        printf '[rabbitmq_management].\n' >"$d/enabled_plugins"
+    else
+        : >"$d/enabled_plugins"
+    fi
     cat >"$d/rabbitmq.conf" <<EOF
 # Written by scripts/rabbitmq4.sh for $(node_name "$n"); rewritten on every start.
 listeners.tcp.default = 127.0.0.1:$(amqp_port "$n")
@@ -280,6 +288,9 @@ listeners.tcp.default = 127.0.0.1:$(amqp_port "$n")
 # addresses (harmless: the listener only binds 127.0.0.1).
 loopback_users = none
 EOF
+    if ((n == 0)); then
+        printf 'management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = %s\n' "$MANAGEMENT_PORT" >>"$d/rabbitmq.conf"
+    fi
     if [[ -n "${RF_DLX_CONFIRM_TIMEOUT_MS:-}" ]]; then
         printf '[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, %d}]}].\n' \
             "$RF_DLX_CONFIRM_TIMEOUT_MS" >"$d/advanced.config"
@@ -399,6 +410,7 @@ cmd_status() {
 }
 
 cmd_url() { printf 'amqp://guest:guest@127.0.0.1:%s/\n' "$(amqp_port 0)"; }
+cmd_management_url() { printf 'http://guest:guest@127.0.0.1:%s\n' "$MANAGEMENT_PORT"; }
 
 # -------------------------------------------------------------- cluster --
 
@@ -663,6 +675,7 @@ dispatch() {
         stop) cmd_stop ;;
         status) cmd_status ;;
         url) cmd_url ;;
+        management-url) cmd_management_url ;;
         clean) cmd_clean ;;
         cluster-start) cmd_cluster_start ;;
         cluster-stop) cmd_cluster_stop ;;

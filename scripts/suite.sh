@@ -58,6 +58,7 @@ if [[ $PHASES == *,2,* ]]; then
     scripts/rabbitmq4.sh start && started+=("scripts/rabbitmq4.sh stop")
     scripts/postgres.sh start && started+=("scripts/postgres.sh stop")
     phase "4.0.5" env RABBITFLOW_TEST_URL="$(scripts/rabbitmq4.sh url)" \
+        RABBITFLOW_TEST_MANAGEMENT_URL="$(scripts/rabbitmq4.sh management-url)" \
         "$PYTHON" -m pytest -p no:cacheprovider -q -m "broker and not cluster" "$@"
     stop_all
 fi

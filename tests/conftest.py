@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -65,10 +66,17 @@ def make_app(broker_url: str, admin: Admin) -> Callable[..., App]:
         admin.forget_app(app)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A test that reaches RabbitMQ (through the `broker_url` fixture, the contract suite's
     "rabbitmq" parameter, or on the 3-node cluster) is `broker`; every other one is `unit` and
-    runs alone in seconds (`make test-unit`)."""
+    runs alone in seconds (`make test-unit`). A `management` test runs where the broker's
+    management API is given (RABBITFLOW_TEST_MANAGEMENT_URL: make test's 4.0.5 phase, whose node
+    runs it); elsewhere it is deselected, not skipped."""
+    if not os.environ.get("RABBITFLOW_TEST_MANAGEMENT_URL"):
+        deselected = [item for item in items if item.get_closest_marker("management") is not None]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+            items[:] = [item for item in items if item not in deselected]
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
         callspec = getattr(item, "callspec", None)

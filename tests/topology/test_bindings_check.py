@@ -133,6 +133,74 @@ async def test_check_says_plainly_when_the_management_api_is_not_reachable(
     assert "hush-hush" not in ran.stdout + ran.stderr
 
 
+MANAGEMENT_URL = os.environ.get("RABBITFLOW_TEST_MANAGEMENT_URL")
+
+
+@pytest.mark.management
+async def test_check_compares_bindings_through_a_real_management_api(
+    broker_url: str, admin: Admin, tmp_path: Path
+) -> None:
+    """On a broker with the management API (the 4.0.5 node of `make test`'s second phase): the
+    plan's bindings are read back, and a second app on one of the queues is reported."""
+    assert MANAGEMENT_URL is not None
+    service, queue, exchange = unique("mgmt"), unique("mgmt-q"), unique("mgmt-x")
+    source = (
+        "from rabbitflow import App\n"
+        f"app = App({service!r})\n"
+        f"@app.consumer({queue!r}, exchange={exchange!r}, routing_key='k',\n"
+        "              queue_type='classic', retries=1, delay=5)\n"
+        "async def handle(body: dict) -> None: ...\n"
+    )
+    (tmp_path / "svc.py").write_text(source)
+    app = App(service, url=broker_url)
+
+    @app.consumer(queue, exchange=exchange, routing_key="k", queue_type="classic", retries=1, delay=5)
+    async def handle(body: dict[str, Any]) -> None: ...
+
+    admin.forget_app(app)
+    admin.exchanges.add(exchange)
+    await app.declare()
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rabbitflow",
+                "topology",
+                "svc.py",
+                "--check",
+                "--management-url",
+                MANAGEMENT_URL,
+            ],
+            cwd=tmp_path,
+            env={**os.environ, "RABBITFLOW_URL": broker_url, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    matching = await asyncio.to_thread(check)
+    assert matching.returncode == 0, matching.stdout + matching.stderr
+    assert "could not compare bindings" not in matching.stdout
+    assert "bindings not compared" not in matching.stdout
+    password = MANAGEMENT_URL.split("//", 1)[1].split("@", 1)[0].split(":", 1)[-1]
+    assert f":{password}@" not in matching.stdout + matching.stderr
+
+    # Another app binds the same queue elsewhere: the check says so (the management API has
+    # the binding waited for; it updates its view asynchronously).
+    await admin.channel.queue_bind(queue, "amq.topic", routing_key="someone.else")
+    for _ in range(50):
+        shared = await asyncio.to_thread(check)
+        if "another app" in shared.stdout:
+            break
+        await asyncio.sleep(0.2)
+    assert "amq.topic" in shared.stdout, shared.stdout
+    assert "another app" in shared.stdout, shared.stdout
+    assert shared.returncode != 0
+
+
 @pytest.mark.unit
 def test_text_and_mermaid_show_publish_to_destinations() -> None:
     app = App("pt", url="memory://")
