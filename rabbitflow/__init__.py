@@ -24,7 +24,7 @@ from rabbitflow.errors import UnencodableMessage as UnencodableMessage
 from rabbitflow.errors import Unroutable as Unroutable
 from rabbitflow.message import Message as Message
 from rabbitflow.middleware.base import Middleware as Middleware
-from rabbitflow.parking.walk import ParkedMessage as ParkedMessage
+from rabbitflow.parking.message import ParkedMessage as ParkedMessage
 from rabbitflow.registry import Router as Router
 from rabbitflow.retry import RetryPolicy as RetryPolicy
 from rabbitflow.runtime.partitions import partition as partition

@@ -22,7 +22,8 @@ from typing import Any
 from rabbitflow import names
 from rabbitflow.errors import ChannelClosed, ConfigError
 from rabbitflow.parking import walk as parking
-from rabbitflow.parking.walk import Filter, Listing, ParkedMessage, Progress, WalkResult
+from rabbitflow.parking.message import Filter, Listing, ParkedMessage, WalkResult
+from rabbitflow.parking.walk import Progress
 from rabbitflow.topology.applier import Difference, apply_plan, check_plan
 from rabbitflow.topology.compiler import Plan
 from rabbitflow.topology.versions import concerns

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from rabbitflow.asyncapi import document
-
-if TYPE_CHECKING:
-    from rabbitflow.app import App
+from rabbitflow.cli.apps import load_app
 
 __all__ = ["add_asyncapi", "dump"]
 
@@ -29,7 +27,7 @@ def dump(doc: dict[str, Any], fmt: str) -> str:
     return orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n"
 
 
-def add_asyncapi(commands: Any, load_app: Callable[[str], App], levels: Sequence[str]) -> None:
+def add_asyncapi(commands: Any, levels: Sequence[str]) -> None:
     def run(args: argparse.Namespace) -> int:
         text = dump(document(load_app(args.app), version=args.service_version), args.format)
         if args.out is None:

@@ -11,14 +11,13 @@ import asyncio
 import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from rabbitflow.admin import Admin
-from rabbitflow.parking.walk import Filter, Group, ParkedMessage, Progress, WalkResult
-
-if TYPE_CHECKING:
-    from rabbitflow.app import App
+from rabbitflow.cli.apps import load_app
+from rabbitflow.parking.message import Filter, Group, ParkedMessage, WalkResult
+from rabbitflow.parking.walk import Progress
 
 __all__ = ["ACTIONS", "add_parked"]
 
@@ -32,7 +31,7 @@ def _count(text: str) -> int:
     return value
 
 
-def add_parked(commands: Any, load_app: Callable[[str], App], levels: Sequence[str]) -> None:
+def add_parked(commands: Any, levels: Sequence[str]) -> None:
     parked = commands.add_parser(
         "parked",
         help="list, show, replay or purge the messages a consumer parked",
@@ -94,12 +93,12 @@ def add_parked(commands: Any, load_app: Callable[[str], App], levels: Sequence[s
             choices=levels,
             help=f"{', '.join(levels)} (default: %(default)s)",
         )
-        sub.set_defaults(handler=_parked, load_app=load_app)
+        sub.set_defaults(handler=_parked)
 
 
 def _parked(args: argparse.Namespace) -> int:
     filter = Filter(reason=args.reason, exception=args.exception, message_id=args.message_id)
-    app = args.load_app(args.app)
+    app = load_app(args.app)
     if args.url:
         app.use_url(args.url)
     admin = app.admin()

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from rabbitflow.app import App
+from rabbitflow.cli.apps import load_app
 from rabbitflow.codec import decode
 from rabbitflow.errors import (
     ChannelClosed,
@@ -166,7 +167,7 @@ def _print_reply(reply: Delivery) -> None:
         print(orjson.dumps(value).decode())
 
 
-def add_publish(commands: Any, load_app: Callable[[str], App], levels: Sequence[str]) -> None:
+def add_publish(commands: Any, levels: Sequence[str]) -> None:
     def handler(ask: bool) -> Callable[[argparse.Namespace], int]:
         def run(args: argparse.Namespace) -> int:
             if args.app is not None:

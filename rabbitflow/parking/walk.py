@@ -36,35 +36,18 @@ from rabbitflow import names
 from rabbitflow.errors import ChannelClosed, ConfigError
 from rabbitflow.parking.message import (
     COUNTERS,
-    REASONS,
     Filter,
-    Group,
     GroupCounter,
     Listing,
     ParkedMessage,
     WalkResult,
-    jsonable,
 )
 from rabbitflow.runtime.copies import exact_headers
 from rabbitflow.transport.amqp.encode import RawProperties
 from rabbitflow.transport.amqp.tables import edit_properties
 from rabbitflow.transport.base import Channel, Delivery, Transport, clone_properties, persistent_copy
 
-__all__ = [
-    "REASONS",
-    "Filter",
-    "Group",
-    "Listing",
-    "ParkedMessage",
-    "Progress",
-    "WalkResult",
-    "find",
-    "jsonable",
-    "look",
-    "peek",
-    "purge",
-    "replay",
-]
+__all__ = ["Progress", "find", "look", "peek", "purge", "replay"]
 
 # Copies in flight before the walk waits for the oldest confirm.
 _WINDOW = 64

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from rabbitflow.cli.main import load_app
+from rabbitflow.cli.apps import load_app
 
 from ..helpers import Admin, unique
 

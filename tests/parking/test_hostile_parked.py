@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from rabbitflow import App
 from rabbitflow.admin import Admin as ServiceAdmin
 from rabbitflow.errors import RabbitflowError
-from rabbitflow.parking.walk import Filter
+from rabbitflow.parking.message import Filter
 
 from ..helpers import BROKER_HOST, BROKER_PORT, Admin, unique
 from ..support.rawamqp import (

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from rabbitflow import App, ConfigError, Message
-from rabbitflow.parking.walk import Filter
+from rabbitflow.parking.message import Filter
 from rabbitflow.testing import MemoryBroker
 from rabbitflow.transport.base import Properties
 
