@@ -14,6 +14,7 @@ import inspect
 import re
 import types
 import typing
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from rabbitflow import __version__, names
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from rabbitflow.spec import ConsumerSpec
     from rabbitflow.topology.compiler import Plan
 
-__all__ = ["document", "schema_of"]
+__all__ = ["document", "markdown", "schema_of"]
 
 AMQP_BINDING = "0.3.0"
 _KEY = re.compile(r"[^\w.\-]")  # AsyncAPI keys: ^[\w\d.\-_]+$
@@ -304,3 +305,75 @@ def _object_schema(model: type, schemas: dict[str, Any], depth: int) -> dict[str
         "properties": {k: plain_schema(v, schemas, depth + 1) for k, v in hints.items()},
         "required": required,
     }
+
+
+# -- a readable page ------------------------------------------------------------------------------
+
+
+def markdown(doc: Mapping[str, Any]) -> str:
+    """The document as a Markdown page for a docs site: servers, operations, channels (with the
+    retry and parking topology) and message payloads. `rabbitflow asyncapi MODULE:APP --format
+    markdown --out docs/service.md` renders one for a service's own docs (mkdocs nav)."""
+    info = doc.get("info", {})
+    lines = [f"# {info.get('title', 'service')} {info.get('version', '')}".rstrip(), ""]
+    if info.get("description"):
+        lines += [str(info["description"]), ""]
+    lines += ["## Servers", "", "| server | host | protocol |", "|---|---|---|"]
+    for name, server in doc.get("servers", {}).items():
+        where = f"{server.get('host', '')}{server.get('pathname', '')}"
+        lines.append(f"| {name} | `{where}` | {server.get('protocol', '')} |")
+    lines += ["", "## Operations", "", "| operation | action | channel | what |", "|---|---|---|---|"]
+    for name, operation in doc.get("operations", {}).items():
+        channel = str(operation.get("channel", {}).get("$ref", "")).rsplit("/", 1)[-1]
+        reply = " (replies)" if operation.get("reply") else ""
+        what = _cell(operation.get("summary", ""))
+        lines.append(f"| `{name}` | {operation.get('action', '')}{reply} | `{channel}` | {what} |")
+    messages = doc.get("components", {}).get("messages", {})
+    schemas = doc.get("components", {}).get("schemas", {})
+    lines += ["", "## Channels"]
+    for name, channel in doc.get("channels", {}).items():
+        lines += ["", f"### `{name}`", ""]
+        if channel.get("description"):
+            lines += [_cell(channel["description"]), ""]
+        topology = channel.get("x-rabbitflow", {})
+        for bound in topology.get("boundTo", []):
+            lines.append(f"- bound to exchange `{bound.get('exchange')}` with `{bound.get('routingKey')}`")
+        if "retries" in topology:
+            delays = ", ".join(f"{d:g} s" for d in topology.get("delays", []))
+            lines.append(f"- retries: {topology['retries']}, after {delays or 'no delay'}")
+        if topology.get("parkedQueue"):
+            lines.append(
+                f"- parked in `{topology['parkedQueue']}` (through `{topology.get('deadLetterExchange')}`)"
+            )
+        for ref in channel.get("messages", {}).values():
+            message = messages.get(str(ref.get("$ref", "")).rsplit("/", 1)[-1], {})
+            payload = message.get("payload", {})
+            lines.append(
+                f"- message `{message.get('name', '')}` ({message.get('contentType', '')}): {_type(payload)}"
+            )
+            model = (
+                schemas.get(str(payload.get("$ref", "")).rsplit("/", 1)[-1]) if "$ref" in payload else payload
+            )
+            if model and model.get("properties"):
+                required = set(model.get("required", ()))
+                lines += ["", "| field | type | required |", "|---|---|---|"]
+                for field_name, field in model["properties"].items():
+                    lines.append(
+                        f"| `{field_name}` | {_type(field)} | {'yes' if field_name in required else 'no'} |"
+                    )
+                lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _type(schema: Mapping[str, Any]) -> str:
+    if "$ref" in schema:
+        return f"`{str(schema['$ref']).rsplit('/', 1)[-1]}`"
+    kinds = [s.get("type", "any") for s in schema.get("anyOf", ())] or [schema.get("type", "any")]
+    text = " or ".join(str(k) for k in kinds)
+    if schema.get("type") == "array" and isinstance(schema.get("items"), Mapping):
+        text = f"array of {_type(schema['items'])}"
+    return text
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")

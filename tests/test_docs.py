@@ -221,6 +221,29 @@ def test_the_asyncapi_page_shows_what_the_cli_prints() -> None:
     assert document == printed.stdout
 
 
+def test_the_rendered_asyncapi_page_of_the_example_is_current() -> None:
+    environ = {k: v for k, v in os.environ.items() if k != "RABBITFLOW_URL"}  # the App's default URL
+    printed = subprocess.run(
+        [sys.executable, "-m", "rabbitflow", "asyncapi", "examples/orders.py:app", "--format", "markdown"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert printed.returncode == 0, printed.stderr
+    assert (DOCS / "asyncapi-orders.md").read_text() == printed.stdout, (
+        "docs/asyncapi-orders.md is stale: rabbitflow asyncapi examples/orders.py:app --format markdown "
+        "--out docs/asyncapi-orders.md"
+    )
+    page = printed.stdout
+    assert "### `orders.created`" in page
+    assert "- retries: 3, after 1 s, 5 s, 30 s" in page
+    assert "- parked in `orders.created.parked`" in page
+    assert "| `quantity` | integer | yes |" in page  # the dataclass's fields
+
+
 def test_the_testing_page_example_passes(tmp_path: Path) -> None:
     [example] = [
         b for b in fenced(DOCS / "testing.md", "python") if b.startswith("from rabbitflow import App")

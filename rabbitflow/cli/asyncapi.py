@@ -10,13 +10,15 @@ from typing import Any
 
 import orjson
 
-from rabbitflow.asyncapi import document
+from rabbitflow.asyncapi import document, markdown
 from rabbitflow.cli.apps import load_app
 
 __all__ = ["add_asyncapi", "dump"]
 
 
 def dump(doc: dict[str, Any], fmt: str) -> str:
+    if fmt == "markdown":
+        return markdown(doc)
     if fmt == "yaml":
         try:
             import yaml
@@ -52,9 +54,9 @@ def add_asyncapi(commands: Any, levels: Sequence[str]) -> None:
     sub.add_argument("app", metavar="MODULE:APP", help="the service: a module or file path, a colon, the App")
     sub.add_argument(
         "--format",
-        choices=["json", "yaml"],
+        choices=["json", "yaml", "markdown"],
         default="json",
-        help="json, or yaml (needs PyYAML) (default: json)",
+        help="json, yaml (needs PyYAML), or markdown: a readable page for a docs site (default: json)",
     )
     sub.add_argument("--out", metavar="FILE", help="write the document to FILE instead of stdout")
     sub.add_argument(
