@@ -330,11 +330,12 @@ async def _cluster(*args: str) -> None:
 
 
 async def _kill_nodes(end: float) -> int:
-    """SIGKILL node 2, then node 3, ... until `end`: each down for 3 s, then started again and
-    given time to rejoin (a quorum queue keeps its majority: one node down at a time)."""
+    """SIGKILL node 2, then node 3, ... until `end`, and each of them at least once however slowly
+    a node boots: each down for 3 s, then started again and given time to rejoin (a quorum queue
+    keeps its majority: one node down at a time)."""
     kills = 0
     node = 2
-    while time.monotonic() + 10 < end:
+    while kills < 2 or time.monotonic() + 10 < end:
         await asyncio.sleep(2)
         await _cluster("kill-node", str(node))
         kills += 1
