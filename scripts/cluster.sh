@@ -26,6 +26,9 @@
 # Environment:
 #   RABBITFLOW_CLUSTER_DIR      state folder (default /tmp/rabbitflow-cluster)
 #   RABBITFLOW_CLUSTER_TIMEOUT  seconds to wait for a node (default 120)
+#   RABBITFLOW_CLUSTER_NAME     node name prefix (default rf: rf1@localhost ...) and
+#   RABBITFLOW_CLUSTER_PORT     node 1's AMQP port (default 5673; dist port + 20000): a second
+#                               cluster beside the first, with its own RABBITFLOW_CLUSTER_DIR
 #   RABBITFLOW_BROKER_VERSION   4.0: run the same command on the RabbitMQ 4.0 cluster of
 #                               scripts/rabbitmq4.sh instead (r4c1..3, ports 5691-5693)
 set -euo pipefail
@@ -54,11 +57,13 @@ readonly MARKER="$STATE_DIR/.rabbitflow-cluster"
 log() { printf 'cluster.sh [%3ds] %s\n' "$SECONDS" "$*" >&2; }
 die() { printf 'cluster.sh: error: %s\n' "$*" >&2; exit 1; }
 
-node_name() { printf 'rf%s@localhost' "$1"; }
-amqp_port() { printf '%s' $((5672 + $1)); }
-dist_port() { printf '%s' $((25672 + $1)); }
-node_dir() { printf '%s/rf%s' "$STATE_DIR" "$1"; }
-pid_file() { printf '%s/rf%s.pid' "$(node_dir "$1")" "$1"; }
+readonly PREFIX="${RABBITFLOW_CLUSTER_NAME:-rf}"
+readonly FIRST_PORT="${RABBITFLOW_CLUSTER_PORT:-5673}"
+node_name() { printf '%s%s@localhost' "$PREFIX" "$1"; }
+amqp_port() { printf '%s' $((FIRST_PORT - 1 + $1)); }
+dist_port() { printf '%s' $((FIRST_PORT + 19999 + $1)); }
+node_dir() { printf '%s/%s%s' "$STATE_DIR" "$PREFIX" "$1"; }
+pid_file() { printf '%s/%s%s.pid' "$(node_dir "$1")" "$PREFIX" "$1"; }
 
 check_n() {
     case "${1:-}" in
@@ -214,7 +219,7 @@ await_node() {
             tail -n 20 "$(node_dir "$n")/console.log" >&2 || true
             die "$name exited during boot; see $(node_dir "$n")/log/$name.log"
         fi
-        if epmd -names 2>/dev/null | grep -q "^name rf$n at port "; then
+        if epmd -names 2>/dev/null | grep -q "^name $PREFIX$n at port "; then
             remaining=$((deadline - SECONDS))
             if ctl -n "$name" -q await_startup --timeout "$remaining" >/dev/null 2>&1; then
                 return 0
@@ -322,7 +327,7 @@ cmd_start() {
     for n in "${app_stopped[@]}"; do
         if [[ " ${to_join[*]} " != *" $n "* ]]; then
             log "starting the rabbit app on $(node_name "$n")"
-            ctl_q -n "$(node_name "$n")" start_app || die "start_app failed for rf$n"
+            ctl_q -n "$(node_name "$n")" start_app || die "start_app failed for $(node_name "$n")"
         fi
     done
     if ((${#to_join[@]} == 0)); then
@@ -332,7 +337,7 @@ cmd_start() {
     else
         # stop_app + reset are local to each node: do them in parallel; the
         # joins themselves go one after the other; start_app in parallel.
-        log "joining ${to_join[*]/#/rf} to rf1@localhost"
+        log "joining ${to_join[*]/#/$PREFIX} to $(node_name 1)"
         pids=()
         for n in "${to_join[@]}"; do
             (ctl_q -n "$(node_name "$n")" stop_app && ctl_q -n "$(node_name "$n")" reset) &
@@ -341,7 +346,7 @@ cmd_start() {
         for i in "${pids[@]}"; do wait "$i" || rc=1; done
         ((rc == 0)) || die "stop_app/reset failed"
         for n in "${to_join[@]}"; do
-            ctl_q -n "$(node_name "$n")" join_cluster rf1@localhost || die "join_cluster failed for rf$n"
+            ctl_q -n "$(node_name "$n")" join_cluster "$(node_name 1)" || die "join_cluster failed for $(node_name "$n")"
         done
         pids=()
         for n in "${to_join[@]}"; do
@@ -454,7 +459,7 @@ cmd_start_node() {
     elif [[ "$(ctl_eval "$n" 'rabbit_boot_state:get().' || true)" == stopped ]]; then
         if is_member "$n"; then
             log "starting the rabbit app on $(node_name "$n")"
-            ctl_q -n "$(node_name "$n")" start_app || die "start_app failed for rf$n"
+            ctl_q -n "$(node_name "$n")" start_app || die "start_app failed for $(node_name "$n")"
         fi
     else
         await_node "$n"

@@ -18,7 +18,8 @@ import pytest
 from rabbitflow.transport.memory.profile import profile_for_server
 
 CLUSTER_VERSION = os.environ.get("RABBITFLOW_BROKER_VERSION", "3.10")
-_CLUSTER_PORTS = {"3.10": {1: 5673, 2: 5674, 3: 5675}, "4.0": {1: 5691, 2: 5692, 3: 5693}}
+_FIRST = int(os.environ.get("RABBITFLOW_CLUSTER_PORT", "5673"))  # as scripts/cluster.sh reads it
+_CLUSTER_PORTS = {"3.10": {n: _FIRST - 1 + n for n in (1, 2, 3)}, "4.0": {1: 5691, 2: 5692, 3: 5693}}
 
 
 def cluster_ports() -> dict[int, int]:
