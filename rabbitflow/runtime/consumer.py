@@ -72,7 +72,6 @@ class Consumer:
         self.spec = spec
         self._invocation = invocation = Invocation(
             spec,
-            queue=spec.queue,
             app=app,
             middleware=middleware,
             onward=onward,

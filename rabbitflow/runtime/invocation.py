@@ -59,14 +59,14 @@ def threads_for(spec: ConsumerSpec, concurrency: int) -> Threads | None:
 
 
 class Invocation:
-    """`spec`'s handler, called for the deliveries of `queue`: the consumer's queue, or one
-    partition's queue (what `Message.queue`, the log fields and `x-rf-origin-queue` say)."""
+    """`spec`'s handler, called once per attempt. `Message.queue`, the log fields and
+    `x-rf-origin-queue` name the consumer's queue as declared (a partitioned consumer's too, not
+    the partition's)."""
 
     def __init__(
         self,
         spec: ConsumerSpec,
         *,
-        queue: str,
         app: Any,
         middleware: tuple[Middleware, ...],
         onward: Publisher | None,
@@ -74,7 +74,7 @@ class Invocation:
         threads: Threads | None,
     ) -> None:
         self.spec = spec
-        self.queue = queue
+        self.queue = spec.queue
         self._app = app  # what a handler's parameter annotated `App` receives
         self._threads = threads
         max_size = getattr(getattr(app, "settings", None), "max_message_size", _MAX_SIZE)
@@ -83,7 +83,7 @@ class Invocation:
             onward,
             timeout=publish_timeout,
             middleware=middleware,
-            queue=queue,
+            queue=spec.queue,
             max_size=max_size,
         )
         self._on_received = overriding(middleware, "received")
