@@ -1,10 +1,10 @@
 """The consumer: one queue on one channel, from each delivery to its settlement.
 
-Hot path: `_on_delivery` and `_handle` run once per message; the consume benchmark
-(`benchmarks/`, scenarios consume and mixed) measures them against a plain aiormq loop. They
-avoid per-message tasks, timers and allocations they do not need (no timeout scope without a
-handler timeout, no semaphore when prefetch already bounds concurrency, no Message unless the
-handler asks for one).
+Hot path: `_on_delivery`, `_handle` and the handler call (`Invocation.call`, shared with
+partitioned consumers) run once per message; the consume benchmark (`benchmarks/`, scenarios
+consume and mixed) measures them against a plain aiormq loop. They avoid per-message tasks,
+timers and allocations they do not need (no timeout scope without a handler timeout, no
+semaphore when prefetch already bounds concurrency, no Message unless the handler asks for one).
 """
 
 from __future__ import annotations

@@ -17,7 +17,18 @@ from typing import Any
 
 import pytest
 
-from rabbitflow import App, ConfigError, Depends, Message, Middleware, Reject, RequestFailed, logs, partition
+from rabbitflow import (
+    App,
+    ConfigError,
+    Depends,
+    Message,
+    Middleware,
+    Reject,
+    RequestFailed,
+    logs,
+    names,
+    partition,
+)
 from rabbitflow.middleware import Fate, Outcome
 from rabbitflow.runtime import partitions as partitions_module
 from rabbitflow.runtime.partitions import PartitionGroup, assign
@@ -494,8 +505,11 @@ async def test_memory_partitioned_consumer_publishes_its_results_and_answers_req
     async def collect(result: dict[str, Any], message: Message) -> None:
         results.append((result, message.headers.get("x-rf-origin-queue"), message.correlation_id))
 
+    asked: list[str] = []
+
     @app.consumer("prices", partitions=4)
     async def price(item: str) -> int:
+        asked.append(item)
         if item == "unknown":
             raise Reject("no such item")
         return len(item)
@@ -507,9 +521,18 @@ async def test_memory_partitioned_consumer_publishes_its_results_and_answers_req
         )
         with pytest.raises(RequestFailed, match="no such item"):  # at once, not at the timeout
             await client.request("unknown", exchange="prices", routing_key=partition("unknown", 4))
+        # A request whose caller gave up (its deadline is past) is dropped, not handled.
+        gone = {names.DEADLINE: int(time.time() * 1000) - 1}
+        await app.publish("pear", exchange="prices", routing_key=partition("pear", 4), headers=gone)
         await wait_for(lambda: len(results) == 1, timeout=10)
+        await client.drain()
+        parked = client.parked("prices")
+        waiting = [client.queued(f"prices.p{i}") for i in range(4)]
     assert answer == 5
     assert results == [({"id": "o1", "total": 3}, "orders", "in-1")]
+    assert asked == ["apple", "unknown"]
+    assert [p.body for p in parked] == ["unknown"]
+    assert waiting == [[], [], [], []]
 
 
 async def test_a_partitioned_consumer_on_rabbitmq_is_called_as_a_plain_one(
