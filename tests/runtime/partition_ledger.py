@@ -2,10 +2,10 @@
 and test_partitions_cluster.py: worker processes (partition_worker.py) append lines to one file,
 and `check_ledger` reads them back.
 
-    S key seq pid     a handler call started
-    E key seq pid     it returned (the message is acked next)
-    X key seq pid     it ended without returning (cancelled: its connection was lost)
-    N pid node held   the worker's node and the partitions it holds, whenever they change
+    S key seq pid time   a handler call started (time: the Unix time)
+    E key seq pid time   it returned (the message is acked next)
+    X key seq pid time   it ended without returning (cancelled: its connection was lost)
+    N pid node held      the worker's node and the partitions it holds, whenever they change
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def check_ledger(lines: list[str], killed: set[int]) -> Tally:
     for line in lines:
         if line.startswith("N "):
             continue
-        kind, key, seq_text, pid_text = line.split()
+        kind, key, seq_text, pid_text = line.split()[:4]
         seq, pid = int(seq_text), int(pid_text)
         if kind == "S":
             if key in open_by_key:

@@ -1,5 +1,5 @@
 """A replica of a partitioned consumer, for the partition ledgers (partition_ledger.py): appends
-`S|E|X key seq pid` lines to a shared ledger around each handler call, and `N pid node held`
+`S|E|X key seq pid time` lines to a shared ledger around each handler call, and `N pid node held`
 whenever its node or its partitions change.
 
     python partition_worker.py URL SERVICE QUEUE PARTITIONS LEDGER PAUSE
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 
 from rabbitflow import App
 
@@ -25,16 +26,16 @@ def main() -> None:
 
     @app.consumer(queue, partitions=int(partitions), concurrency=64, retries=0)
     async def handle(event: dict[str, object]) -> None:
-        os.write(fd, f"S {event['key']} {event['seq']} {pid}\n".encode())
+        os.write(fd, f"S {event['key']} {event['seq']} {pid} {time.time():.3f}\n".encode())
         try:
             hold = event.get("hold")
             while isinstance(hold, str) and not os.path.exists(hold):  # noqa: ASYNC110, ASYNC240 - another process makes it
                 await asyncio.sleep(0.02)
             await asyncio.sleep(float(pause))
         except BaseException:
-            os.write(fd, f"X {event['key']} {event['seq']} {pid}\n".encode())
+            os.write(fd, f"X {event['key']} {event['seq']} {pid} {time.time():.3f}\n".encode())
             raise
-        os.write(fd, f"E {event['key']} {event['seq']} {pid}\n".encode())
+        os.write(fd, f"E {event['key']} {event['seq']} {pid} {time.time():.3f}\n".encode())
 
     async def report() -> None:
         seen = None
