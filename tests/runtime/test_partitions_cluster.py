@@ -124,6 +124,7 @@ async def test_per_key_order_through_node_kills_and_worker_sigkills(
     down: set[int] = set()
     in_hand: list[InHand] = []
     node_kills: list[int] = []
+    handovers: list[float] = []  # seconds from a worker's SIGKILL until all partitions are held again
     holds: dict[str, InHand] = {}  # key -> the event to hold, for the publisher's next round
     faults_done = asyncio.Event()
     rounds = 0
@@ -155,12 +156,21 @@ async def test_per_key_order_through_node_kills_and_worker_sigkills(
             rounds += 1
             await asyncio.sleep(max(0.0, ROUND_EVERY - (loop.time() - started)))
 
+    def all_held() -> bool:
+        alive = {w.pid for w in workers if w.pid not in killed and w.poll() is None}
+        held = _workers_now(lines(), alive)
+        return {p for _, partitions in held.values() for p in partitions} == set(range(PARTITIONS))
+
     async def kill_worker() -> None:
+        """SIGKILL the oldest worker and start another; wait until its partitions are held again."""
         victim = next(w for w in workers if w.pid not in killed)
         victim.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
         killed.add(victim.pid)
         workers.append(start_worker())
         await ready(workers[-1])
+        await wait_for(all_held, timeout=30)
+        handovers.append(time.monotonic() - killed_at)
 
     async def kill_node(node: int) -> None:
         """Hold an event in hand on a worker off `node` whose partition's leader is on `node`,
@@ -217,6 +227,7 @@ async def test_per_key_order_through_node_kills_and_worker_sigkills(
         workers.extend(start_worker() for _ in range(4))
         for worker in workers:
             await ready(worker)
+        await wait_for(all_held, timeout=30)
         async with producer:
             publishing = asyncio.create_task(publish_rounds())
             try:
@@ -269,6 +280,7 @@ async def test_per_key_order_through_node_kills_and_worker_sigkills(
             f"{tally.redeliveries} redeliveries, {tally.cancelled} calls cancelled by a lost connection, "
             f"{len(killed)} worker SIGKILLs, node kills {node_kills}, {time.monotonic() - started:.1f}s"
         )
+        print(f"  partitions held again {', '.join(f'{h:.2f}' for h in handovers)}s after each SIGKILL")
         for pick, count, again, after in outcomes:
             where = f"p{pick.partition}, leader on node {pick.leader}, worker on node {pick.worker_node}"
             restarted = f", again {again[0] - pick.killed_at:.2f}s after the kill" if again else ""
