@@ -335,3 +335,17 @@ def test_a_partitioned_consumer_refuses_what_it_cannot_call_yet() -> None:
 
         @app.consumer("dep-events", partitions=4)
         async def with_dependency(body: Any, now: int = Depends(clock)) -> None: ...
+
+
+def test_the_ledger_check_catches_disorder_gaps_and_overlaps() -> None:
+    ok = ["S k 0 1 0", "E k 0 1 0", "S k 1 1 0", "X k 1 1 0", "S k 1 2 0", "E k 1 2 0"]
+    assert check_ledger(ok, killed=set()).redeliveries == 1
+    assert check_ledger([*ok, "S k 1 2 0", "E k 1 2 0"], killed=set()).handled == 2  # its ack lost
+    with pytest.raises(AssertionError, match="gap or disorder"):
+        check_ledger([*ok, "S k 3 2 0", "E k 3 2 0"], killed=set())
+    with pytest.raises(AssertionError, match="gap or disorder"):
+        check_ledger([*ok, "S k 0 2 0", "E k 0 2 0"], killed=set())
+    with pytest.raises(AssertionError, match="two calls of k at once"):
+        check_ledger(["S k 0 1 0", "S k 0 2 0"], killed=set())
+    # A SIGKILLed worker's call never ends; its message goes to the next worker.
+    assert check_ledger(["S k 0 1 0", "S k 0 2 0", "E k 0 2 0"], killed={1}).handled == 1

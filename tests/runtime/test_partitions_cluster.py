@@ -23,7 +23,7 @@ from ..chaos import cluster as nodes
 from ..helpers import unique, wait_for
 from .partition_ledger import check_ledger, spawn
 
-pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(420)]
 
 PARTITIONS = 8  # partition_worker.py's
 KEYS = 100
