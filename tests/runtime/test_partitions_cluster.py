@@ -26,9 +26,9 @@ from .partition_ledger import check_ledger, spawn
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(420)]
 
 PARTITIONS = 8  # partition_worker.py's
-KEYS = 100
+KEYS = 50
 MIN_ROUNDS = 30  # events per key at least; publishing goes on until every fault is behind
-ROUND_EVERY = 0.25  # seconds: one event of every key per round
+ROUND_EVERY = 0.5  # seconds: one event of every key per round
 # Each worker reaches the nodes in its own order, so that some hold partitions over nodes 2 and 3.
 NODE_ORDERS = [(1, 2, 3), (2, 3, 1), (3, 1, 2), (1, 3, 2)]
 
