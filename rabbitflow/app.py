@@ -255,7 +255,7 @@ class App(Registry):
             raise StateError(f"App {self.name!r} is {self._state.value}; stop it before starting it again")
         self._state = State.STARTING
         self._started = asyncio.Event()
-        runtime = Runtime(self.settings, self._plan, self.consumers, self.broker, self.middleware, app=self)
+        runtime = Runtime(self.settings, self.plan, self.consumers, self.broker, self.middleware, app=self)
         stack = contextlib.AsyncExitStack()
         try:
             if self.settings.lifespan is not None:
@@ -540,7 +540,7 @@ class App(Registry):
             name=s.name,
             ssl_context=s.ssl_context,
         )
-        return Admin(self._plan, manager, budget=s.connect_budget)
+        return Admin(self.plan, manager, budget=s.connect_budget)
 
     async def declare(self) -> str:
         """Declare the plan on the first node that accepts, without consuming; returns the node."""

@@ -147,7 +147,8 @@ class Consumer:
             self._switch.quiet()
         await self.subscription.end(timeout)
         try:
-            await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
+            if not self._idle.is_set():  # (a deadline already past would time out even when idle)
+                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
         except TimeoutError:
             log.warning(
                 "queue %s: %d handler(s) still running after %.1fs; cancelling them, their messages "

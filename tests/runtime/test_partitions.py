@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -35,9 +33,7 @@ from rabbitflow.runtime.partitions import PartitionGroup, assign
 from rabbitflow.testing import TestClient
 
 from ..helpers import Admin, unique, wait_for
-
-WORKER = Path(__file__).with_name("partition_worker.py")
-
+from .partition_ledger import check_ledger, spawn
 
 # -- pure parts ---------------------------------------------------------------------------------
 
@@ -254,39 +250,7 @@ async def test_replicas_share_the_partitions_and_rebalance_when_one_leaves_or_di
 def _spawn(
     broker_url: str, service: str, queue: str, ledger: Path, pause: float = 0.001
 ) -> subprocess.Popen[str]:
-    args = [sys.executable, str(WORKER), broker_url, service, queue, "8", str(ledger), str(pause)]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": "."})
-
-
-def _check_ledger(lines: list[str], killed: set[int]) -> tuple[int, int]:
-    """Every key's events handled in order, none missing, one at a time; returns (handled,
-    redeliveries). A redelivery is allowed only of the message a killed worker had in hand."""
-    open_by_key: dict[str, tuple[int, int]] = {}
-    last: dict[str, int] = {}
-    redeliveries = 0
-    for line in lines:
-        kind, key, seq_text, pid_text = line.split()
-        seq, pid = int(seq_text), int(pid_text)
-        if kind == "S":
-            if key in open_by_key:
-                other_seq, other_pid = open_by_key[key]
-                # Only a killed worker's message in hand may be started again elsewhere.
-                assert other_pid in killed, (line, open_by_key[key])
-                assert other_seq == seq, (line, open_by_key[key])
-                redeliveries += 1  # the message a killed worker had in hand
-            if seq <= last.get(key, -1):
-                # Only the last one again: handled, its ack lost with its worker.
-                assert seq == last[key], f"{key}: {seq} after {last[key]}"
-                redeliveries += 1
-            else:
-                assert seq == last.get(key, -1) + 1, f"{key}: gap or disorder, {seq} after {last.get(key)}"
-            open_by_key[key] = (seq, pid)
-        else:
-            assert open_by_key.get(key) == (seq, pid), line
-            del open_by_key[key]
-            last[key] = max(last.get(key, -1), seq)
-    handled = sum(v + 1 for v in last.values())
-    return handled, redeliveries
+    return spawn(broker_url, service, queue, ledger, pause)
 
 
 async def test_ledger_per_key_order_through_sigkills(broker_url: str, admin: Admin, tmp_path: Path) -> None:
@@ -344,13 +308,13 @@ async def test_ledger_per_key_order_through_sigkills(broker_url: str, admin: Adm
 
             await wait_for(done, timeout=45)
         lines = ledger.read_text().splitlines()
-        handled, redeliveries = _check_ledger(lines, killed)
+        tally = check_ledger(lines, killed)
         elapsed = time.monotonic() - started
         print(
-            f"ledger: {handled} events in order, {redeliveries} redeliveries, "
+            f"ledger: {tally.handled} events in order, {tally.redeliveries} redeliveries, "
             f"{len(killed)} SIGKILLs, {elapsed:.1f}s"
         )
-        assert handled == keys * events
+        assert tally.handled == keys * events
     finally:
         for worker in workers:
             if worker.poll() is None:
@@ -365,6 +329,20 @@ async def test_ledger_per_key_order_through_sigkills(broker_url: str, admin: Adm
 
 
 async def _noop(body: Any) -> None: ...
+
+
+def test_the_ledger_check_catches_disorder_gaps_and_overlaps() -> None:
+    ok = ["S k 0 1 0", "E k 0 1 0", "S k 1 1 0", "X k 1 1 0", "S k 1 2 0", "E k 1 2 0"]
+    assert check_ledger(ok, killed=set()).redeliveries == 1
+    assert check_ledger([*ok, "S k 1 2 0", "E k 1 2 0"], killed=set()).handled == 2  # its ack lost
+    with pytest.raises(AssertionError, match="gap or disorder"):
+        check_ledger([*ok, "S k 3 2 0", "E k 3 2 0"], killed=set())
+    with pytest.raises(AssertionError, match="gap or disorder"):
+        check_ledger([*ok, "S k 0 2 0", "E k 0 2 0"], killed=set())
+    with pytest.raises(AssertionError, match="two calls of k at once"):
+        check_ledger(["S k 0 1 0", "S k 0 2 0"], killed=set())
+    # A SIGKILLed worker's call never ends; its message goes to the next worker.
+    assert check_ledger(["S k 0 1 0", "S k 0 2 0", "E k 0 2 0"], killed={1}).handled == 1
 
 
 # -- the handler is called as a plain consumer's ------------------------------------------------
