@@ -37,6 +37,7 @@ from rabbitflow.retry import Action, decide
 from rabbitflow.runtime import copies
 from rabbitflow.runtime.invocation import Invocation, expired, threads_for
 from rabbitflow.runtime.publisher import Publisher
+from rabbitflow.settings import STALL_AFTER
 from rabbitflow.spec import ConsumerSpec
 from rabbitflow.topology.compiler import partition_exchange
 from rabbitflow.transport.base import Channel, Delivery, Properties, persistent_copy
@@ -221,6 +222,7 @@ class Partition:
         self.channel: Channel | None = None
         self._handling: asyncio.Task[Any] | None = None
         self.handling_since: float | None = None  # loop time the message in hand arrived
+        self.calling_since: float | None = None  # loop time its handler was called (None between attempts)
         self._releasing = False
         self.handled = 0
 
@@ -292,6 +294,7 @@ class PartitionGroup:
         publish_timeout: float,
         release_timeout: float,
         on_lost: Callable[[BaseException | None], None],
+        stall_after: float = STALL_AFTER,
         heartbeat: float = HEARTBEAT,
         onward: Publisher | None = None,
         middleware: tuple[Middleware, ...] = (),
@@ -308,6 +311,7 @@ class PartitionGroup:
         self._publish_timeout = publish_timeout
         self._release_timeout = release_timeout
         self._on_lost = on_lost
+        self._stall_after = stall_after  # a handler called longer ago than this: stalled
         # This replica's handlers at once, over all its partitions: its share of the work.
         self.slots = asyncio.Semaphore(concurrency)
         # The handler is called as a plain consumer's; `Message.queue` is the consumer's queue as
@@ -364,6 +368,10 @@ class PartitionGroup:
         held = [self.held[i] for i in sorted(self.held)]
         subscribed = all(p.channel is not None and p.channel.is_open for p in held)
         in_hand = [now - p.handling_since for p in held if p.handling_since is not None]
+        # Stalled: a handler called longer ago than the bound and not returned (waiting out a
+        # retry's delay in place is no stall: the partition is where its policy wants it).
+        calls = [now - p.calling_since for p in held if p.calling_since is not None]
+        stalled = bool(calls) and max(calls) > self._stall_after
         return {
             "queue": self.spec.queue,
             "partitions": self.count,
@@ -374,7 +382,10 @@ class PartitionGroup:
             "in_flight": len(in_hand),
             "oldest_in_hand_age": round(max(in_hand), 3) if in_hand else None,
             "handled": sum(p.handled for p in held),
-            "healthy": subscribed and not self._stopping,
+            "oldest_call_age": round(max(calls), 3) if calls else None,
+            "stalled": stalled,
+            "stall_after": self._stall_after,
+            "healthy": subscribed and not self._stopping and not stalled,
         }
 
     async def settled(self) -> None:
@@ -451,9 +462,11 @@ class PartitionGroup:
         invocation = self._invocation
         attempt = 1
         while True:
+            partition.calling_since = asyncio.get_running_loop().time()
             try:
                 result = await self._attempt(delivery, body, headers, attempt, message)
             except BaseException as exc:
+                partition.calling_since = None
                 task = asyncio.current_task()
                 if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
                     raise  # a release or a lost session: the message goes back to the partition
@@ -481,6 +494,7 @@ class PartitionGroup:
                     return
                 message = invocation.received(delivery, headers, attempt)
                 continue
+            partition.calling_since = None
             # Before the ack, which lets the partition's next message in: its fate is decided.
             invocation.settled(message, Fate.DUPLICATE if result is DUPLICATE else Fate.HANDLED)
             await self._settle(partition, delivery)

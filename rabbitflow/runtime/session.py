@@ -115,6 +115,7 @@ class Session:
             publish_timeout=s.publish_timeout,
             release_timeout=s.graceful_timeout,
             on_lost=self._lost,
+            stall_after=s.stall_after(spec.handler_timeout),
             onward=self.publisher,
             middleware=self._middleware,
             app=self.app,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import signal
 import subprocess
 import threading
@@ -167,6 +168,37 @@ async def test_memory_partitioned_consumer_keeps_each_keys_order_and_retries_in_
     assert seen["k1"] == [s for s in range(10) if s != 5]  # in order around the parked one
     assert [p.reason for p in parked] == ["exhausted"]
     assert parked[0].attempts == 3
+
+
+async def test_a_partition_whose_handler_never_returns_makes_health_say_stalled() -> None:
+    """A handler that ignores its handler_timeout's cancellation holds its partition: health()
+    says the replica is stalled after 2 x timeout + 1 s (not healthy), while the other partition
+    goes on; once the handler returns, health is good again."""
+    app = App("svc", url="memory://", handler_timeout=0.2)
+    release = asyncio.Event()
+    seen: list[str] = []
+
+    @app.consumer("events", partitions=2, retries=0, partition_key=lambda e: e["key"])
+    async def handle(event: dict[str, Any]) -> None:
+        while event["key"] == "stuck" and not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):  # deaf to its timeout
+                await release.wait()
+        seen.append(event["key"])
+
+    stuck, fine = "stuck", next(k for k in ("a", "b", "c", "d") if partition(k, 2) != partition("stuck", 2))
+    async with TestClient(app):
+        await app.publish({"key": stuck}, exchange="events")
+        await wait_for(lambda: app.health()["partitioned"][0]["in_flight"] == 1)
+        health = app.health()["partitioned"][0]
+        assert (health["stalled"], health["healthy"], health["stall_after"]) == (False, True, 1.4)
+        await wait_for(lambda: app.health()["partitioned"][0]["stalled"], timeout=5)
+        assert app.health()["healthy"] is False
+        await app.publish({"key": fine}, exchange="events")  # the neighbour partition goes on
+        await wait_for(lambda: seen == [fine])
+        release.set()
+        await wait_for(lambda: app.health()["partitioned"][0]["in_flight"] == 0)
+        assert app.health()["partitioned"][0]["stalled"] is False
+        assert app.health()["healthy"] is True
 
 
 # -- the real RabbitMQ 3.10 ---------------------------------------------------------------------
