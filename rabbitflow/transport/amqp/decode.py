@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from struct import Struct, error
 from typing import Any
@@ -37,6 +38,7 @@ from pamqp.heartbeat import Heartbeat
 
 from rabbitflow.transport.amqp import internals
 from rabbitflow.transport.amqp.tables import Undecodable, decode_table, timestamp
+from rabbitflow.transport.base import Delivery
 
 __all__ = ["Header", "Receiver", "content_header", "install", "method", "receiving"]
 
@@ -54,6 +56,7 @@ _PROPERTIES = tuple(
     for name in Basic.Properties.__slots__
 )
 _NEW = Basic.Properties.__new__
+_HEARTBEAT = Heartbeat()
 _Properties = Basic.Properties
 
 
@@ -148,62 +151,209 @@ def method(payload: bytes) -> Any:
     return None
 
 
+# What one read of the socket asks for: the deliveries a prefetch window of small messages makes
+# come in one or a few reads, and each read's frames are parsed in one pass.
+_READ_SIZE = 256 * 1024
+
+Route = Callable[[Delivery], None]
+"""Takes a delivery of one of rabbitflow's consumers, in the connection's reader (it must not
+block: it starts the consumer's task, or hands a reply over)."""
+
+
 class Receiver(internals.FrameReceiver):
-    """aiormq's frame receiver, with rabbitflow's decoders for content headers, bodies, and the
-    basic.deliver and basic.ack methods; every other frame is pamqp's."""
+    """aiormq's frame receiver, with rabbitflow's decoders, reading what the socket has in one
+    go rather than a frame at a time.
+
+    The deliveries of rabbitflow's own consumers (`route`) go from here straight to the consumer:
+    basic.deliver, its content header and body frames are assembled into a `Delivery` as they
+    are parsed, without aiormq's channel queue, its channel reader, a `DeliveredMessage` and the
+    extra task aiormq wraps around each consumer callback. Every other frame is handed to aiormq
+    as before, in order. A read that only brought routed deliveries hands aiormq a heartbeat, so
+    that its clock of the last frame seen goes on (it closes a connection it thinks silent)."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        super().__init__(reader)
+        self._rest = b""  # the start of a frame the last read cut
+        self._pending: deque[tuple[int, int, Any]] = deque()  # parsed frames for aiormq
+        self._routes: dict[int, dict[str, Route]] = {}  # channel -> consumer tag -> route
+        # channel -> the routed delivery being assembled: [route, tag, redelivered, exchange,
+        # routing key, header or None, body chunks, body bytes still to come]
+        self._content: dict[int, list[Any]] = {}
+
+    # -- routes ------------------------------------------------------------------------------
+
+    def route(self, channel: int, routes: dict[str, Route]) -> None:
+        """Deliveries on `channel` whose consumer tag is in `routes` (a dict its owner keeps up to
+        date) go to that route; others to aiormq."""
+        self._routes[channel] = routes
+
+    def unroute(self, channel: int, routes: dict[str, Route]) -> None:
+        if self._routes.get(channel) is routes:  # not a later channel that got the same number
+            del self._routes[channel]
+            self._content.pop(channel, None)
+
+    # -- reading -----------------------------------------------------------------------------
 
     async def get_frame(self) -> Any:
+        pending = self._pending
+        while not pending:
+            await self._read()
+        return pending.popleft()
+
+    async def _read(self) -> None:
         reader = self.reader
-        if reader.at_eof():
+        rest = self._rest
+        if not rest and reader.at_eof():
             del self.reader
             raise StopAsyncIteration
-        async with self.lock:
-            try:
-                head = await reader.readexactly(7)
-                if not self.started and head.startswith(b"AMQP"):
-                    raise ProtocolSyntaxError("Unexpected AMQP protocol header")
-                self.started = True
-                kind, channel, size = _FRAME_HEAD.unpack(head)
-                rest = await reader.readexactly(size + 1)
-            except asyncio.IncompleteReadError as e:
-                raise AMQPConnectionError(
-                    "Server connection unexpectedly closed. "
-                    f"Read {len(e.partial)} bytes but {e.expected} bytes expected",
-                ) from e
-            except OSError as e:  # ConnectionError and the rest, as aiormq words them
-                raise AMQPConnectionError(f"Server connection error: {e!r}") from e
-        if rest[-1] != 0xCE:
-            raise InvalidFrameError("Last byte error")
-        payload = rest[:-1]
-        frame: Any = None
         try:
-            if kind == 3:
-                frame = ContentBody(payload)
-            elif kind == 2:
-                frame = content_header(payload)
-            elif kind == 1:
-                frame = method(payload)
-            elif kind == 8:
-                frame = Heartbeat()
-        except (IndexError, error, UnicodeDecodeError):
-            frame = None  # pamqp's decoder says what is wrong with it
-        if frame is None:
+            chunk = await reader.read(_READ_SIZE)
+        except OSError as e:  # ConnectionError and the rest, as aiormq words them
+            raise AMQPConnectionError(f"Server connection error: {e!r}") from e
+        if not chunk:
+            expected = _FRAME_HEAD.unpack_from(rest)[2] + 8 if len(rest) >= 7 else 7
+            raise AMQPConnectionError(
+                "Server connection unexpectedly closed. "
+                f"Read {len(rest)} bytes but {expected} bytes expected",
+            )
+        data = rest + chunk if rest else chunk
+        if not self.started:
+            if data.startswith(b"AMQP"):
+                raise ProtocolSyntaxError("Unexpected AMQP protocol header")
+            self.started = True
+        self._rest = data[self._parse(data) :]
+
+    def _parse(self, data: bytes) -> int:
+        """Parse the whole frames of `data`: routed deliveries go to their route, the rest to
+        `_pending`; returns where the first incomplete frame starts."""
+        pending = self._pending
+        routes = self._routes
+        content = self._content
+        unpack = _FRAME_HEAD.unpack_from
+        size_of_data = len(data)
+        routed = False
+        i = 0
+        while size_of_data - i >= 8:
+            kind, channel, size = unpack(data, i)
+            start = i + 7
+            end = start + size
+            if end >= size_of_data:
+                break
+            if data[end] != 0xCE:
+                raise InvalidFrameError("Last byte error")
+            i = end + 1
+            if routes:
+                if kind == 1:
+                    if data[start : start + 4] == _DELIVER and channel in routes:
+                        if self._deliver(data, start, end, channel):
+                            continue
+                    elif channel in content:  # a method where content should go on
+                        del content[channel]
+                elif kind == 2 or kind == 3:
+                    assembling = content.get(channel)
+                    if assembling is not None:
+                        routed = True
+                        self._more(assembling, channel, kind, data[start:end])
+                        continue
+            payload = data[start:end]
+            frame: Any = None
             try:
-                return pamqp.frame.unmarshal(head + rest)
-            except PAMQPException as e:
-                raise InvalidFrameError(str(e)) from e
-        return size + 8, channel, frame
+                if kind == 3:
+                    frame = ContentBody(payload)
+                elif kind == 2:
+                    frame = content_header(payload)
+                elif kind == 1:
+                    frame = method(payload)
+                elif kind == 8:
+                    frame = _HEARTBEAT
+            except (IndexError, error, UnicodeDecodeError):
+                frame = None  # pamqp's decoder says what is wrong with it
+            if frame is None:
+                try:
+                    pending.append(pamqp.frame.unmarshal(data[start - 7 : end + 1]))
+                except PAMQPException as e:
+                    raise InvalidFrameError(str(e)) from e
+                continue
+            pending.append((size + 8, channel, frame))
+        if routed and not pending:
+            pending.append((0, 0, _HEARTBEAT))
+        return i
+
+    def _deliver(self, data: bytes, start: int, end: int, channel: int) -> bool:
+        """A basic.deliver on a routed channel: start assembling it if its consumer is routed
+        (False: it is aiormq's)."""
+        try:
+            size = data[start + 4]
+            i = start + 5 + size
+            route = self._routes[channel].get(data[start + 5 : i].decode())
+            if route is None:
+                return False
+            tag = _U64.unpack_from(data, i)[0]
+            redelivered = bool(data[i + 8] & 1)
+            i += 9
+            j = i + 1 + data[i]
+            exchange = data[i + 1 : j].decode()
+            k = j + 1 + data[j]
+            routing_key = data[j + 1 : k].decode()
+            if k > end:
+                return False
+        except (IndexError, error, UnicodeDecodeError):
+            return False  # pamqp's decoder says what is wrong with it
+        self._content[channel] = [route, tag, redelivered, exchange, routing_key, None, [], 0]
+        return True
+
+    def _more(self, assembling: list[Any], channel: int, kind: int, payload: bytes) -> None:
+        """A content header or body frame of the routed delivery `assembling`; hands the delivery
+        to its route once its body is complete."""
+        if kind == 2:
+            if assembling[5] is not None:
+                raise InvalidFrameError("a second content header for one delivery")
+            try:
+                header = content_header(payload)
+            except (IndexError, error) as e:
+                raise InvalidFrameError(f"undecodable content header: {e}") from e
+            assembling[5] = header
+            assembling[7] = header.body_size
+            if header.body_size:
+                return
+            body = b""
+        else:
+            if assembling[5] is None:
+                raise InvalidFrameError("a content body before its header")
+            chunks = assembling[6]
+            chunks.append(payload)
+            assembling[7] -= len(payload)
+            if assembling[7] > 0:
+                return
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        del self._content[channel]
+        route, tag, redelivered, exchange, routing_key, header = assembling[:6]
+        route(
+            Delivery(
+                body,
+                header.properties,
+                tag,
+                redelivered,
+                exchange,
+                routing_key,
+                header.payload,
+                header.undecodable,
+            )
+        )
 
 
-_RECEIVING: ContextVar[bool] = ContextVar("rabbitflow_receiving", default=False)
+# Inside `receiving()`: the list the connection's Receiver is put in (at most one).
+_RECEIVING: ContextVar[list[Receiver] | None] = ContextVar("rabbitflow_receiving", default=None)
 
 
 def _receiver(reader: asyncio.StreamReader) -> internals.FrameReceiver:
-    if _RECEIVING.get():
+    made = _RECEIVING.get()
+    if made is not None and not made:
         # Once: aiormq's own tasks (and the user's handlers) started from this connection's
         # context make their connections with aiormq's receiver.
-        _RECEIVING.set(False)
-        return Receiver(reader)
+        receiver = Receiver(reader)
+        made.append(receiver)
+        return receiver
     return internals.aiormq_receiver(reader)  # type: ignore[no-any-return]
 
 
@@ -214,11 +364,13 @@ def install() -> bool:
 
 
 @contextlib.contextmanager
-def receiving() -> Iterator[None]:
-    """Connections opened inside decode their frames with `Receiver`."""
-    token = _RECEIVING.set(install())
+def receiving() -> Iterator[list[Receiver]]:
+    """The connection opened inside decodes its frames with a `Receiver`, which is put in the
+    list this yields (which stays empty when the patches are off)."""
+    made: list[Receiver] = []
+    token = _RECEIVING.set(made if install() else None)
     try:
-        yield
+        yield made
     finally:
         _RECEIVING.reset(token)
 
