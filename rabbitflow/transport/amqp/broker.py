@@ -125,9 +125,10 @@ class AmqpChannel(Channel):
         # channel reader then calls each consumer in a task of its own).
         self._routes: dict[str, Route] | None = None
         self._receiver = receiver
-        # The handlers running from those deliveries: cancelled when the channel goes, as aiormq
-        # cancels the tasks it starts for its consumers.
-        self._handling: set[asyncio.Task[None]] = set()
+        # The handlers started for those deliveries (and some that ended since): cancelled when
+        # the channel goes, as aiormq cancels the tasks it starts for its consumers.
+        self._handling: list[asyncio.Task[None]] = []
+        self._prune_at = 1024
 
     def _route(self, tag: str, route: Route) -> None:
         """Deliveries to consumer `tag` go to `route`, from the receiver."""
@@ -140,8 +141,8 @@ class AmqpChannel(Channel):
 
             def gone(closing: asyncio.Future[Any]) -> None:
                 receiver.unroute(number, routes)
-                for task in list(self._handling):
-                    task.cancel()
+                for task in self._handling:
+                    task.cancel()  # a no-op on one that ended
 
             self._channel.closing.add_done_callback(gone)
         routes[tag] = route
@@ -151,22 +152,18 @@ class AmqpChannel(Channel):
             self._routes.pop(tag, None)
 
     def _starter(self, on_delivery: OnDelivery) -> Route:
-        """A route that runs `on_delivery` in a task of its own, as aiormq would."""
+        """A route that runs `on_delivery` in a task of its own, as aiormq would (without a done
+        callback, the list of tasks is pruned once in a while)."""
         create_task = asyncio.get_running_loop().create_task
-        handling = self._handling
-        done = self._handled
 
         def start(delivery: Delivery) -> None:
-            task: asyncio.Task[None] = create_task(on_delivery(delivery))  # type: ignore[arg-type]
-            handling.add(task)
-            task.add_done_callback(done)
+            handling = self._handling
+            handling.append(create_task(on_delivery(delivery)))  # type: ignore[arg-type]
+            if len(handling) > self._prune_at:
+                self._handling = [task for task in handling if not task.done()]
+                self._prune_at = max(1024, 2 * len(self._handling))
 
         return start
-
-    def _handled(self, task: asyncio.Task[None]) -> None:
-        self._handling.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("Consumer callback failed", exc_info=exc)
 
     @property
     def is_open(self) -> bool:

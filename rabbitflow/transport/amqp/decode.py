@@ -44,6 +44,7 @@ __all__ = ["Header", "Receiver", "content_header", "install", "method", "receivi
 
 _FRAME_HEAD = Struct(">BHI")
 _HEADER_HEAD = Struct(">HHQH")
+_SIZE_FLAGS = Struct(">QH")
 _U32 = Struct(">I")
 _U64 = Struct(">Q")
 _DELIVER = b"\x00\x3c\x00\x3c"
@@ -74,22 +75,38 @@ def content_header(payload: bytes) -> Header:
     header = Header.__new__(Header)
     header.class_id, header.weight, header.body_size, flags = _HEADER_HEAD.unpack_from(payload, 0)
     header.payload = payload
-    problems: list[str] = []
+    header.properties, header.undecodable = properties(payload, flags)
+    return header
+
+
+# flag word -> (attribute, kind) of each property it says is there, in wire order
+_PRESENT: dict[int, tuple[tuple[str, int], ...]] = {}
+
+
+def properties(payload: bytes, flags: int) -> tuple[Basic.Properties, str | None]:
+    """The properties of a content-header payload whose first flag word is `flags`, and what of
+    them could not be decoded (None when everything could)."""
+    problems: list[str] | None = None
     properties = _NEW(_Properties)
     properties.content_type = properties.content_encoding = properties.headers = None
     properties.delivery_mode = properties.priority = properties.correlation_id = None
     properties.reply_to = properties.expiration = properties.message_id = None
     properties.timestamp = properties.message_type = properties.user_id = properties.app_id = None
     properties.cluster_id = ""
+    if not flags & 0xFFFE:
+        return properties, None
+    present = _PRESENT.get(flags)
+    if present is None:
+        present = tuple((name, kind) for name, flag, kind in _PROPERTIES if flags & flag)
+        if len(_PRESENT) < 4096:
+            _PRESENT[flags] = present
     i = 14
     more = flags & 1
     while more and i + 2 <= len(payload):  # continued flag words: no basic property uses one
         more = payload[i + 1] & 1
         i += 2
     try:
-        for name, flag, kind in _PROPERTIES:
-            if not flags & flag:
-                continue
+        for name, kind in present:
             if kind == 0:
                 j = i + 1 + payload[i]
                 if j > len(payload):
@@ -97,6 +114,7 @@ def content_header(payload: bytes) -> Header:
                 try:
                     setattr(properties, name, payload[i + 1 : j].decode())
                 except UnicodeDecodeError:
+                    problems = problems or []
                     problems.append(f"{name} {payload[i + 1 : j][:100]!r} is not UTF-8")
                 i = j
             elif kind == 1:
@@ -109,21 +127,23 @@ def content_header(payload: bytes) -> Header:
                 try:
                     properties.headers = decode_table(payload, i + 4, j)
                 except Undecodable as exc:
+                    problems = problems or []
                     problems.append(str(exc))
                 i = j
             else:
                 try:
                     properties.timestamp = timestamp(_U64.unpack_from(payload, i)[0], name)
                 except Undecodable as exc:
+                    problems = problems or []
                     problems.append(str(exc))
                 i += 8
     except (IndexError, error):
+        problems = problems or []
         problems.append("the properties run past the end of the frame")
     except Undecodable as exc:
+        problems = problems or []
         problems.append(str(exc))
-    header.properties = properties
-    header.undecodable = "; ".join(problems)[:1000] if problems else None
-    return header
+    return properties, "; ".join(problems)[:1000] if problems else None
 
 
 def _short(payload: bytes, i: int) -> tuple[str, int]:
@@ -245,7 +265,10 @@ class Receiver(internals.FrameReceiver):
             if routes:
                 if kind == 1:
                     if data[start : start + 4] == _DELIVER and channel in routes:
-                        if self._deliver(data, start, end, channel):
+                        after = self._deliver(data, start, end, channel)
+                        if after >= 0:
+                            routed = True
+                            i = after
                             continue
                     elif channel in content:  # a method where content should go on
                         del content[channel]
@@ -279,28 +302,64 @@ class Receiver(internals.FrameReceiver):
             pending.append((0, 0, _HEARTBEAT))
         return i
 
-    def _deliver(self, data: bytes, start: int, end: int, channel: int) -> bool:
-        """A basic.deliver on a routed channel: start assembling it if its consumer is routed
-        (False: it is aiormq's)."""
+    def _deliver(self, data: bytes, start: int, end: int, channel: int) -> int:
+        """A basic.deliver on a routed channel: hand it to its consumer's route, or start
+        assembling it; returns where parsing goes on (-1: not a routed consumer's, aiormq's)."""
         try:
-            size = data[start + 4]
-            i = start + 5 + size
+            i = start + 5 + data[start + 4]
             route = self._routes[channel].get(data[start + 5 : i].decode())
             if route is None:
-                return False
+                return -1
             tag = _U64.unpack_from(data, i)[0]
             redelivered = bool(data[i + 8] & 1)
             i += 9
-            j = i + 1 + data[i]
-            exchange = data[i + 1 : j].decode()
-            k = j + 1 + data[j]
-            routing_key = data[j + 1 : k].decode()
+            e = i + 1 + data[i]
+            exchange = data[i + 1 : e].decode()
+            k = e + 1 + data[e]
+            routing_key = data[e + 1 : k].decode()
             if k > end:
-                return False
+                return -1
         except (IndexError, error, UnicodeDecodeError):
-            return False  # pamqp's decoder says what is wrong with it
-        self._content[channel] = [route, tag, redelivered, exchange, routing_key, None, [], 0]
-        return True
+            return -1  # pamqp's decoder says what is wrong with it
+        # The common case: its content header and its one body frame follow, whole.
+        i = end + 1
+        available = len(data)
+        if available - i < 22:  # less than the smallest content header frame
+            self._content[channel] = [route, tag, redelivered, exchange, routing_key, None, [], 0]
+            return i
+        kind, number, size = _FRAME_HEAD.unpack_from(data, i)
+        j: int = i + 7 + size
+        if kind != 2 or number != channel or j >= available or data[j] != 0xCE:
+            self._content[channel] = [route, tag, redelivered, exchange, routing_key, None, [], 0]
+            return i
+        payload = data[i + 7 : j]
+        try:
+            body_size, flags = _SIZE_FLAGS.unpack_from(payload, 4)
+        except error as e:
+            raise InvalidFrameError(f"undecodable content header: {e}") from e
+        properties_, undecodable = properties(payload, flags)
+        i = j + 1
+        body = b""
+        if body_size:
+            kind, number, size = _FRAME_HEAD.unpack_from(data, i) if available - i >= 8 else (0, 0, 0)
+            j = i + 7 + size
+            if kind != 3 or number != channel or size != body_size or j >= available or data[j] != 0xCE:
+                header = content_header(payload)
+                self._content[channel] = [
+                    route,
+                    tag,
+                    redelivered,
+                    exchange,
+                    routing_key,
+                    header,
+                    [],
+                    body_size,
+                ]
+                return i  # its body frames are assembled as they come
+            body = data[i + 7 : j]
+            i = j + 1
+        route(Delivery(body, properties_, tag, redelivered, exchange, routing_key, payload, undecodable))
+        return i
 
     def _more(self, assembling: list[Any], channel: int, kind: int, payload: bytes) -> None:
         """A content header or body frame of the routed delivery `assembling`; hands the delivery
