@@ -263,7 +263,8 @@ class AmqpChannel(Channel):
             return super().publish_nowait(
                 body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=mandatory
             )
-        result: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # The pipeline's loop: asyncio.get_running_loop() makes a getpid() system call on 3.11.
+        result: asyncio.Future[None] = pipeline.loop.create_future()
         try:
             confirm = pipeline.publish(body, exchange, routing_key, properties, mandatory)
         except UnencodableMessage as exc:
