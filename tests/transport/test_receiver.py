@@ -18,9 +18,11 @@ from pamqp.frame import marshal
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
-from rabbitflow import App, Message
+from rabbitflow import App, ChannelClosed, Message
+from rabbitflow.transport.amqp import broker as amqp
 from rabbitflow.transport.amqp.decode import Receiver
 from rabbitflow.transport.base import Delivery
+from rabbitflow.urls import parse_urls
 
 from ..helpers import Admin, unique, wait_for
 
@@ -147,3 +149,38 @@ async def test_a_body_of_many_frames_and_an_empty_one_are_handled_intact(
         await wait_for(lambda: len(handled) == 3)
     assert handled == [big, b"", b"small"]
     assert await admin.count(queue) == 0
+
+
+async def test_a_handler_still_running_when_the_broker_closes_its_channel_is_cancelled(
+    broker_url: str, admin: Admin
+) -> None:
+    """As aiormq cancelled the tasks it started for a consumer: the message goes back to the
+    queue, and nothing goes on working on it for a channel that is gone."""
+    queue = unique("closed")
+    await admin.channel.queue_declare(queue, durable=True)
+    admin.queues.add(queue)
+    await admin.publish(b"{}", routing_key=queue)
+    transport = await amqp.connect(parse_urls(broker_url)[0], timeout=5, heartbeat=5, name="receiver")
+    started = asyncio.Event()
+    ended: list[str] = []
+
+    async def on_delivery(delivery: Delivery) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+            ended.append("finished")
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+            raise
+
+    try:
+        channel = await transport.channel()
+        await channel.consume(queue, on_delivery, prefetch=1)
+        await asyncio.wait_for(started.wait(), 10)
+        with pytest.raises(ChannelClosed):  # 404: the broker closes the channel
+            await channel.declare_queue(unique("absent"), passive=True)
+        await wait_for(lambda: ended == ["cancelled"], timeout=5)
+    finally:
+        await transport.close()
+    await asyncio.sleep(0.5)  # the broker requeues what the closed channel held
+    assert await admin.count(queue) == 1  # back in the queue, unacked
