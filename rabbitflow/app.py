@@ -27,7 +27,7 @@ from rabbitflow.message import Message
 from rabbitflow.middleware.base import Middleware, PublishChain, publish_chain
 from rabbitflow.parking.message import ParkedMessage
 from rabbitflow.registry import Registry
-from rabbitflow.runtime import partitions
+from rabbitflow.runtime import loops, partitions
 from rabbitflow.runtime.failover import Runtime
 from rabbitflow.runtime.publisher import NackCount, not_confirmed
 from rabbitflow.runtime.request import ask, reply_message
@@ -255,7 +255,7 @@ class App(Registry):
             raise StateError(f"App {self.name!r} is {self._state.value}; stop it before starting it again")
         self._state = State.STARTING
         self._started = asyncio.Event()
-        runtime = Runtime(self.settings, self._plan, self.consumers, self.broker, self.middleware, app=self)
+        runtime = Runtime(self.settings, self.plan, self.consumers, self.broker, self.middleware, app=self)
         stack = contextlib.AsyncExitStack()
         try:
             if self.settings.lifespan is not None:
@@ -308,14 +308,10 @@ class App(Registry):
         """How often the app failed over to a node since it started."""
         return self._runtime.reconnects if self._runtime is not None else 0
 
-    def run(self) -> None:
-        """Run until SIGINT or SIGTERM, then stop gracefully. Uses uvloop when it is installed."""
-        try:
-            import uvloop
-        except ImportError:
-            asyncio.run(self.serve())
-        else:
-            uvloop.run(self.serve())
+    def run(self, *, loop: str = "auto") -> None:
+        """Run until SIGINT or SIGTERM, then stop gracefully: on uvloop when it is installed
+        (`loop="auto"`), or on the loop named ("uvloop", "asyncio")."""
+        loops.run(self.serve(), loop)
 
     async def serve(self) -> None:
         """Start, wait for SIGINT/SIGTERM, stop: the body of `run()` for an existing loop."""
@@ -327,7 +323,10 @@ class App(Registry):
         try:
             async with self:
                 log.info(
-                    "%s: consuming %d queue(s); stop with SIGTERM or Ctrl-C", self.name, len(self._consumers)
+                    "%s: consuming %d queue(s) on the %s event loop; stop with SIGTERM or Ctrl-C",
+                    self.name,
+                    len(self._consumers),
+                    loops.name(loop),
                 )
                 await stop.wait()
                 log.info("%s: stopping", self.name)
@@ -541,7 +540,7 @@ class App(Registry):
             name=s.name,
             ssl_context=s.ssl_context,
         )
-        return Admin(self._plan, manager, budget=s.connect_budget)
+        return Admin(self.plan, manager, budget=s.connect_budget)
 
     async def declare(self) -> str:
         """Declare the plan on the first node that accepts, without consuming; returns the node."""

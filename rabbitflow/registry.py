@@ -11,7 +11,7 @@ from rabbitflow import names
 from rabbitflow.breaker import Breaker
 from rabbitflow.errors import ConfigError
 from rabbitflow.spec import ConsumerSpec, Handler, build_spec
-from rabbitflow.topology.compiler import Plan, compile_plan
+from rabbitflow.topology.compiler import ExchangePlan, Plan, compile_plan, merge_exchanges
 
 __all__ = ["Consumers", "Registry", "Router"]
 
@@ -236,7 +236,8 @@ class Registry(Consumers):
     def __init__(self, name: str) -> None:
         super().__init__()
         self.name = name
-        self._plan = compile_plan(name, ())
+        self._plan: Plan | None = compile_plan(name, ())
+        self._exchanges: dict[str, ExchangePlan] = {}  # of the consumers so far, by name
 
     def _registering(self) -> None:
         """Called before consumers are added; raise to refuse them."""
@@ -254,11 +255,18 @@ class Registry(Consumers):
         super()._check(spec, consumers, derived)
 
     def _accept(self, consumers: dict[str, ConsumerSpec]) -> None:
-        plan = compile_plan(self.name, consumers.values())
+        # Compile what is new, checked now (at import) against the exchanges of the consumers so
+        # far: a dead-letter route found for a consumer stays found when others are added, so the
+        # whole plan needs compiling only once, when asked for. n consumers cost n, not n².
+        added = [spec for queue, spec in consumers.items() if queue not in self._consumers]
+        exchanges = merge_exchanges(self._exchanges, compile_plan(self.name, added).exchanges)
         self._registering()
-        self._plan = plan
+        self._exchanges = exchanges
+        self._plan = None
 
     @property
     def plan(self) -> Plan:
         """The topology this service needs (pure; no broker involved)."""
+        if self._plan is None:
+            self._plan = compile_plan(self.name, self._consumers.values())
         return self._plan

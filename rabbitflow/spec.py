@@ -175,15 +175,8 @@ def build_spec(
                 "exactly_once=True with publish_to: a return value would be published after "
                 "the transaction; stage onward messages with tx.publish(...) instead"
             )
-        partitions = _partitions(partitions, partition_key, exchange_type, routing_key, publish_to)
+        partitions = _partitions(partitions, partition_key, exchange_type, routing_key)
         signature = HandlerSignature.of(handler)
-        if partitions is not None and not signature.plain:
-            # runtime/partitions.py calls the handler itself, in order: not yet in a thread, not
-            # with dependencies (docs/partitions.md, "Limits").
-            raise ConfigError(
-                "a partitioned consumer's handler is an `async def` without Depends or App "
-                "parameters (for now); take what it needs from module state or a lifespan"
-            )
         return ConsumerSpec(
             queue=queue,
             handler=handler,
@@ -230,7 +223,7 @@ MAX_PARTITIONS = 1024
 
 
 def _partitions(
-    partitions: object, partition_key: object, exchange_type: object, routing_key: object, publish_to: object
+    partitions: object, partition_key: object, exchange_type: object, routing_key: object
 ) -> int | None:
     """`partitions=N`: N single-active-consumer queues; the routing key is the partition number."""
     if partitions is None:
@@ -251,6 +244,4 @@ def _partitions(
             f"routing_key={routing_key!r}: a partitioned consumer's routing keys are the partition "
             "numbers; publish with key=... (or rabbitflow.partition(key, n))"
         )
-    if publish_to is not None:
-        raise ConfigError("publish_to=... is not available on a partitioned consumer")
     return partitions

@@ -163,6 +163,26 @@ async def test_an_app_that_stopped_starts_again_and_consumes(make_app: Callable[
             await app.start()
 
 
+async def test_an_idle_consumer_stops_without_cancelling_handlers_it_does_not_have(
+    make_app: Callable[..., App], caplog: pytest.LogCaptureFixture
+) -> None:
+    """With no handler running, a stop whose grace is used up (here: a millisecond) has nothing
+    to cancel and says nothing of it (it warned of "0 handler(s) still running" before)."""
+    app = make_app(graceful_timeout=0.001)
+    queue = unique("idle")
+    got: list[int] = []
+
+    @app.consumer(queue, queue_type="classic")
+    async def handle(body: dict[str, int]) -> None:
+        got.append(body["n"])
+
+    async with app:
+        await app.publish({"n": 1}, routing_key=queue)
+        await wait_for(lambda: got == [1])
+    assert "still running" not in caplog.text
+    assert app.state == "closed"
+
+
 async def test_publish_times_out_when_no_node_answers(make_app: Callable[..., App]) -> None:
     async with TcpProxy(BROKER_PORT, BROKER_HOST) as proxy:
         app = make_app(url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/", connect_timeout=0.5)

@@ -48,7 +48,7 @@ class Fate(StrEnum):
     """What became of one delivery."""
 
     HANDLED = "handled"  # the handler returned: acked
-    RETRIED = "retried"  # failed, sent to its retry queue for attempt + 1
+    RETRIED = "retried"  # failed; attempt + 1 follows (via a retry queue, or in place when partitioned)
     PARKED = "parked"  # failed for good (or undecodable): sent to the parking queue
     DUPLICATE = "duplicate"  # an exactly_once consumer had handled it before: acked, not handled
 

@@ -1,23 +1,20 @@
 """The consumer: one queue on one channel, from each delivery to its settlement.
 
-Hot path: `_on_delivery` and `_handle` run once per message; the consume benchmark
-(`benchmarks/`, scenarios consume and mixed) measures them against a plain aiormq loop. They
-avoid per-message tasks, timers and allocations they do not need (no timeout scope without a
-handler timeout, no semaphore when prefetch already bounds concurrency, no Message unless the
-handler asks for one).
+Hot path: `_on_delivery`, `_handle` and the handler call (`Invocation.call`, shared with
+partitioned consumers) run once per message; the consume benchmark (`benchmarks/`, scenarios
+consume and mixed) measures them against a plain aiormq loop. They avoid per-message tasks,
+timers and allocations they do not need (no timeout scope without a handler timeout, no
+semaphore when prefetch already bounds concurrency, no Message unless the handler asks for one).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
-import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from rabbitflow import logs, names
+from rabbitflow import names
 from rabbitflow.breaker import Breaker, BreakerState, Circuit, Switch
 from rabbitflow.errors import (
     ChannelClosed,
@@ -26,25 +23,15 @@ from rabbitflow.errors import (
     TopologyConflict,
 )
 from rabbitflow.message import DUPLICATE, Message
-from rabbitflow.middleware.base import (
-    Fate,
-    Middleware,
-    Outcome,
-    attempt_chain,
-    overriding,
-    tell_failed,
-    tell_received,
-    tell_settled,
-)
+from rabbitflow.middleware.base import Fate, Middleware
 from rabbitflow.retry import Action, Decision, decide
 from rabbitflow.runtime import copies
 from rabbitflow.runtime.copies import Copier
+from rabbitflow.runtime.invocation import Invocation, expired, threads_for
 from rabbitflow.runtime.publisher import Publisher
 from rabbitflow.runtime.quarantine import delivery_key, quarantine_from_env
-from rabbitflow.runtime.results import ORIGIN, Answers
 from rabbitflow.runtime.settlement import Settlement
 from rabbitflow.runtime.subscription import Redeclare, Subscription
-from rabbitflow.runtime.threads import Threads
 from rabbitflow.spec import ConsumerSpec
 from rabbitflow.transport.base import Channel, Delivery
 
@@ -57,13 +44,6 @@ EnsureRetryQueue = Callable[[ConsumerSpec, float], Awaitable[None]]
 # Park a message ourselves, with full headers, before the quorum queue's own backstop would.
 PARK_AFTER_DELIVERIES = names.DELIVERY_LIMIT // 2
 _CANCEL_GRACE = 1.0  # seconds cancelled handlers get to end before a stop or failover goes on
-
-
-def _expired(deadline: object) -> bool:
-    """Is a request's deadline header (Unix time in ms) past?"""
-    if isinstance(deadline, bool) or not isinstance(deadline, int | float):
-        return False
-    return time.time() * 1000 > deadline
 
 
 class Consumer:
@@ -90,31 +70,23 @@ class Consumer:
         app: Any = None,
     ) -> None:
         self.spec = spec
-        self._app = app  # what a handler's parameter annotated `App` receives
-        # A plain `def` handler runs in worker threads, as many at once as handlers may run.
-        self._threads = Threads(spec.queue, concurrency) if spec.signature.sync else None
+        self._invocation = invocation = Invocation(
+            spec,
+            app=app,
+            middleware=middleware,
+            onward=onward,
+            publish_timeout=publish_timeout,
+            threads=threads_for(spec, concurrency),
+        )
+        self._call = invocation.call  # bound once: the hot path calls it per message
+        self._observed = invocation.observed
         self._dlx = names.dead_letter_exchange(service)
         self._parked = names.parked_queue(spec.queue)
         # The planned retry queues by delay, named once rather than on every failure.
         self._retry_queues = {d: names.retry_queue(spec.queue, d) for d in spec.policy.distinct_delays}
         self._channel = channel
-        max_size = getattr(getattr(app, "settings", None), "max_message_size", 16 * 1024 * 1024)
-        self._answers = Answers(
-            spec.publish_to,
-            onward,
-            timeout=publish_timeout,
-            middleware=middleware,
-            queue=spec.queue,
-            max_size=max_size,
-        )
         self._ensure_retry_queue = ensure_retry_queue
         self._timeout = handler_timeout
-        self._on_received = overriding(middleware, "received")
-        self._attempt_chain = attempt_chain(middleware)
-        self._on_settled = overriding(middleware, "settled")
-        self._on_failed = overriding(middleware, "attempt_failed")
-        # A Message for the hooks only when one of them looks at it.
-        self._observed = bool(self._on_received or self._attempt_chain or self._on_settled)
         # Prefetch already bounds how many deliveries run at once; a semaphore only when tighter.
         self._limit = asyncio.Semaphore(concurrency) if concurrency < prefetch else None
         self.settlement = Settlement(channel, prefetch=prefetch)
@@ -175,7 +147,8 @@ class Consumer:
             self._switch.quiet()
         await self.subscription.end(timeout)
         try:
-            await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
+            if not self._idle.is_set():  # (a deadline already past would time out even when idle)
+                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
         except TimeoutError:
             log.warning(
                 "queue %s: %d handler(s) still running after %.1fs; cancelling them, their messages "
@@ -312,7 +285,7 @@ class Consumer:
         properties = delivery.properties
         headers = properties.headers or {}
         attempt = copies.attempt(delivery, headers, spec.queue, spec.policy.retries) if headers else 1
-        if headers and names.DEADLINE in headers and _expired(headers[names.DEADLINE]):
+        if headers and names.DEADLINE in headers and expired(headers):
             # The caller of this request has given up: nobody would read the answer.
             log.info(
                 "queue %s: request %s expired before its attempt %d (its caller gave up); dropping it",
@@ -322,11 +295,7 @@ class Consumer:
             )
             self.settlement.ack(delivery.delivery_tag)
             return
-        logs.delivering(spec.queue, properties.message_id, properties.correlation_id, attempt)
-        message = None
-        if self._observed:
-            message = Message.of(delivery, headers, attempt, self.spec.queue)
-            tell_received(self._on_received, message)
+        message = self._invocation.received(delivery, headers, attempt)
         try:
             if delivery.undecodable is not None:  # properties the client cannot decode
                 raise DecodeError(f"its properties: {delivery.undecodable}")
@@ -343,13 +312,9 @@ class Consumer:
         try:
             if self._timeout is None:
                 result = await self._call(delivery, body, headers, attempt, message)
-                if result is not None and result is not DUPLICATE:
-                    await self._answers.send(delivery, result)
             else:
                 async with (scope := asyncio.timeout(self._timeout)):
                     result = await self._call(delivery, body, headers, attempt, message)
-                    if result is not None and result is not DUPLICATE:
-                        await self._answers.send(delivery, result)
         except BaseException as exc:
             # Any exception of the handler's, BaseExceptions included, is a failed attempt; only
             # a cancellation of our own (a shutdown, a lost session) is not.
@@ -366,100 +331,14 @@ class Consumer:
         if self._switch is not None:
             self._switch.attempted(None)
         if message is not None:
-            self._settled(message, Fate.DUPLICATE if result is DUPLICATE else Fate.HANDLED)
-
-    async def _call(
-        self,
-        delivery: Delivery,
-        body: Any,
-        headers: Mapping[str, Any],
-        attempt: int,
-        message: Message | None,
-    ) -> Any:
-        spec = self.spec
-        signature = spec.signature
-        token = ORIGIN.set((delivery, spec.queue))  # what the handler publishes comes from here
-        try:
-            if message is not None:
-                if self._attempt_chain is None:
-                    return await self._run(body, message)
-                return await self._attempt_chain(message, functools.partial(self._run, body, message))
-            if not signature.plain:
-                needs = signature.needs
-                if signature.message_param is None and (needs is None or not needs.needs_message):
-                    return await self._run(body, None)
-                return await self._run(body, Message.of(delivery, headers, attempt, spec.queue))
-            if signature.message_param is None:
-                return await spec.handler(body)
-            message = Message.of(delivery, headers, attempt, self.spec.queue)
-            if signature.message_positional:
-                return await spec.handler(body, message)
-            return await spec.handler(body, **{signature.message_param: message})
-        finally:
-            ORIGIN.reset(token)
-
-    async def _run(self, body: Any, message: Message | None) -> Any:
-        spec = self.spec
-        signature = spec.signature
-        if not signature.plain:
-            return await self._invoke(body, message)
-        if signature.message_param is None:
-            return await spec.handler(body)
-        if signature.message_positional:
-            return await spec.handler(body, message)
-        return await spec.handler(body, **{signature.message_param: message})
-
-    async def _invoke(self, body: Any, message: Message | None) -> Any:
-        """A handler with dependencies, or a sync one: resolve what it needs, call it (a `def` in
-        a worker thread), then end the generator dependencies with the attempt's outcome."""
-        signature = self.spec.signature
-        needs = signature.needs
-        args: tuple[Any, ...] = (body,)
-        kwargs: dict[str, Any] = {}
-        if signature.message_param is not None:
-            if signature.message_positional:
-                args = (body, message)
-            else:
-                kwargs[signature.message_param] = message
-        if needs is None:
-            return await self._invoke_handler(args, kwargs)
-        if not needs.has_teardown:
-            kwargs.update(await needs.resolve(message, self._app, None))
-            return await self._invoke_handler(args, kwargs)
-        exits = contextlib.AsyncExitStack()
-        try:
-            kwargs.update(await needs.resolve(message, self._app, exits))
-            result = await self._invoke_handler(args, kwargs)
-        except BaseException as exc:
-            # The teardowns see the exception; one may not turn a failed attempt into a success.
-            await exits.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        await exits.aclose()
-        return result
-
-    async def _invoke_handler(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        handler = self.spec.handler
-        if self._threads is None:
-            return await handler(*args, **kwargs)
-        return await self._threads.run(handler, args, kwargs)
-
-    def _settled(
-        self,
-        message: Message,
-        fate: Fate,
-        exception: BaseException | None = None,
-        *,
-        reason: str | None = None,
-        delay: float | None = None,
-    ) -> None:
-        tell_settled(self._on_settled, message, Outcome(fate, exception, reason=reason, delay=delay))
+            self._invocation.settled(message, Fate.DUPLICATE if result is DUPLICATE else Fate.HANDLED)
 
     # -- the failure path ----------------------------------------------------------------------
 
     async def _fail(
         self, delivery: Delivery, attempt: int, exc: BaseException, message: Message | None
     ) -> None:
-        tell_failed(self._on_failed, self.spec.queue, attempt, exc)
+        self._invocation.failed(attempt, exc)
         decision: Decision = decide(self.spec.policy, attempt, exc)
         retry = decision.action is Action.RETRY
         log.log(
@@ -475,8 +354,7 @@ class Consumer:
         if not retry:
             self._park(delivery, decision.reason, attempt, exc, message)
             return
-        if message is not None:
-            self._settled(message, Fate.RETRIED, exc, delay=decision.delay)
+        self._invocation.settled(message, Fate.RETRIED, exc, delay=decision.delay)
         await self._retry(delivery, attempt, decision.delay)
 
     async def _retry(self, delivery: Delivery, attempt: int, delay: float) -> None:
@@ -523,9 +401,7 @@ class Consumer:
         exc: BaseException | None,
         message: Message | None = None,
     ) -> None:
-        if message is not None:
-            self._settled(message, Fate.PARKED, exc, reason=reason)
-        if delivery.properties.reply_to:
-            self._answers.failed(delivery, reason, exc)  # the caller learns it now, not at its timeout
+        self._invocation.settled(message, Fate.PARKED, exc, reason=reason)
+        self._invocation.refused(delivery, reason, exc)  # the caller learns it now, not at its timeout
         headers = copies.park_headers(delivery, reason, attempt, self.spec.queue, exc)
         self._copier.send(delivery, self._parked, headers)

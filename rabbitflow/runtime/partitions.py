@@ -13,6 +13,9 @@ from ever being delivered one partition's messages at once.
 
 A failing message is retried in place: the handler is called again after the policy's delay,
 holding its partition, and parked after the last attempt, so that the partition moves on in order.
+The handler is called as a plain consumer calls it (`invocation.py`): middleware, dependencies,
+sync handlers, `publish_to` and replies; middleware sees each attempt in place as a delivery of
+its own (`received`, then `settled` with RETRIED and the delay until the next call).
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from typing import Any
 
 from rabbitflow import names
 from rabbitflow.errors import ConfigError, DecodeError, TransportError
-from rabbitflow.message import Message
+from rabbitflow.message import DUPLICATE, Message
+from rabbitflow.middleware.base import Fate, Middleware
 from rabbitflow.retry import Action, decide
 from rabbitflow.runtime import copies
+from rabbitflow.runtime.invocation import Invocation, expired, threads_for
 from rabbitflow.runtime.publisher import Publisher
 from rabbitflow.spec import ConsumerSpec
 from rabbitflow.topology.compiler import partition_exchange
@@ -288,6 +293,9 @@ class PartitionGroup:
         release_timeout: float,
         on_lost: Callable[[BaseException | None], None],
         heartbeat: float = HEARTBEAT,
+        onward: Publisher | None = None,
+        middleware: tuple[Middleware, ...] = (),
+        app: Any = None,
     ) -> None:
         assert spec.partitions is not None
         self.spec = spec
@@ -302,6 +310,16 @@ class PartitionGroup:
         self._on_lost = on_lost
         # This replica's handlers at once, over all its partitions: its share of the work.
         self.slots = asyncio.Semaphore(concurrency)
+        # The handler is called as a plain consumer's; `Message.queue` is the consumer's queue as
+        # declared (not the partition's), as middleware, the inbox and the log fields name it.
+        self._invocation = Invocation(
+            spec,
+            app=app,
+            middleware=middleware,
+            onward=onward,
+            publish_timeout=publish_timeout,
+            threads=threads_for(spec, concurrency),
+        )
         self.membership = Membership(spec.queue, links, interval=heartbeat, on_change=self._rebalance)
         self.held: dict[int, Partition] = {}
         self._mine: set[int] = set()
@@ -402,28 +420,45 @@ class PartitionGroup:
     async def handle(self, partition: Partition, delivery: Delivery) -> None:
         """Call the handler until it succeeds or the policy gives up, holding the partition;
         ack, or park then ack."""
-        spec = self.spec
+        invocation = self._invocation
         headers = delivery.properties.headers or {}
+        if self._expired(partition, delivery, headers, 1):
+            await self._settle(partition, delivery)
+            return
+        message = invocation.received(delivery, headers, 1)
         try:
             if delivery.undecodable is not None:
                 raise DecodeError(f"its properties: {delivery.undecodable}")
-            body = spec.signature.read(delivery.body, delivery.properties.content_type)
+            body = self.spec.signature.read(delivery.body, delivery.properties.content_type)
         except DecodeError as exc:
-            await self._park(partition, delivery, "decode-error", 1, exc)
+            await self._park(partition, delivery, "decode-error", 1, exc, message)
             return
         if delivery.redelivered and copies.delivery_count(headers) >= PARK_AFTER_DELIVERIES:
-            await self._park(partition, delivery, "delivery-limit", 1, None)
+            await self._park(partition, delivery, "delivery-limit", 1, None, message)
             return
         self._check_key(partition, body)
+        await self._attempts(partition, delivery, body, headers, message)
+
+    async def _attempts(
+        self,
+        partition: Partition,
+        delivery: Delivery,
+        body: Any,
+        headers: Mapping[str, Any],
+        message: Message | None,
+    ) -> None:
+        """Attempt after attempt in place, each one a delivery of its own to middleware."""
+        invocation = self._invocation
         attempt = 1
         while True:
             try:
-                await self._call(partition, delivery, body, headers, attempt)
+                result = await self._attempt(delivery, body, headers, attempt, message)
             except BaseException as exc:
                 task = asyncio.current_task()
                 if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
                     raise  # a release or a lost session: the message goes back to the partition
-                decision = decide(spec.policy, attempt, exc)
+                invocation.failed(attempt, exc)
+                decision = decide(self.spec.policy, attempt, exc)
                 retry = decision.action is Action.RETRY
                 log.log(
                     logging.INFO if retry else logging.WARNING,
@@ -436,36 +471,58 @@ class PartitionGroup:
                     f"retrying in place in {decision.delay}s" if retry else f"parking it ({decision.reason})",
                 )
                 if not retry:
-                    await self._park(partition, delivery, decision.reason, attempt, exc)
+                    await self._park(partition, delivery, decision.reason, attempt, exc, message)
                     return
+                invocation.settled(message, Fate.RETRIED, exc, delay=decision.delay)
                 await asyncio.sleep(decision.delay)  # the partition waits: its order holds
                 attempt += 1
+                if self._expired(partition, delivery, headers, attempt):
+                    await self._settle(partition, delivery)
+                    return
+                message = invocation.received(delivery, headers, attempt)
                 continue
+            # Before the ack, which lets the partition's next message in: its fate is decided.
+            invocation.settled(message, Fate.DUPLICATE if result is DUPLICATE else Fate.HANDLED)
             await self._settle(partition, delivery)
             return
 
-    async def _call(
-        self, partition: Partition, delivery: Delivery, body: Any, headers: Mapping[str, Any], attempt: int
-    ) -> None:
-        signature = self.spec.signature
-        handler = self.spec.handler
-        if signature.message_param is None:
-            call = handler(body)
-        else:
-            message = Message.of(delivery, headers, attempt, partition.queue)
-            if signature.message_positional:
-                call = handler(body, message)
-            else:
-                call = handler(body, **{signature.message_param: message})
+    async def _attempt(
+        self,
+        delivery: Delivery,
+        body: Any,
+        headers: Mapping[str, Any],
+        attempt: int,
+        message: Message | None,
+    ) -> Any:
+        invocation = self._invocation
         if self._timeout is None:
-            await call
-            return
+            return await invocation.call(delivery, body, headers, attempt, message)
+        scope = asyncio.timeout(self._timeout)
         try:
-            async with asyncio.timeout(self._timeout):
-                await call
-        except TimeoutError:
-            why = f"handler still running after its handler_timeout of {self._timeout}s"
-            raise TimeoutError(why) from None
+            async with scope:
+                return await invocation.call(delivery, body, headers, attempt, message)
+        except BaseException as exc:
+            task = asyncio.current_task()
+            ours = isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling()
+            if scope.expired() and not ours:
+                why = f"handler still running after its handler_timeout of {self._timeout}s"
+                raise TimeoutError(why) from None
+            raise
+
+    def _expired(
+        self, partition: Partition, delivery: Delivery, headers: Mapping[str, Any], attempt: int
+    ) -> bool:
+        """A request whose caller has given up (its deadline is past): nobody would read the
+        answer, so it is acked without calling the handler."""
+        if not headers or names.DEADLINE not in headers or not expired(headers):
+            return False
+        log.info(
+            "partition %s: request %s expired before its attempt %d (its caller gave up); dropping it",
+            partition.queue,
+            delivery.properties.message_id or "-",
+            attempt,
+        )
+        return True
 
     async def _settle(self, partition: Partition, delivery: Delivery) -> None:
         channel = partition.channel
@@ -474,10 +531,18 @@ class PartitionGroup:
             await channel.ack(delivery.delivery_tag)
 
     async def _park(
-        self, partition: Partition, delivery: Delivery, reason: str, attempt: int, exc: BaseException | None
+        self,
+        partition: Partition,
+        delivery: Delivery,
+        reason: str,
+        attempt: int,
+        exc: BaseException | None,
+        message: Message | None,
     ) -> None:
         """The parked copy, confirmed, then the ack; a copy the broker does not take in time is
         rejected instead, and the partition queue dead-letters it to the same parking queue."""
+        self._invocation.settled(message, Fate.PARKED, exc, reason=reason)
+        self._invocation.refused(delivery, reason, exc)  # the caller learns it now, not at its timeout
         channel = partition.channel
         assert channel is not None
         if delivery.undecodable is None:

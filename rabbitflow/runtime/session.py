@@ -115,6 +115,9 @@ class Session:
             publish_timeout=s.publish_timeout,
             release_timeout=s.graceful_timeout,
             on_lost=self._lost,
+            onward=self.publisher,
+            middleware=self._middleware,
+            app=self.app,
         )
         await group.start()
         self.partitioned.append(group)

@@ -31,6 +31,7 @@ __all__ = [
     "Plan",
     "QueuePlan",
     "compile_plan",
+    "merge_exchanges",
     "partition_exchange",
     "retry_plan",
 ]
@@ -263,6 +264,16 @@ def _retry_queue(spec: ConsumerSpec, delay: float) -> QueuePlan:
         "x-dead-letter-routing-key": spec.queue,
     }
     return QueuePlan(names.retry_queue(spec.queue, delay), "retry", True, _args(arguments))
+
+
+def merge_exchanges(
+    known: Mapping[str, ExchangePlan], added: Iterable[ExchangePlan]
+) -> dict[str, ExchangePlan]:
+    """`known` with `added`: one exchange, one type, or `ConfigError`."""
+    exchanges = dict(known)
+    for exchange in added:
+        _add_exchange(exchanges, exchange)
+    return exchanges
 
 
 def _add_exchange(exchanges: dict[str, ExchangePlan], exchange: ExchangePlan) -> None:

@@ -6,7 +6,9 @@ processes of their own. A seeded schedule kills nodes (-9) and restarts them, cu
 the proxied consumer's connection, raises a memory alarm, deletes the queue once, and sends poison.
 Handlers misbehave by message number (`fates.py`). At the end the ledger accounts for every
 confirmed publish: handled as its fate allows, or parked with the right `x-rf-reason` — never
-both, none lost, none stuck.
+both, none lost, none stuck. The same service has a partitioned consumer (`ordered`,
+docs/partitions.md) over both consumer apps, fed one sequence per key: the ledger checks every
+key's events were handled in order, without a gap, one call at a time.
 
     python -m tests.chaos.runner            # the soak: CHAOS_SEED, CHAOS_MINUTES, CHAOS_MESSAGES
 """
@@ -76,6 +78,9 @@ class Options:
     gap: tuple[float, float] = (4.0, 8.0)  # steady running between faults
     drain_timeout: float = 120.0
     keep: bool = False  # keep the queues (to dig into a failure)
+    partitions: int = 6  # of the partitioned consumer
+    ordered_keys: int = 16
+    ordered_rate: float = 32.0  # events a second over all keys
     sample_rss_every: float = 10.0
 
 
@@ -136,6 +141,10 @@ class Worker:
                 self.runner.ledger.calls(self.name, message["calls"])
             elif kind == "confirmed":
                 self.runner.ledger.confirmed_items(message["items"])
+            elif kind == "ordered":
+                self.runner.ledger.ordered_calls(self.name, message["calls"])
+            elif kind == "ordered-confirmed":
+                self.runner.ledger.ordered_confirmed_items(message["items"])
             elif kind == "reply":
                 future = self.replies.pop(message["id"], None)
                 if future is not None and not future.done():
@@ -198,6 +207,60 @@ class Ledger:
         self.parked: dict[int | str, list[str]] = defaultdict(list)  # n or poison id -> reasons
         self.parked_detail: dict[int | str, list[dict[str, Any]]] = defaultdict(list)
         self.poison: dict[str, float] = {}  # message id -> confirmed at
+        # The partitioned consumer: key -> [(started, ended, seq, attempt, ok, worker)], and the
+        # last seq confirmed of each key (each one is published after the previous is confirmed).
+        self.ordered: dict[str, list[tuple[float, float, int, int, int, str]]] = defaultdict(list)
+        self.ordered_sent: dict[str, int] = {}
+
+    def ordered_calls(self, worker: str, calls: list[list[Any]]) -> None:
+        for key, seq, attempt, ok, started, ended in calls:
+            self.ordered[key].append((started, ended, seq, attempt, ok, worker))
+
+    def ordered_confirmed_items(self, items: list[list[Any]]) -> None:
+        for key, seq in items:
+            self.ordered_sent[key] = max(seq, self.ordered_sent.get(key, -1))
+
+    def ordered_unaccounted(self) -> list[str]:
+        """`key#seq` of confirmed events never handled."""
+        out = []
+        for key, last in self.ordered_sent.items():
+            handled = {seq for _, _, seq, _, ok, _ in self.ordered.get(key, ()) if ok}
+            out += [f"{key}#{seq}" for seq in range(last + 1) if seq not in handled]
+        return out
+
+    def check_ordered(self) -> dict[str, Any]:
+        """Per key, in the order the calls started: each event after the last one handled (or
+        that one again: a redelivery after its ack was lost), never a gap or an older one, and
+        never a call starting while another call of the key runs."""
+        wrong: list[str] = []
+        redeliveries = overlaps = events = retries = 0
+        for key, calls in self.ordered.items():
+            done = -1
+            running_until = 0.0
+            running = None
+            for started, ended, seq, attempt, ok, worker in sorted(calls):
+                if started < running_until:
+                    overlaps += 1
+                    wrong.append(f"ordered {key}#{seq} started on {worker} while {running} ran")
+                if seq == done:
+                    redeliveries += ok
+                elif seq != done + 1:
+                    wrong.append(f"ordered {key}: {seq} started after {done} (gap or disorder)")
+                retries += attempt > 1 and ok
+                if ok:
+                    done = max(done, seq)
+                if ended > running_until:
+                    running_until, running = ended, f"{key}#{seq} on {worker}"
+            events += done + 1
+        return {
+            "events": events,
+            "keys": len(self.ordered_sent),
+            "redeliveries": redeliveries,
+            "retried_in_place": retries,
+            "overlaps": overlaps,
+            "missing": self.ordered_unaccounted(),
+            "wrong": wrong,
+        }
 
     def fate(self, n: int) -> str:
         return self.fates[n % len(self.fates)]
@@ -298,6 +361,8 @@ class Runner:
         self.ledger = Ledger(self.fates)
         self.service = f"chaos-{options.seed}-{uuid.uuid4().hex[:6]}"
         self.queue = f"{self.service}.work"
+        self.ordered = f"{self.service}.ordered"  # the partitioned consumer
+        self.ordered_parked: list[str] = []
         self.missing_exchange = f"{self.service}.missing"
         self.logs = LOG_ROOT / self.service
         self.proxies: dict[int, TcpProxy] = {}
@@ -330,6 +395,8 @@ class Runner:
             "retries": o.retries,
             "delays": list(o.delays),
             "missing_exchange": self.missing_exchange,
+            "ordered": self.ordered,
+            "partitions": o.partitions,
             "log": str(self.logs / f"{name}.log"),
         }
 
@@ -359,6 +426,10 @@ class Runner:
             "messages": self.o.messages,
             "window": self.o.window,
             "fates": self.fates,
+            "ordered": self.ordered,
+            "partitions": self.o.partitions,
+            "ordered_keys": [f"key-{k}" for k in range(self.o.ordered_keys)],
+            "ordered_rate": self.o.ordered_rate,
             "log": str(self.logs / "producer.log"),
         }
         self.workers["a"] = Worker("a", "consumer", self.consumer_config("a", a_urls), self)
@@ -599,7 +670,8 @@ class Runner:
         finished = await asyncio.wait_for(producer.finished, 180)
         self.ledger.sent = finished["sent"]
         self.result["publish_errors"] = finished["errors"]
-        parked_queue = next(q for q in self.queues if q.endswith(".parked"))
+        parked_queue = f"{self.queue}.parked"
+        ordered_parked = f"{self.ordered}.parked"  # nothing of the ordered consumer should park
         deadline = time.monotonic() + self.o.drain_timeout
         health: dict[str, Any] = {}
         counts: dict[str, int] = {}
@@ -613,11 +685,13 @@ class Runner:
                     except ValueError:
                         key = str(message.header.properties.message_id)
                     self.ledger.park(key, reason, {k: _text(v) for k, v in headers.items()})
-            counts = await queue_counts(self.live_node(), self.queues - {parked_queue})
+                for message in await raw.drain(ordered_parked):
+                    self.ordered_parked.append(message.body.decode(errors="replace"))
+            counts = await queue_counts(self.live_node(), self.queues - {parked_queue, ordered_parked})
             health = {name: await w.health() for name, w in self.workers.items()}
-            in_flight = sum(c["in_flight"] for h in health.values() for c in h["consumers"])
+            in_flight = _in_flight(health)
             healthy = all(h["healthy"] for h in health.values())
-            unaccounted = self.ledger.unaccounted()
+            unaccounted = [*self.ledger.unaccounted(), *self.ledger.ordered_unaccounted()]
             if not unaccounted and not any(counts.values()) and in_flight == 0 and healthy:
                 break
             if time.monotonic() > deadline:
@@ -651,9 +725,11 @@ class Runner:
                 self.ledger.park(
                     key, str(headers.get("x-rf-reason")), {k: _text(v) for k, v in headers.items()}
                 )
-        counts = await queue_counts(self.live_node(), self.queues - {parked_queue})
+            for message in await raw.drain(ordered_parked):
+                self.ordered_parked.append(message.body.decode(errors="replace"))
+        counts = await queue_counts(self.live_node(), self.queues - {parked_queue, ordered_parked})
         health = {name: await w.health() for name, w in self.workers.items()}
-        in_flight = sum(c["in_flight"] for h in health.values() for c in h["consumers"])
+        in_flight = _in_flight(health)
         return {"counts": counts, "health": health, "in_flight": in_flight}
 
     async def run(self) -> dict[str, Any]:
@@ -699,6 +775,10 @@ class Runner:
 
     def report(self, end: dict[str, Any]) -> dict[str, Any]:
         check = self.ledger.check(self.o.retries)
+        ordered = self.ledger.check_ordered()
+        check["missing"] += ordered["missing"]
+        check["wrong"] += ordered["wrong"]
+        check["wrong"] += [f"ordered event parked: {body}" for body in self.ordered_parked]
         # Messages in a retry queue at the end were confirmed into it and expired long ago: only
         # the broker's dead-letter worker can still move them (RabbitMQ 3.10's can stop after a
         # leader change, see docs/reliability.md). Counted apart from rabbitflow's own stuck.
@@ -721,6 +801,7 @@ class Runner:
             "missing": check["missing"][:50],
             "unhealthy": unhealthy,
             "by_fate": check["by_fate"],
+            "ordered": {k: v for k, v in ordered.items() if k not in ("missing", "wrong")},
             "most_handled": check["most_handled"],
             "queues": end["counts"],
             "faults": [self.fault_stats(i) for i in range(len(self.schedule))],
@@ -783,6 +864,11 @@ class Runner:
         return out
 
 
+def _in_flight(health: dict[str, dict[str, Any]]) -> int:
+    """Messages in hand over every app: its consumers' and its partitioned consumers'."""
+    return sum(c["in_flight"] for h in health.values() for c in [*h["consumers"], *h.get("partitioned", [])])
+
+
 def _longest_gap(times: list[float], start: float, end: float) -> float:
     points = [start, *times, end]
     return max(b - a for a, b in itertools.pairwise(points))
@@ -803,6 +889,10 @@ def format_report(r: dict[str, Any]) -> str:
         f"| {r['lost']} | {r['stuck']} | {r['broker_held']} |",
         "",
         f"fates: {r['by_fate']}; at most {r['most_handled']} handler returns for one message",
+        "",
+        f"ordered (partitioned consumer, {r['ordered']['keys']} keys): {r['ordered']['events']} events "
+        f"handled in order, {r['ordered']['redeliveries']} redeliveries, {r['ordered']['retried_in_place']} "
+        f"retried in place, {r['ordered']['overlaps']} calls overlapping another of their key",
         "",
         "| # | at (s) | fault | target | took (s) | service stall (s) | target stall (s) | dups | detail |",
         "|---:|---:|---|---|---:|---:|---:|---:|---|",

@@ -8,8 +8,13 @@ It talks to the runner over stdin/stdout, one JSON object a line:
   | {"cmd": "finish"} (producer: stop starting publishes, wait for the ones in flight)
   | {"cmd": "stop"}
 - worker → runner: {"t": "ready"}; {"t": "reply", "id": k, "health": ..., "rss_kb": ...};
-  consumer: {"t": "calls", "calls": [[n, attempt, ok, time], ...]} (batched, every handler call);
-  producer: {"t": "confirmed", "items": [[n, time], ...]}, {"t": "errors", ...}, {"t": "finished"}.
+  consumer: {"t": "calls", "calls": [[n, attempt, ok, time], ...]} (batched, every handler call),
+  {"t": "ordered", "calls": [[key, seq, attempt, ok, started, ended], ...]} (the partitioned consumer's);
+  producer: {"t": "confirmed", "items": [[n, time], ...]}, {"t": "ordered-confirmed", "items":
+  [[key, seq], ...]}, {"t": "errors", ...}, {"t": "finished"}.
+
+Besides the work queue, the service has a partitioned consumer (`ordered`, docs/partitions.md): the
+producer publishes a sequence per key to it, each event after the previous one was confirmed.
 
 Handlers misbehave by the fate in the body (`fates.py`); the logger "rabbitflow" writes to the
 log file named in the config, at INFO.
@@ -39,7 +44,7 @@ from fates import (
     fate_of,
 )
 
-from rabbitflow import App, ChannelClosed, Message
+from rabbitflow import App, ChannelClosed, Message, partition
 
 
 def rss_kb() -> int:
@@ -56,6 +61,8 @@ class Out:
     def __init__(self) -> None:
         self.calls: list[list[Any]] = []
         self.confirmed: list[list[Any]] = []
+        self.ordered: list[list[Any]] = []
+        self.ordered_confirmed: list[list[Any]] = []
 
     def send(self, obj: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
@@ -68,6 +75,12 @@ class Out:
         if self.confirmed:
             confirmed, self.confirmed = self.confirmed, []
             self.send({"t": "confirmed", "items": confirmed})
+        if self.ordered:
+            ordered, self.ordered = self.ordered, []
+            self.send({"t": "ordered", "calls": ordered})
+        if self.ordered_confirmed:
+            items, self.ordered_confirmed = self.ordered_confirmed, []
+            self.send({"t": "ordered-confirmed", "items": items})
 
     async def run(self) -> None:
         while True:
@@ -120,6 +133,23 @@ def build_consumer(config: dict[str, Any], out: Out) -> App:
         finally:
             out.calls.append([n, attempt, ok, time.time()])
 
+    @app.consumer(
+        config["ordered"],
+        partitions=config["partitions"],
+        retries=config["retries"],
+        delay=config["delays"],
+        queue_type="quorum",
+    )
+    async def ordered(event: dict[str, Any], message: Message) -> None:
+        started = time.time()
+        ok = 0
+        try:
+            if fate_of(event) == FAIL_ONCE and message.attempt == 1:
+                raise RuntimeError(f"event {event['key']}#{event['seq']} fails once (retried in place)")
+            ok = 1
+        finally:
+            out.ordered.append([event["key"], event["seq"], message.attempt, ok, started, time.time()])
+
     return app
 
 
@@ -139,6 +169,7 @@ class Producer:
         self.go.set()
         self.finishing = False
         self.errors: Counter[str] = Counter()
+        self.sequences: list[asyncio.Task[None]] = []
 
     async def publish(self, n: int) -> None:
         body = {"n": n, "fate": self.config["fates"][n % len(self.config["fates"])]}
@@ -156,10 +187,33 @@ class Producer:
         finally:
             self.window.release()
 
+    async def sequence(self, key: str) -> None:
+        """One key's events to the partitioned consumer, each after the previous one was
+        confirmed (sent again until it is: a duplicate possible, never a reordering)."""
+        config = self.config
+        route = partition(key, config["partitions"])
+        every = len(config["ordered_keys"]) / config["ordered_rate"]
+        seq = 0
+        while not self.finishing:
+            await self.go.wait()
+            fate = FAIL_ONCE if (seq * 31 + len(key)) % 97 == 0 else "ok"  # ~1%: a retry in place
+            body = {"key": key, "seq": seq, "fate": fate}
+            while True:
+                try:
+                    await self.app.publish(body, exchange=config["ordered"], routing_key=route, timeout=30)
+                    break
+                except Exception as exc:
+                    self.errors[type(exc).__name__] += 1
+                    await asyncio.sleep(0.5)
+            self.out.ordered_confirmed.append([key, seq])
+            seq += 1
+            await asyncio.sleep(every)
+
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.sequences = [loop.create_task(self.sequence(key)) for key in self.config["ordered_keys"]]
         rate = self.config["rate"]
         total = self.config["messages"]
-        loop = asyncio.get_running_loop()
         started = loop.time()
         sent_before = 0
         while not self.finishing and self.next_n < total:
@@ -179,8 +233,9 @@ class Producer:
     async def finish(self) -> None:
         self.finishing = True
         self.go.set()
-        if self.running:
-            await asyncio.wait(set(self.running), timeout=120)
+        pending = set(self.running) | set(self.sequences)
+        if pending:
+            await asyncio.wait(pending, timeout=120)
         self.out.flush()
         self.out.send({"t": "finished", "sent": self.next_n, "errors": dict(self.errors)})
 
@@ -224,6 +279,9 @@ async def main() -> None:
                 await producer.finish()
             elif cmd == "stop":
                 break
+        if producer is not None:
+            for task in producer.sequences:
+                task.cancel()
         if feeding is not None:
             feeding.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -18,7 +18,7 @@ from pathlib import Path
 import aiormq
 import pytest
 
-from ..helpers import Admin, unique
+from ..helpers import Admin, unique, wait_for
 from .conftest import Processes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,6 +177,51 @@ async def test_workers_option_runs_several_processes(
     finally:
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(20) == 0
+
+
+@pytest.mark.parametrize(("option", "expected"), [((), "uvloop"), (("--loop", "asyncio"), "asyncio")])
+async def test_every_worker_runs_its_handlers_on_uvloop_unless_told_otherwise(
+    service: Service, admin: Admin, processes: Processes, option: tuple[str, ...], expected: str
+) -> None:
+    """uvloop is installed with the dev tools: `rabbitflow run` uses it in every worker (with an
+    HTTP port too), and `--loop asyncio` goes back to asyncio's own loop."""
+    port = _free_ports(2)
+    command = [sys.executable, "-m", "rabbitflow", "run", SERVICE, "--workers", "2", "--http-port", str(port)]
+    parent = processes.start(
+        [*command, *option],
+        cwd=ROOT,
+        env={**os.environ, **service.env, "RF_LOG": str(service.log), "RF_MODE": "loop"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await wait_consumers(admin, service.queue, count=2)
+        for n in range(8):
+            await admin.publish(
+                f'{{"n": {n}}}'.encode(), routing_key=service.queue, content_type="application/json"
+            )
+        await wait_for(lambda: service.log.exists() and len(service.log.read_text().splitlines()) == 8)
+        loops = {line.split()[2] for line in service.log.read_text().splitlines()}
+        assert loops == {expected}
+    finally:
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(20) == 0
+
+
+def test_loop_uvloop_names_what_to_install_when_it_is_missing(tmp_path: Path) -> None:
+    # A Python that cannot import uvloop: a stand-in module that raises ImportError first on the path.
+    (tmp_path / "uvloop.py").write_text("raise ImportError('no uvloop here')\n")
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}",
+        "RF_SERVICE": "x",
+        "RF_QUEUE": "x",
+        "RF_LOG": "x",
+    }
+    done = run_cli("run", SERVICE, "--loop", "uvloop", env=env)
+    assert done.returncode != 0
+    assert "pip install 'rabbitflow[uvloop]'" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def children_of(pid: int) -> list[int]:

@@ -4,27 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import signal
 import subprocess
-import sys
+import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from rabbitflow import App, ConfigError, Message, partition
+from rabbitflow import (
+    App,
+    ConfigError,
+    Depends,
+    Message,
+    Middleware,
+    Reject,
+    RequestFailed,
+    logs,
+    names,
+    partition,
+)
+from rabbitflow.middleware import Fate, Outcome
 from rabbitflow.runtime import partitions as partitions_module
 from rabbitflow.runtime.partitions import PartitionGroup, assign
 from rabbitflow.testing import TestClient
 
 from ..helpers import Admin, unique, wait_for
-
-WORKER = Path(__file__).with_name("partition_worker.py")
-
+from .partition_ledger import check_ledger, spawn
 
 # -- pure parts ---------------------------------------------------------------------------------
 
@@ -59,7 +68,6 @@ def test_assignment_is_even_deterministic_and_moves_little() -> None:
         ({"partitions": 4, "exchange": "e", "exchange_type": "topic"}, "exchange is direct"),
         ({"partition_key": lambda b: b}, "needs partitions=N"),
         ({"partitions": 4, "partition_key": "id"}, "a function of the body"),
-        ({"partitions": 4, "publish_to": "out"}, "publish_to"),
     ],
 )
 def test_bad_partition_options_fail_at_import(options: dict[str, Any], complaint: str) -> None:
@@ -242,39 +250,7 @@ async def test_replicas_share_the_partitions_and_rebalance_when_one_leaves_or_di
 def _spawn(
     broker_url: str, service: str, queue: str, ledger: Path, pause: float = 0.001
 ) -> subprocess.Popen[str]:
-    args = [sys.executable, str(WORKER), broker_url, service, queue, "8", str(ledger), str(pause)]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": "."})
-
-
-def _check_ledger(lines: list[str], killed: set[int]) -> tuple[int, int]:
-    """Every key's events handled in order, none missing, one at a time; returns (handled,
-    redeliveries). A redelivery is allowed only of the message a killed worker had in hand."""
-    open_by_key: dict[str, tuple[int, int]] = {}
-    last: dict[str, int] = {}
-    redeliveries = 0
-    for line in lines:
-        kind, key, seq_text, pid_text = line.split()
-        seq, pid = int(seq_text), int(pid_text)
-        if kind == "S":
-            if key in open_by_key:
-                other_seq, other_pid = open_by_key[key]
-                # Only a killed worker's message in hand may be started again elsewhere.
-                assert other_pid in killed, (line, open_by_key[key])
-                assert other_seq == seq, (line, open_by_key[key])
-                redeliveries += 1  # the message a killed worker had in hand
-            if seq <= last.get(key, -1):
-                # Only the last one again: handled, its ack lost with its worker.
-                assert seq == last[key], f"{key}: {seq} after {last[key]}"
-                redeliveries += 1
-            else:
-                assert seq == last.get(key, -1) + 1, f"{key}: gap or disorder, {seq} after {last.get(key)}"
-            open_by_key[key] = (seq, pid)
-        else:
-            assert open_by_key.get(key) == (seq, pid), line
-            del open_by_key[key]
-            last[key] = max(last.get(key, -1), seq)
-    handled = sum(v + 1 for v in last.values())
-    return handled, redeliveries
+    return spawn(broker_url, service, queue, ledger, pause)
 
 
 async def test_ledger_per_key_order_through_sigkills(broker_url: str, admin: Admin, tmp_path: Path) -> None:
@@ -332,13 +308,13 @@ async def test_ledger_per_key_order_through_sigkills(broker_url: str, admin: Adm
 
             await wait_for(done, timeout=45)
         lines = ledger.read_text().splitlines()
-        handled, redeliveries = _check_ledger(lines, killed)
+        tally = check_ledger(lines, killed)
         elapsed = time.monotonic() - started
         print(
-            f"ledger: {handled} events in order, {redeliveries} redeliveries, "
+            f"ledger: {tally.handled} events in order, {tally.redeliveries} redeliveries, "
             f"{len(killed)} SIGKILLs, {elapsed:.1f}s"
         )
-        assert handled == keys * events
+        assert tally.handled == keys * events
     finally:
         for worker in workers:
             if worker.poll() is None:
@@ -355,19 +331,245 @@ async def test_ledger_per_key_order_through_sigkills(broker_url: str, admin: Adm
 async def _noop(body: Any) -> None: ...
 
 
-def test_a_partitioned_consumer_refuses_what_it_cannot_call_yet() -> None:
-    from rabbitflow import ConfigError, Depends
+def test_the_ledger_check_catches_disorder_gaps_and_overlaps() -> None:
+    ok = ["S k 0 1 0", "E k 0 1 0", "S k 1 1 0", "X k 1 1 0", "S k 1 2 0", "E k 1 2 0"]
+    assert check_ledger(ok, killed=set()).redeliveries == 1
+    assert check_ledger([*ok, "S k 1 2 0", "E k 1 2 0"], killed=set()).handled == 2  # its ack lost
+    with pytest.raises(AssertionError, match="gap or disorder"):
+        check_ledger([*ok, "S k 3 2 0", "E k 3 2 0"], killed=set())
+    with pytest.raises(AssertionError, match="gap or disorder"):
+        check_ledger([*ok, "S k 0 2 0", "E k 0 2 0"], killed=set())
+    with pytest.raises(AssertionError, match="two calls of k at once"):
+        check_ledger(["S k 0 1 0", "S k 0 2 0"], killed=set())
+    # A SIGKILLed worker's call never ends; its message goes to the next worker.
+    assert check_ledger(["S k 0 1 0", "S k 0 2 0", "E k 0 2 0"], killed={1}).handled == 1
 
+
+# -- the handler is called as a plain consumer's ------------------------------------------------
+
+
+class Hooks(Middleware):
+    """Every hook a partitioned consumer's deliveries reach, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def received(self, message: Message) -> None:
+        self.events.append(("received", message.queue, message.message_id, message.attempt))
+
+    async def attempt(self, message: Message, call_next: Callable[[], Awaitable[Any]]) -> Any:
+        self.events.append(("attempt", message.message_id, message.attempt))
+        return await call_next()
+
+    def attempt_failed(self, queue: str, attempt: int, exception: BaseException) -> None:
+        self.events.append(("failed", queue, attempt, str(exception)))
+
+    def settled(self, message: Message, outcome: Outcome) -> None:
+        self.events.append(
+            (
+                "settled",
+                message.message_id,
+                message.attempt,
+                outcome.fate,
+                outcome.delay,
+                outcome.reason,
+                message.queue,
+            )
+        )
+
+    def fates(self, queue: str | None = None) -> list[tuple[Any, ...]]:
+        return [e[1:4] for e in self.events if e[0] == "settled" and queue in (None, e[6])]
+
+
+async def test_memory_partitioned_consumer_tells_middleware_each_attempt_in_place() -> None:
+    hooks = Hooks()
+    app = App("svc", url="memory://", middleware=[hooks])
+    fields: list[dict[str, Any]] = []
+
+    @app.consumer("events", partitions=4, retries=2, delay=0.01, partition_key=lambda e: e["key"])
+    async def handle(event: dict[str, Any], message: Message) -> None:
+        fields.append(logs.current())  # the log fields of a line the handler writes
+        if event["kind"] == "flaky" and message.attempt == 1:
+            raise RuntimeError("flaky")
+        if event["kind"] == "poison":
+            raise RuntimeError("poison")
+
+    async with TestClient(app) as client:
+        for kind in ("ok", "flaky", "poison", "after"):  # one key: one partition, in this order
+            await app.publish({"key": "k", "kind": kind}, exchange="events", message_id=kind)
+        await wait_for(lambda: len(hooks.fates()) == 7, timeout=10)
+        calls = client.calls("events")  # the test client's own middleware sees them too
+        parked = client.parked("events")
+    assert hooks.fates() == [
+        ("ok", 1, Fate.HANDLED),
+        ("flaky", 1, Fate.RETRIED),
+        ("flaky", 2, Fate.HANDLED),
+        ("poison", 1, Fate.RETRIED),
+        ("poison", 2, Fate.RETRIED),
+        ("poison", 3, Fate.PARKED),
+        ("after", 1, Fate.HANDLED),
+    ]
+    settled = [e for e in hooks.events if e[0] == "settled"]
+    assert {e[4] for e in settled if e[3] is Fate.RETRIED} == {
+        0.01
+    }  # the wait before the next call, in place
+    assert settled[5][5] == "exhausted"
+    # Each attempt in place is a delivery of its own: received, the attempt chain, then its fate.
+    assert [e[:4] for e in hooks.events[:3]] == [
+        ("received", "events", "ok", 1),
+        ("attempt", "ok", 1),
+        ("settled", "ok", 1, Fate.HANDLED),
+    ]
+    assert [e for e in hooks.events if e[0] == "received"][1:3] == [
+        ("received", "events", "flaky", 1),
+        ("received", "events", "flaky", 2),
+    ]
+    assert [e[1:] for e in hooks.events if e[0] == "failed"] == [
+        ("events", 1, "flaky"),
+        ("events", 1, "poison"),
+        ("events", 2, "poison"),
+        ("events", 3, "poison"),
+    ]
+    assert [(c.message.message_id, c.attempt, c.ok) for c in calls][:3] == [
+        ("ok", 1, True),
+        ("flaky", 1, False),
+        ("flaky", 2, True),
+    ]
+    assert [p.message_id for p in parked] == ["poison"]
+    assert [(f["queue"], f["message_id"], f["attempt"]) for f in fields[:3]] == [
+        ("events", "ok", 1),
+        ("events", "flaky", 1),
+        ("events", "flaky", 2),
+    ]
+
+
+async def test_memory_partitioned_consumer_takes_depends_app_and_sync_handlers() -> None:
     app = App("svc", url="memory://")
-    with pytest.raises(ConfigError, match="an `async def` without Depends"):
+    opened: list[str] = []
+    closed: list[str] = []
+    handled: list[tuple[int, bool, str, bool]] = []
 
-        @app.consumer("sync-events", partitions=4)
-        def blocking(body: Any) -> None: ...
+    def resource() -> Iterator[str]:
+        opened.append("r")
+        try:
+            yield "resource"
+        finally:
+            closed.append("r")
 
-    def clock() -> int:
-        return 1
+    @app.consumer("jobs", partitions=2, retries=1, delay=0.01, partition_key=lambda j: j["key"])
+    def blocking(job: dict[str, Any], message: Message, service: App, got: str = Depends(resource)) -> None:
+        in_thread = threading.current_thread() is not threading.main_thread()
+        if job["seq"] == 1 and message.attempt == 1:
+            raise RuntimeError("flaky")
+        handled.append((job["seq"], in_thread, got, service is app))
 
-    with pytest.raises(ConfigError, match="an `async def` without Depends"):
+    async with TestClient(app):
+        for seq in range(4):
+            await app.publish({"key": "k", "seq": seq}, exchange="jobs")
+        await wait_for(lambda: len(handled) == 4, timeout=10)
+    assert handled == [(seq, True, "resource", True) for seq in range(4)]  # in order, in threads
+    assert len(opened) == len(closed) == 5  # a dependency per attempt, ended with it
 
-        @app.consumer("dep-events", partitions=4)
-        async def with_dependency(body: Any, now: int = Depends(clock)) -> None: ...
+
+async def test_memory_partitioned_consumer_publishes_its_results_and_answers_requests() -> None:
+    app = App("shop", url="memory://")
+    results: list[tuple[Any, Any, str | None]] = []
+
+    @app.consumer("orders", partitions=4, partition_key=lambda o: o["id"], publish_to="orders.totals")
+    async def total(order: dict[str, Any]) -> dict[str, Any]:
+        return {"id": order["id"], "total": sum(order["items"])}
+
+    @app.consumer("orders.totals")
+    async def collect(result: dict[str, Any], message: Message) -> None:
+        results.append((result, message.headers.get("x-rf-origin-queue"), message.correlation_id))
+
+    asked: list[str] = []
+
+    @app.consumer("prices", partitions=4)
+    async def price(item: str) -> int:
+        asked.append(item)
+        if item == "unknown":
+            raise Reject("no such item")
+        return len(item)
+
+    async with TestClient(app) as client:
+        await app.publish({"id": "o1", "items": [1, 2]}, exchange="orders", message_id="in-1")
+        answer = await client.request(
+            "apple", exchange="prices", routing_key=partition("apple", 4), response_type=int
+        )
+        with pytest.raises(RequestFailed, match="no such item"):  # at once, not at the timeout
+            await client.request("unknown", exchange="prices", routing_key=partition("unknown", 4))
+        # A request whose caller gave up (its deadline is past) is dropped, not handled.
+        gone = {names.DEADLINE: int(time.time() * 1000) - 1}
+        await app.publish("pear", exchange="prices", routing_key=partition("pear", 4), headers=gone)
+        await wait_for(lambda: len(results) == 1, timeout=10)
+        await client.drain()
+        parked = client.parked("prices")
+        waiting = [client.queued(f"prices.p{i}") for i in range(4)]
+    assert answer == 5
+    assert results == [({"id": "o1", "total": 3}, "orders", "in-1")]
+    assert asked == ["apple", "unknown"]
+    assert [p.body for p in parked] == ["unknown"]
+    assert waiting == [[], [], [], []]
+
+
+async def test_a_partitioned_consumer_on_rabbitmq_is_called_as_a_plain_one(
+    broker_url: str, admin: Admin
+) -> None:
+    """Middleware, Depends and App parameters, a sync handler, publish_to and a request, on 3.10."""
+    service, queue, out, prices = unique("svc"), unique("part"), unique("totals"), unique("prices")
+    hooks = Hooks()
+    app = App(service, url=broker_url, middleware=[hooks], graceful_timeout=5)
+    results: list[tuple[Any, Any, str | None]] = []
+    ends: list[str] = []
+    threads: set[bool] = set()
+
+    def resource() -> Iterator[str]:
+        try:
+            yield "resource"
+        finally:
+            ends.append("end")
+
+    @app.consumer(
+        queue, partitions=4, retries=1, delay=0.05, partition_key=lambda e: e["key"], publish_to=out
+    )
+    def handle(event: dict[str, Any], message: Message, service: App, got: str = Depends(resource)) -> Any:
+        threads.add(threading.current_thread() is not threading.main_thread())
+        if event["seq"] == 2 and message.attempt == 1:
+            raise RuntimeError("flaky")
+        return {**event, "attempt": message.attempt, "got": got, "app": service is app}
+
+    @app.consumer(out)
+    async def collect(result: dict[str, Any], message: Message) -> None:
+        results.append((result, message.headers.get("x-rf-origin-queue"), message.correlation_id))
+
+    @app.consumer(prices, partitions=2)
+    async def price(item: str) -> int:
+        return len(item)
+
+    admin.forget_app(app)
+    async with app:
+        for seq in range(5):
+            for key in ("k0", "k1", "k2"):
+                await app.publish({"key": key, "seq": seq}, exchange=queue, message_id=f"{key}-{seq}")
+        answer = await app.request(
+            "apple", exchange=prices, routing_key=partition("apple", 2), timeout=10, response_type=int
+        )
+        await wait_for(lambda: len(results) == 15, timeout=20)
+    assert answer == 5
+    assert threads == {True}
+    for key in ("k0", "k1", "k2"):
+        mine = [r for r, _, _ in results if r["key"] == key]
+        assert [r["seq"] for r in mine] == list(range(5))  # in order, the flaky one retried in place
+        assert all(r["got"] == "resource" and r["app"] for r in mine)
+        assert [r["attempt"] for r in mine] == [1, 1, 2, 1, 1]
+    assert all(
+        origin == queue and correlation == f"{r['key']}-{r['seq']}" for r, origin, correlation in results
+    )
+    fates = hooks.fates(queue)
+    assert sorted(f for f in fates if f[2] is not Fate.HANDLED) == [
+        (f"{k}-2", 1, Fate.RETRIED) for k in ("k0", "k1", "k2")
+    ]
+    assert len([f for f in fates if f[2] is Fate.HANDLED]) == 15
+    assert [f[1:] for f in hooks.fates(prices)] == [(1, Fate.HANDLED)]  # the request, answered
+    assert len(ends) == 18  # a dependency per attempt, ended with it

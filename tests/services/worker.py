@@ -28,6 +28,9 @@ def record(*words: object) -> None:
 
 @app.consumer(os.environ["RF_QUEUE"], retries=2, delay=1)
 async def handle(body: dict[str, Any], message: Message) -> None:
+    if MODE == "loop":  # the event loop the handler runs on, as `rabbitflow run --loop` chose it
+        record("loop", body["n"], type(asyncio.get_running_loop()).__module__.split(".")[0])
+        return
     record("start", body["n"], message.attempt, int(message.redelivered))
     if MODE == "fail-once" and message.attempt == 1:
         record("fail", body["n"], message.attempt)
