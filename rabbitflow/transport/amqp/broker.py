@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -17,7 +19,7 @@ from pamqp.commands import Basic
 
 from rabbitflow.errors import LoginRefused, PublishNacked, UnencodableMessage, Unroutable
 from rabbitflow.transport.amqp import internals
-from rabbitflow.transport.amqp.decode import Header, receiving
+from rabbitflow.transport.amqp.decode import Header, Receiver, Route, receiving
 from rabbitflow.transport.amqp.encode import ack_frame
 from rabbitflow.transport.amqp.pipeline import Pipeline, supported
 from rabbitflow.transport.base import (
@@ -36,6 +38,8 @@ from rabbitflow.transport.base import (
 from rabbitflow.urls import Endpoint
 
 __all__ = ["AmqpBroker", "AmqpChannel", "AmqpTransport", "connect"]
+
+log = logging.getLogger("rabbitflow.transport.amqp")
 
 _CODES: Mapping[type[BaseException], int] = {
     amqp_errors.ChannelAccessRefused: 403,
@@ -111,11 +115,55 @@ def _delivery(message: DeliveredMessage) -> Delivery:
 
 
 class AmqpChannel(Channel):
-    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+    def __init__(self, channel: aiormq.abc.AbstractChannel, receiver: Receiver | None = None) -> None:
         self._channel = cast(aiormq.Channel, channel)
         self._pipeline = Pipeline(self._channel) if supported(self._channel) else None
         self._close_callbacks: list[Callable[[BaseException | None], None]] = []
         self._cancel_callbacks: dict[str, Callable[[Basic.Cancel], None]] = {}
+        # This channel's consumers whose deliveries the connection's receiver hands over itself
+        # (`decode.Receiver`), by consumer tag; None without rabbitflow's receiver (aiormq's
+        # channel reader then calls each consumer in a task of its own).
+        self._routes: dict[str, Route] | None = None
+        self._receiver = receiver
+        # The handlers started for those deliveries (and some that ended since): cancelled when
+        # the channel goes, as aiormq cancels the tasks it starts for its consumers.
+        self._handling: list[asyncio.Task[None]] = []
+        self._prune_at = 1024
+
+    def _route(self, tag: str, route: Route) -> None:
+        """Deliveries to consumer `tag` go to `route`, from the receiver."""
+        routes = self._routes
+        if routes is None:
+            assert self._receiver is not None
+            routes = self._routes = {}
+            receiver, number = self._receiver, self._channel.number
+            receiver.route(number, routes)
+
+            def gone(closing: asyncio.Future[Any]) -> None:
+                receiver.unroute(number, routes)
+                for task in self._handling:
+                    task.cancel()  # a no-op on one that ended
+
+            self._channel.closing.add_done_callback(gone)
+        routes[tag] = route
+
+    def _unroute(self, tag: str) -> None:
+        if self._routes is not None:
+            self._routes.pop(tag, None)
+
+    def _starter(self, on_delivery: OnDelivery) -> Route:
+        """A route that runs `on_delivery` in a task of its own, as aiormq would (without a done
+        callback, the list of tasks is pruned once in a while)."""
+        create_task = asyncio.get_running_loop().create_task
+
+        def start(delivery: Delivery) -> None:
+            handling = self._handling
+            handling.append(create_task(on_delivery(delivery)))  # type: ignore[arg-type]
+            if len(handling) > self._prune_at:
+                self._handling = [task for task in handling if not task.done()]
+                self._prune_at = max(1024, 2 * len(self._handling))
+
+        return start
 
     @property
     def is_open(self) -> bool:
@@ -215,7 +263,8 @@ class AmqpChannel(Channel):
             return super().publish_nowait(
                 body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=mandatory
             )
-        result: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # The pipeline's loop: asyncio.get_running_loop() makes a getpid() system call on 3.11.
+        result: asyncio.Future[None] = pipeline.loop.create_future()
         try:
             confirm = pipeline.publish(body, exchange, routing_key, properties, mandatory)
         except UnencodableMessage as exc:
@@ -244,9 +293,20 @@ class AmqpChannel(Channel):
         async def on_message(message: DeliveredMessage) -> None:
             await on_delivery(_delivery(message))
 
-        async with _translated:
-            await self._channel.basic_qos(prefetch_count=prefetch)
-            ok = await self._channel.basic_consume(queue, on_message)
+        tag = None
+        if self._receiver is not None:
+            # The tag is chosen here, as aiormq would, so that the route is there before the
+            # first delivery can be.
+            tag = f"ctag{self._channel.number}.{uuid.uuid4().hex}"
+            self._route(tag, self._starter(on_delivery))
+        try:
+            async with _translated:
+                await self._channel.basic_qos(prefetch_count=prefetch)
+                ok = await self._channel.basic_consume(queue, on_message, consumer_tag=tag)
+        except BaseException:
+            if tag is not None:
+                self._unroute(tag)
+            raise
         tag = str(ok.consumer_tag)
         if on_cancel is not None:
 
@@ -262,15 +322,35 @@ class AmqpChannel(Channel):
         async def on_message(message: DeliveredMessage) -> None:
             on_reply(_delivery(message))
 
-        async with _translated:
-            await self._channel.basic_consume(DIRECT_REPLY_TO, on_message, no_ack=True)
+        tag = None
+        if self._receiver is not None:
+            tag = f"ctag{self._channel.number}.{uuid.uuid4().hex}"
+
+            def reply(delivery: Delivery) -> None:
+                try:
+                    on_reply(delivery)  # quick: it resolves the caller's future
+                except Exception:
+                    log.exception("Consumer callback failed")
+
+            self._route(tag, reply)
+        try:
+            async with _translated:
+                await self._channel.basic_consume(DIRECT_REPLY_TO, on_message, no_ack=True, consumer_tag=tag)
+        except BaseException:
+            if tag is not None:
+                self._unroute(tag)
+            raise
 
     async def cancel(self, consumer_tag: str) -> None:
         callback = self._cancel_callbacks.pop(consumer_tag, None)
         if callback is not None:
             self._channel.on_consumer_cancel_callbacks.discard(callback)
-        async with _translated:
-            await self._channel.basic_cancel(consumer_tag)
+        try:
+            async with _translated:
+                await self._channel.basic_cancel(consumer_tag)
+        finally:
+            # After cancel-ok: the deliveries the broker sent before it were routed already.
+            self._unroute(consumer_tag)
 
     # Acks and rejects go through the pipeline when there is one, so they leave in the order they
     # were made: a single ack overtaken by a `multiple` one covering it would be a 406.
@@ -338,9 +418,15 @@ class AmqpChannel(Channel):
 
 
 class AmqpTransport(Transport):
-    def __init__(self, endpoint: Endpoint, connection: aio_pika.abc.AbstractConnection) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        connection: aio_pika.abc.AbstractConnection,
+        receiver: Receiver | None = None,
+    ) -> None:
         self.node = str(endpoint)
         self._connection = connection
+        self._receiver = receiver
         transport = connection.transport
         assert transport is not None
         self._amqp: aiormq.abc.AbstractConnection = transport.connection
@@ -370,7 +456,7 @@ class AmqpTransport(Transport):
                 channel = await self._amqp.channel(publisher_confirms=True, on_return_raises=True)
             except RuntimeError as exc:  # aiormq: "<Connection ...> closed", between its states
                 raise ConnectionLost(f"the connection to {self.node} is closed") from exc
-        return AmqpChannel(channel)
+        return AmqpChannel(channel, self._receiver)
 
     async def transaction_channel(self) -> Channel | None:
         if self._amqp.is_closed:
@@ -423,14 +509,14 @@ async def connect(
     if ssl_context is not None:
         kwargs["ssl_context"] = ssl_context
     try:
-        with receiving():  # this connection's frames are decoded by `inbound`, tolerantly
+        with receiving() as made:  # this connection's frames are decoded by `decode`, tolerantly
             connection = await asyncio.wait_for(aio_pika.connect(endpoint.url, **kwargs), timeout)
     except (amqp_errors.ProbableAuthenticationError, amqp_errors.AuthenticationError) as exc:
         raise LoginRefused(
             f"{endpoint} refused the login of user {endpoint.user!r} (ACCESS_REFUSED): check the user "
             "name and password in url= or RABBITFLOW_URL"
         ) from exc
-    return AmqpTransport(endpoint, connection)
+    return AmqpTransport(endpoint, connection, made[0] if made else None)
 
 
 class AmqpBroker:

@@ -9,7 +9,11 @@ lacks what it needs or when `RABBITFLOW_AIORMQ_PATCHES=off`: slower, never less 
 - `aiormq.connection.FrameReceiver`, replaced for rabbitflow's connections (`decode.py`):
   hostile properties park their message instead of killing the connection, and decoding is
   4-8x faster. Without it pamqp decodes: an undecodable property closes the connection, as it
-  does for any aiormq client.
+  does for any aiormq client. The receiver also hands the deliveries of rabbitflow's consumers
+  to them itself (`broker.AmqpChannel.consume`, with a consumer tag it chose): it relies on
+  aiormq's connection reader asking it for one frame after another, and on a heartbeat frame
+  being a no-op there that only sets aiormq's clock of the last frame. Without it: aiormq's
+  channel reader and a task of aiormq's per delivery.
 - a channel's `delivery_tag`, `confirmations`, `write_queue` and close event (`pipeline.py`):
   the publishes and acks of one loop turn leave in one write. Without: `basic_publish` and
   `basic_ack`, a write each.

@@ -51,6 +51,10 @@ class Pipeline:
         self._returns = Returns(channel)
         channel.closing.add_done_callback(self._fail_pending)
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
     def publish(
         self, body: bytes, exchange: str, routing_key: str, properties: Basic.Properties, mandatory: bool
     ) -> asyncio.Future[object]:
