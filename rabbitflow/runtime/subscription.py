@@ -96,12 +96,19 @@ class Subscription:
         self._watching = asyncio.get_running_loop().create_task(self._watch(probe, activity))
 
     async def _watch(self, probe: Probe, activity: Callable[[], int]) -> None:
-        seen = activity()
+        loop = asyncio.get_running_loop()
+        seen, quiet_since = activity(), loop.time()
         while not self.stopping:
-            await asyncio.sleep(IDLE_PROBE)
-            now, seen = seen, activity()
+            # Looked at every few seconds, so the probe comes IDLE_PROBE after the last settlement
+            # (not up to twice that, as fixed windows of IDLE_PROBE would have it).
+            await asyncio.sleep(IDLE_PROBE / 6)
+            now = activity()
             if now != seen or self._tag is None or not self._channel.is_open:
+                seen, quiet_since = now, loop.time()
                 continue  # busy, paused or resubscribing: nothing to ask
+            if loop.time() - quiet_since < IDLE_PROBE:
+                continue
+            quiet_since = loop.time()
             try:
                 info = await probe(self._spec)
             except (TransportError, TopologyConflict):

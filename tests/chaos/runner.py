@@ -29,6 +29,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from rabbitflow.runtime.subscription import IDLE_PROBE
+
 from ..support.tcpproxy import TcpProxy
 from . import fates as F
 from .cluster import (
@@ -586,7 +588,9 @@ class Runner:
             producer.send("resume")
         took = []
         for name in ("a", "b"):
-            async with asyncio.timeout(60):
+            # A consumer the broker forgot without a basic.cancel finds out by its idle probe, at
+            # most IDLE_PROBE and a few seconds after its last settlement.
+            async with asyncio.timeout(2 * IDLE_PROBE + 30):
                 while True:
                     health = await self.workers[name].health()
                     consumers = health["consumers"]

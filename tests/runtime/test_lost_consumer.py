@@ -79,3 +79,30 @@ async def test_a_ghost_consumer_is_found_after_another_app_declared_the_queue_ag
         await wait_for(lambda: len(got[0]) + len(got[1]) == 20)
     assert got[0]
     assert got[1]
+
+
+@pytest.mark.looptime
+async def test_a_forgotten_consumer_is_probed_an_idle_probe_after_its_last_message() -> None:
+    """The probe comes IDLE_PROBE (30 s) after the consumer last settled, give or take a few
+    seconds, not up to twice that: busy until just past a 30 s mark, it had to wait out the
+    whole next window before (up to 60 s deaf to a queue the broker deleted silently)."""
+    broker = MemoryBroker()
+    app = App("forgotten", broker=broker)
+    got: list[int] = []
+
+    @app.consumer("work")
+    async def handle(body: dict[str, int]) -> None:
+        got.append(body["n"])
+
+    loop = asyncio.get_running_loop()
+    async with app:
+        start = loop.time()
+        for n in range(12):  # one message every 3 s, the last at 33 s
+            await asyncio.sleep(start + 3 * n - loop.time())
+            await app.publish({"n": n}, routing_key="work")
+            await wait_for(lambda n=n: len(got) == n + 1)
+        assert broker.lose_consumers("work", delete=True) == 1
+        await asyncio.sleep(start + 33 + subscription_module.IDLE_PROBE + 7 - loop.time())
+        (consumer,) = app.health()["consumers"]
+        assert consumer["resubscribed"] == 1
+        assert consumer["subscribed"]
