@@ -18,7 +18,7 @@ from pamqp.frame import marshal
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
-from rabbitflow import App, ChannelClosed, Message
+from rabbitflow import App, ChannelClosed, ConnectionLost, Message
 from rabbitflow.transport.amqp import broker as amqp
 from rabbitflow.transport.amqp.decode import Receiver
 from rabbitflow.transport.base import Delivery
@@ -184,3 +184,45 @@ async def test_a_handler_still_running_when_the_broker_closes_its_channel_is_can
         await transport.close()
     await asyncio.sleep(0.5)  # the broker requeues what the closed channel held
     assert await admin.count(queue) == 1  # back in the queue, unacked
+
+
+@pytest.mark.parametrize("settle", ["ack", "reject"])
+async def test_a_settlement_made_while_its_channel_closes_never_follows_the_close(
+    broker_url: str, admin: Admin, settle: str
+) -> None:
+    """A handler that ends while its channel closes (a partition handed over, a stop): its ack
+    must not reach the broker after our channel.close, which would be a 504 CHANNEL_ERROR that
+    closes the whole connection and every other channel on it. The settlement fails here (the
+    message comes back with the channel), and the neighbour channel goes on working."""
+    queue = unique("closing")
+    await admin.channel.queue_declare(queue, durable=True)
+    admin.queues.add(queue)
+    await admin.publish(b"{}", routing_key=queue)
+    transport = await amqp.connect(parse_urls(broker_url)[0], timeout=5, heartbeat=5, name="closing")
+    got: list[Delivery] = []
+
+    async def on_delivery(delivery: Delivery) -> None:
+        got.append(delivery)
+
+    try:
+        neighbour = await transport.channel()
+        channel = await transport.channel()
+        await channel.consume(queue, on_delivery, prefetch=1)
+        await wait_for(lambda: len(got) == 1, timeout=10)
+        closing = asyncio.ensure_future(channel.close())
+        # aiormq holds its channel's RPC lock from writing channel.close until close-ok comes.
+        rpc = channel._channel._Channel__lock  # type: ignore[attr-defined]
+        while not rpc.locked():  # noqa: ASYNC110 - until the close is written
+            await asyncio.sleep(0)
+        tag = got[0].delivery_tag
+        settlement = channel.ack(tag) if settle == "ack" else channel.reject(tag, requeue=False)
+        with pytest.raises(ConnectionLost):
+            await settlement
+        await closing
+        await asyncio.sleep(0.3)  # a 504 would close the connection by now
+        assert transport.is_open
+        await neighbour.declare_queue(queue, passive=True)  # the neighbour channel still works
+    finally:
+        await transport.close()
+    await asyncio.sleep(0.5)
+    assert await admin.count(queue) == 1  # back in the queue with the closed channel

@@ -129,6 +129,10 @@ class AmqpChannel(Channel):
         # the channel goes, as aiormq cancels the tasks it starts for its consumers.
         self._handling: list[asyncio.Task[None]] = []
         self._prune_at = 1024
+        # Set when our channel.close goes out: from then on the broker takes nothing on this
+        # channel but close-ok, and an ack it reads after our close is a 504 CHANNEL_ERROR that
+        # takes the whole connection down (a handler that ends while its channel closes).
+        self._closing = False
 
     def _route(self, tag: str, route: Route) -> None:
         """Deliveries to consumer `tag` go to `route`, from the receiver."""
@@ -167,7 +171,10 @@ class AmqpChannel(Channel):
 
     @property
     def is_open(self) -> bool:
-        return not self._channel.is_closed
+        return not self._closing and not self._channel.is_closed
+
+    def _closing_error(self) -> ConnectionLost:
+        return ConnectionLost(f"channel {self._channel.number} is closing")
 
     async def declare_exchange(
         self,
@@ -369,6 +376,8 @@ class AmqpChannel(Channel):
             raise _translate(exc) from exc
 
     async def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
+        if self._closing:
+            raise self._closing_error()
         if self._pipeline is not None:
             self._frames(ack_frame(self._channel.number, delivery_tag, multiple))
             return
@@ -376,6 +385,8 @@ class AmqpChannel(Channel):
             await self._channel.basic_ack(delivery_tag, multiple=multiple, wait=False)
 
     async def ack_each(self, delivery_tags: Sequence[int]) -> None:
+        if self._closing:
+            raise self._closing_error()
         if self._pipeline is None:
             await super().ack_each(delivery_tags)
             return
@@ -384,6 +395,8 @@ class AmqpChannel(Channel):
 
     async def reject(self, delivery_tag: int, *, requeue: bool) -> None:
         # basic.reject, not nack: from 4.3 only reject counts towards a quorum delivery limit.
+        if self._closing:
+            raise self._closing_error()
         if self._pipeline is not None:
             self._methods((Basic.Reject(delivery_tag=delivery_tag, requeue=requeue),))
             return
@@ -401,6 +414,9 @@ class AmqpChannel(Channel):
 
     async def close(self) -> None:
         if not self._channel.is_closed:
+            if self._pipeline is not None:
+                self._pipeline.close()  # what this turn made (acks) goes out before the close
+            self._closing = True
             with contextlib.suppress(TimeoutError, amqp_errors.AMQPError, ConnectionError):
                 # Bounded: a blocked connection (a resource alarm) may never answer close-ok.
                 await asyncio.wait_for(self._channel.close(), 5)

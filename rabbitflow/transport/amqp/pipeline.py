@@ -39,7 +39,7 @@ def supported(channel: aiormq.Channel) -> bool:
 
 
 class Pipeline:
-    __slots__ = ("_channel", "_chunks", "_draining", "_loop", "_methods", "_outbox", "_returns")
+    __slots__ = ("_channel", "_chunks", "_closed", "_draining", "_loop", "_methods", "_outbox", "_returns")
 
     def __init__(self, channel: aiormq.Channel) -> None:
         self._channel = channel
@@ -49,7 +49,14 @@ class Pipeline:
         self._outbox: deque[bytes] = deque()  # marshalled turns the write queue had no room for
         self._draining: asyncio.Task[None] | None = None
         self._returns = Returns(channel)
+        self._closed = False  # our channel.close is going out: nothing may follow it
         channel.closing.add_done_callback(self._fail_pending)
+
+    def close(self) -> None:
+        """Before our channel.close: write what this turn queued now, then take nothing more (a
+        frame after the close is a 504 CHANNEL_ERROR for the whole connection)."""
+        self._flush()
+        self._closed = True
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -60,7 +67,7 @@ class Pipeline:
     ) -> asyncio.Future[object]:
         """Queue the publish for this turn's write; the future resolves with the broker's confirm."""
         channel = self._channel
-        if internals.closing(channel):
+        if self._closed or internals.closing(channel):
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         # Encoded and measured before a delivery tag is taken or anything is queued: a frame that
         # cannot be written leaves nothing half-sent (a method frame without its header is a 505
@@ -105,7 +112,7 @@ class Pipeline:
         else the channel sends: an ack of tag 7 never overtakes a `multiple` ack covering it. A
         flush's acks behind an unsettled delivery then cost one syscall, not one per tag."""
         channel = self._channel
-        if internals.closing(channel):
+        if self._closed or internals.closing(channel):
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         chunks = self._chunks
         if not chunks:
@@ -116,7 +123,7 @@ class Pipeline:
     def frames(self, payload: bytes) -> None:
         """Queue already marshalled frames (acks) for this turn's write, in order as `methods`."""
         channel = self._channel
-        if internals.closing(channel):
+        if self._closed or internals.closing(channel):
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         chunks = self._chunks
         if not chunks:
@@ -140,7 +147,7 @@ class Pipeline:
 
     def _flush(self) -> None:
         chunks, self._chunks = self._chunks, []
-        if not chunks or internals.closing(self._channel):
+        if not chunks or self._closed or internals.closing(self._channel):
             return  # their confirmations fail with the channel (`_fail_pending`)
         chunk = b"".join(chunks)
         if self._draining is None and internals.write(self._channel, chunk):
@@ -152,7 +159,7 @@ class Pipeline:
     async def _drain(self) -> None:
         """Hand over, in order, what did not fit in the connection's write queue."""
         try:
-            while self._outbox and not internals.closing(self._channel):
+            while self._outbox and not self._closed and not internals.closing(self._channel):
                 await internals.write_waiting(self._channel, self._outbox.popleft())
             self._outbox.clear()
         finally:
