@@ -29,7 +29,9 @@ def record(*words: object) -> None:
         os.close(fd)
 
 
-@app.consumer(os.environ.get("RF_QUEUE", "killer"), partitions=int(os.environ.get("RF_PARTITIONS", "2")), retries=0)
+@app.consumer(
+    os.environ.get("RF_QUEUE", "killer"), partitions=int(os.environ.get("RF_PARTITIONS", "2")), retries=0
+)
 async def handle(event: dict[str, Any], message: Message) -> None:
     count = message.headers.get("x-delivery-count", 0)
     record("start", event["name"], os.getpid(), count)
