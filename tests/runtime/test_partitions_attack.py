@@ -351,6 +351,38 @@ async def test_replicas_that_disagree_on_the_partition_count_leave_no_partition_
         await asyncio.gather(old.stop(), new.stop())
 
 
+async def test_six_replicas_starting_at_once_share_every_partition_once(
+    broker_url: str, admin: Admin
+) -> None:
+    """Six replicas of 12 partitions start together (each a newcomer to all the others): they
+    settle on 2 partitions each, none held twice, and every partition's message is handled once."""
+    service, queue = unique("svc"), unique("part")
+    handled: list[str] = []
+
+    async def handle(event: dict[str, Any]) -> None:
+        handled.append(event["name"])
+
+    apps = []
+    for _ in range(6):
+        app = App(service, url=broker_url, graceful_timeout=1)
+        app.consumer(queue, partitions=12)(handle)
+        apps.append(app)
+    admin.forget_app(apps[0])
+    await asyncio.gather(*(app.start() for app in apps))
+    try:
+        await wait_for(lambda: sorted(len(_held(app)) for app in apps) == [2] * 6, timeout=15)
+        held = [p for app in apps for p in _held(app)]
+        assert sorted(held) == list(range(12))
+        assert all(app.health()["partitioned"][0]["replicas"] == 6 for app in apps)
+        for index in range(12):
+            await apps[0].publish({"name": f"p{index}"}, exchange=queue, routing_key=str(index))
+        await wait_for(lambda: len(handled) == 12)
+        await asyncio.sleep(0.3)
+        assert sorted(handled) == sorted(f"p{index}" for index in range(12))
+    finally:
+        await asyncio.gather(*(app.stop() for app in apps))
+
+
 async def test_junk_on_the_members_exchange_neither_crashes_a_replica_nor_joins_the_group(
     broker_url: str, admin: Admin
 ) -> None:
