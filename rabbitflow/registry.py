@@ -11,7 +11,13 @@ from rabbitflow import names
 from rabbitflow.breaker import Breaker
 from rabbitflow.errors import ConfigError
 from rabbitflow.spec import ConsumerSpec, Handler, build_spec
-from rabbitflow.topology.compiler import ExchangePlan, Plan, compile_plan, merge_exchanges
+from rabbitflow.topology.compiler import (
+    ExchangePlan,
+    Plan,
+    compile_plan,
+    merge_exchanges,
+    partition_exchange,
+)
 
 __all__ = ["Consumers", "Registry", "Router"]
 
@@ -181,6 +187,21 @@ class Consumers:
                 f"parking queue is {names.parked_queue(base.queue)!r} and its retry queues are "
                 f"{names.retry_prefix(base.queue)}<delay>; rename one of the two queues"
             )
+        if spec.partitions is not None:
+            exchange = partition_exchange(spec)
+            for other in consumers.values():
+                if (
+                    other.partitions is not None
+                    and other.partitions != spec.partitions
+                    and partition_exchange(other) == exchange
+                ):
+                    raise ConfigError(
+                        f"{where}: exchange {exchange!r} routes to {other.handler_name}'s "
+                        f"{other.partitions} partitions, so its producers route by "
+                        f"partition(key, {other.partitions}); partitions={spec.partitions} here would "
+                        "leave partitions no key reaches, or keys no partition takes: give both the "
+                        "same count, or this one an exchange of its own"
+                    )
         if spec.exchange is None:
             return
         for other in consumers.values():

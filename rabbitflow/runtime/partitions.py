@@ -37,6 +37,7 @@ from rabbitflow.retry import Action, decide
 from rabbitflow.runtime import copies
 from rabbitflow.runtime.invocation import Invocation, expired, threads_for
 from rabbitflow.runtime.publisher import Publisher
+from rabbitflow.runtime.quarantine import delivery_key, quarantine_from_env
 from rabbitflow.settings import STALL_AFTER
 from rabbitflow.spec import ConsumerSpec
 from rabbitflow.topology.compiler import partition_exchange
@@ -104,7 +105,7 @@ def route(
                 "consumer with partition_key=..."
             )
         key = spec.partition_key(body)
-    if not isinstance(key, str | bytes | int):
+    if isinstance(key, bool) or not isinstance(key, str | bytes | int):
         raise ConfigError(f"publish(key={key!r}): a partition key is a str, bytes or int")
     return partition(key, spec.partitions)
 
@@ -113,9 +114,19 @@ class Membership:
     """This replica's heartbeat on the fanout exchange Q.members, and the replicas it hears."""
 
     def __init__(
-        self, queue: str, links: Links, *, interval: float, on_change: Callable[[frozenset[str]], None]
+        self,
+        queue: str,
+        links: Links,
+        *,
+        interval: float,
+        on_change: Callable[[frozenset[str]], None],
+        partitions: int | None = None,
     ) -> None:
         self.id = uuid.uuid4().hex[:16]
+        # Replicas count only replicas with the same number of partitions: one with another count
+        # (a deploy changing it) would be given partitions it does not have, and they would wait.
+        self._partitions = partitions
+        self._strangers: set[str] = set()
         self._exchange = names.members_exchange(queue)
         self._queue = f"{self._exchange}.{self.id}"
         self._links = links
@@ -173,7 +184,7 @@ class Membership:
 
     async def _beat(self, *, bye: bool = False) -> None:
         assert self._outbox is not None
-        body = json.dumps({"member": self.id, "bye": bye}).encode()
+        body = json.dumps({"member": self.id, "bye": bye, "partitions": self._partitions}).encode()
         properties = Properties(content_type="application/json", delivery_mode=1)
         await self._outbox.publish(
             body, exchange=self._exchange, routing_key="", properties=properties, mandatory=False
@@ -186,9 +197,23 @@ class Membership:
         try:
             data = json.loads(delivery.body)
             member, bye = str(data["member"]), bool(data.get("bye", False))
-        except (ValueError, KeyError, TypeError):
+            count = data.get("partitions")
+        except (ValueError, KeyError, TypeError, AttributeError):
             return  # not a heartbeat of ours
         if member == self.id:
+            return
+        if count is not None and self._partitions is not None and count != self._partitions:
+            if member not in self._strangers:
+                self._strangers.add(member)
+                log.error(
+                    "partitions of %s: replica %s has partitions=%r, this one %d; each group shares "
+                    "only its own count's partitions (the single active consumer keeps each "
+                    "partition with one consumer at a time); run one count",
+                    self._exchange,
+                    member,
+                    count,
+                    self._partitions,
+                )
             return
         if bye:
             self._seen.pop(member, None)
@@ -245,7 +270,17 @@ class Partition:
                     timeout,
                 )
                 handling.cancel()
-                await asyncio.wait({handling}, timeout=1.0)
+                _, pending = await asyncio.wait({handling}, timeout=1.0)
+                # A handler deaf to its cancellation still runs: closing the channel now would
+                # hand its message to the next owner while it runs. The partition stays here
+                # (health says stalled) until it returns: order before availability.
+                while pending and not self.group.stopping:
+                    log.error(
+                        "partition %s: its handler ignores its cancellation; the partition stays "
+                        "with this replica until the handler returns",
+                        self.queue,
+                    )
+                    _, pending = await asyncio.wait({handling}, timeout=30.0)
         if self.channel is not None:
             with contextlib.suppress(TransportError):
                 await self.channel.close()
@@ -324,17 +359,25 @@ class PartitionGroup:
             publish_timeout=publish_timeout,
             threads=threads_for(spec, concurrency),
         )
-        self.membership = Membership(spec.queue, links, interval=heartbeat, on_change=self._rebalance)
+        self.membership = Membership(
+            spec.queue, links, interval=heartbeat, on_change=self._rebalance, partitions=spec.partitions
+        )
         self.held: dict[int, Partition] = {}
         self._mine: set[int] = set()
         self._locks = [asyncio.Lock() for _ in range(self.count)]
         self._moves: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._misrouted: set[int] = set()
+        # The crash journal of `run --workers` (RABBITFLOW_CRASH_JOURNAL): the process's one.
+        self._quarantine = quarantine_from_env()
 
     @property
     def id(self) -> str:
         return self.membership.id
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     async def start(self) -> None:
         await self.membership.start()
@@ -414,9 +457,10 @@ class PartitionGroup:
         assignment says so (it may change while a move is under way), one move at a time."""
         async with self._locks[index]:
             while not self._stopping and (index in self._mine) != (index in self.held):
-                held = self.held.pop(index, None)
+                held = self.held.get(index)
                 if held is not None:
-                    await held.release(self._release_timeout)
+                    await held.release(self._release_timeout)  # still held (in health) meanwhile
+                    self.held.pop(index, None)
                     continue
                 taken = Partition(self, index)
                 try:
@@ -430,7 +474,44 @@ class PartitionGroup:
 
     async def handle(self, partition: Partition, delivery: Delivery) -> None:
         """Call the handler until it succeeds or the policy gives up, holding the partition;
-        ack, or park then ack."""
+        ack, or park then ack. In the crash journal (`run --workers`) as a plain consumer's
+        handler is: a message that was running when its worker died runs alone, and one that
+        killed its worker while running alone is parked (`worker-crash`), its neighbours not."""
+        quarantine = self._quarantine
+        if quarantine is None:
+            await self._handle(partition, delivery)
+            return
+        key = delivery_key(partition.queue, delivery)
+        alone = False
+        if delivery.redelivered:
+            convictions, alone = quarantine.verdict(key)
+            if convictions >= quarantine.convictions:
+                log.warning(
+                    "partition %s: message %s killed the worker process %d time(s) while running "
+                    "alone; parking it (worker-crash)",
+                    partition.queue,
+                    delivery.properties.message_id or "-",
+                    convictions,
+                )
+                message = self._invocation.received(delivery, delivery.properties.headers or {}, 1)
+                await self._park(partition, delivery, "worker-crash", 1, None, message)
+                return
+        if alone:
+            await quarantine.begin_alone(key)
+            log.warning(
+                "partition %s: message %s was running when a worker died; running it alone",
+                partition.queue,
+                delivery.properties.message_id or "-",
+            )
+        else:
+            while not quarantine.begin(key):
+                await quarantine.wait()
+        try:
+            await self._handle(partition, delivery)
+        finally:
+            quarantine.end(key, alone=alone)
+
+    async def _handle(self, partition: Partition, delivery: Delivery) -> None:
         invocation = self._invocation
         headers = delivery.properties.headers or {}
         if self._expired(partition, delivery, headers, 1):

@@ -3,8 +3,11 @@ that swallows its cancellation, one that never ends, replicas that disagree on t
 count, forged heartbeats, foreign producers and `publish(key=...)` edge cases. Each test asks
 what happens to the OTHER messages, partitions and replicas too.
 
-Tests marked `xfail(strict=True)` fail on the current code for a bug (their reason says which);
-the others pin behaviour worth keeping.
+Seven of these found bugs (each failed before its fix): the killer's neighbours parked and the
+supervisor's backoff growing (no crash journal for partitions), a handler deaf to its
+cancellation running beside the partition's next owner, a stuck partition looking healthy,
+replicas with two partition counts leaving partitions unconsumed, a bool key's bare TypeError,
+two counts behind one exchange. The others pin behaviour worth keeping.
 """
 
 from __future__ import annotations
@@ -118,12 +121,6 @@ async def _publish_event(admin: Admin, exchange: str, routing_key: str, event: d
 # -- a handler that kills its worker ------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="partitions do not use the crash journal: every message in hand in a worker that dies "
-    "gets x-delivery-count + 1, and after 10 deaths the innocent neighbour in another partition is "
-    "parked with the killer as 'delivery-limit' (partitions.py handle(): PARK_AFTER_DELIVERIES)",
-)
 async def test_a_partition_handler_that_kills_its_worker_is_parked_alone_and_its_neighbour_is_not(
     broker_url: str, admin: Admin, tmp_path: Path, processes: _Processes
 ) -> None:
@@ -173,12 +170,6 @@ async def test_a_partition_handler_that_kills_its_worker_is_parked_alone_and_its
     assert deaths <= 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a worker killed by a partition handler is taken for a start-up crash (no journal "
-    "record of a running handler): its restart backoff doubles 1, 2, 4 ... 30 s, and meanwhile "
-    "its partitions wait that long (cli/workers.py _keep: `consuming` is false)",
-)
 async def test_rabbitflow_run_restarts_a_worker_killed_by_a_partition_handler_after_1_s_every_time(
     broker_url: str, admin: Admin, tmp_path: Path, processes: _Processes
 ) -> None:
@@ -223,12 +214,6 @@ async def _swallowing_cancellation(seconds: float) -> None:
             await asyncio.sleep(0.05)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="release() cancels the handler after graceful_timeout, waits 1 s more, then closes the "
-    "channel even though the handler still runs: the next owner gets the message and runs it beside "
-    "the old call (partitions.py Partition.release)",
-)
 async def test_a_released_partitions_handler_that_swallows_cancellation_never_runs_beside_its_next_owner(
     broker_url: str, admin: Admin
 ) -> None:
@@ -275,12 +260,6 @@ async def test_a_released_partitions_handler_that_swallows_cancellation_never_ru
         await wait_for(lambda: not +running, timeout=15)  # the swallowing calls end by themselves
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a partitioned consumer's health has no stall rule: a partition holding one message for "
-    "ever stays healthy, where a plain consumer is stalled after stall_after (partitions.py "
-    "PartitionGroup.health: healthy = subscribed and not stopping)",
-)
 async def test_a_partition_that_never_settles_its_message_is_not_healthy_for_ever(
     broker_url: str, admin: Admin
 ) -> None:
@@ -315,13 +294,6 @@ async def test_a_partition_that_never_settles_its_message_is_not_healthy_for_eve
 # -- membership ---------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="heartbeats carry no partition count: a replica with partitions=2 and one with "
-    "partitions=4 on one queue count each other and split partitions neither consumes (the first "
-    "knows no p2/p3, the second leaves it half of them); nothing is logged (partitions.py "
-    "Membership._beat/_heard, PartitionGroup._rebalance)",
-)
 async def test_replicas_that_disagree_on_the_partition_count_leave_no_partition_unconsumed(
     broker_url: str, admin: Admin
 ) -> None:
@@ -525,11 +497,6 @@ async def test_publish_key_edge_cases_route_or_refuse_clearly() -> None:
     assert partition(-3, 4) == partition("-3", 4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a bool key passes route()'s `isinstance(key, str | bytes | int)` and names.partition_of "
-    "raises a bare TypeError, where every other bad key is a ConfigError (partitions.py route)",
-)
 async def test_a_bool_partition_key_is_refused_with_a_config_error() -> None:
     app = App("svc", url="memory://")
 
@@ -540,13 +507,6 @@ async def test_a_bool_partition_key_is_refused_with_a_config_error() -> None:
         await app.publish({"vip": True}, exchange="orders")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="two partitioned consumers behind one exchange with different partition counts are "
-    "accepted: the exchange carries one routing rule, so publish(key=...) routes by the first "
-    "count and the other consumer's partitions >= it never get a message, while a producer using "
-    "the other count loses messages for the first consumer (spec.py _partitions / the registry)",
-)
 def test_two_partitioned_consumers_on_one_exchange_must_agree_on_the_count() -> None:
     app = App("svc", url="memory://")
 
