@@ -108,6 +108,7 @@ class Consumer:
             if self.circuit is not None
             else None
         )
+        self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
         # The crash journal (`RABBITFLOW_CRASH_JOURNAL`, set by `run --workers`): a message that
@@ -205,7 +206,7 @@ class Consumer:
         if self._stopping:
             settlement.requeue(tag)
             return
-        task = asyncio.current_task()
+        task = asyncio.current_task(self._loop)  # with the loop: no getpid() per call on 3.11
         assert task is not None
         tasks = self._tasks
         if not tasks:
