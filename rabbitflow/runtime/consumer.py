@@ -256,20 +256,14 @@ class Consumer:
             if convictions >= quarantine.convictions:
                 self._park_killer(delivery, convictions)
                 return
-        if alone:
-            await quarantine.begin_alone(key)
-            log.warning(
-                "queue %s: message %s was running when a worker died; running it alone",
-                self.spec.queue,
-                delivery.properties.message_id or "-",
-            )
-        else:
-            while not quarantine.begin(key):
-                await quarantine.wait()
-        try:
+        async with quarantine.running(key, alone=alone):
+            if alone:
+                log.warning(
+                    "queue %s: message %s was running when a worker died; running it alone",
+                    self.spec.queue,
+                    delivery.properties.message_id or "-",
+                )
             await self._handle(delivery)
-        finally:
-            quarantine.end(key, alone=alone)
 
     def _park_killer(self, delivery: Delivery, convictions: int) -> None:
         spec = self.spec

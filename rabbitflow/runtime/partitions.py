@@ -496,20 +496,14 @@ class PartitionGroup:
                 message = self._invocation.received(delivery, delivery.properties.headers or {}, 1)
                 await self._park(partition, delivery, "worker-crash", 1, None, message)
                 return
-        if alone:
-            await quarantine.begin_alone(key)
-            log.warning(
-                "partition %s: message %s was running when a worker died; running it alone",
-                partition.queue,
-                delivery.properties.message_id or "-",
-            )
-        else:
-            while not quarantine.begin(key):
-                await quarantine.wait()
-        try:
+        async with quarantine.running(key, alone=alone):
+            if alone:
+                log.warning(
+                    "partition %s: message %s was running when a worker died; running it alone",
+                    partition.queue,
+                    delivery.properties.message_id or "-",
+                )
             await self._handle(partition, delivery)
-        finally:
-            quarantine.end(key, alone=alone)
 
     async def _handle(self, partition: Partition, delivery: Delivery) -> None:
         invocation = self._invocation

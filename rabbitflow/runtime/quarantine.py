@@ -31,6 +31,7 @@ import hashlib
 import logging
 import os
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -233,6 +234,19 @@ class Quarantine:
             self._lone.release()
             raise
         self._enter(key, b"a ")
+
+    @contextlib.asynccontextmanager
+    async def running(self, key: str, *, alone: bool) -> AsyncIterator[None]:
+        """The handler of `key` runs inside: alone (a suspect) or beside others, journaled."""
+        if alone:
+            await self.begin_alone(key)
+        else:
+            while not self.begin(key):
+                await self.wait()
+        try:
+            yield
+        finally:
+            self.end(key, alone=alone)
 
     def end(self, key: str, *, alone: bool = False) -> None:
         """The handler of `key` ended (successfully or with an exception: not a crash)."""
