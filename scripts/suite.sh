@@ -46,7 +46,7 @@ phase() {
 if [[ $PHASES == *,1,* ]]; then
     scripts/cluster.sh start && started+=("scripts/cluster.sh stop")
     scripts/postgres.sh start && started+=("scripts/postgres.sh stop")
-    phase "3.10.8" "$PYTHON" -m pytest -p no:cacheprovider "$@"
+    phase "3.10.8" "$PYTHON" -m pytest -p no:cacheprovider --durations=12 "$@"
     stop_all
 fi
 
@@ -59,7 +59,7 @@ if [[ $PHASES == *,2,* ]]; then
     scripts/postgres.sh start && started+=("scripts/postgres.sh stop")
     phase "4.0.5" env RABBITFLOW_TEST_URL="$(scripts/rabbitmq4.sh url)" \
         RABBITFLOW_TEST_MANAGEMENT_URL="$(scripts/rabbitmq4.sh management-url)" \
-        "$PYTHON" -m pytest -p no:cacheprovider -q -m "broker and not cluster" "$@"
+        "$PYTHON" -m pytest -p no:cacheprovider -q --durations=12 -m "broker and not cluster" "$@"
     stop_all
 fi
 
@@ -68,7 +68,7 @@ if [[ $PHASES == *,3,* ]]; then
         && started+=("RABBITFLOW_BROKER_VERSION=4.0 scripts/cluster.sh stop")
     scripts/postgres.sh start && started+=("scripts/postgres.sh stop")
     phase "4.0.5 cluster" env RABBITFLOW_BROKER_VERSION=4.0 \
-        "$PYTHON" -m pytest -p no:cacheprovider -q -m cluster --ignore=tests/chaos "$@"
+        "$PYTHON" -m pytest -p no:cacheprovider -q --durations=12 -m cluster --ignore=tests/chaos "$@"
     stop_all
 fi
 
