@@ -539,13 +539,14 @@ async def test_a_replica_stopped_then_continued_never_runs_a_key_beside_another(
     broker_url: str, admin: Admin, tmp_path: Path
 ) -> None:
     """Two replicas (processes), 8 partitions, 16 keys streaming, each call 20 ms: one replica is
-    SIGSTOPped with calls in hand for 10 s, then SIGCONTed. The other one counts it gone after
-    MISSED heartbeats and subscribes to its partitions, and the stopped one, once continued,
-    hears nobody for a moment and subscribes to all: the broker's single active consumer keeps
-    each partition with one of them, and no key ever runs twice at once or out of order."""
+    SIGSTOPped with calls in hand for 6 s (twice MISSED heartbeats), then SIGCONTed. The other one
+    counts it gone after MISSED heartbeats and subscribes to its partitions, and the stopped one,
+    once continued, hears nobody for a moment and subscribes to all: the broker's single active
+    consumer keeps each partition with one of them, and no key ever runs twice at once or out of
+    order."""
     from .partition_ledger import check_ledger, spawn
 
-    service, queue, keys, stopped = unique("svc"), unique("sigstop"), 16, 10.0
+    service, queue, keys, stopped = unique("svc"), unique("sigstop"), 16, 6.0
     ledger = tmp_path / "ledger"
     ledger.touch()
     _killer_plan(admin, service, queue, 8)
