@@ -10,6 +10,7 @@ from . import ledger
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.one_version  # PostgreSQL and worker kills; the 4.0 cluster ledger is the version check
 async def test_sigkilled_workers_leave_every_effect_exactly_once(broker_url: str, pg_database: str) -> None:
     result = await ledger.run(
         pg_database, inputs=400, seconds=20, workers=3, kill_every=2.0, kill_chance=0.01, seed=26
